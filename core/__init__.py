@@ -1,0 +1,1 @@
+"""UI-free plumbing shared by the trainers and the preprocessor."""

@@ -1,0 +1,187 @@
+"""JobRunner: one job at a time on a worker thread, a queue behind it, a stop flag each.
+
+The engine sees only a JobContext; watchers read a Job's snapshot, which survives page reloads
+because it lives here and not in any browser session."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from core import events as ev
+from core.paths import Paths
+
+QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
+
+
+class Busy(RuntimeError):
+    """Raised when a job is submitted while another runs and queueing was not asked for."""
+
+
+class JobContext:
+    def __init__(self, job: "Job", paths: Paths):
+        self.job = job
+        self.paths = paths
+
+    def emit(self, event: ev.Event) -> None:
+        self.job.record(event)
+
+    def should_stop(self) -> bool:
+        return self.job.stop_event.is_set()
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    kind: str
+    fn: Callable[[JobContext], Any]
+    config: Any = None
+    state: str = QUEUED
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    losses: list = field(default_factory=list)  # (step, loss, learn_rate)
+    previews: list = field(default_factory=list)  # ev.Preview
+    saved: list = field(default_factory=list)  # ev.Saved
+    log: deque = field(default_factory=lambda: deque(maxlen=200))
+    last_progress: ev.Progress | None = None
+    result: ev.Finished | ev.Failed | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, event: ev.Event) -> None:
+        with self._lock:
+            if isinstance(event, ev.Progress):
+                self.last_progress = event
+                self.losses.append((event.step, event.loss, event.learn_rate))
+            elif isinstance(event, ev.Preview):
+                self.previews.append(event)
+            elif isinstance(event, ev.Saved):
+                self.saved.append(event)
+                self.log.append(f"saved {event.kind}: {event.path}")
+            elif isinstance(event, ev.Status):
+                self.log.append(event.text)
+            elif isinstance(event, (ev.Finished, ev.Failed)):
+                self.result = event
+                self.log.append(event.message)
+
+    def snapshot(self) -> dict:
+        """A consistent copy for a watcher; cheap enough to call every second."""
+        with self._lock:
+            return {
+                "id": self.id, "name": self.name, "kind": self.kind, "state": self.state,
+                "losses": list(self.losses), "previews": list(self.previews),
+                "saved": list(self.saved), "log": list(self.log),
+                "progress": self.last_progress, "result": self.result,
+                "started": self.started, "ended": self.ended,
+            }
+
+    @property
+    def active(self) -> bool:
+        return self.state in (QUEUED, RUNNING)
+
+
+class JobRunner:
+    def __init__(self, paths: Paths, history: int = 20):
+        self.paths = paths
+        self._ids = itertools.count(1)
+        self._queue: deque[Job] = deque()
+        self._jobs: deque[Job] = deque(maxlen=history)
+        self._current: Job | None = None
+        self._cond = threading.Condition()
+        self._worker = threading.Thread(target=self._work, name="danlu-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, name: str, kind: str, fn: Callable[[JobContext], Any], config: Any = None,
+               queue: bool = False) -> Job:
+        with self._cond:
+            if not queue and (self._current is not None or self._queue):
+                running = self._current or self._queue[0]
+                raise Busy(f"'{running.name}' is already running; interrupt it or wait "
+                           "until it finishes before starting another job")
+            job = Job(id=next(self._ids), name=name, kind=kind, fn=fn, config=config)
+            self._queue.append(job)
+            self._jobs.append(job)
+            self._cond.notify_all()
+            return job
+
+    def stop(self, job_id: int | None = None) -> bool:
+        """Ask a running job to stop, or drop a queued one. True if something was affected."""
+        with self._cond:
+            if self._current is not None and job_id in (None, self._current.id):
+                self._current.stop_event.set()
+                return True
+            for job in list(self._queue):
+                if job.id == job_id:
+                    self._queue.remove(job)
+                    job.state = STOPPED
+                    job.result = ev.Finished(step=0, message="removed from the queue")
+                    return True
+            return False
+
+    def current(self) -> Job | None:
+        with self._cond:
+            return self._current
+
+    def latest(self, kind: str | None = None) -> Job | None:
+        """The running job, else the most recent one (of a kind): what a fresh page shows."""
+        with self._cond:
+            if self._current is not None and kind in (None, self._current.kind):
+                return self._current
+            for job in reversed(self._jobs):
+                if kind in (None, job.kind):
+                    return job
+            return None
+
+    def get(self, job_id: int) -> Job | None:
+        with self._cond:
+            return next((j for j in self._jobs if j.id == job_id), None)
+
+    def queued(self) -> list[Job]:
+        with self._cond:
+            return list(self._queue)
+
+    def wait(self, job: Job, timeout: float | None = None) -> bool:
+        """Block until the job ended; True if it did within the timeout."""
+        deadline = None if timeout is None else time.time() + timeout
+        with self._cond:
+            while job.active:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                job = self._queue.popleft()
+                self._current = job
+                job.state = RUNNING
+                job.started = time.time()
+            self._run(job)
+            with self._cond:
+                self._current = None
+                job.ended = time.time()
+                self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        ctx = JobContext(job, self.paths)
+        try:
+            job.fn(ctx)
+            if job.result is None:
+                job.record(ev.Finished(step=job.last_progress.step if job.last_progress else 0,
+                                       message="finished"))
+            job.state = STOPPED if job.stop_event.is_set() else DONE
+        except Exception as error:  # the worker must survive any job
+            details = traceback.format_exc()
+            message = getattr(error, "user_message", None) or f"{type(error).__name__}: {error}"
+            job.record(ev.Failed(message=message, details=details))
+            job.state = FAILED

@@ -1,0 +1,81 @@
+"""Where everything lives on disk, resolved once from the data directory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+class PathError(ValueError):
+    """A user-typed path that is not allowed."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    data_dir: Path
+    confine: bool = False  # when shared, typed paths must stay inside data_dir
+
+    @property
+    def models(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def stable_diffusion(self) -> Path:
+        return self.models / "Stable-diffusion"
+
+    @property
+    def lora(self) -> Path:
+        return self.models / "Lora"
+
+    @property
+    def hypernetworks(self) -> Path:
+        return self.models / "hypernetworks"
+
+    @property
+    def vae(self) -> Path:
+        return self.models / "VAE"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.data_dir / "embeddings"
+
+    @property
+    def templates(self) -> Path:
+        own = self.data_dir / "textual_inversion_templates"
+        return own if own.is_dir() else REPO_DIR / "textual_inversion_templates"
+
+    @property
+    def outputs(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def cache(self) -> Path:
+        return self.data_dir / ".cache"
+
+    def ensure(self) -> "Paths":
+        for folder in (self.stable_diffusion, self.lora, self.hypernetworks, self.vae,
+                       self.embeddings, self.outputs, self.cache):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def resolve(self, typed: str | Path, field: str = "path") -> Path:
+        """Turn a user-typed path into an absolute one (relative to data_dir).
+
+        When the app is reachable by others, a path that leaves data_dir (through `..`,
+        an absolute path or a symlink) is refused."""
+        text = str(typed).strip()
+        if not text:
+            raise PathError(f"{field}: no path given")
+        if "\x00" in text:
+            raise PathError(f"{field}: the path contains a NUL character")
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = self.data_dir / path
+        if self.confine:
+            real = path.resolve()
+            root = self.data_dir.resolve()
+            if real != root and root not in real.parents:
+                raise PathError(f"{field}: {text!r} is outside the data folder {root}, "
+                                "which is all a shared app may read or write")
+        return path

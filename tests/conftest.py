@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny SD1-shaped model built once per session, small datasets of real photos."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from trainers.tiny_model import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-demo")
+
+
+def photo(index: int, size: int = 64):
+    """A real photo from scikit-image's samples, resized (RGB PIL image)."""
+    from PIL import Image
+    from skimage import data
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]
+    array = getattr(data, names[index % len(names)])()
+    return Image.fromarray(array).convert("RGB").resize((size, size))
+
+
+@pytest.fixture
+def photo_dataset(tmp_path) -> Path:
+    """Four 64 px photos with captions in <stem>.txt."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    captions = ["a woman in a space suit", "a cup of coffee", "a cat", "a rocket"]
+    for i, caption in enumerate(captions):
+        photo(i).save(folder / f"{i:02}-img.png")
+        (folder / f"{i:02}-img.txt").write_text(caption)
+    return folder
+
+
+class RecordingContext:
+    """A job context that records events and can ask to stop after N progress events."""
+
+    def __init__(self, paths, stop_after: int | None = None):
+        self.paths = paths
+        self.events = []
+        self.stop_after = stop_after
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def should_stop(self) -> bool:
+        from core.events import Progress
+        done = sum(isinstance(e, Progress) for e in self.events)
+        return self.stop_after is not None and done >= self.stop_after
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+    @property
+    def losses(self):
+        from core.events import Progress
+        return [e.loss for e in self.of(Progress)]
+
+
+@pytest.fixture
+def data_paths(tmp_path, tiny_model_dir):
+    """A data folder whose tiny-demo model is the session's prebuilt one."""
+    import shutil
+    from core.paths import Paths
+    paths = Paths(tmp_path / "data").ensure()
+    shutil.copytree(tiny_model_dir, paths.cache / "tiny-demo")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args():
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
+    return {"executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture
+def app_server(tmp_path, tiny_model_dir):
+    from tests.browser_support import AppProcess
+    server = AppProcess(tmp_path / "data", tiny_model_dir)
+    yield server
+    server.stop()

@@ -1,0 +1,1 @@
+"""The training engine. Importing this package does not import torch; submodules do."""

@@ -1,0 +1,68 @@
+"""The embeddings/ folder: list, find and create textual-inversion embeddings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.paths import Paths
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+class EmbeddingExists(FileExistsError):
+    pass
+
+
+def list_embeddings(paths: Paths) -> list[str]:
+    folder = paths.embeddings
+    if not folder.is_dir():
+        return []
+    names = {p.stem for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES}
+    return sorted(names, key=str.lower)
+
+
+def find_embedding(paths: Paths, name: str) -> Path | None:
+    folder = paths.embeddings
+    for suffix in EMBEDDING_SUFFIXES:
+        direct = folder / f"{name}{suffix}"
+        if direct.is_file():
+            return direct
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.stem == name and path.suffix.lower() in EMBEDDING_SUFFIXES:
+            return path
+    return None
+
+
+def initial_vectors(tokenizer, text_encoder, init_text: str, count: int):
+    """A1111's rule: spread the init text's token vectors over `count` rows (zeros if none)."""
+    import torch
+    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
+    vectors = torch.zeros(count, table.shape[1])
+    if ids:
+        embedded = table[torch.tensor(ids)]
+        for i in range(count):
+            vectors[i] = embedded[i * len(ids) // count]
+    return vectors
+
+
+def create_embedding(cfg, paths: Paths) -> Path:
+    """Write embeddings/<name>.<format> from a validated CreateEmbeddingConfig."""
+    from trainers.formats.embedding import EmbeddingFile, save_embedding
+    from trainers.models import load_model
+
+    name = cfg.name.strip()
+    target = paths.embeddings / f"{name}.{cfg.file_format}"
+    existing = find_embedding(paths, name)
+    if existing is not None and not cfg.overwrite:
+        raise EmbeddingExists(f"name: an embedding named {name!r} already exists "
+                              f"({existing.name}); tick 'Overwrite' to replace it")
+    model = load_model(paths, cfg.model)
+    vectors = initial_vectors(model.tokenizer, model.text_encoder, cfg.init_text, cfg.vectors_per_token)
+    save_embedding(target, EmbeddingFile(name=name, vectors=vectors, step=0,
+                                         sd_checkpoint=model.short_hash,
+                                         sd_checkpoint_name=Path(model.name).stem))
+    if existing is not None and existing != target:
+        existing.unlink()  # overwrite asked for; a second file under the same name would clash
+    for stale in (target.with_name(target.name + ".optim"),):
+        stale.unlink(missing_ok=True)
+    return target

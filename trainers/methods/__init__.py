@@ -1,0 +1,1 @@
+"""Training methods, each a prepare/run pair registered by name."""

@@ -1,0 +1,189 @@
+"""Find and load base models once: a diffusers folder, a single .safetensors/.ckpt file (offline,
+with a shipped config skeleton), the built-in tiny demo, or a hub id when online."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.paths import REPO_DIR, Paths
+from trainers.tiny_model import DEMO_NAME, build_tiny_model
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+CONFIG_SKELETONS = REPO_DIR / "trainers" / "model_configs"
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class BaseModel:
+    name: str
+    source: str
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    short_hash: str | None = None
+    is_demo: bool = False
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def freeze(self) -> None:
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.requires_grad_(False)
+            module.eval()
+
+
+def list_models(paths: Paths) -> list[str]:
+    """Names for the model dropdown: what is on disk, then the demo model."""
+    names = []
+    root = paths.stable_diffusion
+    if root.is_dir():
+        for entry in sorted(root.iterdir(), key=lambda p: p.name.lower()):
+            if entry.name == DEMO_NAME:
+                continue
+            if entry.is_dir() and (entry / "model_index.json").exists():
+                names.append(entry.name)
+            elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
+                names.append(entry.name)
+    return names + [DEMO_NAME]
+
+
+def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:
+    """('demo'|'folder'|'file'|'hub', location) for a dropdown name, a path or a hub id."""
+    name = name.strip()
+    if not name:
+        raise ModelError("model: choose a base model")
+    if name == DEMO_NAME:
+        return "demo", paths.cache / DEMO_NAME
+    candidate = paths.stable_diffusion / name
+    if not candidate.exists():
+        typed = Path(name).expanduser()
+        candidate = typed if typed.is_absolute() else paths.data_dir / typed
+        if paths.confine and candidate.exists():
+            candidate = paths.resolve(name, "model")
+    if candidate.is_dir():
+        if not (candidate / "model_index.json").exists():
+            raise ModelError(f"model: {candidate} is a folder without model_index.json "
+                             "(not a diffusers model)")
+        return "folder", candidate
+    if candidate.is_file():
+        if candidate.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(f"model: {candidate.name} is not a .safetensors or .ckpt file")
+        return "file", candidate
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return "hub", name
+    raise ModelError(f"model: {name!r} was not found in {paths.stable_diffusion}")
+
+
+def file_short_hash(path: Path, cache_dir: Path) -> str:
+    """A1111's short hash (first 10 hex of the file's sha256), remembered by size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = cache_dir / "hashes.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        known[key] = digest.hexdigest()[:10]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(known))
+    return known[key]
+
+
+def config_skeleton(paths: Paths, family: str = "sd1") -> Path:
+    """A diffusers folder with configs and tokenizer but no weights, for from_single_file."""
+    from trainers.tokenizer_files import write_clip_tokenizer
+    target = paths.cache / "configs" / family
+    if not (target / "tokenizer" / "vocab.json").exists():
+        shutil.copytree(CONFIG_SKELETONS / family, target, dirs_exist_ok=True)
+        write_clip_tokenizer(target / "tokenizer")
+    return target
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple, BaseModel] = {}
+
+
+def load_model(paths: Paths, name: str) -> BaseModel:
+    """Load (or return the cached) base model; only one model is kept in memory."""
+    kind, location = resolve_model(paths, name)
+    key_extra = ()
+    if kind in ("folder", "file"):
+        key_extra = (Path(location).stat().st_mtime_ns,)
+    key = (kind, str(location)) + key_extra
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        model = _load(paths, name, kind, location)
+        _cache.clear()
+        _cache[key] = model
+        return model
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_libraries()
+
+    short_hash = None
+    try:
+        if kind == "demo":
+            build_tiny_model(Path(location))
+            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
+                                                           local_files_only=True)
+        elif kind == "folder":
+            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
+                                                           local_files_only=True)
+        elif kind == "file":
+            path = Path(location)
+            if path.suffix.lower() == ".ckpt":
+                from trainers.formats.safe_load import safe_torch_load
+                safe_torch_load(path)  # refuse pickles that carry code before diffusers reads it
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_skeleton(paths)), local_files_only=True,
+                safety_checker=None)
+            short_hash = file_short_hash(path, paths.cache)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None)
+    except ModelError:
+        raise
+    except Exception as error:
+        raise ModelError(f"model: could not load {name!r}: {type(error).__name__}: {error}") from error
+    model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
+                      text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+                      scheduler_config=dict(pipe.scheduler.config), short_hash=short_hash,
+                      is_demo=kind == "demo")
+    model.freeze()
+    return model

@@ -1,0 +1,50 @@
+"""A run's log folder, <log>/<date>/<name>/, with its loss CSV and settings."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+
+
+@dataclass
+class RunFolder:
+    root: Path
+    csv_name: str = "loss.csv"
+    _pending: list = field(default_factory=list)
+
+    @classmethod
+    def create(cls, log_directory: Path, name: str, csv_name: str) -> "RunFolder":
+        root = log_directory / time.strftime("%Y-%m-%d") / name
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, csv_name)
+
+    def sub(self, name: str) -> Path:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_settings(self, start_step: int, settings: dict) -> Path:
+        path = self.root / f"settings-{start_step}.json"
+        path.write_text(json.dumps(settings, indent=2, default=str), encoding="utf-8")
+        return path
+
+    def log_loss(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float):
+        self._pending.append([step, epoch, epoch_step, f"{loss:.7f}", f"{learn_rate:.8g}"])
+        if len(self._pending) >= 50:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.root / self.csv_name
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(LOSS_COLUMNS)
+            writer.writerows(self._pending)
+        self._pending.clear()

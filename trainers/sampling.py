@@ -1,0 +1,66 @@
+"""Preview images from the live (training) modules with a fixed seed."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+SAMPLER_CLASSES = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+}
+
+
+@dataclass
+class PreviewSettings:
+    prompt: str
+    negative: str = ""
+    seed: int = 42
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "Euler a"
+    width: int = 512
+    height: int = 512
+
+
+def make_sampler(name: str, scheduler_config: dict):
+    import diffusers
+    if name not in SAMPLER_CLASSES:
+        raise ValueError(f"preview_sampler: unknown sampler {name!r}")
+    class_name, extra = SAMPLER_CLASSES[name]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **extra)
+
+
+def render(model, encoder, settings: PreviewSettings, unet=None):
+    """Render one image; `encoder` is a PromptEncoder holding the embeddings being trained."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = unet or model.unet
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
+        scheduler=make_sampler(settings.sampler, model.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    seed = settings.seed if settings.seed >= 0 else random.randrange(2**32)
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.no_grad():
+            positive = encoder.encode([settings.prompt])
+            negative = encoder.encode([settings.negative])
+            image = pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
+                         num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+                         width=settings.width, height=settings.height,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+    finally:
+        unet.train(was_training)
+    return image, seed

@@ -1,0 +1,44 @@
+"""The one diffusion training step every method shares."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor,
+                   generator: torch.Generator, weight: torch.Tensor | None = None,
+                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
+    """Noise the latents at random timesteps, predict, and return the (weighted) MSE."""
+    latents = latents.to(unet.device, unet.dtype)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if noise_offset:
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents)
+        noise = noise + noise_offset * offset
+    total = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator).to(unet.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    prediction = unet(noisy, timesteps, context.to(unet.dtype)).sample
+
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {kind!r}")
+
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if weight is not None:
+        loss = loss * weight.to(loss.device)
+    loss = loss.mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        loss = loss * _min_snr_weight(noise_scheduler, timesteps, min_snr_gamma, kind)
+    return loss.mean()
+
+
+def _min_snr_weight(noise_scheduler, timesteps, gamma: float, kind: str) -> torch.Tensor:
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr

@@ -1,0 +1,19 @@
+"""Assemble the page from its tabs."""
+from __future__ import annotations
+
+import gradio as gr
+
+from core.jobs import JobRunner
+from core.paths import Paths
+from webui import tab_create, tab_train
+
+
+def build_app(paths: Paths, runner: JobRunner) -> gr.Blocks:
+    with gr.Blocks(title="Danlu") as app:
+        gr.Markdown("# 丹炉 Danlu\nTrain Stable Diffusion embeddings on your own machine.")
+        with gr.Tabs():
+            created = tab_create.build(paths)
+            trained = tab_train.build(paths, runner)
+        created["created"].then(trained["refresh_embeddings"], trained["embedding"],
+                                trained["embedding"])
+    return app
