@@ -5,6 +5,7 @@ from core.config import ConfigError
 from core.paths import Paths, PathError
 from trainers.captions import list_templates
 from trainers.embeddings import find_embedding
+from trainers.hypernetworks import find_hypernetwork
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 
@@ -23,16 +24,26 @@ def check_dataset(paths: Paths, typed: str, field: str = "data_root") -> list[st
     return []
 
 
-def check_template_training(cfg, paths: Paths) -> None:
-    problems = check_dataset(paths, cfg.data_root)
-    if cfg.template not in list_templates(paths.templates):
+def check_before_queueing(cfg, paths: Paths) -> None:
+    """Problems a config's named files and folders have, raised as one ConfigError."""
+    problems = []
+    if hasattr(cfg, "data_root"):
+        problems += check_dataset(paths, cfg.data_root)
+    if hasattr(cfg, "template") and cfg.template not in list_templates(paths.templates):
         problems.append(f"template: {cfg.template!r} is not in {paths.templates}")
-    try:
-        paths.resolve(cfg.log_directory, "log_directory")
-    except PathError as error:
-        problems.append(str(error))
+    if hasattr(cfg, "log_directory"):
+        try:
+            paths.resolve(cfg.log_directory, "log_directory")
+        except PathError as error:
+            problems.append(str(error))
     embedding = getattr(cfg, "embedding", None)
     if embedding and find_embedding(paths, embedding.strip()) is None:
         problems.append(f"embedding: no embedding named {embedding!r} in {paths.embeddings}")
+    hypernetwork = getattr(cfg, "hypernetwork", None)
+    if hypernetwork and find_hypernetwork(paths, hypernetwork.strip()) is None:
+        problems.append(f"hypernetwork: no hypernetwork named {hypernetwork!r} in {paths.hypernetworks}")
     if problems:
         raise ConfigError(problems)
+
+
+check_template_training = check_before_queueing

@@ -14,6 +14,8 @@ def build_app(paths: Paths, runner: JobRunner) -> gr.Blocks:
         with gr.Tabs():
             created = tab_create.build(paths)
             trained = tab_train.build(paths, runner)
-        created["created"].then(trained["refresh_embeddings"], trained["embedding"],
-                                trained["embedding"])
+        dropdowns = [c for _, c in trained["dropdowns"]]
+        created["created"].then(trained["refresh_all"], dropdowns, dropdowns)
+        restore, outputs = trained["restore"]
+        app.load(restore, None, outputs)
     return app

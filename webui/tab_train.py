@@ -1,4 +1,5 @@
-"""Train tab: the form, Train / Interrupt / Export config, and the live view of the job."""
+"""Train tab: a method picker, each method's form, Train / Interrupt / Export config, and the
+live view of the running job (status, loss plot, previews)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -6,51 +7,39 @@ import gradio as gr
 from core.config import ConfigError, to_toml
 from core.jobs import Busy, JobRunner
 from core.paths import Paths
-from trainers.configs import TextualInversionConfig
-from trainers.preflight import check_template_training
+from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui import live
-from webui.forms import control, error_text, to_config
-
-TI = TextualInversionConfig
-DATA = ["data_root", "template", "width", "height", "varsize", "filename_word_regex",
-        "filename_join_string", "shuffle_tags", "tag_drop_out", "latent_sampling", "use_weight"]
-OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
-         "clip_grad_value", "seed"]
-OUTPUT = ["log_directory", "save_every", "preview_every", "save_image_with_embedded",
-          "preview_prompt", "preview_negative", "preview_seed", "preview_steps", "preview_cfg",
-          "preview_sampler"]
+from webui.forms import error_text, to_config
+from webui.method_forms import MethodForm, build_section, dropdown_sources, method_forms
 
 
 def build(paths: Paths, runner: JobRunner) -> dict:
-    controls: dict[str, gr.components.Component] = {}
+    forms = method_forms()
+    sources = dropdown_sources(paths)
+    sections = []
     with gr.Tab("Train", id="train"):
-        gr.Markdown("Train an embedding on a folder of images. Loss and previews appear below "
-                    "while it runs; reloading the page re-attaches to the running job.")
+        gr.Markdown("Train on a folder of images. Loss and previews appear on the right while it "
+                    "runs; reloading the page re-attaches to the running job.")
         with gr.Row():
-            controls["embedding"] = control(TI, "embedding", value=None, scale=4,
-                                            choices=ch.list_embeddings(paths))
-            controls["model"] = control(TI, "model", choices=ch.model_choices(paths),
-                                        value=ch.default_model(paths), scale=4)
+            method = gr.Radio([(f.title, f.key) for f in forms], value=forms[0].key,
+                              label="Method", elem_id="train-method", scale=4)
             refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="train-refresh")
         note = gr.Markdown(ch.demo_note(ch.default_model(paths)))
         with gr.Row():
             with gr.Column(scale=1):
-                with gr.Accordion("Dataset and prompts", open=True):
-                    _rows(controls, paths, DATA)
-                with gr.Accordion("Optimization", open=True):
-                    _rows(controls, paths, OPTIM)
-                with gr.Accordion("Saving and previews", open=False):
-                    _rows(controls, paths, OUTPUT)
+                for form in forms:
+                    with gr.Group(visible=form is forms[0]) as section:
+                        build_section(form, sources)
+                    sections.append(section)
             with gr.Column(scale=1):
                 with gr.Row():
-                    train = gr.Button("Train embedding", variant="primary", elem_id="train-start")
+                    train = gr.Button("Train", variant="primary", elem_id="train-start")
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
                     export = gr.Button("Export config", elem_id="train-export")
                 message = gr.Markdown(elem_id="train-message")
-                exported = gr.Code(label="Settings as TOML (for python -m trainers textual_inversion "
-                                   "--config run.toml)", language=None, visible=False,
-                                   elem_id="train-toml")
+                exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
+                                   "run.toml)", language=None, visible=False, elem_id="train-toml")
                 status = gr.Markdown(live.status_text(_snap(runner)), elem_id="train-status")
                 plot = gr.LinePlot(live.loss_frame([]), x="step", y="loss", color="series",
                                    title="Loss", height=260, elem_id="train-loss",
@@ -60,28 +49,38 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         seen = gr.State((None, -1, -1, None))
         timer = gr.Timer(1.0)
 
-    names = list(controls)
-    inputs = [controls[n] for n in names]
+    all_inputs = [c for form in forms for c in form.controls.values()]
 
-    def start(*values):
+    def split(values) -> dict[str, list]:
+        out, index = {}, 0
+        for form in forms:
+            out[form.key] = list(values[index:index + len(form.controls)])
+            index += len(form.controls)
+        return out
+
+    def config_of(key: str, values):
+        form = next(f for f in forms if f.key == key)
+        return form, to_config(form.config, form.names, split(values)[key])
+
+    def start(key, *values):
         from trainers.registry import runner as method_runner
         try:
-            cfg = to_config(TI, names, values)
-            check_template_training(cfg, paths)
-            run = method_runner("textual_inversion")
-            job = runner.submit(f"textual inversion: {cfg.embedding}", "train",
+            form, cfg = config_of(key, values)
+            check_before_queueing(cfg, paths)
+            run = method_runner(key)
+            job = runner.submit(f"{form.title.lower()}: {getattr(cfg, form.target_field)}", "train",
                                 lambda ctx: run(cfg, ctx), config=cfg)
         except (ConfigError, Busy) as error:
             return error_text(error)
-        return f"Started job {job.id}: training `{cfg.embedding}`."
+        return f"Started job {job.id}: {job.name}."
 
     def stop():
         return "Interrupting: the job saves and stops after this step." if runner.stop() \
             else "Nothing is running."
 
-    def export_toml(*values):
+    def export_toml(key, *values):
         try:
-            cfg = to_config(TI, names, values)
+            _, cfg = config_of(key, values)
         except ConfigError as error:
             return error_text(error), gr.update(visible=False)
         return "", gr.update(value=to_toml(cfg), visible=True)
@@ -101,30 +100,37 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                 live.gallery_items(snap["previews"]) if changed_gallery else gr.skip(),
                 key)
 
-    def refresh_all(embedding, model, template):
-        return (ch.refreshed(ch.list_embeddings(paths), embedding),
-                ch.refreshed(ch.model_choices(paths), model),
-                ch.refreshed(ch.list_templates(paths.templates), template))
+    dropdowns = [(name, c) for form in forms for name, c in form.controls.items() if name in sources]
 
-    train.click(start, inputs, message)
+    def refresh_all(*current):
+        return [ch.refreshed(sources[name](), value) for (name, _), value in zip(dropdowns, current)]
+
+    def show(key):
+        return [gr.update(visible=form.key == key) for form in forms]
+
+    def restore_form():
+        """A fresh page shows the settings of the running (or last) job."""
+        job = runner.latest("train")
+        cfg = getattr(job, "config", None)
+        form = next((f for f in forms if isinstance(cfg, f.config) and type(cfg) is f.config), None)
+        if form is None:
+            return [gr.skip()] * (1 + len(sections) + len(all_inputs))
+        updates = [gr.update(value=form.key)] + show(form.key)
+        for other in forms:
+            for name, _ in other.controls.items():
+                updates.append(gr.update(value=getattr(cfg, name)) if other is form else gr.skip())
+        return updates
+
+    method.change(show, method, sections)
+    train.click(start, [method] + all_inputs, message)
     interrupt.click(stop, None, message)
-    export.click(export_toml, inputs, [message, exported])
+    export.click(export_toml, [method] + all_inputs, [message, exported])
     timer.tick(poll, seen, [status, plot, gallery, seen], show_progress="hidden")
-    refresh.click(refresh_all, [controls["embedding"], controls["model"], controls["template"]],
-                  [controls["embedding"], controls["model"], controls["template"]])
-    controls["model"].change(ch.demo_note, controls["model"], note)
-    return {"embedding": controls["embedding"], "refresh_embeddings":
-            lambda current: ch.refreshed(ch.list_embeddings(paths), current)}
-
-
-def _rows(controls: dict, paths: Paths, names: list[str], per_row: int = 2) -> None:
-    for start in range(0, len(names), per_row):
-        with gr.Row():
-            for name in names[start:start + per_row]:
-                if name == "template":
-                    controls[name] = control(TI, name, choices=ch.list_templates(paths.templates))
-                else:
-                    controls[name] = control(TI, name)
+    refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
+    for form in forms:
+        form.controls["model"].change(ch.demo_note, form.controls["model"], note)
+    return {"forms": forms, "restore": (restore_form, [method] + sections + all_inputs),
+            "dropdowns": dropdowns, "refresh_all": refresh_all}
 
 
 def _snap(runner: JobRunner):

@@ -12,7 +12,7 @@ from trainers.data import load_dataset
 from trainers.embeddings import find_embedding
 from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.models import load_model
-from trainers.preflight import check_template_training
+from trainers.preflight import check_before_queueing
 from trainers.prompts import PromptEncoder
 
 
@@ -23,7 +23,7 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
 
     cfg.validate()
     paths = ctx.paths
-    check_template_training(cfg, paths)
+    check_before_queueing(cfg, paths)
     name = cfg.embedding.strip()
     path = find_embedding(paths, name)
     if path is None:

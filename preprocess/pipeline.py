@@ -1,0 +1,246 @@
+"""run(cfg, ctx): read every file of the source folder, write the processed images and captions.
+
+For each source file (sorted by name; `.txt` captions and hidden files are not sources), in
+A1111's order: split pieces (if split and oversized), a focal-point crop (if focal_crop and the
+shape differs from the output's), an auto-sized crop (if multicrop), the original (if
+keep_original_size); when none of these produced anything, the centre crop-and-resize to
+width x height. Every output is saved as `{index:05}-{subindex}-{stem}.png` (index = position
+of the file in the source listing) with `<same name>.txt` when its caption is not empty, and,
+with flip, followed by its mirror image with its own caption.
+
+The source folder is only read. Unreadable files are skipped and named in the Summary."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from core import events as ev
+from preprocess import transforms as tf
+from preprocess.config import PreprocessConfig
+from preprocess.images import ImageError, flatten, open_image
+
+CAPTION_EXT = ".txt"
+MAX_STEM_BYTES = 180
+
+
+@dataclass
+class Summary:
+    source: str
+    destination: str
+    total: int = 0                     # files considered in the source folder
+    processed: int = 0                 # of which read and processed
+    written: list[str] = field(default_factory=list)   # output images (flips included)
+    captions: int = 0                  # caption files written
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    notes: list[str] = field(default_factory=list)     # e.g. no auto-size found
+    debug_images: list[str] = field(default_factory=list)
+    stopped: bool = False
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        head = "Stopped" if self.stopped else "Done"
+        lines = [f"{head}: {self.processed} of {self.total} files from {self.source} -> "
+                 f"{len(self.written)} images and {self.captions} captions in {self.destination} "
+                 f"({self.seconds:.1f} s)."]
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)}:")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        lines += self.notes
+        return "\n".join(lines)
+
+
+class _NoContext:
+    paths = None
+
+    def emit(self, event) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def list_sources(folder: Path) -> list[Path]:
+    """Regular files of the folder (not recursive), by name; captions and hidden files left out."""
+    files = [p for p in folder.iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_EXT]
+    return sorted(files, key=lambda p: (p.name.lower(), p.name))
+
+
+def read_existing_caption(image_file: Path) -> str | None:
+    caption = image_file.with_suffix(CAPTION_EXT)
+    if not caption.is_file():
+        return None
+    return caption.read_text(encoding="utf-8-sig", errors="replace").strip()
+
+
+def combine_caption(generated: str, existing: str | None, action: str) -> str:
+    """A1111's rule: prepend/append joins with a space, copy replaces, ignore keeps generated."""
+    if existing:
+        if action == "prepend":
+            generated = f"{existing} {generated}"
+        elif action == "append":
+            generated = f"{generated} {existing}"
+        elif action == "copy":
+            generated = existing
+    return generated.strip()
+
+
+def safe_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
+    data = stem.encode("utf-8")
+    if len(data) <= limit:
+        return stem
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def variants(image: Image.Image, cfg: PreprocessConfig, face_detector=None,
+             notes: list[str] | None = None, name: str = "") -> Iterator[tuple[str, Image.Image]]:
+    """The output images for one source image, as (kind, image) in A1111's order; kind is
+    "split", "focal", "focal-debug", "multicrop", "original" or "resize"."""
+    width, height = cfg.width, cfg.height
+    produced = False
+    if cfg.split:
+        pieces = tf.split_image(image, width, height, cfg.split_threshold, cfg.overlap_ratio)
+        if pieces:
+            produced = True
+            for piece in pieces:
+                yield "split", piece
+    if cfg.focal_crop and image.width * height != image.height * width:
+        result = tf.focal_crop(image, width, height, cfg.focal_face_weight,
+                               cfg.focal_entropy_weight, cfg.focal_edges_weight,
+                               face_detector=face_detector, debug=cfg.focal_debug)
+        produced = True
+        yield "focal", result.image
+        if result.debug is not None:
+            yield "focal-debug", result.debug
+    if cfg.multicrop:
+        produced = True
+        cropped = tf.auto_size_crop(image, min_dim=cfg.multicrop_min_dim,
+                                    max_dim=cfg.multicrop_max_dim,
+                                    min_area=cfg.multicrop_min_area,
+                                    max_area=cfg.multicrop_max_area,
+                                    objective=cfg.multicrop_objective,
+                                    threshold=cfg.multicrop_threshold)
+        if cropped is not None:
+            yield "multicrop", cropped
+        elif notes is not None:
+            notes.append(f"{name}: no auto-sized crop of {image.width}x{image.height} within the "
+                         f"error threshold {cfg.multicrop_threshold}")
+    if cfg.keep_original_size:
+        produced = True
+        yield "original", image
+    if not produced:
+        yield "resize", tf.resize_crop(image, width, height)
+
+
+class _Writer:
+    """Saves one source image's outputs: names, flips, captions, events."""
+
+    def __init__(self, cfg: PreprocessConfig, dst: Path, captioners: list, ctx, summary: Summary):
+        self.cfg, self.dst, self.captioners, self.ctx = cfg, dst, captioners, ctx
+        self.summary = summary
+
+    def caption_for(self, image: Image.Image, existing: str | None) -> str:
+        rgb = flatten(image) if image.mode == "RGBA" else image.convert("RGB")
+        parts = [c.caption(rgb) for c in self.captioners]
+        generated = ", ".join(p for p in parts if p)
+        return combine_caption(generated, existing, self.cfg.existing_caption)
+
+    def save(self, image: Image.Image, base: str, existing: str | None, step: int) -> None:
+        caption = self.caption_for(image, existing)
+        path = self.dst / f"{base}.png"
+        image.save(path, format="PNG")
+        text_file = path.with_suffix(CAPTION_EXT)
+        if caption:
+            text_file.write_text(caption, encoding="utf-8")
+            self.summary.captions += 1
+        elif text_file.exists():  # stale caption of an earlier run with the same name
+            text_file.unlink()
+        self.summary.written.append(str(path))
+        self.ctx.emit(ev.Preview(step=step, path=str(path), caption=caption))
+
+    def process(self, image: Image.Image, index: int, file: Path, detector) -> None:
+        """Write every output of one source image (and its flip) with captions."""
+        cfg = self.cfg
+        existing = read_existing_caption(file) if cfg.existing_caption != "ignore" else None
+        flipped_existing = existing
+        if existing and cfg.flip_swap_left_right:
+            flipped_existing = tf.swap_left_right(existing)
+        stem = safe_stem(file.stem)
+        subindex = 0
+        for kind, output in variants(image, cfg, detector, self.summary.notes, file.name):
+            if kind == "focal-debug":
+                self.save_debug(output, index, stem)
+                continue
+            self.save(output, f"{index:05}-{subindex}-{stem}", existing, index + 1)
+            subindex += 1
+            if cfg.flip:
+                self.save(tf.mirror(output), f"{index:05}-{subindex}-{stem}", flipped_existing,
+                          index + 1)
+                subindex += 1
+
+    def save_debug(self, image: Image.Image, index: int, stem: str) -> None:
+        folder = self.dst / "debug"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{index:05}-{stem}-focal.png"
+        image.save(path, format="PNG")
+        self.summary.debug_images.append(str(path))
+
+
+def load_captioners(cfg: PreprocessConfig, paths, ctx) -> list:
+    from preprocess import captioners
+    loaded = []
+    for name in cfg.captioners:
+        ctx.emit(ev.Status(f"Loading {captioners.label(name)} model..."))
+        loaded.append(captioners.create(name, cfg, paths))
+    return loaded
+
+
+def run(cfg: PreprocessConfig, ctx=None) -> Summary:
+    """Preprocess cfg.source into cfg.destination; emits Status, Progress(step=files done,
+    total=files), Preview per written image and Finished; stops between files when asked."""
+    from preprocess.faces import make_detector
+
+    ctx = ctx or _NoContext()
+    paths = getattr(ctx, "paths", None)
+    started = time.monotonic()
+    src, dst = cfg.validate(paths)
+    summary = Summary(source=str(src), destination=str(dst))
+    detector = None
+    if paths is None:  # used as a library: models are looked up in the repo's models/
+        from core.paths import REPO_DIR, Paths
+        model_paths = Paths(REPO_DIR)
+    else:
+        model_paths = paths
+    if cfg.focal_crop and cfg.focal_face_weight > 0:
+        detector = make_detector(cfg.face_detector, model_paths.models)
+        if detector is None and cfg.face_detector == "auto":
+            summary.notes.append("No face detector (opencv is not installed): the focal point "
+                                 "uses entropy and edges only.")
+            ctx.emit(ev.Status(summary.notes[-1]))
+    captioners = load_captioners(cfg, model_paths, ctx)
+
+    files = list_sources(src)
+    summary.total = len(files)
+    dst.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(cfg, dst, captioners, ctx, summary)
+    ctx.emit(ev.Status(f"Preprocessing {len(files)} files from {src} into {dst}"))
+    for index, file in enumerate(files):
+        if ctx.should_stop():
+            summary.stopped = True
+            break
+        try:
+            image = open_image(file, max_pixels=cfg.max_pixels, alpha=cfg.alpha)
+        except ImageError as error:
+            summary.skipped.append((file.name, str(error)))
+            ctx.emit(ev.Status(f"Skipped {file.name}: {error}"))
+        else:
+            writer.process(image, index, file, detector)
+            summary.processed += 1
+        ctx.emit(ev.Progress(step=index + 1, total=len(files), loss=0.0, learn_rate=0.0))
+    summary.seconds = time.monotonic() - started
+    ctx.emit(ev.Finished(step=summary.processed, path=str(dst), message=summary.text()))
+    return summary

@@ -1,0 +1,94 @@
+"""Per-method form sections of the Train tab, built from each method's config class."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gradio as gr
+
+from core.paths import Paths
+from trainers.captions import list_templates
+from trainers.configs import TextualInversionConfig
+from trainers.embeddings import list_embeddings
+from trainers.models import list_models
+from webui.forms import control
+
+
+@dataclass
+class MethodForm:
+    key: str  # registry name, e.g. "textual_inversion"
+    title: str  # radio label
+    config: type
+    target_field: str  # the field naming what is trained (shown in the job name)
+    groups: list[tuple[str, list[str], bool]]  # (accordion title, fields, open)
+    top: list[str] = field(default_factory=list)  # fields above the accordions
+    controls: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.controls)
+
+
+def dropdown_sources(paths: Paths) -> dict[str, Callable[[], list[str]]]:
+    """Fields whose choices come from disk, by field name."""
+    from trainers.hypernetworks import list_hypernetworks
+    return {
+        "model": lambda: list_models(paths),
+        "embedding": lambda: list_embeddings(paths),
+        "hypernetwork": lambda: list_hypernetworks(paths),
+        "template": lambda: list_templates(paths.templates),
+    }
+
+
+TEMPLATE_DATA = ["data_root", "template", "width", "height", "varsize", "filename_word_regex",
+                 "filename_join_string", "shuffle_tags", "tag_drop_out", "latent_sampling",
+                 "use_weight"]
+TEMPLATE_OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
+                  "clip_grad_value", "seed"]
+TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prompt",
+                   "preview_negative", "preview_seed", "preview_steps", "preview_cfg",
+                   "preview_sampler"]
+
+
+def method_forms() -> list[MethodForm]:
+    forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
+                        "embedding",
+                        [("Dataset and prompts", TEMPLATE_DATA, True),
+                         ("Optimization", TEMPLATE_OPTIM, True),
+                         ("Saving and previews", TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
+                        top=["embedding", "model"])]
+    try:
+        from trainers.configs import HypernetworkTrainingConfig
+    except ImportError:
+        return forms
+    forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
+                            "hypernetwork",
+                            [("Dataset and prompts", TEMPLATE_DATA, True),
+                             ("Optimization", TEMPLATE_OPTIM, True),
+                             ("Saving and previews", TEMPLATE_OUTPUT + ["preview_strength"], False)],
+                            top=["hypernetwork", "model"]))
+    return forms
+
+
+def build_section(form: MethodForm, sources: dict, per_row: int = 2) -> None:
+    """Create the form's controls (inside the caller's layout context)."""
+    def make(name: str):
+        cls_fields = {f.name for f in dataclasses.fields(form.config)}
+        assert name in cls_fields, f"{form.config.__name__} has no field {name}"
+        if name in sources:
+            options = sources[name]()
+            default = getattr(form.config(), name)
+            value = default if default in options else (options[0] if options and name != form.target_field else None)
+            return control(form.config, name, choices=options, value=value)
+        return control(form.config, name)
+
+    with gr.Row():
+        for name in form.top:
+            form.controls[name] = make(name)
+    for title, names, is_open in form.groups:
+        with gr.Accordion(title, open=is_open):
+            for start in range(0, len(names), per_row):
+                with gr.Row():
+                    for name in names[start:start + per_row]:
+                        form.controls[name] = make(name)
