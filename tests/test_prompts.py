@@ -42,3 +42,14 @@ def test_long_prompts_are_truncated_to_the_context(data_paths):
     ids, splices = encoder.tokenize("word " * 73 + "zxqtok")
     assert len(ids) == 77 and ids[-1] == model.tokenizer.eos_token_id
     assert splices and splices[0][1].shape[0] == 2  # only the room left
+
+
+def test_clip_skip_uses_an_earlier_layer_through_the_final_norm(data_paths):
+    model = load_model(data_paths, "tiny-demo")
+    last = PromptEncoder(model.tokenizer, model.text_encoder).encode(["a dog"])
+    skip = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=2).encode(["a dog"])
+    out = model.text_encoder(model.tokenizer(["a dog"], padding="max_length", max_length=77,
+                                             return_tensors="pt").input_ids, output_hidden_states=True)
+    assert torch.allclose(last, out.last_hidden_state, atol=1e-6)
+    assert torch.allclose(skip, model.text_encoder.final_layer_norm(out.hidden_states[-2]), atol=1e-6)
+    assert not torch.allclose(last, skip)

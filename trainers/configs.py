@@ -161,4 +161,211 @@ class TextualInversionConfig(TemplateTrainingConfig):
         return self
 
 
-METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig}
+HYPERNETWORK_SIZES = [768, 320, 640, 1024, 1280]
+HYPERNETWORK_ACTIVATIONS = ["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
+                            "celu", "gelu", "hardshrink", "hardsigmoid", "hardtanh", "logsigmoid",
+                            "mish", "prelu", "relu6", "rrelu", "selu", "silu", "softplus",
+                            "softshrink", "softsign", "tanhshrink"]
+WEIGHT_INITS = ["Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal"]
+
+
+@dataclass
+class CreateHypernetworkConfig:
+    name: str = option("", "File name of the new hypernetwork in models/hypernetworks.",
+                       label="Name")
+    sizes: list[int] = option([768, 320, 640, 1280], "Attention widths it applies to: 768 (SD1) "
+                              "or 1024 (SD2) is the text context of cross-attention; 320, 640, "
+                              "1280 are the U-Net's self-attention widths.", label="Modules")
+    layer_structure: str = option("1, 2, 1", "Width of each layer as a multiple of the module "
+                                  "width; starts and ends with 1.", label="Layer structure")
+    activation_func: str = option("linear", "Activation after each hidden layer. 'swish' is "
+                                  "torch's Hardswish, as in A1111.", label="Activation function",
+                                  choices=HYPERNETWORK_ACTIVATIONS)
+    weight_initialization: str = option("Normal", "How layer weights start.",
+                                        label="Layer weight initialization", choices=WEIGHT_INITS)
+    add_layer_norm: bool = option(False, "LayerNorm after each hidden layer.",
+                                  label="Add layer normalization")
+    use_dropout: bool = option(False, "Dropout after hidden layers.", label="Use dropout")
+    dropout_structure: str = option("0, 0, 0", "One dropout rate per layer; first and last 0.",
+                                    label="Dropout structure")
+    overwrite: bool = option(False, "Replace an existing hypernetwork of the same name.",
+                             label="Overwrite old hypernetwork")
+    model: str = option("", "Base model, to check that a module width matches it (optional).",
+                        label="Base model")
+
+    def validate(self) -> "CreateHypernetworkConfig":
+        problems = check_limits(self) + check_name("name", self.name)
+        if not self.sizes:
+            problems.append("sizes: choose at least one module width")
+        if any(size <= 0 for size in self.sizes):
+            problems.append("sizes: widths must be positive")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+@dataclass
+class HypernetworkTrainingConfig(TemplateTrainingConfig):
+    # A1111's defaults for hypernetworks differ from embeddings'
+    learn_rate: str = option("0.00001", "Learning rate or schedule 'rate:step, rate:step, rate'; "
+                             "training stops when the schedule ends.", label="Learning rate")
+    template: str = option("hypernetwork.txt", "Prompt template file from "
+                           "textual_inversion_templates/.", label="Prompt template")
+    hypernetwork: str = option("", "Hypernetwork to train (from models/hypernetworks). Training "
+                               "continues from the file's step.", label="Hypernetwork")
+    preview_strength: float = option(1.0, "Strength of the hypernetwork in previews.",
+                                     label="Preview strength", min=0.0, max=2.0)
+
+    def validate(self) -> "HypernetworkTrainingConfig":
+        problems = self.common_problems()
+        if not self.hypernetwork.strip():
+            problems.append("hypernetwork: choose a hypernetwork (create one first)")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"]
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                 "polynomial"]
+PRECISIONS = ["no", "fp16", "bf16"]
+SAVE_PRECISIONS = ["fp32", "fp16", "bf16"]
+
+
+@dataclass
+class KohyaTrainingConfig:
+    """Options LoRA and DreamBooth share, with kohya sd-scripts' names and defaults."""
+    model: str = option("", "Base model: a name under models/Stable-diffusion, 'tiny-demo', a "
+                        "path, or a hub id when online.", label="Base model")
+    output_name: str = option("", "Name of the saved file (and of the run folder).",
+                              label="Output name")
+    train_data_dir: str = option("", "Folder whose subfolders are named '<repeats>_<identifier> "
+                                 "<class>' (e.g. '20_sks dog'); a folder of images counts as "
+                                 "one repeat.", label="Image folder")
+    reg_data_dir: str = option("", "Regularization images, in the same folder layout "
+                               "(optional).", label="Regularization folder")
+    dataset_config: str = option("", "A kohya dataset TOML ([general], [[datasets]], "
+                                 "[[datasets.subsets]]); replaces the folders above.",
+                                 label="Dataset config (TOML)")
+    caption_extension: str = option(".txt", "Caption files beside the images.",
+                                    label="Caption extension")
+    resolution: int = option(512, "Training resolution (the bucket area budget).",
+                             label="Resolution", min=64, max=4096, multiple_of=8)
+    enable_bucket: bool = option(True, "Aspect-ratio buckets, so non-square images are not "
+                                 "cropped.", label="Enable buckets")
+    min_bucket_reso: int = option(256, "Smallest bucket side.", label="Min bucket resolution",
+                                  min=64, max=4096)
+    max_bucket_reso: int = option(1024, "Largest bucket side.", label="Max bucket resolution",
+                                  min=64, max=8192)
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.",
+                                    label="Bucket resolution steps", min=8, max=256,
+                                    multiple_of=8)
+    bucket_no_upscale: bool = option(False, "Never enlarge small images to fill a bucket.",
+                                     label="Don't upscale bucket resolution")
+    shuffle_caption: bool = option(False, "Shuffle comma-separated tags.", label="Shuffle caption")
+    keep_tokens: int = option(0, "Keep the first N tags in place when shuffling.",
+                              label="Keep N tokens", min=0, max=75)
+    caption_dropout_rate: float = option(0.0, "Chance of training an image with an empty caption.",
+                                         label="Caption dropout rate", min=0.0, max=1.0)
+    caption_tag_dropout_rate: float = option(0.0, "Chance of dropping each tag.",
+                                             label="Tag dropout rate", min=0.0, max=1.0)
+    flip_aug: bool = option(False, "Also train on mirrored images.", label="Flip augmentation")
+    learning_rate: float = option(1e-4, "Base learning rate.", label="Learning rate", min=0.0)
+    optimizer_type: str = option("AdamW", "Optimizer.", label="Optimizer", choices=OPTIMIZERS)
+    lr_scheduler: str = option("constant", "How the learning rate changes over the run.",
+                               label="LR scheduler", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "Warm-up steps.", label="LR warmup steps", min=0)
+    lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts.",
+                                          label="LR cycles", min=1)
+    lr_scheduler_power: float = option(1.0, "Power for polynomial.", label="LR power", min=0.0)
+    train_batch_size: int = option(1, "Images per step.", label="Batch size", min=1, max=64)
+    gradient_accumulation_steps: int = option(1, "Batches per optimizer step.",
+                                              label="Gradient accumulation steps", min=1, max=1024)
+    max_train_steps: int = option(1600, "Total optimizer steps.", label="Max train steps",
+                                  min=1, max=10_000_000)
+    max_train_epochs: int = option(0, "If set, overrides max steps.", label="Max train epochs",
+                                   min=0, max=100_000)
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting (5 is common); 0 disables.",
+                                  label="Min SNR gamma", min=0.0, max=100.0)
+    noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).",
+                                 label="Noise offset", min=0.0, max=1.0)
+    clip_skip: int = option(1, "Use the text encoder's N-th layer from the end.",
+                            label="CLIP skip", min=1, max=12)
+    mixed_precision: str = option("no", "Compute precision (bf16 also works on CPUs).",
+                                  label="Mixed precision", choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "Less memory, ~20–30% slower.",
+                                          label="Gradient checkpointing")
+    attention: str = option("sdpa", "Attention kernel; xformers needs a CUDA GPU and the "
+                            "package.", label="Attention", choices=["sdpa", "xformers"])
+    cache_latents: bool = option(True, "Encode each image once instead of every step.",
+                                 label="Cache latents")
+    cache_latents_to_disk: bool = option(False, "Keep cached latents as .npz beside the images "
+                                         "for later runs.", label="Cache latents to disk")
+    cache_text_encoder_outputs: bool = option(False, "Encode each caption once (only when the "
+                                              "text encoder is frozen and captions fixed).",
+                                              label="Cache text encoder outputs")
+    sample_every_n_steps: int = option(0, "Render sample images every N steps; 0 disables.",
+                                       label="Sample every N steps", min=0)
+    sample_every_n_epochs: int = option(0, "Render sample images every N epochs; 0 disables.",
+                                        label="Sample every N epochs", min=0)
+    sample_prompts: str = option("", "One prompt per line, with kohya's flags: --n negative "
+                                 "--w width --h height --d seed --l cfg --s steps.",
+                                 label="Sample prompts")
+    sample_sampler: str = option("Euler a", "Sampler for sample images.", label="Sample sampler",
+                                 choices=SAMPLERS)
+    sample_at_first: bool = option(True, "Render samples before the first step, as a baseline.",
+                                   label="Sample at step 0")
+    seed: int = option(42, "Seed for data order, noise and timesteps; samples use their own "
+                       "(fixed) seeds.", label="Seed", min=0, max=2**63 - 1)
+    save_every_n_steps: int = option(0, "Save a checkpoint every N steps; 0 disables.",
+                                     label="Save every N steps", min=0)
+    save_every_n_epochs: int = option(1, "Save a checkpoint every N epochs; 0 disables.",
+                                      label="Save every N epochs", min=0)
+    save_last_n: int = option(0, "Keep only the newest N checkpoints of the run; 0 keeps all.",
+                              label="Keep last N checkpoints", min=0)
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    log_directory: str = option("outputs/lora", "Run folders: checkpoints, samples, loss CSV, "
+                                "settings.", label="Log directory")
+    overwrite: bool = option(False, "Start over even if a file of this name exists; otherwise "
+                             "training continues from it.", label="Start over")
+
+    def kohya_problems(self) -> list[str]:
+        problems = check_limits(self)
+        if not self.model.strip():
+            problems.append("model: choose a base model")
+        problems += check_name("output_name", self.output_name)
+        if not (self.train_data_dir.strip() or self.dataset_config.strip()):
+            problems.append("train_data_dir: choose an image folder (or a dataset config)")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            problems.append("min_bucket_reso: larger than max_bucket_reso")
+        return problems
+
+
+@dataclass
+class LoraConfig(KohyaTrainingConfig):
+    network_dim: int = option(8, "Rank of the LoRA matrices.", label="Network rank (dim)",
+                              min=1, max=1024)
+    network_alpha: float = option(1.0, "Scale = alpha / rank.", label="Network alpha", min=0.0)
+    conv_dim: int = option(0, "Rank for 3x3 conv layers (LoCon); 0 trains no conv layers.",
+                           label="Conv rank (dim)", min=0, max=1024)
+    conv_alpha: float = option(1.0, "Alpha for conv layers.", label="Conv alpha", min=0.0)
+    network_train_unet_only: bool = option(False, "Train the U-Net only (leave the text "
+                                           "encoder as it is).", label="Train U-Net only")
+    unet_lr: float = option(0.0, "U-Net learning rate; 0 uses the base learning rate.",
+                            label="U-Net learning rate", min=0.0)
+    text_encoder_lr: float = option(0.0, "Text-encoder learning rate; 0 uses the base learning "
+                                    "rate.", label="Text encoder learning rate", min=0.0)
+    preview_strength: float = option(1.0, "LoRA strength for sample images.",
+                                     label="Sample strength", min=0.0, max=2.0)
+
+    def validate(self) -> "LoraConfig":
+        problems = self.kohya_problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
+                  "hypernetwork": HypernetworkTrainingConfig,
+                  "lora": LoraConfig}

@@ -20,3 +20,43 @@ def find_hypernetwork(paths: Paths, name: str) -> Path | None:
     matches = sorted(p for p in paths.hypernetworks.rglob("*.pt") if p.stem == name) \
         if paths.hypernetworks.is_dir() else []
     return matches[0] if matches else None
+
+
+class HypernetworkExists(FileExistsError):
+    pass
+
+
+def create_hypernetwork(cfg, paths: Paths) -> Path:
+    """Write models/hypernetworks/<name>.pt from a validated CreateHypernetworkConfig."""
+    from core.config import ConfigError
+    from trainers.formats.hypernetwork import save_hypernetwork
+    from trainers.hypernetwork_net import Hypernetwork, HypernetworkSpec, parse_floats
+
+    name = cfg.name.strip()
+    target = paths.hypernetworks / f"{name}.pt"
+    existing = find_hypernetwork(paths, name)
+    if existing is not None and not cfg.overwrite:
+        raise HypernetworkExists(f"name: a hypernetwork named {name!r} already exists "
+                                 f"({existing.name}); tick 'Overwrite' to replace it")
+    spec = HypernetworkSpec(
+        name=name, sizes=list(cfg.sizes),
+        layer_structure=parse_floats(cfg.layer_structure, "layer_structure"),
+        activation_func=cfg.activation_func, weight_initialization=cfg.weight_initialization,
+        add_layer_norm=cfg.add_layer_norm, use_dropout=cfg.use_dropout,
+        dropout_structure=parse_floats(cfg.dropout_structure, "dropout_structure")
+        if cfg.use_dropout else None).validate()
+    short_hash = None
+    if cfg.model.strip():
+        from trainers.models import load_model
+        from trainers.hypernetwork_attention import attention_widths
+        model = load_model(paths, cfg.model)
+        widths = set(attention_widths(model.unet))
+        if not widths & set(spec.sizes):
+            raise ConfigError(f"sizes: none of {', '.join(map(str, spec.sizes))} is an attention "
+                              f"width of {cfg.model} ({', '.join(map(str, sorted(widths)))}), so "
+                              "the hypernetwork would change nothing")
+        short_hash = model.short_hash
+        spec.sd_checkpoint, spec.sd_checkpoint_name = short_hash, Path(model.name).stem
+    save_hypernetwork(target, Hypernetwork(spec))
+    target.with_name(target.name + ".optim").unlink(missing_ok=True)
+    return target

@@ -12,10 +12,12 @@ def _name_tokens(tokenizer, name: str) -> list[int]:
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, text_encoder, embeddings: dict[str, torch.Tensor] | None = None):
+    def __init__(self, tokenizer, text_encoder, embeddings: dict[str, torch.Tensor] | None = None,
+                 clip_skip: int = 1):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.embeddings = dict(embeddings or {})
+        self.clip_skip = clip_skip  # 2 = the penultimate layer, as A1111 and kohya count
         self.length = tokenizer.model_max_length  # 77 with BOS and EOS
 
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
@@ -55,7 +57,15 @@ class PromptEncoder:
             all_splices.extend((b, pos, vec) for pos, vec in splices)
         input_ids = torch.tensor(rows, dtype=torch.long, device=device)
         with _spliced(self.text_encoder.get_input_embeddings(), all_splices):
-            return self.text_encoder(input_ids)[0]
+            if self.clip_skip <= 1:
+                return self.text_encoder(input_ids)[0]
+            out = self.text_encoder(input_ids, output_hidden_states=True)
+            return _final_layer_norm(self.text_encoder)(out.hidden_states[-self.clip_skip])
+
+
+def _final_layer_norm(text_encoder) -> torch.nn.Module:
+    inner = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 had this level
+    return inner.final_layer_norm
 
 
 @contextmanager

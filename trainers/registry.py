@@ -5,7 +5,8 @@ import importlib
 
 from trainers.configs import METHOD_CONFIGS
 
-RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion"}
+RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
+           "hypernetwork": "trainers.methods.hypernetwork"}
 
 
 def config_class(method: str):

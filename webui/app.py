@@ -15,7 +15,8 @@ def build_app(paths: Paths, runner: JobRunner) -> gr.Blocks:
             created = tab_create.build(paths)
             trained = tab_train.build(paths, runner)
         dropdowns = [c for _, c in trained["dropdowns"]]
-        created["created"].then(trained["refresh_all"], dropdowns, dropdowns)
+        for event in created["created"]:
+            event.then(trained["refresh_all"], dropdowns, dropdowns)
         restore, outputs = trained["restore"]
         app.load(restore, None, outputs)
     return app

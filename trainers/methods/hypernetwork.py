@@ -1,0 +1,69 @@
+"""Hypernetworks: train small MLPs that transform the attention context (A1111's semantics);
+the base model stays frozen."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers import template_training as tt
+from trainers.configs import HypernetworkTrainingConfig
+from trainers.formats.hypernetwork import file_shorthash, load_hypernetwork, save_hypernetwork
+from trainers.hypernetwork_attention import applied, attention_widths
+from trainers.hypernetworks import find_hypernetwork
+from trainers.loop import TrainingError, TrainingPlan, train
+from trainers.prompts import PromptEncoder
+from trainers.sampling import render
+
+
+def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
+    model, dataset, template_lines = tt.prepare(cfg, ctx)
+    name = cfg.hypernetwork.strip()
+    path = find_hypernetwork(ctx.paths, name)
+    net = load_hypernetwork(path)
+    widths = set(attention_widths(model.unet))
+    if not widths & set(net.layers):
+        raise TrainingError(f"hypernetwork: {path.name} has modules for widths "
+                            f"{sorted(net.layers)}, but {cfg.model}'s attention widths are "
+                            f"{sorted(widths)}; it would change nothing")
+    net.train()
+    parameters = net.parameters()
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=0.0)  # A1111: torch's default weight decay
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    start = int(net.step or 0)
+
+    def save(target: Path, step: int) -> None:
+        net.step = step
+        net.spec.sd_checkpoint = model.short_hash
+        net.spec.sd_checkpoint_name = Path(model.name).stem
+        save_hypernetwork(target, net)
+
+    plan = TrainingPlan(
+        name=name, optimizer=optimizer, rates=tt.rates(cfg),
+        encode=lambda texts: encoder.encode(texts), prompt_encoder=encoder, save=save,
+        checksum=lambda: file_shorthash(path), final_path=path,  # A1111 pairs .optim by file hash
+        copies_folder="hypernetworks", previews=tt.previews(cfg, name), start_step=start,
+        unet_context=lambda: applied(model.unet, net, 1.0))
+    plan.previews = _with_strength(plan.previews, net, cfg.preview_strength)
+    opts = tt.loop_options(cfg, model, "hypernetwork_loss.csv",
+                           {"method": "hypernetwork", "hypernetwork": str(path),
+                            "images": len(dataset.examples)})
+    return train(model, tt.TemplateBatches(dataset, template_lines, name, cfg), plan, opts, ctx)
+
+
+def _with_strength(previews, net, strength: float):
+    """Previews run in eval mode, where the hypernetwork's strength applies."""
+    def settings(step, texts):
+        net.set_strength(strength)
+        return previews(step, texts)
+    return settings
+
+
+def render_with(model, net, strength: float, settings):
+    """One image with a hypernetwork applied at `strength` (checkpoint gallery, tests)."""
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    net.eval()
+    with applied(model.unet, net, strength):
+        return render(model, encoder, settings)
