@@ -123,6 +123,12 @@ def config_skeleton(paths: Paths, family: str = "sd1") -> Path:
     return target
 
 
+def training_device():
+    """The first CUDA GPU when there is one, else the CPU."""
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 _cache_lock = threading.Lock()
 _cache: dict[tuple, BaseModel] = {}
 
@@ -181,6 +187,7 @@ def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
         raise
     except Exception as error:
         raise ModelError(f"model: could not load {name!r}: {type(error).__name__}: {error}") from error
+    pipe.to(training_device())
     model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
                       text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                       scheduler_config=dict(pipe.scheduler.config), short_hash=short_hash,

@@ -77,7 +77,7 @@ def _spliced(token_embedding: torch.nn.Module, splices):
     def replace(module, inputs, output):
         output = output.clone()
         for b, pos, vectors in splices:
-            output[b, pos:pos + vectors.shape[0]] = vectors.to(output.dtype)
+            output[b, pos:pos + vectors.shape[0]] = vectors.to(output.device, output.dtype)
         return output
 
     handle = token_embedding.register_forward_hook(replace)

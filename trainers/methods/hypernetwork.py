@@ -26,6 +26,7 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
         raise TrainingError(f"hypernetwork: {path.name} has modules for widths "
                             f"{sorted(net.layers)}, but {cfg.model}'s attention widths are "
                             f"{sorted(widths)}; it would change nothing")
+    net.to(model.unet.device)
     net.train()
     parameters = net.parameters()
     for parameter in parameters:

@@ -27,7 +27,7 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
         raise TrainingError(f"embedding: {path.name} has vectors of width {stored.vectors.shape[1]}, "
                             f"but {cfg.model}'s text encoder uses {width}; it was made for another model")
 
-    vectors = torch.nn.Parameter(stored.vectors.detach().float().clone())
+    vectors = torch.nn.Parameter(stored.vectors.detach().float().clone().to(model.unet.device))
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors})
     optimizer = torch.optim.AdamW([vectors], lr=0.0, weight_decay=0.0)
 
