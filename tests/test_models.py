@@ -1,0 +1,84 @@
+"""Base-model discovery and loading: demo, diffusers folders, single files (offline), bad files."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+
+from core.paths import Paths
+from tests.test_formats_sd_checkpoint import tiny_sd_components, write_config_folder
+from trainers import models
+from trainers.formats.sd_checkpoint import save_single_file
+
+
+@pytest.fixture
+def single_file(tmp_path, monkeypatch):
+    """models/Stable-diffusion/small.safetensors in the original SD1 layout, and its config."""
+    paths = Paths(tmp_path / "data").ensure()
+    unet, vae, text_encoder = tiny_sd_components("sd1")
+    skeleton = write_config_folder(tmp_path / "skeleton", unet, vae, text_encoder)
+    monkeypatch.setattr(models, "config_skeleton", lambda paths, family="sd1": skeleton)
+    path = paths.stable_diffusion / "small.safetensors"
+    save_single_file(path, unet, vae, text_encoder, dtype=torch.float32)
+    return paths, path, unet
+
+
+def test_listing_offers_files_folders_and_the_demo(tmp_path):
+    paths = Paths(tmp_path).ensure()
+    (paths.stable_diffusion / "b.safetensors").write_bytes(b"")
+    (paths.stable_diffusion / "a.ckpt").write_bytes(b"")
+    (paths.stable_diffusion / "notes.txt").write_text("")
+    (paths.stable_diffusion / "folder").mkdir()
+    (paths.stable_diffusion / "folder" / "model_index.json").write_text("{}")
+    (paths.stable_diffusion / "empty-folder").mkdir()
+    assert models.list_models(paths) == ["a.ckpt", "b.safetensors", "folder", "tiny-demo"]
+
+
+def test_single_safetensors_loads_offline_with_the_config_skeleton(single_file):
+    paths, path, unet = single_file
+    model = models.load_model(paths, "small.safetensors")
+    for name, tensor in unet.state_dict().items():
+        assert torch.allclose(model.unet.state_dict()[name], tensor, atol=1e-6), name
+    assert model.short_hash == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert models.load_model(paths, "small.safetensors") is model  # cached
+
+
+def test_ckpt_goes_through_the_restricted_loader(single_file, tmp_path):
+    paths, path, _ = single_file
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    bad = paths.stable_diffusion / "evil.ckpt"
+    with open(bad, "wb") as handle:
+        pickle.dump({"state_dict": Evil()}, handle)
+    with pytest.raises(models.ModelError, match="evil.ckpt"):
+        models.load_model(paths, "evil.ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("", "choose a base model"),
+    ("missing.safetensors", "was not found"),
+    ("../outside", "was not found"),
+])
+def test_bad_model_names(tmp_path, name, words):
+    with pytest.raises(models.ModelError, match=words):
+        models.load_model(Paths(tmp_path).ensure(), name)
+
+
+def test_folder_without_model_index_is_not_a_model(tmp_path):
+    paths = Paths(tmp_path).ensure()
+    (paths.stable_diffusion / "junk").mkdir()
+    with pytest.raises(models.ModelError, match="model_index.json"):
+        models.load_model(paths, "junk")
+
+
+def test_corrupt_single_file_gives_a_clear_error(tmp_path):
+    paths = Paths(tmp_path).ensure()
+    (paths.stable_diffusion / "broken.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(models.ModelError, match="could not load 'broken.safetensors'"):
+        models.load_model(paths, "broken.safetensors")
