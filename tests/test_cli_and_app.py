@@ -71,7 +71,7 @@ def test_share_without_auth_generates_a_login(capsys):
 
 def test_webui_does_not_import_the_engine_libraries():
     code = ("import sys; sys.path.insert(0,'.')\n"
-            "import webui.app, webui.tab_train, webui.tab_create\n"
+            "import webui.app, webui.tab_train, webui.tab_create, webui.tab_preprocess\n"
             "bad=[m for m in ('torch','diffusers','transformers','peft') if m in sys.modules]\n"
             "assert not bad, bad")
     out = run(["-c", code])

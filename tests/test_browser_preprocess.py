@@ -1,0 +1,200 @@
+"""The Preprocess images tab driven in headless Chromium: a run with flip, split and a WD14
+captioner (tiny weights in the real layout), the live gallery and summary, the dataset editor
+(per-image caption, batch tag removal) and a bad-input case.
+
+When webui/app.py includes the tab, the real app (python app.py) is used; until then a small
+launcher builds a Blocks with just this tab and a JobRunner, launched the way app.py does it
+(private GRADIO_TEMP_DIR, allowed_paths = outputs only)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser_support import ROOT, AppProcess, free_port
+from tests.conftest import photo
+
+pytestmark = pytest.mark.browser
+
+CAPTIONS = ["sks, a woman in a space suit,", "sks, a cup of coffee,", "sks, a cat,"]
+WD14_TABLE = [("photo", "0", (0, 0, 0), 10.0),        # always scores ~1
+              ("outdoors", "0", (0, 0, 0), -10.0)]    # never
+
+LAUNCHER = """
+import os, sys
+from pathlib import Path
+root, data, port = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+os.environ.setdefault("GRADIO_TEMP_DIR", str(data / ".cache" / "gradio"))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, root)
+import gradio as gr
+from core.jobs import JobRunner
+from core.paths import Paths
+from webui import tab_preprocess
+paths = Paths(data).ensure()
+runner = JobRunner(paths)
+with gr.Blocks(title="Danlu") as app:
+    with gr.Tabs():
+        tab_preprocess.build(paths, runner)
+app.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
+    allowed_paths=[str(paths.outputs)], show_error=False)
+"""
+
+
+class TabOnlyApp(AppProcess):
+    """The preprocess tab alone, in a subprocess (same interface as AppProcess)."""
+
+    def __init__(self, data_dir: Path):
+        import os
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(data_dir.parent / f"app-{self.port}.log", "w")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(ROOT), str(data_dir), str(self.port)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait()
+
+
+@pytest.fixture
+def server(request, tmp_path):
+    if "tab_preprocess" in (ROOT / "webui" / "app.py").read_text(encoding="utf-8"):
+        yield request.getfixturevalue("app_server")
+        return
+    app = TabOnlyApp(tmp_path / "data")
+    yield app
+    app.stop()
+
+
+def fill(page: Page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def choose(page: Page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def open_accordion(page: Page, title: str) -> None:
+    page.locator("button.label-wrap", has_text=title).first.click()
+
+
+def put_dataset(data_dir: Path) -> Path:
+    from preprocess.testing import build_tiny_wd14
+    source = data_dir / "photos"
+    source.mkdir(parents=True)
+    for i, caption in enumerate(CAPTIONS):
+        image = photo(i, 64) if i < 2 else photo(i, 64).resize((256, 64))  # wide: split
+        image.save(source / f"{i}-photo.png")
+        (source / f"{i}-photo.txt").write_text(caption, encoding="utf-8")
+    (source / "broken.jpg").write_bytes(b"this is not an image")
+    build_tiny_wd14(data_dir / "models" / "wd14" / "wd-v1-4-convnext-tagger-v2", WD14_TABLE)
+    return source
+
+
+def test_preprocess_gallery_summary_and_dataset_editor(page: Page, server, tmp_path):
+    data = server.data_dir
+    source = put_dataset(data)
+    sources_before = {p.name: p.read_bytes() for p in source.iterdir()}
+    page.goto(server.url)
+    page.get_by_role("tab", name="Preprocess images").click()
+
+    # Bad input: destination = source names the field, nothing is written
+    fill(page, "PreprocessConfig-source", "photos")
+    fill(page, "PreprocessConfig-destination", "photos")
+    page.locator("#preprocess-start").click()
+    expect(page.locator("#preprocess-message")).to_contain_text(
+        "destination: must differ from the source folder", timeout=30_000)
+
+    # A run with flip + split + the WD14 captioner, existing captions in front
+    fill(page, "PreprocessConfig-destination", "dataset")
+    fill(page, "PreprocessConfig-width", "64")
+    fill(page, "PreprocessConfig-height", "64")
+    choose(page, "PreprocessConfig-existing_caption", "prepend")
+    page.locator("#PreprocessConfig-flip input").check()
+    page.locator("#PreprocessConfig-split input").check()
+    open_accordion(page, "Captioners")
+    page.locator("#PreprocessConfig-captioners").get_by_label("WD14 tagger (tags)").check()
+    expect(page.locator("#PreprocessConfig-wd14_model")).to_be_visible()
+    page.locator("#preprocess-start").click()
+    expect(page.locator("#preprocess-message")).to_contain_text("Started job", timeout=30_000)
+    page.locator("#preprocess-start").click()  # a second request while it runs is refused
+    expect(page.locator("#preprocess-message")).to_contain_text("already running",
+                                                                 timeout=30_000)
+
+    # 2 square photos x 2 (flip) + the wide one split into 5 pieces x 2 (flip)
+    expect(page.locator("#preprocess-gallery img")).to_have_count(14, timeout=120_000)
+    summary = page.locator("#preprocess-summary textarea")
+    expect(summary).to_have_value(re.compile(r"^Done: 3 of 4 files"), timeout=60_000)
+    text = summary.input_value()
+    assert text.startswith("Done: 3 of 4 files"), text
+    assert "broken.jpg" in text, text
+    expect(page.locator("#preprocess-status")).to_contain_text("images 4/4", timeout=30_000)
+
+    # A reload re-attaches: the form, status, gallery and summary of the last job come back
+    page.reload()
+    page.get_by_role("tab", name="Preprocess images").click()
+    expect(page.locator("#preprocess-gallery img")).to_have_count(14, timeout=30_000)
+    expect(summary).to_have_value(re.compile(r"^Done: 3 of 4 files"), timeout=30_000)
+    expect(page.locator("#PreprocessConfig-destination input, #PreprocessConfig-destination "
+                        "textarea").first).to_have_value("dataset", timeout=30_000)
+    expect(page.locator("#PreprocessConfig-flip input")).to_be_checked()
+
+    out = data / "dataset"
+    captions = sorted(out.glob("*.txt"))
+    assert len(sorted(out.glob("*.png"))) == 14 and len(captions) == 14
+    assert all(c.read_text(encoding="utf-8").endswith(", photo") for c in captions)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == sources_before
+    thumbs = data / "outputs" / "preprocess" / "thumbnails"
+    assert len(list(thumbs.rglob("*.jpg"))) == 14  # the page shows copies, not the dataset
+
+    # Dataset editor on the output folder
+    page.locator("#preprocess-edit-destination").click()
+    expect(page.locator("#preprocess-edit-gallery img")).to_have_count(14, timeout=30_000)
+    expect(page.locator("#preprocess-edit-message")).to_contain_text("14 images, 14 with a caption")
+    expect(page.locator("#preprocess-edit-tag-table")).to_contain_text("photo")
+
+    # Edit one caption
+    page.locator("#preprocess-edit-gallery img").first.click()
+    expect(page.locator("#preprocess-edit-selected")).to_contain_text("00000-0-0-photo.png")
+    caption_box = page.locator("#preprocess-edit-caption textarea")
+    expect(caption_box).to_have_value("sks, a woman in a space suit, photo", timeout=30_000)
+    caption_box.fill("sks, astronaut, photo, photo")
+    page.locator("#preprocess-edit-save").click()
+    expect(page.locator("#preprocess-edit-message")).to_contain_text("Saved", timeout=30_000)
+    assert (out / "00000-0-0-photo.txt").read_text(encoding="utf-8") == \
+        "sks, astronaut, photo, photo"
+
+    # Remove a tag from every caption (the default operation is "Remove tags"), picked from
+    # the tag-frequency table
+    page.locator("#preprocess-edit-tag-table").get_by_text("photo", exact=True).click()
+    expect(page.locator("#preprocess-edit-tags input, #preprocess-edit-tags textarea").first
+           ).to_have_value("photo", timeout=30_000)
+    page.locator("#preprocess-edit-apply").click()
+    expect(page.locator("#preprocess-edit-message")).to_contain_text(
+        "changed 14 of 14 captions", timeout=30_000)
+    texts = [c.read_text(encoding="utf-8") for c in captions]
+    assert not any("photo" in t for t in texts), texts
+    assert all(t.startswith("sks, ") for t in texts), texts
+    assert (out / "00000-0-0-photo.txt").read_text(encoding="utf-8") == "sks, astronaut"
+    expect(caption_box).to_have_value("sks, astronaut", timeout=30_000)
+    expect(page.locator("#preprocess-edit-tag-table")).not_to_contain_text("photo",
+                                                                           timeout=30_000)
+    assert not list(out.glob(".*.tmp"))  # atomic saves leave no temporary files
+    page.screenshot(path=str(tmp_path / "editor.png"), full_page=True)
+
+    # A folder that does not exist is named in the editor's message
+    fill(page, "preprocess-edit-folder", "no-such-folder")
+    page.locator("#preprocess-edit-load").click()
+    expect(page.locator("#preprocess-edit-message")).to_contain_text(
+        "folder: 'no-such-folder' does not exist", timeout=30_000)
+    page.get_by_role("tab", name="Process a folder").click()
+    page.screenshot(path=str(tmp_path / "preprocess.png"), full_page=True)

@@ -1,0 +1,481 @@
+"""Preprocess images tab: the PreprocessConfig form, Preprocess / Interrupt, the live view of the
+job (progress, ETA, a gallery of written images, the summary), and a dataset editor for the
+captions of a folder (per-image edit, batch tag operations, a tag-frequency table).
+
+Safe paths: typed folders are resolved with `paths.resolve` (confined to the data folder when
+the app is shared). The gallery never shows a user's file directly: every image shown is a
+JPEG thumbnail written by this module into `outputs/preprocess/thumbnails/<folder hash>/`,
+inside the app's only allowed path. Caption edits use the image paths kept in server-side
+gr.State, never a path sent back by the browser."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import events as ev
+from core.config import ConfigError, from_dict, help_of, label_of
+from core.jobs import Busy, JobRunner
+from core.paths import PathError, Paths
+from preprocess import captions_edit as ce
+from preprocess.config import PIL_MAX_PIXELS, PreprocessConfig
+from webui.forms import control, error_text
+
+KIND = "preprocess"
+CFG = PreprocessConfig
+THUMB_SIZE = 384
+GALLERY_LIMIT = 24          # newest results shown while a job runs
+EDITOR_LIMIT = 2000         # images shown in the dataset editor (batch edits cover all)
+CAPTIONER_LABELS = {"blip": "BLIP (caption)", "deepbooru": "DeepDanbooru (tags)",
+                    "wd14": "WD14 tagger (tags)"}
+EDIT_ACTIONS = [("Add tags (at the end)", "add"), ("Add tags at the front", "add_front"),
+                ("Remove tags", "remove"), ("Replace tags", "replace"),
+                ("Move tags to the front", "move_front"), ("Remove duplicate tags", "dedupe")]
+
+TOP = ["source", "destination"]
+GROUPS: list[tuple[str, list[str], bool]] = [
+    ("Size & captions", ["width", "height", "existing_caption", "keep_original_size", "alpha",
+                         "max_pixels"], True),
+    ("Flip / split", ["flip", "flip_swap_left_right", "split", "split_threshold",
+                      "overlap_ratio"], True),
+    ("Focal point crop", ["focal_crop", "face_detector", "focal_face_weight",
+                          "focal_entropy_weight", "focal_edges_weight", "focal_debug"], False),
+    ("Auto-sized crop", ["multicrop", "multicrop_objective", "multicrop_min_dim",
+                         "multicrop_max_dim", "multicrop_min_area", "multicrop_max_area",
+                         "multicrop_threshold"], False),
+]
+CAPTIONER_FIELDS = {
+    "blip": ["blip_model", "blip_num_beams", "blip_min_length", "blip_max_length"],
+    "deepbooru": ["deepbooru_model", "deepbooru_threshold", "deepbooru_filter_tags",
+                  "deepbooru_sort_alpha", "deepbooru_use_spaces", "deepbooru_escape"],
+    "wd14": ["wd14_model", "wd14_general_threshold", "wd14_character_threshold",
+             "wd14_undesired_tags", "wd14_sort_alpha", "wd14_use_spaces", "wd14_escape",
+             "wd14_rating"],
+}
+
+
+# --- thumbnails: the only image files the page ever shows ---------------------------------------
+
+def thumbnail_root(paths: Paths) -> Path:
+    return paths.outputs / "preprocess" / "thumbnails"
+
+
+def _thumb_folder(root: Path, folder: Path) -> Path:
+    return root / hashlib.sha1(str(folder.resolve()).encode("utf-8")).hexdigest()[:16]
+
+
+def _thumb_name(image: Path) -> str:
+    name = f"{image.name}.jpg"
+    if len(name.encode("utf-8")) > 200 or name.startswith("."):
+        name = hashlib.sha1(image.name.encode("utf-8")).hexdigest()[:20] + ".jpg"
+    return name
+
+
+def _placeholder(root: Path) -> Path:
+    path = root / "unreadable.png"
+    if not path.exists():
+        from PIL import Image, ImageDraw
+        root.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGB", (96, 96), (200, 200, 200))
+        ImageDraw.Draw(image).text((44, 40), "?", fill=(90, 90, 90))
+        _save_atomic(image, path, "PNG")
+    return path
+
+
+def _save_atomic(image, path: Path, fmt: str, mtime_ns: int | None = None) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        image.save(temp, format=fmt, quality=88)
+        if mtime_ns is not None:
+            os.utime(temp, ns=(mtime_ns, mtime_ns))
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def thumbnail(image: str | Path, root: Path) -> Path:
+    """A JPEG copy (at most THUMB_SIZE px) of `image` under `root`, remade when the image's
+    modification time changes; a placeholder for files that cannot be read."""
+    from PIL import Image, ImageOps
+    image = Path(image)
+    try:
+        stat = image.stat()
+    except OSError:
+        return _placeholder(root)
+    thumb = _thumb_folder(root, image.parent) / _thumb_name(image)
+    try:
+        if thumb.stat().st_mtime_ns == stat.st_mtime_ns:
+            return thumb
+    except OSError:
+        pass
+    try:
+        with Image.open(image) as opened:
+            if opened.width * opened.height > PIL_MAX_PIXELS:
+                return _placeholder(root)
+            opened.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
+            picture = ImageOps.exif_transpose(opened)
+            picture.thumbnail((THUMB_SIZE, THUMB_SIZE))
+            if picture.mode in ("RGBA", "LA", "P", "PA"):
+                rgba = picture.convert("RGBA")
+                picture = Image.new("RGB", rgba.size, (255, 255, 255))
+                picture.paste(rgba, mask=rgba.getchannel("A"))
+            picture = picture.convert("RGB")
+    except Exception:  # any unreadable or odd file: show a placeholder, never fail the page
+        return _placeholder(root)
+    thumb.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(picture, thumb, "JPEG", stat.st_mtime_ns)
+    return thumb
+
+
+def prune_thumbnails(root: Path, folder: Path, images: list[Path]) -> None:
+    """Remove thumbnails of images no longer in the folder."""
+    thumbs = _thumb_folder(root, folder)
+    if not thumbs.is_dir():
+        return
+    keep = {_thumb_name(p) for p in images}
+    for old in thumbs.iterdir():
+        if old.is_file() and old.name not in keep and not old.name.startswith("tmp-"):
+            old.unlink(missing_ok=True)
+
+
+# --- the live view of a preprocess job ----------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
+
+
+def status_text(snap: dict | None, now: float | None = None) -> str:
+    if snap is None:
+        return "No preprocess job has run yet."
+    lines = [f"**{snap['name']}** — {snap['state']}"]
+    progress: ev.Progress | None = snap["progress"]
+    written = len(snap["previews"])
+    if progress is not None and progress.total:
+        end = snap["ended"] or now or time.time()
+        elapsed = end - snap["started"] if snap["started"] else 0.0
+        rate = progress.step / elapsed if elapsed > 0 else 0.0
+        left = (progress.total - progress.step) / rate if rate > 0 else 0.0
+        eta = _duration(left) if snap["state"] == "running" and rate > 0 else "—"
+        lines.append(f"images {progress.step}/{progress.total} "
+                     f"({100 * progress.step // progress.total}%) · {written} files written · "
+                     f"{rate:.2f} images/s · elapsed {_duration(elapsed)} · ETA {eta}")
+    result = snap["result"]
+    if isinstance(result, ev.Failed):
+        lines.append(f"**Failed:** {result.message}")
+    elif isinstance(result, ev.Finished):
+        lines.append(result.message.splitlines()[0] if result.message else "finished")
+    elif snap["log"]:
+        lines.append(snap["log"][-1])
+    return "\n\n".join(lines)
+
+
+def result_items(previews: list[ev.Preview], root: Path,
+                 limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
+    """The newest written images, newest first, as thumbnails with their captions."""
+    return [(str(thumbnail(p.path, root)), p.caption) for p in previews[-limit:]][::-1]
+
+
+# --- dataset editor -----------------------------------------------------------------------------
+
+def frequency_frame(folder: Path | None) -> pd.DataFrame:
+    rows = ce.tag_frequency(folder) if folder is not None else []
+    return pd.DataFrame(rows, columns=["tag", "images"]).astype({"tag": "object",
+                                                                 "images": "int64"})
+
+
+def editor_view(folder: Path, root: Path) -> tuple[list[tuple[str, str]], list[str], str]:
+    captions = ce.read_captions(folder)
+    images = list(captions)
+    prune_thumbnails(root, folder, images)
+    shown = images[:EDITOR_LIMIT]
+    items = [(str(thumbnail(p, root)), captions[p] or f"(no caption) {p.name}") for p in shown]
+    with_caption = sum(1 for text in captions.values() if text)
+    note = f"{len(images)} images, {with_caption} with a caption, in `{folder}`."
+    if len(images) > len(shown):
+        note += f" Showing the first {len(shown)}; batch edits apply to all."
+    return items, [str(p) for p in shown], note
+
+
+def _check_tags(action: str, tags: str) -> str | None:
+    if action != "dedupe" and not ce.split_tags(tags or ""):
+        return "tags: give at least one tag (comma-separated)"
+    return None
+
+
+# --- the tab ------------------------------------------------------------------------------------
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(CFG)]
+
+
+def form_layout() -> list[str]:
+    """Every PreprocessConfig field in the order the form shows them."""
+    names = TOP + [n for _, group, _ in GROUPS for n in group]
+    names += ["captioners", "device"] + [n for group in CAPTIONER_FIELDS.values() for n in group]
+    return names
+
+
+def build(paths: Paths, runner: JobRunner) -> dict:
+    missing = set(_field_names()) - set(form_layout())
+    assert not missing, f"PreprocessConfig fields without a control: {sorted(missing)}"
+    root = thumbnail_root(paths)
+    controls: dict[str, gr.components.Component] = {}
+    captioner_groups = {}
+
+    with gr.Tab("Preprocess images", id="preprocess"):
+        gr.Markdown("Resize, crop, flip and caption a folder of images into a training dataset, "
+                    "then fix its captions in the dataset editor. The source folder is only "
+                    "read. Relative paths are inside the data folder.")
+        with gr.Tabs() as inner:
+            with gr.Tab("Process a folder", id="preprocess-run"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        with gr.Row():
+                            for name in TOP:
+                                controls[name] = control(CFG, name)
+                        for title, names, is_open in GROUPS:
+                            with gr.Accordion(title, open=is_open):
+                                for start in range(0, len(names), 2):
+                                    with gr.Row():
+                                        for name in names[start:start + 2]:
+                                            controls[name] = control(CFG, name)
+                        with gr.Accordion("Captioners", open=False):
+                            controls["captioners"] = gr.CheckboxGroup(
+                                [(CAPTIONER_LABELS.get(n, n), n) for n in CAPTIONER_FIELDS],
+                                value=[], label=label_of(CFG, "captioners"),
+                                info=help_of(CFG, "captioners"), elem_id=f"{CFG.__name__}-captioners")
+                            controls["device"] = control(CFG, "device")
+                            for key, names in CAPTIONER_FIELDS.items():
+                                with gr.Group(visible=False) as group:
+                                    gr.Markdown(f"**{CAPTIONER_LABELS[key]}**")
+                                    for start in range(0, len(names), 2):
+                                        with gr.Row():
+                                            for name in names[start:start + 2]:
+                                                controls[name] = control(CFG, name)
+                                captioner_groups[key] = group
+                    with gr.Column(scale=1):
+                        with gr.Row():
+                            start_button = gr.Button("Preprocess", variant="primary",
+                                                     elem_id="preprocess-start")
+                            interrupt = gr.Button("Interrupt", variant="stop",
+                                                  elem_id="preprocess-interrupt")
+                            to_editor = gr.Button("Edit captions of the destination",
+                                                  elem_id="preprocess-edit-destination")
+                        message = gr.Markdown(elem_id="preprocess-message")
+                        status = gr.Markdown(status_text(_snap(runner)), elem_id="preprocess-status")
+                        gallery = gr.Gallery(label="Written images (newest first)", columns=4,
+                                             height=360, elem_id="preprocess-gallery")
+                        summary = gr.Textbox(label="Summary", lines=6, max_lines=30,
+                                             interactive=False, visible=False,
+                                             elem_id="preprocess-summary")
+            with gr.Tab("Dataset editor", id="preprocess-editor"):
+                with gr.Row():
+                    folder = gr.Textbox(label="Dataset folder", scale=4,
+                                        info="Images with <name>.txt captions beside them.",
+                                        elem_id="preprocess-edit-folder")
+                    load = gr.Button("Load", scale=0, min_width=90, elem_id="preprocess-edit-load")
+                edit_message = gr.Markdown(elem_id="preprocess-edit-message")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        browser = gr.Gallery(label="Images (select one to edit its caption)",
+                                             columns=5, height=480, allow_preview=False,
+                                             elem_id="preprocess-edit-gallery")
+                        with gr.Row():
+                            selected_name = gr.Markdown("No image selected.",
+                                                        elem_id="preprocess-edit-selected")
+                        caption = gr.Textbox(label="Caption", lines=3, interactive=True,
+                                             elem_id="preprocess-edit-caption")
+                        save = gr.Button("Save caption", elem_id="preprocess-edit-save")
+                    with gr.Column(scale=2):
+                        gr.Markdown("**Batch edit every caption of the folder** (tags are "
+                                    "comma-separated; case and `_`/space do not matter).")
+                        action = gr.Dropdown(EDIT_ACTIONS, value="remove", label="Operation",
+                                             elem_id="preprocess-edit-action")
+                        tags = gr.Textbox(label="Tags", placeholder="e.g. red hair, 1girl",
+                                          elem_id="preprocess-edit-tags")
+                        replacement = gr.Textbox(label="Replace with (empty removes)",
+                                                 visible=False,
+                                                 elem_id="preprocess-edit-replacement")
+                        apply = gr.Button("Apply to all captions", variant="primary",
+                                          elem_id="preprocess-edit-apply")
+                        table = gr.Dataframe(frequency_frame(None), headers=["tag", "images"],
+                                             label="Tag frequency (click a tag to add it to "
+                                             "Tags)", interactive=False, max_height=420,
+                                             elem_id="preprocess-edit-tag-table")
+        seen = gr.State((None, -1, -1, None, False))
+        loaded = gr.State(None)       # the resolved folder being edited (str)
+        images = gr.State([])         # its image paths, in gallery order
+        chosen = gr.State(None)       # index of the selected image
+        timer = gr.Timer(1.0)
+
+    names = list(controls)
+    inputs = [controls[n] for n in names]
+
+    # -- preprocess --
+    def config_of(values) -> PreprocessConfig:
+        cfg = from_dict(CFG, dict(zip(names, values)))
+        cfg.validate(paths)
+        return cfg
+
+    def start(*values):
+        from preprocess.pipeline import run
+        try:
+            cfg = config_of(values)
+            job = runner.submit(f"preprocess: {cfg.source} -> {cfg.destination}", KIND,
+                                lambda ctx: run(cfg, ctx), config=cfg)
+        except (ConfigError, Busy) as error:
+            return error_text(error)
+        return f"Started job {job.id}: {job.name}."
+
+    def stop():
+        job = runner.current()
+        if job is not None and job.kind == KIND and runner.stop(job.id):
+            return "Interrupting: the job stops after the current image."
+        return "No preprocess job is running."
+
+    def poll(state):
+        job = runner.latest(KIND)
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), state
+        snap = job.snapshot()
+        step = snap["progress"].step if snap["progress"] else -1
+        key = (job.id, step, len(snap["previews"]), snap["state"], snap["result"] is not None)
+        state = tuple(state)
+        if key == state and snap["state"] != "running":
+            return gr.skip(), gr.skip(), gr.skip(), state
+        status_update = status_text(snap)  # running: refresh elapsed time and ETA
+        if key == state:
+            return status_update, gr.skip(), gr.skip(), state
+        new_gallery = (key[0], key[2]) != (state[0], state[2])
+        result = snap["result"]
+        if result is None:
+            summary_update = gr.update(value="", visible=False)
+        else:
+            summary_update = gr.update(value=result.message, visible=True)
+        if key[0] == state[0] and key[4] == state[4]:
+            summary_update = gr.skip()
+        return (status_update,
+                result_items(snap["previews"], root) if new_gallery else gr.skip(),
+                summary_update, key)
+
+    def restore_form():
+        """A fresh page shows the settings of the running (or last) preprocess job."""
+        cfg = getattr(runner.latest(KIND), "config", None)
+        if not isinstance(cfg, CFG):
+            return [gr.skip()] * (len(inputs) + len(captioner_groups))
+        return ([gr.update(value=getattr(cfg, n)) for n in names]
+                + show_captioner_options(cfg.captioners))
+
+    def show_captioner_options(chosen_names):
+        return [gr.update(visible=key in (chosen_names or [])) for key in captioner_groups]
+
+    # -- dataset editor --
+    def resolve_folder(typed: str) -> Path:
+        path = paths.resolve(typed, "folder")
+        if not path.is_dir():
+            raise PathError(f"folder: {typed.strip()!r} "
+                            f"{'is not a folder' if path.exists() else 'does not exist'}")
+        return path
+
+    def refreshed(folder_path: Path, index):
+        items, listed, note = editor_view(folder_path, root)
+        text = ""
+        if index is not None and 0 <= index < len(listed):
+            text = ce.read_caption(Path(listed[index]))
+        else:
+            index = None
+        return items, listed, note, frequency_frame(folder_path), index, text
+
+    def open_folder(typed):
+        try:
+            folder_path = resolve_folder(typed or "")
+        except PathError as error:
+            return (f"**Error:** {error}", gr.skip(), None, [], None, "No image selected.", "",
+                    gr.skip())
+        items, listed, note, frame, _, _ = refreshed(folder_path, None)
+        return note, items, str(folder_path), listed, None, "No image selected.", "", frame
+
+    def open_destination(typed):
+        return (gr.update(value=typed), gr.Tabs(selected="preprocess-editor"),
+                *open_folder(typed))
+
+    def select(listed, evt: gr.SelectData):
+        index = evt.index if isinstance(evt.index, int) else None
+        if index is None or not 0 <= index < len(listed):
+            return None, "No image selected.", ""
+        image = Path(listed[index])
+        return index, f"**{image.name}** — `{ce.caption_path(image).name}`", ce.read_caption(image)
+
+    def save_caption(folder_text, listed, index, text):
+        if folder_text is None or index is None or not 0 <= index < len(listed):
+            return "**Error:** select an image first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        image = Path(listed[index])
+        try:
+            ce.write_caption(image, (text or "").strip())
+            items, listed, note, frame, index, text = refreshed(Path(folder_text), index)
+        except OSError as error:
+            return f"**Error:** {error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return f"Saved the caption of {image.name}.", items, listed, frame, text
+
+    def batch(folder_text, listed, index, action_name, tag_text, new_text):
+        if folder_text is None:
+            return ("**Error:** load a dataset folder first.", gr.skip(), gr.skip(), gr.skip(),
+                    gr.skip())
+        problem = _check_tags(action_name, tag_text)
+        if problem:
+            return f"**Please fix:**\n- {problem}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            report = ce.apply_edit(folder_text, action_name, tag_text or "", new_text or "")
+            items, listed, note, frame, index, text = refreshed(Path(folder_text), index)
+        except (OSError, ValueError) as error:
+            return f"**Error:** {error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        label = dict((v, k) for k, v in EDIT_ACTIONS)[action_name]
+        total = len(report.changed) + report.unchanged
+        return (f"{label}: changed {len(report.changed)} of {total} captions. {note}",
+                items, listed, frame, text)
+
+    def pick_tag(current, evt: gr.SelectData):
+        row = evt.row_value if isinstance(evt.row_value, (list, tuple)) and evt.row_value else None
+        tag = str(row[0]) if row else str(evt.value)
+        present = ce.split_tags(current or "")
+        if ce.tag_key(tag) in {ce.tag_key(t) for t in present}:
+            return gr.skip()
+        return ce.join_tags(present + [tag])
+
+    start_button.click(start, inputs, message)
+    interrupt.click(stop, None, message)
+    timer.tick(poll, seen, [status, gallery, summary, seen], show_progress="hidden")
+    controls["captioners"].change(show_captioner_options, controls["captioners"],
+                                  list(captioner_groups.values()))
+    gr.on(None, restore_form, None, inputs + list(captioner_groups.values()))
+
+    editor_outputs = [edit_message, browser, loaded, images, chosen, selected_name, caption, table]
+    load.click(open_folder, folder, editor_outputs)
+    folder.submit(open_folder, folder, editor_outputs)
+    to_editor.click(open_destination, controls["destination"], [folder, inner] + editor_outputs)
+    browser.select(select, images, [chosen, selected_name, caption])
+    save.click(save_caption, [loaded, images, chosen, caption],
+               [edit_message, browser, images, table, caption])
+    apply.click(batch, [loaded, images, chosen, action, tags, replacement],
+                [edit_message, browser, images, table, caption])
+    action.change(lambda a: gr.update(visible=a == "replace"), action, replacement)
+    table.select(pick_tag, tags, tags)
+    return {"controls": controls, "restore": (restore_form, inputs + list(captioner_groups.values())),
+            "gallery": gallery, "editor": browser}
+
+
+def _snap(runner: JobRunner):
+    job = runner.latest(KIND)
+    return job.snapshot() if job else None
