@@ -250,13 +250,13 @@ class KohyaTrainingConfig:
     caption_extension: str = option(".txt", "Caption files beside the images.",
                                     label="Caption extension")
     resolution: int = option(512, "Training resolution (the bucket area budget).",
-                             label="Resolution", min=64, max=4096, multiple_of=8)
+                             label="Resolution", min=8, max=4096, multiple_of=8)
     enable_bucket: bool = option(True, "Aspect-ratio buckets, so non-square images are not "
                                  "cropped.", label="Enable buckets")
     min_bucket_reso: int = option(256, "Smallest bucket side.", label="Min bucket resolution",
-                                  min=64, max=4096)
+                                  min=8, max=4096)
     max_bucket_reso: int = option(1024, "Largest bucket side.", label="Max bucket resolution",
-                                  min=64, max=8192)
+                                  min=8, max=8192)
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.",
                                     label="Bucket resolution steps", min=8, max=256,
                                     multiple_of=8)
@@ -297,10 +297,9 @@ class KohyaTrainingConfig:
                                           label="Gradient checkpointing")
     attention: str = option("sdpa", "Attention kernel; xformers needs a CUDA GPU and the "
                             "package.", label="Attention", choices=["sdpa", "xformers"])
-    cache_latents: bool = option(True, "Encode each image once instead of every step.",
-                                 label="Cache latents")
-    cache_latents_to_disk: bool = option(False, "Keep cached latents as .npz beside the images "
-                                         "for later runs.", label="Cache latents to disk")
+    cache_latents_to_disk: bool = option(False, "Latents are always encoded once; this also "
+                                         "keeps them as .npz beside the images for later runs.",
+                                         label="Cache latents to disk")
     cache_text_encoder_outputs: bool = option(False, "Encode each caption once (only when the "
                                               "text encoder is frozen and captions fixed).",
                                               label="Cache text encoder outputs")

@@ -253,6 +253,7 @@ def _validate_dataset(d: DatasetConfig, where: str, problems: list[str]) -> None
         return
     if d.enable_bucket and not d.bucket_no_upscale:
         step = d.bucket_reso_steps
+        asked_min = d.min_bucket_reso
         # kohya rounds min down and max up to the step, with a warning
         if d.min_bucket_reso % step:
             rounded = d.min_bucket_reso - d.min_bucket_reso % step
@@ -263,8 +264,8 @@ def _validate_dataset(d: DatasetConfig, where: str, problems: list[str]) -> None
             d.notes.append(f"max_bucket_reso {d.max_bucket_reso} rounded up to {rounded}")
             d.max_bucket_reso = rounded
         if d.min_bucket_reso <= 0:
-            problems.append(f"{where}: 'min_bucket_reso' must be at least one step "
-                            f"({step}), got {d.min_bucket_reso}")
+            problems.append(f"{where}: 'min_bucket_reso' must be at least one bucket step "
+                            f"(bucket_reso_steps = {step}), got {asked_min}")
         if min(w, h) < d.min_bucket_reso:
             problems.append(f"{where}: 'min_bucket_reso' ({d.min_bucket_reso}) must not be "
                             f"larger than the resolution's shorter side ({min(w, h)})")

@@ -7,6 +7,7 @@ sidecar repeats the same steps exactly."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class LoopOptions:
     noise_offset: float = 0.0
     autocast: torch.dtype | None = None  # bf16 on CPU, fp16/bf16 on CUDA
     optimizer_name: str = "AdamW"
+    preview_at_start: bool = False  # a step-0 baseline before training (kohya's sample_at_first)
+    keep_last: int = 0  # keep only the newest N periodic copies; 0 keeps all
     settings: dict = field(default_factory=dict)  # written to settings-<step>.json
 
 
@@ -75,8 +78,21 @@ class TrainingPlan:
     start_step: int = 0
     unet: object = None  # the U-Net to train through (a method may wrap it)
     unet_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    preview_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     on_preview: Callable[[object, int, RunFolder], None] | None = None
     trainable: Callable[[], list[torch.nn.Parameter]] | None = None
+    sidecar_extra: Callable[[], dict] | None = None  # more to keep in .optim (e.g. fp32 weights)
+    resume_optimizer: bool = True  # False when the user starts over on an existing file
+
+
+def _check_state_shapes(optimizer) -> None:
+    """torch loads optimizer state of the wrong shapes silently; refuse it here instead."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                    raise ValueError(f"state of shape {list(value.shape)} for a parameter of "
+                                     f"shape {list(param.shape)}")
 
 
 def _clip(parameters, mode: str, value: float) -> None:
@@ -92,14 +108,63 @@ def _parameters(plan: TrainingPlan) -> list[torch.nn.Parameter]:
     return [p for group in plan.optimizer.param_groups for p in group["params"]]
 
 
+OUT_OF_MEMORY_ADVICE = ("To fit in memory: lower the batch size (raise gradient accumulation to "
+                        "keep the effective batch), turn on gradient checkpointing, lower the "
+                        "resolution, use an 8-bit optimizer (AdamW8bit), use mixed precision "
+                        "(bf16 or fp16), or close other programs that use the GPU.")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and not isinstance(error, TrainingError) and any(
+        words in text for words in ("out of memory", "can't allocate memory",
+                                    "cannot allocate memory"))
+
+
+def _release_memory(model, plan: TrainingPlan) -> None:
+    """After running out of memory: drop every gradient (the base model is cached and the next
+    job uses it) and give the freed blocks back to the device."""
+    plan.optimizer.zero_grad(set_to_none=True)
+    modules = [plan.unet] + [getattr(model, name, None)
+                             for name in ("unet", "text_encoder", "text_encoder_2", "vae")]
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            for parameter in module.parameters():
+                parameter.grad = None
+    for parameter in _parameters(plan):
+        parameter.grad = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) -> Path:
+    """Run the loop; running out of memory ends the run with advice and saves nothing new."""
+    try:
+        return _train(model, data, plan, opts, ctx)
+    except Exception as error:
+        if not _is_out_of_memory(error):
+            raise
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    # outside the except block, so the failed step's tensors (held by the traceback) are gone
+    _release_memory(model, plan)
+    raise TrainingError(f"Out of memory ({detail}). Nothing new was saved: "
+                        f"{plan.final_path.name} keeps its last saved state, and training can "
+                        f"continue from it. {OUT_OF_MEMORY_ADVICE}")
+
+
+def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) -> Path:
     unet = plan.unet or model.unet
     noise_scheduler = model.noise_scheduler()
     start = plan.start_step
-    state, reason = load_optim(plan.final_path, plan.checksum())
+    state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
+                     else (None, "starting over"))
     if state is not None:
         try:
             plan.optimizer.load_state_dict(state["optimizer_state_dict"])
+            _check_state_shapes(plan.optimizer)
         except (ValueError, KeyError, RuntimeError) as error:
             raise TrainingError(f"resume: the saved optimizer state in {plan.final_path.name}.optim "
                                 f"does not fit this network ({error}); delete the .optim file "
@@ -125,14 +190,19 @@ def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) 
 
     def save(kind: str) -> Path:
         plan.save(plan.final_path, step)
+        extra = {"seed": opts.seed, "step": step}
+        if plan.sidecar_extra is not None:
+            extra.update(plan.sidecar_extra())
         save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,
-                   plan.optimizer.state_dict(), extra={"seed": opts.seed, "step": step})
+                   plan.optimizer.state_dict(), extra=extra)
         run.flush()
         ctx.emit(ev.Saved(step=step, path=str(plan.final_path), kind=kind))
         return plan.final_path
 
     unet.train()
     with plan.unet_context():
+        if opts.preview_at_start and opts.preview_every and step == 0:
+            preview(model, plan, unet, run, 0, [], ctx)
         while step < opts.steps:
             if ctx.should_stop():
                 ctx.emit(ev.Status(f"Interrupted at step {step}"))
@@ -178,6 +248,8 @@ def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) 
                 plan.save(copy, step)
                 save("checkpoint")
                 ctx.emit(ev.Saved(step=step, path=str(copy), kind="copy"))
+                if opts.keep_last:
+                    _prune(run.sub(plan.copies_folder), plan, opts.keep_last)
             if opts.preview_every and step % opts.preview_every == 0:
                 preview(model, plan, unet, run, step, last_texts, ctx)
     path = save("final")
@@ -187,9 +259,21 @@ def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) 
     return path
 
 
+def _prune(folder: Path, plan: TrainingPlan, keep: int) -> None:
+    """Delete all but the newest `keep` periodic copies of this run."""
+    def step_of(path: Path) -> int:
+        tail = path.stem.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+    copies = sorted((p for p in folder.glob(f"{plan.name}-*{plan.final_path.suffix}") if step_of(p) >= 0),
+                    key=step_of)
+    for old in copies[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: list[str], ctx):
     for index, settings in enumerate(plan.previews(step, texts)):
-        image, seed = render(model, plan.prompt_encoder, settings, unet=unet)
+        with plan.preview_context():
+            image, seed = render(model, plan.prompt_encoder, settings, unet=unet)
         suffix = f"-{index}" if index else ""
         path = run.sub("images") / f"{plan.name}-{step}{suffix}.png"
         image.save(path)

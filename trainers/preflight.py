@@ -27,7 +27,7 @@ def check_dataset(paths: Paths, typed: str, field: str = "data_root") -> list[st
 def check_before_queueing(cfg, paths: Paths) -> None:
     """Problems a config's named files and folders have, raised as one ConfigError."""
     problems = []
-    if hasattr(cfg, "data_root"):
+    if hasattr(cfg, "data_root"):  # A1111-style methods
         problems += check_dataset(paths, cfg.data_root)
     if hasattr(cfg, "template") and cfg.template not in list_templates(paths.templates):
         problems.append(f"template: {cfg.template!r} is not in {paths.templates}")
@@ -44,6 +44,10 @@ def check_before_queueing(cfg, paths: Paths) -> None:
         problems.append(f"hypernetwork: no hypernetwork named {hypernetwork!r} in {paths.hypernetworks}")
     if problems:
         raise ConfigError(problems)
+    if hasattr(cfg, "train_data_dir"):
+        from trainers.kohya_training import check_paths, dataset_configs
+        check_paths(cfg, paths)
+        dataset_configs(cfg, paths)  # folder names, TOML keys and bucket settings
 
 
 check_template_training = check_before_queueing

@@ -6,7 +6,8 @@ import importlib
 from trainers.configs import METHOD_CONFIGS
 
 RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
-           "hypernetwork": "trainers.methods.hypernetwork"}
+           "hypernetwork": "trainers.methods.hypernetwork",
+           "lora": "trainers.methods.lora"}
 
 
 def config_class(method: str):

@@ -19,16 +19,21 @@ def control(cls, name: str, **overrides):
                   elem_id=f"{cls.__name__}-{name}")
     default = overrides.pop("value", default)
     choices = overrides.pop("choices", meta.get("choices"))
+    widget = overrides.pop("widget", None)
     common.update(overrides)
+    if widget == "slider":
+        return gr.Slider(minimum=meta.get("min") or 0, maximum=meta.get("max") or 1, step=0.05,
+                         value=default, **common)
     if kind is bool:
         return gr.Checkbox(value=default, **common)
     if choices is not None:
         return gr.Dropdown(choices=choices, value=default, **common)
+    # no minimum/maximum on Number: Gradio would reject out-of-range input with a bare "Error"
+    # before our validation can name the field and the limit
     if kind is int:
-        return gr.Number(value=default, precision=0, minimum=meta.get("min"),
-                         maximum=meta.get("max"), **common)
+        return gr.Number(value=default, precision=0, **common)
     if kind is float:
-        return gr.Number(value=default, minimum=meta.get("min"), maximum=meta.get("max"), **common)
+        return gr.Number(value=default, **common)
     return gr.Textbox(value=default, **common)
 
 

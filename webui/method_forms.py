@@ -9,7 +9,7 @@ import gradio as gr
 
 from core.paths import Paths
 from trainers.captions import list_templates
-from trainers.configs import TextualInversionConfig
+from trainers.configs import HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig
 from trainers.embeddings import list_embeddings
 from trainers.models import list_models
 from webui.forms import control
@@ -23,6 +23,7 @@ class MethodForm:
     target_field: str  # the field naming what is trained (shown in the job name)
     groups: list[tuple[str, list[str], bool]]  # (accordion title, fields, open)
     top: list[str] = field(default_factory=list)  # fields above the accordions
+    overrides: dict = field(default_factory=dict)  # field -> extra control arguments
     controls: dict = field(default_factory=dict)
 
     @property
@@ -51,6 +52,29 @@ TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prom
                    "preview_sampler"]
 
 
+SLIDER = {"widget": "slider"}
+KOHYA_DATA = ["train_data_dir", "reg_data_dir", "dataset_config", "caption_extension",
+              "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+              "bucket_reso_steps", "bucket_no_upscale", "shuffle_caption", "keep_tokens",
+              "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug"]
+KOHYA_OPTIM = ["learning_rate", "optimizer_type", "lr_scheduler", "lr_warmup_steps",
+               "lr_scheduler_num_cycles", "lr_scheduler_power", "train_batch_size",
+               "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed"]
+KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip"]
+KOHYA_MEMORY = ["mixed_precision", "gradient_checkpointing", "attention", "cache_latents_to_disk",
+                "cache_text_encoder_outputs"]
+KOHYA_OUTPUT = ["sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
+                "sample_sampler", "sample_at_first", "save_every_n_steps", "save_every_n_epochs",
+                "save_last_n", "save_precision", "log_directory", "overwrite"]
+LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
+               ("Network", ["network_dim", "network_alpha", "conv_dim", "conv_alpha",
+                            "network_train_unet_only", "unet_lr", "text_encoder_lr"], True),
+               ("Optimization", KOHYA_OPTIM, False),
+               ("Loss", KOHYA_LOSS, False),
+               ("Speed and memory", KOHYA_MEMORY, False),
+               ("Samples and saving", KOHYA_OUTPUT + ["preview_strength"], False)]
+
+
 def method_forms() -> list[MethodForm]:
     forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
                         "embedding",
@@ -58,16 +82,17 @@ def method_forms() -> list[MethodForm]:
                          ("Optimization", TEMPLATE_OPTIM, True),
                          ("Saving and previews", TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
                         top=["embedding", "model"])]
-    try:
-        from trainers.configs import HypernetworkTrainingConfig
-    except ImportError:
-        return forms
     forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
                             "hypernetwork",
                             [("Dataset and prompts", TEMPLATE_DATA, True),
                              ("Optimization", TEMPLATE_OPTIM, True),
                              ("Saving and previews", TEMPLATE_OUTPUT + ["preview_strength"], False)],
-                            top=["hypernetwork", "model"]))
+                            top=["hypernetwork", "model"],
+                            overrides={"preview_strength": SLIDER}))
+    forms.append(MethodForm("lora", "LoRA", LoraConfig, "output_name", LORA_GROUPS,
+                            top=["output_name", "model"],
+                            overrides={"sample_prompts": {"lines": 3},
+                                       "preview_strength": SLIDER}))
     return forms
 
 
@@ -81,7 +106,7 @@ def build_section(form: MethodForm, sources: dict, per_row: int = 2) -> None:
             default = getattr(form.config(), name)
             value = default if default in options else (options[0] if options and name != form.target_field else None)
             return control(form.config, name, choices=options, value=value)
-        return control(form.config, name)
+        return control(form.config, name, **form.overrides.get(name, {}))
 
     with gr.Row():
         for name in form.top:

@@ -2,6 +2,7 @@
 the base model stays frozen."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -46,20 +47,23 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
         encode=lambda texts: encoder.encode(texts), prompt_encoder=encoder, save=save,
         checksum=lambda: file_shorthash(path), final_path=path,  # A1111 pairs .optim by file hash
         copies_folder="hypernetworks", previews=tt.previews(cfg, name), start_step=start,
-        unet_context=lambda: applied(model.unet, net, 1.0))
-    plan.previews = _with_strength(plan.previews, net, cfg.preview_strength)
+        unet_context=lambda: applied(model.unet, net, 1.0),
+        preview_context=lambda: _evaluating(net, cfg.preview_strength))
     opts = tt.loop_options(cfg, model, "hypernetwork_loss.csv",
                            {"method": "hypernetwork", "hypernetwork": str(path),
                             "images": len(dataset.examples)})
     return train(model, tt.TemplateBatches(dataset, template_lines, name, cfg), plan, opts, ctx)
 
 
-def _with_strength(previews, net, strength: float):
-    """Previews run in eval mode, where the hypernetwork's strength applies."""
-    def settings(step, texts):
-        net.set_strength(strength)
-        return previews(step, texts)
-    return settings
+@contextlib.contextmanager
+def _evaluating(net, strength: float):
+    """Previews run the hypernetwork in eval mode (no dropout), where its strength applies."""
+    net.eval()
+    net.set_strength(strength)
+    try:
+        yield
+    finally:
+        net.train()
 
 
 def render_with(model, net, strength: float, settings):

@@ -1,0 +1,55 @@
+"""Train, interrupt and resume a LoRA in the page (headless Chromium)."""
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.conftest import photo
+from tests.test_browser_textual_inversion import fill
+
+pytestmark = pytest.mark.browser
+
+
+def test_lora_train_interrupt_resume(page: Page, app_server, tmp_path):
+    folder = tmp_path / "train" / "3_zxq cat"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        photo(i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("zxq cat, photo")
+    page.goto(app_server.url)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA", exact=True).check()
+    fill(page, "LoraConfig-output_name", "browserlora")
+    fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
+    fill(page, "LoraConfig-resolution", "64")
+    fill(page, "LoraConfig-min_bucket_reso", "32")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-message")).to_contain_text("bucket_reso_steps = 64", timeout=30_000)
+    fill(page, "LoraConfig-bucket_reso_steps", "16")
+    fill(page, "LoraConfig-network_dim", "0")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-message")).to_contain_text("network_dim", timeout=30_000)
+    fill(page, "LoraConfig-network_dim", "4")
+    fill(page, "LoraConfig-network_alpha", "2")
+    page.get_by_text("Samples and saving").filter(visible=True).first.click()
+    fill(page, "LoraConfig-sample_every_n_steps", "2")
+    fill(page, "LoraConfig-sample_prompts", "zxq cat --s 2 --w 64 --h 64")
+    fill(page, "LoraConfig-save_every_n_epochs", "0")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)
+    expect(page.locator("#train-previews img").first).to_be_visible(timeout=120_000)
+    expect(page.locator("#train-status")).to_contain_text("step", timeout=30_000)
+    page.locator("#train-interrupt").click()
+    expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=60_000)
+    lora = app_server.data_dir / "models" / "Lora" / "browserlora.safetensors"
+    from trainers.formats.lora import read_lora_metadata
+    first = int(read_lora_metadata(lora)["ss_steps"])
+    assert first >= 2
+
+    page.locator("#train-start").click()  # same settings: continues from the file
+    expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
+    expect(page.locator("#train-status")).to_contain_text(f"step {first + 2}/", timeout=120_000)
+    page.locator("#train-interrupt").click()
+    expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=60_000)
+    assert int(read_lora_metadata(lora)["ss_steps"]) > first

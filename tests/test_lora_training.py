@@ -1,0 +1,171 @@
+"""LoRA training end to end on the tiny model: kohya folders, buckets, files, resume."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import ConfigError
+from core.events import Preview
+from tests.conftest import RecordingContext, photo
+from tests.test_textual_inversion import module_digest
+from trainers.configs import LoraConfig
+from trainers.formats.lora import load_lora
+from trainers.loop import TrainingError
+from trainers.methods.lora import run
+from trainers.models import load_model
+
+
+@pytest.fixture
+def kohya_folder(tmp_path):
+    root = tmp_path / "train"
+    sub = root / "2_zxq cat"
+    sub.mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
+        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
+    return root
+
+
+def lora_config(folder, **changes):
+    base = dict(model="tiny-demo", output_name="mylora", train_data_dir=str(folder), resolution=64,
+                min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, network_dim=4,
+                network_alpha=2.0, max_train_steps=6, save_every_n_epochs=0, sample_at_first=False,
+                learning_rate=1e-3, seed=7, save_precision="fp32")
+    base.update(changes)
+    return LoraConfig(**base).validate()
+
+
+def test_lora_trains_saves_kohya_file_and_leaves_the_base_model_alone(data_paths, kohya_folder):
+    model = load_model(data_paths, "tiny-demo")
+    digests = {n: module_digest(getattr(model, n)) for n in ("unet", "text_encoder", "vae")}
+    classes = {n: type(m).__name__ for n, m in model.unet.named_modules()}
+    ctx = RecordingContext(data_paths)
+    path = run(lora_config(kohya_folder, save_every_n_steps=3, sample_every_n_steps=3,
+                           sample_prompts="zxq cat --w 64 --h 64 --s 2 --d 3"), ctx)
+    assert path == data_paths.lora / "mylora.safetensors"
+    state, meta = load_lora(path)
+    assert meta["ss_steps"] == "6" and meta["ss_network_dim"] == "4"
+    assert json.loads(meta["ss_tag_frequency"])["2_zxq cat"]["zxq cat"] == 3
+    assert json.loads(meta["ss_dataset_dirs"])["2_zxq cat"] == {"n_repeats": 2, "img_count": 3}
+    assert any(k.startswith("lora_unet_") for k in state) and any(k.startswith("lora_te_") for k in state)
+    assert {n: module_digest(getattr(model, n)) for n in digests} == digests
+    assert {n: type(m).__name__ for n, m in model.unet.named_modules()} == classes
+    previews = ctx.of(Preview)
+    assert [p.step for p in previews] == [3, 6]
+    run_dir = next((data_paths.outputs / "lora").glob("*/mylora"))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["mylora-3.safetensors"]
+    assert (run_dir / "loss.csv").read_text().count("\n") == 7
+
+
+def test_lora_file_loads_in_diffusers_and_changes_output(data_paths, kohya_folder):
+    from diffusers import StableDiffusionPipeline
+    path = run(lora_config(kohya_folder, max_train_steps=4, learning_rate=5e-3), RecordingContext(data_paths))
+    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    base = image()
+    pipe.load_lora_weights(str(path))
+    assert not np.allclose(base, image())
+
+
+def test_interrupted_then_resumed_lora_repeats_the_uninterrupted_run(data_paths, kohya_folder):
+    cfg = lora_config(kohya_folder, max_train_steps=6, lr_scheduler="cosine", lr_warmup_steps=2,
+                      flip_aug=True, shuffle_caption=True, train_batch_size=2)
+    whole = RecordingContext(data_paths)
+    path = run(cfg, whole)
+    final = load_lora(path)[0]
+    for leftover in data_paths.lora.iterdir():
+        leftover.unlink()
+    first = RecordingContext(data_paths, stop_after=2)
+    run(cfg, first)
+    assert load_lora(path)[1]["ss_steps"] == "2"
+    second = RecordingContext(data_paths)
+    run(cfg, second)
+    assert first.losses + second.losses == whole.losses
+    resumed = load_lora(path)[0]
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_training_lowers_the_loss(data_paths, kohya_folder):
+    from trainers.kohya_data import folder_dataset, prepare_datasets
+    from trainers.lora_network import LoraNetwork, LoraSpec
+    from trainers.prompts import PromptEncoder
+    from trainers.step import diffusion_loss
+    model = load_model(data_paths, "tiny-demo")
+    batches = prepare_datasets(folder_dataset(kohya_folder, resolution=64, min_bucket_reso=32,
+                                              max_bucket_reso=128, bucket_reso_steps=16), model.vae)
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+
+    def loss():
+        total = 0.0
+        with torch.no_grad():
+            for m in range(batches.batches_per_epoch):
+                batch = batches.batch(m)
+                total += diffusion_loss(model.unet, model.noise_scheduler(), batch.latents,
+                                        encoder.encode(batch.texts), torch.Generator().manual_seed(m)).item()
+        return total
+    before = loss()
+    path = run(lora_config(kohya_folder, max_train_steps=40, learning_rate=3e-3,
+                           network_train_unet_only=True), RecordingContext(data_paths))
+    with LoraNetwork(model.unet, None, LoraSpec(rank=4, alpha=2.0, train_text_encoder=False)) as net:
+        net.load_kohya_state_dict(load_lora(path)[0])
+        after = loss()
+    assert after < before
+
+
+def test_sample_at_first_and_keep_last_n(data_paths, kohya_folder):
+    ctx = RecordingContext(data_paths)
+    run(lora_config(kohya_folder, max_train_steps=6, save_every_n_steps=1, save_last_n=2,
+                    sample_every_n_steps=6, sample_at_first=True,
+                    sample_prompts="a --s 2\nb --s 2 --w 32 --h 32"), ctx)
+    assert [p.step for p in ctx.of(Preview)] == [0, 0, 6, 6]
+    run_dir = next((data_paths.outputs / "lora").glob("*/mylora"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["mylora-4.safetensors", "mylora-5.safetensors"]
+
+
+def test_resume_with_another_network_config_is_refused(data_paths, kohya_folder):
+    run(lora_config(kohya_folder, max_train_steps=2), RecordingContext(data_paths))
+    original = (data_paths.lora / "mylora.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="cannot be continued"):
+        run(lora_config(kohya_folder, max_train_steps=4, network_dim=8), RecordingContext(data_paths))
+    assert (data_paths.lora / "mylora.safetensors").read_bytes() == original
+    run(lora_config(kohya_folder, max_train_steps=2, network_dim=8, overwrite=True), RecordingContext(data_paths))
+    assert load_lora(data_paths.lora / "mylora.safetensors")[1]["ss_network_dim"] == "8"
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"network_dim": 0}, "network_dim"),
+    ({"network_alpha": -1.0}, "network_alpha"),
+    ({"output_name": "../x"}, "output_name"),
+    ({"resolution": 100}, "resolution"),
+])
+def test_bad_settings_are_named(kohya_folder, changes, words):
+    with pytest.raises(ConfigError, match=words):
+        lora_config(kohya_folder, **changes)
+
+
+def test_missing_optimizer_and_empty_repeats_folder(data_paths, kohya_folder, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="bitsandbytes"):
+            run(lora_config(kohya_folder, optimizer_type="AdamW8bit"), RecordingContext(data_paths))
+    empty = tmp_path / "empty"
+    (empty / "5_nothing here").mkdir(parents=True)
+    with pytest.raises(Exception, match="5_nothing here"):
+        run(lora_config(empty), RecordingContext(data_paths))
+
+
+def test_toml_dataset_config_with_unknown_key_names_it(data_paths, kohya_folder, tmp_path):
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{kohya_folder / "2_zxq cat"}"\n'
+                    'num_repeat = 3\n')
+    with pytest.raises(ConfigError, match="num_repeat"):
+        run(lora_config(kohya_folder, dataset_config=str(toml)), RecordingContext(data_paths))

@@ -1,0 +1,194 @@
+"""What LoRA and DreamBooth share (kohya's options): datasets with repeats and buckets,
+optimizer and LR-scheduler registries, mixed precision, sample prompts, memory options."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from core import events as ev
+from core.config import ConfigError
+from core.paths import PathError
+from trainers import kohya_data
+from trainers.configs import KohyaTrainingConfig
+from trainers.loop import LoopOptions
+from trainers.lr_schedulers import schedule_rates
+from trainers.models import BaseModel, load_model
+from trainers.prompts import PromptEncoder
+from trainers.sample_prompts import parse_sample_prompts
+from trainers.sampling import PreviewSettings
+
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_paths(cfg: KohyaTrainingConfig, paths) -> None:
+    problems = []
+    if cfg.dataset_config.strip():
+        try:
+            toml = paths.resolve(cfg.dataset_config, "dataset_config")
+            if not toml.is_file():
+                problems.append(f"dataset_config: {toml} does not exist")
+        except PathError as error:
+            problems.append(str(error))
+    else:
+        try:
+            folder = paths.resolve(cfg.train_data_dir, "train_data_dir")
+            if not folder.is_dir():
+                problems.append(f"train_data_dir: {folder} is not a folder")
+        except PathError as error:
+            problems.append(str(error))
+        if cfg.reg_data_dir.strip():
+            try:
+                folder = paths.resolve(cfg.reg_data_dir, "reg_data_dir")
+                if not folder.is_dir():
+                    problems.append(f"reg_data_dir: {folder} is not a folder")
+            except PathError as error:
+                problems.append(str(error))
+    try:
+        paths.resolve(cfg.log_directory, "log_directory")
+    except PathError as error:
+        problems.append(str(error))
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("mixed_precision: fp16 needs a CUDA GPU; choose bf16 (works on CPUs) or no")
+    if cfg.attention == "xformers":
+        problems += _xformers_problems()
+    if problems:
+        raise ConfigError(problems)
+
+
+def _xformers_problems() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["attention: xformers needs a CUDA GPU; choose sdpa"]
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return ["attention: the xformers package is not installed (pip install xformers); "
+                "choose sdpa"]
+    return []
+
+
+def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
+    general = dict(resolution=cfg.resolution, batch_size=cfg.train_batch_size,
+                   enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+                   max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+                   bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
+                   keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
+                   caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
+                   caption_extension=cfg.caption_extension)
+    if cfg.dataset_config.strip():
+        return kohya_data.load_dataset_toml(paths.resolve(cfg.dataset_config, "dataset_config"),
+                                            defaults=general)
+    reg = paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None
+    return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
+                                      **general)]
+
+
+def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
+    """Validate, load the model and cache the dataset's latents: (model, batches)."""
+    cfg.validate()
+    check_paths(cfg, ctx.paths)
+    configs = dataset_configs(cfg, ctx.paths)
+    ctx.emit(ev.Status(f"Loading model {cfg.model}"))
+    model = load_model(ctx.paths, cfg.model)
+    ctx.emit(ev.Status("Caching latents"))
+    batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
+                                          cache_to_disk=cfg.cache_latents_to_disk,
+                                          prior_loss_weight=prior_loss_weight,
+                                          report=lambda text: ctx.emit(ev.Status(text)))
+    for dataset in batches.datasets:
+        for note in dataset.notes:
+            ctx.emit(ev.Status(note))
+    return model, batches
+
+
+def total_steps(cfg: KohyaTrainingConfig, batches) -> int:
+    if cfg.max_train_epochs:
+        per_epoch = math.ceil(batches.batches_per_epoch / cfg.gradient_accumulation_steps)
+        return cfg.max_train_epochs * per_epoch
+    return cfg.max_train_steps
+
+
+def steps_per_epoch(cfg: KohyaTrainingConfig, batches) -> int:
+    return max(1, math.ceil(batches.batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def rates(cfg: KohyaTrainingConfig, base_lrs: list[float], steps: int):
+    return schedule_rates(cfg.lr_scheduler, base_lrs, steps, cfg.lr_warmup_steps,
+                          cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power,
+                          reference_lr=cfg.learning_rate)
+
+
+def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
+    """captions -> context; frozen text encoders run without grad, optionally memoized."""
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=cfg.clip_skip)
+    if trains_text_encoder:
+        return encoder, encoder.encode
+    varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate
+    memo: dict[str, torch.Tensor] = {}
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            if not cfg.cache_text_encoder_outputs or varying:
+                return encoder.encode(texts)
+            missing = [t for t in dict.fromkeys(texts) if t not in memo]
+            if missing:
+                for text, row in zip(missing, encoder.encode(missing)):
+                    memo[text] = row
+            return torch.stack([memo[t] for t in texts])
+    return encoder, encode
+
+
+def previews(cfg: KohyaTrainingConfig, fallback: str):
+    defaults = PreviewSettings(prompt=fallback, seed=cfg.seed, steps=20, cfg=7.0,
+                               sampler=cfg.sample_sampler, width=cfg.resolution,
+                               height=cfg.resolution)
+    listed = parse_sample_prompts(cfg.sample_prompts, defaults)
+
+    def settings(step: int, texts: list[str]) -> list[PreviewSettings]:
+        if listed:
+            return listed
+        return [PreviewSettings(**{**defaults.__dict__, "prompt": texts[0] if texts else fallback})]
+    return settings
+
+
+@contextlib.contextmanager
+def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
+    """Gradient checkpointing and the attention kernel for the run; undone afterwards, since
+    the base model is cached between runs."""
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if trains_text_encoder:
+            model.text_encoder.gradient_checkpointing_enable()
+    if cfg.attention == "xformers":
+        model.unet.enable_xformers_memory_efficient_attention()
+    try:
+        yield
+    finally:
+        if cfg.gradient_checkpointing:
+            model.unet.disable_gradient_checkpointing()
+            if trains_text_encoder:
+                model.text_encoder.gradient_checkpointing_disable()
+        if cfg.attention == "xformers":
+            model.unet.disable_xformers_memory_efficient_attention()
+
+
+def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int,
+                 extra: dict) -> LoopOptions:
+    per_epoch = steps_per_epoch(cfg, batches)
+    save_every = cfg.save_every_n_steps or cfg.save_every_n_epochs * per_epoch
+    preview_every = cfg.sample_every_n_steps or cfg.sample_every_n_epochs * per_epoch
+    return LoopOptions(
+        steps=steps, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
+        save_every=save_every, preview_every=preview_every, log_directory=cfg.log_directory,
+        csv_name="loss.csv", min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+        autocast=AUTOCAST[cfg.mixed_precision], optimizer_name=cfg.optimizer_type,
+        preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n,
+        settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
+                  "images": batches.num_train_images, **extra})
+
+
+def output_path(folder: Path, name: str, suffix: str) -> Path:
+    return folder / f"{name.strip()}{suffix}"

@@ -1,0 +1,112 @@
+"""LoRA: low-rank adapters on the U-Net (and text encoder), saved in kohya's format."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from trainers import kohya_data
+from trainers import kohya_training as kt
+from trainers.configs import LoraConfig
+from trainers.formats.lora import (LoraFormatError, load_lora, lora_metadata, read_lora_metadata,
+                                   save_lora, update_progress)
+from trainers.formats.optim_sidecar import load_optim
+from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
+from trainers.loop import TrainingError, TrainingPlan, train
+from trainers.optimizers import create_optimizer
+from trainers.seeds import derive_seed
+
+
+def run(cfg: LoraConfig, ctx) -> Path:
+    model, batches = kt.prepare(cfg, ctx)
+    name = cfg.output_name.strip()
+    path = kt.output_path(ctx.paths.lora, name, ".safetensors")
+    trains_te = not cfg.network_train_unet_only
+    spec = LoraSpec(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
+                    conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too
+        torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+        network = LoraNetwork(model.unet, model.text_encoder, spec)
+    try:
+        return _train(cfg, ctx, model, batches, network, path, trains_te)
+    finally:
+        network.remove()  # the cached base model goes back to how it was
+
+
+def _checksum(path: Path) -> str:
+    """The file's own content hash pairs it with its .optim sidecar."""
+    return read_lora_metadata(path).get("sshs_model_hash", "") if path.exists() else ""
+
+
+def _resume(cfg: LoraConfig, network: LoraNetwork, path: Path, ctx) -> int:
+    """Load the weights of an existing file of this name (exact fp32 ones from the sidecar
+    when they match) and return its step count."""
+    if cfg.overwrite or not path.exists():
+        return 0
+    try:
+        state, metadata = load_lora(path)
+        payload, _ = load_optim(path, _checksum(path))
+        exact = (payload or {}).get("danlu", {}).get("network")
+        network.load_kohya_state_dict(exact if exact is not None else state)
+    except (LoraStateError, LoraFormatError) as error:
+        raise TrainingError(f"output_name: {path.name} exists but cannot be continued: {error}. "
+                            "Tick 'Start over' to replace it, or pick another output name") from None
+    return int(metadata.get("ss_steps", "0") or 0)
+
+
+def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te: bool) -> Path:
+    start = _resume(cfg, network, path, ctx)
+    steps = kt.total_steps(cfg, batches)
+    unet_lr = cfg.unet_lr or cfg.learning_rate
+    te_lr = cfg.text_encoder_lr or cfg.learning_rate
+    groups = [{"params": network.unet_parameters(), "lr": unet_lr}]
+    if trains_te:
+        groups.append({"params": network.text_encoder_parameters(), "lr": te_lr})
+    optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
+    encoder, encode = kt.encoder_for(cfg, model, trains_te)
+    started = time.time()
+    per_epoch = kt.steps_per_epoch(cfg, batches)
+    metadata = lora_metadata(
+        network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, output_name=path.stem,
+        steps=start, epoch=start // per_epoch, conv_dim=cfg.conv_dim,
+        conv_alpha=cfg.conv_alpha if cfg.conv_dim else None,
+        resolution=(cfg.resolution, cfg.resolution), learning_rate=cfg.learning_rate,
+        unet_lr=unet_lr, text_encoder_lr=te_lr if trains_te else None,
+        optimizer=cfg.optimizer_type, lr_scheduler=cfg.lr_scheduler,
+        lr_warmup_steps=cfg.lr_warmup_steps, seed=cfg.seed,
+        tag_frequency=kohya_data.tag_frequency(batches),
+        dataset_dirs=kohya_data.dataset_dirs_info(batches),
+        reg_dataset_dirs=kohya_data.dataset_dirs_info(batches, is_reg=True),
+        training_started_at=started, num_train_images=batches.num_train_images,
+        batch_size=cfg.train_batch_size, max_train_steps=steps,
+        num_epochs=-(-steps // per_epoch), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision, clip_skip=cfg.clip_skip,
+        min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset or None,
+        sd_model_name=Path(model.name).stem,
+        sd_model_path=model.source if Path(model.source).is_file() else None,
+        v_parameterization=model.prediction_type == "v_prediction", title=path.stem)
+
+    def save(target: Path, step: int) -> None:
+        save_lora(target, network.kohya_state_dict(),
+                  update_progress(metadata, steps=step, epoch=step // per_epoch),
+                  precision=cfg.save_precision)
+
+    @contextlib.contextmanager
+    def preview_strength():
+        network.set_strength(cfg.preview_strength)
+        try:
+            yield
+        finally:
+            network.set_strength(1.0)
+
+    plan = TrainingPlan(
+        name=path.stem, optimizer=optimizer, rates=kt.rates(cfg, [g["lr"] for g in groups], steps),
+        encode=encode, prompt_encoder=encoder, save=save, checksum=lambda: _checksum(path),
+        final_path=path, copies_folder="checkpoints", previews=kt.previews(cfg, path.stem),
+        start_step=start, unet_context=lambda: kt.memory_options(cfg, model, trains_te),
+        preview_context=preview_strength, resume_optimizer=not cfg.overwrite,
+        sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32)})
+    opts = kt.loop_options(cfg, model, batches, steps, {"method": "lora", "output": str(path)})
+    return train(model, batches, plan, opts, ctx)
