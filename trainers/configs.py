@@ -365,6 +365,81 @@ class LoraConfig(KohyaTrainingConfig):
         return self
 
 
+@dataclass
+class DreamBoothConfig(KohyaTrainingConfig):
+    # full fine-tuning wants a far smaller rate than LoRA (diffusers' DreamBooth default)
+    learning_rate: float = option(5e-6, "Base learning rate.", label="Learning rate", min=0.0)
+    log_directory: str = option("outputs/dreambooth", "Run folders: checkpoints, samples, loss "
+                                "CSV, settings.", label="Log directory")
+    save_every_n_epochs: int = option(0, "Save a checkpoint every N epochs; 0 disables (each "
+                                      "is a whole model).", label="Save every N epochs", min=0)
+    instance_prompt: str = option("", "Caption for instance images without a caption file, e.g. "
+                                  "'a photo of sks dog' (repeats folders use their class tokens).",
+                                  label="Instance prompt")
+    class_prompt: str = option("", "Prompt of the class images, e.g. 'a photo of a dog'.",
+                               label="Class prompt")
+    class_data_dir: str = option("", "Folder of class (regularization) images; missing ones are "
+                                 "generated here by the base model.", label="Class images folder")
+    num_class_images: int = option(0, "Class images wanted for prior preservation; 0 turns prior "
+                                   "preservation off.", label="Number of class images", min=0,
+                                   max=100_000)
+    prior_loss_weight: float = option(1.0, "Weight of the class images' loss.",
+                                      label="Prior loss weight", min=0.0, max=100.0)
+    train_text_encoder: bool = option(False, "Fine-tune the text encoder too.",
+                                      label="Train text encoder")
+    text_encoder_lr: float = option(0.0, "Text-encoder learning rate; 0 uses the base rate.",
+                                    label="Text encoder learning rate", min=0.0)
+    stop_text_encoder_training: int = option(0, "Stop training the text encoder after this many "
+                                             "steps; 0 never stops.",
+                                             label="Stop text encoder after N steps", min=0)
+    use_ema: bool = option(False, "Keep an exponential moving average of the U-Net weights and "
+                           "save it (smoother results, one more copy of the U-Net in memory).",
+                           label="EMA of weights")
+    ema_decay: float = option(0.9999, "EMA decay per step.", label="EMA decay", min=0.0, max=1.0)
+    save_diffusers: bool = option(False, "Also save a diffusers folder beside the file.",
+                                  label="Also save diffusers folder")
+
+    def validate(self) -> "DreamBoothConfig":
+        problems = self.kohya_problems()
+        if self.num_class_images and not self.class_data_dir.strip():
+            problems.append("class_data_dir: choose a folder for the class images")
+        if self.num_class_images and not self.class_prompt.strip():
+            problems.append("class_prompt: needed to generate class images")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+@dataclass
+class ExtractLoraConfig:
+    checkpoint: str = option("", "The fine-tuned model (e.g. a DreamBooth result) in "
+                             "models/Stable-diffusion.", label="Fine-tuned checkpoint")
+    model: str = option("", "The base model it was trained from.", label="Base model")
+    output_name: str = option("", "Name of the LoRA file in models/Lora.", label="Output name")
+    rank: int = option(32, "Rank of the extracted LoRA: higher keeps more of the difference.",
+                       label="Rank", min=1, max=1024)
+    conv_rank: int = option(0, "Rank for the U-Net's ResNet convolutions (LoCon), which "
+                            "DreamBooth changes too; 0 leaves them out.", label="Conv rank",
+                            min=0, max=1024)
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing LoRA of this name.", label="Overwrite")
+
+    def validate(self) -> "ExtractLoraConfig":
+        problems = check_limits(self) + check_name("output_name", self.output_name)
+        if not self.checkpoint.strip():
+            problems.append("checkpoint: choose the fine-tuned model")
+        if not self.model.strip():
+            problems.append("model: choose the base model")
+        if self.checkpoint.strip() and self.checkpoint.strip() == self.model.strip():
+            problems.append("checkpoint: must differ from the base model")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
 METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
                   "hypernetwork": HypernetworkTrainingConfig,
-                  "lora": LoraConfig}
+                  "lora": LoraConfig,
+                  "dreambooth": DreamBoothConfig,
+                  "extract_lora": ExtractLoraConfig}

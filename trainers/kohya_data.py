@@ -354,7 +354,9 @@ def parse_folder_name(name: str) -> tuple[int, str]:
 
 
 def folder_subsets(folder: Path | str, is_reg: bool, field_name: str, notes: list[str],
-                   options: dict) -> list[SubsetConfig]:
+                   options: dict, plain_tokens: str | None = None) -> list[SubsetConfig]:
+    """Subsets from `<repeats>_<class tokens>` sub-folders; a folder that has none but holds
+    images is one subset with 1 repeat, captioned by its caption files or `plain_tokens`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{field_name}: {folder} is not a folder")
@@ -367,13 +369,19 @@ def folder_subsets(folder: Path | str, is_reg: bool, field_name: str, notes: lis
             continue
         subsets.append(SubsetConfig(image_dir=sub, **{**options, "num_repeats": repeats,
                                                       "class_tokens": tokens, "is_reg": is_reg}))
+    if not subsets and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           for p in folder.iterdir()):
+        subsets.append(SubsetConfig(image_dir=folder, **{**options, "num_repeats": 1,
+                                                         "class_tokens": plain_tokens or None,
+                                                         "is_reg": is_reg}))
     if not subsets:
-        raise DatasetError(f"{field_name}: {folder} has no sub-folder named "
+        raise DatasetError(f"{field_name}: {folder} has no images and no sub-folder named "
                            "<repeats>_<class tokens> (for example '20_sks dog')")
     return subsets
 
 
 def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None = None,
+                   train_tokens: str | None = None, reg_tokens: str | None = None,
                    **options) -> DatasetConfig:
     """A dataset from kohya's repeats folders. `options` are any [general] keys (resolution,
     batch_size, enable_bucket, shuffle_caption, keep_tokens, flip_aug, ...) and alpha_mask."""
@@ -386,9 +394,11 @@ def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None =
         raise ConfigError(problems)
     subset_options = {f.name: options[f.name] for f in fields(SubsetConfig) if f.name in options}
     notes: list[str] = []
-    subsets = folder_subsets(train_data_dir, False, "train_data_dir", notes, subset_options)
+    subsets = folder_subsets(train_data_dir, False, "train_data_dir", notes, subset_options,
+                             train_tokens)
     if reg_data_dir:
-        subsets += folder_subsets(reg_data_dir, True, "reg_data_dir", notes, subset_options)
+        subsets += folder_subsets(reg_data_dir, True, "reg_data_dir", notes, subset_options,
+                                  reg_tokens)
     for subset in subsets:
         _validate_subset(subset, f"folder {subset.image_dir.name}", problems)
     dataset = _build_dataset(options, [], subsets, "options", problems)

@@ -83,6 +83,7 @@ class TrainingPlan:
     trainable: Callable[[], list[torch.nn.Parameter]] | None = None
     sidecar_extra: Callable[[], dict] | None = None  # more to keep in .optim (e.g. fp32 weights)
     resume_optimizer: bool = True  # False when the user starts over on an existing file
+    after_step: Callable[[int], None] | None = None  # e.g. an EMA update, after each step
 
 
 def _check_state_shapes(optimizer) -> None:
@@ -237,6 +238,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
             plan.optimizer.step()
             plan.optimizer.zero_grad(set_to_none=True)
             step += 1
+            if plan.after_step is not None:
+                plan.after_step(step)
             epoch, within = divmod(step * opts.accumulation, per_epoch)
             epoch_step = within // opts.accumulation
             run.log_loss(step, epoch, epoch_step, total_loss, rates[0])

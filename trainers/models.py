@@ -129,12 +129,30 @@ def training_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def single_file_config(paths: Paths, path: Path) -> Path:
+    """The diffusers config a single file loads with: the demo model's for files Danlu trained
+    from it (their metadata says so), else the shipped SD1 skeleton."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                base = (handle.metadata() or {}).get("danlu.base_config")
+        except Exception:  # an unreadable file fails later with diffusers' own message
+            base = None
+        if base == DEMO_NAME:
+            return build_tiny_model(paths.cache / DEMO_NAME)
+    return config_skeleton(paths)
+
+
 _cache_lock = threading.Lock()
 _cache: dict[tuple, BaseModel] = {}
 
 
-def load_model(paths: Paths, name: str) -> BaseModel:
-    """Load (or return the cached) base model; only one model is kept in memory."""
+def load_model(paths: Paths, name: str, exclusive: bool = False) -> BaseModel:
+    """Load (or return the cached) base model; only one model is kept in memory.
+
+    `exclusive` hands the model over and drops it from the cache, for a job that changes its
+    weights (DreamBooth); the next caller loads a fresh copy."""
     kind, location = resolve_model(paths, name)
     key_extra = ()
     if kind in ("folder", "file"):
@@ -142,10 +160,11 @@ def load_model(paths: Paths, name: str) -> BaseModel:
     key = (kind, str(location)) + key_extra
     with _cache_lock:
         if key in _cache:
-            return _cache[key]
+            return _cache.pop(key) if exclusive else _cache[key]
         model = _load(paths, name, kind, location)
         _cache.clear()
-        _cache[key] = model
+        if not exclusive:
+            _cache[key] = model
         return model
 
 
@@ -178,7 +197,7 @@ def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
                 from trainers.formats.safe_load import safe_torch_load
                 safe_torch_load(path)  # refuse pickles that carry code before diffusers reads it
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_skeleton(paths)), local_files_only=True,
+                str(path), config=str(single_file_config(paths, path)), local_files_only=True,
                 safety_checker=None)
             short_hash = file_short_hash(path, paths.cache)
         else:

@@ -7,7 +7,9 @@ from trainers.configs import METHOD_CONFIGS
 
 RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
            "hypernetwork": "trainers.methods.hypernetwork",
-           "lora": "trainers.methods.lora"}
+           "lora": "trainers.methods.lora",
+           "dreambooth": "trainers.methods.dreambooth",
+           "extract_lora": "trainers.extract_lora"}
 
 
 def config_class(method: str):

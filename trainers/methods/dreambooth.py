@@ -1,0 +1,160 @@
+"""DreamBooth: fine-tune the whole U-Net (and optionally the text encoder), with prior
+preservation, saved as one original-layout .safetensors that A1111 and ComfyUI load."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import torch
+
+from core import events as ev
+from core.config import ConfigError
+from trainers import kohya_data
+from trainers import kohya_training as kt
+from trainers.class_images import ensure_class_images
+from trainers.configs import DreamBoothConfig
+from trainers.formats.sd_checkpoint import save_single_file
+from trainers.loop import TrainingPlan, train
+from trainers.models import load_model
+from trainers.optimizers import create_optimizer
+
+PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run(cfg: DreamBoothConfig, ctx) -> Path:
+    cfg.validate()
+    paths = ctx.paths
+    kt.check_paths(cfg, paths)
+    if cfg.class_data_dir.strip() and cfg.reg_data_dir.strip():
+        raise ConfigError("class_data_dir: use either a class images folder or a "
+                          "regularization folder, not both")
+    path = kt.output_path(paths.stable_diffusion, cfg.output_name, ".safetensors")
+    resuming = path.exists() and not cfg.overwrite
+    ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
+    # the weights change in place, so take the model out of the shared cache
+    model = load_model(paths, path.name if resuming else cfg.model, exclusive=True)
+    start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
+    base_config = "tiny-demo" if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
+
+    class_dir = None
+    if cfg.class_data_dir.strip():
+        class_dir = paths.resolve(cfg.class_data_dir, "class_data_dir")
+        if cfg.num_class_images:
+            made = ensure_class_images(model, class_dir, cfg.class_prompt, cfg.num_class_images,
+                                       cfg.resolution, cfg.seed, cfg.sample_sampler, ctx)
+            if made:
+                ctx.emit(ev.Status(f"Generated {made} class images in {class_dir}"))
+    configs = _datasets(cfg, paths, class_dir)
+    ctx.emit(ev.Status("Caching latents"))
+    batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
+                                          cache_to_disk=cfg.cache_latents_to_disk,
+                                          prior_loss_weight=cfg.prior_loss_weight,
+                                          report=lambda text: ctx.emit(ev.Status(text)))
+    return _train(cfg, ctx, model, batches, path, start, base_config)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _datasets(cfg: DreamBoothConfig, paths, class_dir: Path | None) -> list:
+    if cfg.dataset_config.strip():
+        return kt.dataset_configs(cfg, paths)
+    general = dict(resolution=cfg.resolution, batch_size=cfg.train_batch_size,
+                   enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+                   max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+                   bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
+                   keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
+                   caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
+                   caption_extension=cfg.caption_extension)
+    reg = class_dir or (paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None)
+    return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
+                                      train_tokens=cfg.instance_prompt or None,
+                                      reg_tokens=cfg.class_prompt or None, **general)]
+
+
+def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | None) -> Path:
+    unet, text_encoder = model.unet, model.text_encoder
+    unet.requires_grad_(True)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(True)
+        text_encoder.get_input_embeddings().requires_grad_(False)  # as diffusers' script
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
+    steps = kt.total_steps(cfg, batches)
+    base_rates = kt.rates(cfg, [g["lr"] for g in groups], steps)
+
+    def rates(step: int):
+        values = base_rates(step)
+        if values is not None and cfg.train_text_encoder and cfg.stop_text_encoder_training \
+                and step >= cfg.stop_text_encoder_training:
+            values = values[:1] + [0.0]
+        return values
+
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+        if start and not cfg.overwrite:
+            from trainers.formats.optim_sidecar import load_optim
+            payload, _ = load_optim(path, _metadata(path).get("danlu.save_id", ""))
+            if payload and "ema" in payload.get("danlu", {}):
+                ema.load_state_dict(payload["danlu"]["ema"])
+    encoder, encode = kt.encoder_for(cfg, model, cfg.train_text_encoder)
+    save_id = {"value": ""}
+
+    def save(target: Path, step: int) -> None:
+        metadata = {"danlu.steps": str(step), "danlu.method": "dreambooth",
+                    "danlu.save_id": uuid.uuid4().hex, "danlu.base_model": model.name}
+        if base_config:
+            metadata["danlu.base_config"] = base_config
+        if ema is not None:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+        try:
+            save_single_file(target, unet, model.vae, text_encoder,
+                             dtype=PRECISION[cfg.save_precision], metadata=metadata)
+        finally:
+            if ema is not None:
+                ema.restore(unet.parameters())
+        if target == path:
+            save_id["value"] = metadata["danlu.save_id"]
+
+    def checksum() -> str:
+        return save_id["value"] or _metadata(path).get("danlu.save_id", "")
+
+    plan = TrainingPlan(
+        name=path.stem, optimizer=optimizer, rates=rates, encode=encode, prompt_encoder=encoder,
+        save=save, checksum=checksum, final_path=path, copies_folder="checkpoints",
+        previews=kt.previews(cfg, path.stem), start_step=start,
+        unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
+        resume_optimizer=not cfg.overwrite,
+        after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
+        sidecar_extra=(lambda: {"ema": ema.state_dict()}) if ema is not None else None)
+    opts = kt.loop_options(cfg, model, batches, steps, {"method": "dreambooth", "output": str(path)})
+    try:
+        result = train(model, batches, plan, opts, ctx)
+    finally:
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+    if cfg.save_diffusers:
+        _save_diffusers(model, path.with_suffix(""))
+        ctx.emit(ev.Saved(step=steps, path=str(path.with_suffix("")), kind="diffusers folder"))
+    return result
+
+
+def _save_diffusers(model, folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from trainers.sampling import make_sampler
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                   tokenizer=model.tokenizer, unet=model.unet,
+                                   scheduler=make_sampler("PNDM", model.scheduler_config),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
