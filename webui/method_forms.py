@@ -9,7 +9,8 @@ import gradio as gr
 
 from core.paths import Paths
 from trainers.captions import list_templates
-from trainers.configs import HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig
+from trainers.configs import (DreamBoothConfig, ExtractLoraConfig, HypernetworkTrainingConfig,
+                              LoraConfig, TextualInversionConfig)
 from trainers.embeddings import list_embeddings
 from trainers.models import list_models
 from webui.forms import control
@@ -39,6 +40,7 @@ def dropdown_sources(paths: Paths) -> dict[str, Callable[[], list[str]]]:
         "embedding": lambda: list_embeddings(paths),
         "hypernetwork": lambda: list_hypernetworks(paths),
         "template": lambda: list_templates(paths.templates),
+        "checkpoint": lambda: [m for m in list_models(paths) if m != "tiny-demo"],
     }
 
 
@@ -75,6 +77,18 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Samples and saving", KOHYA_OUTPUT + ["preview_strength"], False)]
 
 
+DREAMBOOTH_GROUPS = [("Instance and class images",
+                      ["train_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
+                       "num_class_images", "prior_loss_weight", "reg_data_dir"], True),
+                     ("Dataset", [n for n in KOHYA_DATA if n not in ("train_data_dir", "reg_data_dir")], False),
+                     ("Text encoder", ["train_text_encoder", "text_encoder_lr",
+                                       "stop_text_encoder_training"], False),
+                     ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),
+                     ("Loss", KOHYA_LOSS, False),
+                     ("Speed and memory", KOHYA_MEMORY, False),
+                     ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
+
+
 def method_forms() -> list[MethodForm]:
     forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
                         "embedding",
@@ -93,6 +107,12 @@ def method_forms() -> list[MethodForm]:
                             top=["output_name", "model"],
                             overrides={"sample_prompts": {"lines": 3},
                                        "preview_strength": SLIDER}))
+    forms.append(MethodForm("dreambooth", "DreamBooth", DreamBoothConfig, "output_name",
+                            DREAMBOOTH_GROUPS, top=["output_name", "model"],
+                            overrides={"sample_prompts": {"lines": 3}}))
+    forms.append(MethodForm("extract_lora", "Extract LoRA", ExtractLoraConfig, "output_name",
+                            [("Extraction", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
+                            top=["checkpoint", "model", "output_name"]))
     return forms
 
 

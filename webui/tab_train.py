@@ -37,6 +37,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                     train = gr.Button("Train", variant="primary", elem_id="train-start")
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
                     export = gr.Button("Export config", elem_id="train-export")
+                    memory = gr.Button("Estimate memory", elem_id="train-memory")
                 message = gr.Markdown(elem_id="train-message")
                 exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
                                    "run.toml)", language=None, visible=False, elem_id="train-toml")
@@ -72,7 +73,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                                 lambda ctx: run(cfg, ctx), config=cfg)
         except (ConfigError, Busy) as error:
             return error_text(error)
-        return f"Started job {job.id}: {job.name}."
+        from trainers.memory_estimate import estimate
+        return f"Started job {job.id}: {job.name}. {estimate(cfg).text()}"
 
     def stop():
         return "Interrupting: the job saves and stops after this step." if runner.stop() \
@@ -84,6 +86,14 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         except ConfigError as error:
             return error_text(error), gr.update(visible=False)
         return "", gr.update(value=to_toml(cfg), visible=True)
+
+    def estimate_memory(key, *values):
+        from trainers.memory_estimate import estimate
+        try:
+            _, cfg = config_of(key, values)
+        except ConfigError as error:
+            return error_text(error)
+        return estimate(cfg).text()
 
     def poll(state):
         job = runner.latest("train")
@@ -125,6 +135,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     train.click(start, [method] + all_inputs, message)
     interrupt.click(stop, None, message)
     export.click(export_toml, [method] + all_inputs, [message, exported])
+    memory.click(estimate_memory, [method] + all_inputs, message)
     timer.tick(poll, seen, [status, plot, gallery, seen], show_progress="hidden")
     refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
     for form in forms:

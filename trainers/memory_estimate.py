@@ -1,0 +1,70 @@
+"""A rough peak-memory estimate for a job's settings, shown before a run starts so users on
+8–12 GB cards can choose options. Torch-free; the numbers are estimates, not measurements."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1024 ** 3
+# parameter counts (U-Net, text encoder, VAE)
+FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6)}
+OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Prodigy": 16, "Adafactor": 1,
+                   "SGDNesterov": 4}
+# activation memory for one 256 px image through an SD1 U-Net with backward, fp32 (measured
+# order of magnitude on the CPU); it grows with pixels and batch
+ACTIVATIONS_256 = 0.9 * GB
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def text(self) -> str:
+        listed = ", ".join(f"{name} {value / GB:.1f}" for name, value in self.parts.items() if value >= 0.05 * GB)
+        return f"Estimated peak memory: about {self.total / GB:.1f} GB ({listed} GB). {advice(self.total)}"
+
+
+def advice(total: float) -> str:
+    if total <= 7.5 * GB:
+        return "Should fit an 8 GB card."
+    if total <= 11.5 * GB:
+        return "Needs a 12 GB card; for 8 GB try gradient checkpointing, bf16 or an 8-bit optimizer."
+    if total <= 23 * GB:
+        return "Needs a 24 GB card; gradient checkpointing, bf16 and an 8-bit optimizer lower it."
+    return "Larger than most cards: lower the batch or resolution, or use LoRA instead."
+
+
+def estimate(cfg) -> Estimate:
+    unet, text, vae = FAMILIES["tiny-demo" if getattr(cfg, "model", "") == "tiny-demo" else "sd1"]
+    method = type(cfg).__name__
+    weights = (unet + text + vae) * 4
+    trainable = _trainable(cfg, method, unet, text)
+    optimizer = OPTIMIZER_BYTES.get(getattr(cfg, "optimizer_type", "AdamW"), 8)
+    resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))
+    batch = getattr(cfg, "train_batch_size", None) or getattr(cfg, "batch_size", 1)
+    scale = unet / FAMILIES["sd1"][0]
+    activations = ACTIVATIONS_256 * scale * batch * (resolution / 256) ** 2
+    if getattr(cfg, "gradient_checkpointing", False):
+        activations *= 0.35
+    if getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16"):
+        activations *= 0.55
+    parts = {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * optimizer,
+             "activations": activations}
+    if getattr(cfg, "use_ema", False):
+        parts["EMA"] = unet * 4
+    return Estimate(parts)
+
+
+def _trainable(cfg, method: str, unet: float, text: float) -> float:
+    if method == "DreamBoothConfig":
+        return unet + (text if cfg.train_text_encoder else 0)
+    if method == "LoraConfig":
+        per_rank = 0.6e6 * unet / FAMILIES["sd1"][0]
+        return per_rank * cfg.network_dim * (0.8 if cfg.network_train_unet_only else 1.0) + \
+            per_rank * cfg.conv_dim * 0.5
+    if method == "HypernetworkTrainingConfig":
+        return 4 * 768 * 768 * 2 * 4 * unet / FAMILIES["sd1"][0]
+    return 75 * 1024  # an embedding
