@@ -186,6 +186,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     began = time.perf_counter()
     last_texts: list[str] = []
     parameters = _parameters(plan)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(unet.device.type) if opts.autocast == torch.float16 else None
     autocast = (torch.autocast(device_type=unet.device.type, dtype=opts.autocast)
                 if opts.autocast is not None else contextlib.nullcontext())
 
@@ -224,7 +226,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                           seeds.generator(opts.seed, "noise", micro),
                                           weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
                                           noise_offset=opts.noise_offset)
-                (loss / opts.accumulation).backward()
+                scaled = loss / opts.accumulation
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 total_loss += loss.item() / opts.accumulation
                 last_texts = batch.texts
             if not math.isfinite(total_loss):
@@ -234,8 +237,14 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 raise TrainingError(f"loss became {total_loss} at step {step + 1}; the file keeps "
                                     f"the state of step {step}. Try a lower learning rate.")
             if opts.clip_mode != "disabled":
+                if scaler is not None:
+                    scaler.unscale_(plan.optimizer)
                 _clip(parameters, opts.clip_mode, opts.clip_value(step))
-            plan.optimizer.step()
+            if scaler is not None:
+                scaler.step(plan.optimizer)  # skips the step when gradients overflowed
+                scaler.update()
+            else:
+                plan.optimizer.step()
             plan.optimizer.zero_grad(set_to_none=True)
             step += 1
             if plan.after_step is not None:
