@@ -26,6 +26,13 @@ class ConfigError(ValueError):
         return "Invalid settings: " + "; ".join(self.problems)
 
 
+def accept(cfg, problems: list[str]):
+    """Return cfg if there are no problems, else raise them all at once."""
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def option(default: Any, help: str, label: str | None = None, choices: list | None = None,
            min: float | None = None, max: float | None = None, multiple_of: int | None = None):
     meta = {"help": help, "label": label, "choices": choices, "min": min, "max": max,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.config import ConfigError, check_limits, option
+from core.config import ConfigError, accept, check_limits, option
 
 SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "Heun", "LMS",
             "PNDM", "DDPM"]
@@ -48,9 +48,7 @@ class CreateEmbeddingConfig:
         problems = check_limits(self) + check_name("name", self.name)
         if not self.model.strip():
             problems.append("model: choose a base model")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 @dataclass
@@ -156,9 +154,7 @@ class TextualInversionConfig(TemplateTrainingConfig):
         problems = self.common_problems()
         if not self.embedding.strip():
             problems.append("embedding: choose an embedding (create one first)")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 HYPERNETWORK_SIZES = [768, 320, 640, 1024, 1280]
@@ -199,9 +195,7 @@ class CreateHypernetworkConfig:
             problems.append("sizes: choose at least one module width")
         if any(size <= 0 for size in self.sizes):
             problems.append("sizes: widths must be positive")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 @dataclass
@@ -220,9 +214,7 @@ class HypernetworkTrainingConfig(TemplateTrainingConfig):
         problems = self.common_problems()
         if not self.hypernetwork.strip():
             problems.append("hypernetwork: choose a hypernetwork (create one first)")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"]
@@ -360,9 +352,7 @@ class LoraConfig(KohyaTrainingConfig):
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 @dataclass
@@ -405,9 +395,7 @@ class DreamBoothConfig(KohyaTrainingConfig):
             problems.append("class_data_dir: choose a folder for the class images")
         if self.num_class_images and not self.class_prompt.strip():
             problems.append("class_prompt: needed to generate class images")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 @dataclass
@@ -433,9 +421,7 @@ class ExtractLoraConfig:
             problems.append("model: choose the base model")
         if self.checkpoint.strip() and self.checkpoint.strip() == self.model.strip():
             problems.append("checkpoint: must differ from the base model")
-        if problems:
-            raise ConfigError(problems)
-        return self
+        return accept(self, problems)
 
 
 METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,

@@ -70,14 +70,19 @@ def _xformers_problems() -> list[str]:
     return []
 
 
-def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
-    general = dict(resolution=cfg.resolution, batch_size=cfg.train_batch_size,
+def general_options(cfg: KohyaTrainingConfig) -> dict:
+    """The form's dataset settings as kohya [general] keys."""
+    return dict(resolution=cfg.resolution, batch_size=cfg.train_batch_size,
                    enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
                    max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
                    bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
                    keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
                    caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
                    caption_extension=cfg.caption_extension)
+
+
+def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
+    general = general_options(cfg)
     if cfg.dataset_config.strip():
         return kohya_data.load_dataset_toml(paths.resolve(cfg.dataset_config, "dataset_config"),
                                             defaults=general)

@@ -64,13 +64,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def _datasets(cfg: DreamBoothConfig, paths, class_dir: Path | None) -> list:
     if cfg.dataset_config.strip():
         return kt.dataset_configs(cfg, paths)
-    general = dict(resolution=cfg.resolution, batch_size=cfg.train_batch_size,
-                   enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
-                   max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
-                   bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
-                   keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
-                   caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
-                   caption_extension=cfg.caption_extension)
+    general = kt.general_options(cfg)
     reg = class_dir or (paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None)
     return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
                                       train_tokens=cfg.instance_prompt or None,
