@@ -1,27 +1,42 @@
-"""Start Danlu: flags -> Paths + JobRunner -> webui.build_app(...).queue().launch()."""
+"""Start Danlu: flags -> Paths + JobRunner -> webui.build_app(...).queue().launch().
+
+Two things only the entry point can do live here too: who may log in (and how fast anyone may
+guess), and closing cleanly (SIGTERM or Ctrl-C ask the running job to save before the process
+ends)."""
 from __future__ import annotations
 
 import argparse
+import hmac
+import math
 import os
+import re
 import secrets
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SHUTDOWN_TIMEOUT = 60.0  # seconds a running job gets to save when the app is closed
+SHORT_PASSWORD = 12
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Danlu: train Stable Diffusion embeddings, "
                                      "hypernetworks, LoRA and DreamBooth in the browser.")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (0.0.0.0 for the local network; needs --auth)")
+                        help="address to listen on (0.0.0.0 for the local network; needs a login)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true",
-                        help="open a public gradio.live link (needs --auth, else a password is "
-                             "generated and printed)")
+                        help="open a public gradio.live link (needs a login: --auth or "
+                             "--auth-file, else a password is generated and printed)")
     parser.add_argument("--auth", metavar="USER:PASS",
                         help="require this login; always on for --share and non-loopback hosts")
+    parser.add_argument("--auth-file", metavar="FILE",
+                        help="require one of the logins in FILE (USER:PASS lines; # comments); "
+                             "keeps passwords out of the process list")
     parser.add_argument("--data-dir", default=str(REPO_DIR),
                         help="folder with models/, embeddings/, outputs/ (an A1111 folder works)")
     parser.add_argument("--demo", action="store_true",
@@ -29,14 +44,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def credentials(args) -> tuple[str, str] | None:
-    """The login to require, or None for a private loopback app."""
+def _split_login(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    user = user.strip()
+    if not sep or not user or not password:
+        sys.exit(f"error: {where} must be USER:PASS")
+    return user, password
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """USER:PASS lines (the password may contain ':'); blank lines and # comments skipped."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        sys.exit(f"error: --auth-file: cannot read {path}: {getattr(error, 'strerror', error)}")
+    logins: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, password = _split_login(line, f"--auth-file {path}, line {number},")
+        if any(user == known for known, _ in logins):
+            sys.exit(f"error: --auth-file {path}, line {number}: user {user!r} is listed twice")
+        logins.append((user, password))
+    if not logins:
+        sys.exit(f"error: --auth-file {path} holds no USER:PASS line")
+    return logins
+
+
+def credentials(args) -> tuple[str, str] | list[tuple[str, str]] | None:
+    """The login(s) to require: one (user, password) pair, a list of pairs, or None for a
+    private loopback app."""
     exposed = args.share or args.host not in LOOPBACK
+    logins: list[tuple[str, str]] = []
     if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            sys.exit("error: --auth must be USER:PASS")
-        return user, password
+        logins.append(_split_login(args.auth, "--auth"))
+    if getattr(args, "auth_file", None):
+        logins += [login for login in read_auth_file(args.auth_file)
+                   if login[0] not in {user for user, _ in logins}]
+    if logins:
+        if exposed:
+            for user, password in logins:
+                if len(password) < SHORT_PASSWORD:
+                    print(f"warning: the password of {user!r} is shorter than {SHORT_PASSWORD} "
+                          "characters; anyone who has the address can try to guess it",
+                          file=sys.stderr)
+        return logins[0] if len(logins) == 1 else logins
     if exposed:
         password = secrets.token_urlsafe(12)
         print("=" * 70, file=sys.stderr)
@@ -48,7 +101,175 @@ def credentials(args) -> tuple[str, str] | None:
     return None
 
 
-def main(argv=None) -> None:
+class LoginGuard:
+    """gradio's `auth` callable: checks a login in constant time and slows down guessing.
+
+    Each user name gets `free` failed attempts; after that every failure locks the name for
+    `base` * 2**k seconds (k = 0, 1, 2, ... for each further failure), at most `cap`. Failures
+    under all names together get `global_free` attempts before the same lock holds for every
+    name, so trying many names at once does not help. While locked, a login is refused with
+    HTTP 429 without looking at the password. A successful login clears the name's count;
+    counts are forgotten `forget` seconds after their last failure."""
+
+    MAX_NAMES = 10_000
+
+    def __init__(self, logins, free: int = 5, global_free: int = 30, base: float = 1.0,
+                 cap: float = 300.0, forget: float = 3600.0, clock=time.monotonic,
+                 stream=sys.stderr):
+        pairs = [logins] if isinstance(logins, tuple) else list(logins)
+        self._logins = [(user.encode("utf-8"), password.encode("utf-8")) for user, password in pairs]
+        self.free, self.global_free, self.base, self.cap, self.forget = \
+            free, global_free, base, cap, forget
+        self.clock = clock
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._names: dict[str, list[float]] = {}  # name -> [failures, last failure, locked until]
+        self._all = [0.0, 0.0, 0.0]
+
+    def check(self, username: str, password: str) -> bool:
+        """True for a known login; False for a wrong one; HTTPException(429) while locked."""
+        name = (username or "")[:256]
+        now = self.clock()
+        with self._lock:
+            self._expire(now)
+            record = self._names.get(name)
+            wait = max(record[2] if record else 0.0, self._all[2]) - now
+        if wait > 0:
+            from fastapi import HTTPException
+            raise HTTPException(status_code=429, detail="Too many failed logins; try again in "
+                                f"{math.ceil(wait)} s")
+        if self._matches(username or "", password or ""):
+            with self._lock:
+                self._names.pop(name, None)
+            return True
+        with self._lock:
+            record = self._names.setdefault(name, [0.0, 0.0, 0.0])
+            for counts, free, who in ((record, self.free, f"user {name[:64]!r}"),
+                                      (self._all, self.global_free, "all users")):
+                counts[0] += 1
+                counts[1] = now
+                if counts[0] > free:
+                    delay = min(self.cap, self.base * 2 ** (counts[0] - free - 1))
+                    counts[2] = now + delay
+                    print(f"login: {int(counts[0])} failed attempts for {who}; refusing logins "
+                          f"for {delay:.0f} s", file=self.stream, flush=True)
+            if len(self._names) > self.MAX_NAMES:
+                oldest = sorted(self._names, key=lambda key: self._names[key][1])
+                for key in oldest[: len(self._names) - self.MAX_NAMES]:
+                    del self._names[key]
+        return False
+
+    def _matches(self, username: str, password: str) -> bool:
+        user, word = username.encode("utf-8"), password.encode("utf-8")
+        found = False
+        for known_user, known_word in self._logins:  # every pair, so timing says nothing
+            found |= hmac.compare_digest(known_user, user) & hmac.compare_digest(known_word, word)
+        return bool(found)
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, (_, last, until) in self._names.items()
+                    if now - last > self.forget and now >= until]:
+            del self._names[key]
+        if now - self._all[1] > self.forget and now >= self._all[2]:
+            self._all[:] = [0.0, 0.0, 0.0]
+
+
+class HideApiInfoFromVisitors:
+    """ASGI middleware: gradio 6 writes the app's API description (every endpoint with its
+    defaults and dropdown choices, e.g. the names of the user's models and embeddings) into
+    the login page it shows to visitors who are not logged in. This blanks it in every page
+    sent without a valid login cookie, and refuses a page it cannot blank."""
+
+    SCRIPT = re.compile(rb"<script>window\.gradio_api_info = .*?;</script>", re.DOTALL)
+    EMPTY = b'<script>window.gradio_api_info = {"named_endpoints":{},"unnamed_endpoints":{}};</script>'
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def logged_in(scope) -> bool:
+        from starlette.requests import HTTPConnection
+        server = scope.get("app")
+        tokens, cookie_id = getattr(server, "tokens", None), getattr(server, "cookie_id", None)
+        if tokens is None or cookie_id is None:
+            return False
+        cookies = HTTPConnection(scope).cookies
+        token = cookies.get(f"access-token-{cookie_id}") or \
+            cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and tokens.get(token) is not None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or \
+                self.logged_in(scope):
+            await self.app(scope, receive, send)
+            return
+        start: dict = {}
+        parts: list[bytes] = []
+
+        async def filtered(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if not headers.get(b"content-type", b"").startswith(b"text/html"):
+                    await send(message)  # not a page: pass it (and its body) through
+                    return
+                start.update(message)
+                return
+            if not start or message["type"] != "http.response.body":
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body, count = self.SCRIPT.subn(self.EMPTY, b"".join(parts))
+            if not count and b"gradio_api_info" in body:
+                start["status"] = 500
+                body = b"This page could not be shown safely; log in first."
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, filtered)
+
+
+def wait_for_stop_signal(app) -> None:
+    """Block until SIGTERM or SIGINT (or the server stopped); a second signal exits at once."""
+    asked = threading.Event()
+
+    def on_signal(signum, frame):
+        if asked.is_set():
+            print("Second signal: exiting without waiting for the job to save.",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+        asked.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while getattr(app, "is_running", True) and not asked.wait(0.5):
+        pass
+
+
+def close(app, runner, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
+    """Let the running job save and stop (up to `timeout` s), then close the server.
+    True if nothing was left running."""
+    job = runner.current()
+    if job is not None:
+        print(f"Closing: asking '{job.name}' to save and stop (waiting up to {timeout:.0f} s)...",
+              file=sys.stderr, flush=True)
+    job = runner.shutdown(timeout)
+    clean = job is None or not job.active
+    if job is not None:
+        if clean:
+            message = job.result.message if job.result is not None else job.state
+            print(f"'{job.name}' {job.state}: {message}", file=sys.stderr, flush=True)
+        else:
+            print(f"'{job.name}' did not stop within {timeout:.0f} s; its last saved file is "
+                  "kept", file=sys.stderr, flush=True)
+    app.close()
+    return clean
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = Path(args.data_dir).expanduser().resolve()
     login = credentials(args)
@@ -66,10 +287,25 @@ def main(argv=None) -> None:
         load_model(paths, DEMO_NAME)
     runner = JobRunner(paths)
     app = build_app(paths, runner)
+    if login is not None:
+        # gradio also serves files a handler returns from the working directory; make that an
+        # empty private folder, so only outputs/ (allowed_paths) and gradio's own cache remain.
+        workdir = paths.cache / "workdir"
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)
+    app_kwargs = {}
+    if login is not None:
+        from starlette.middleware import Middleware
+        app_kwargs["middleware"] = [Middleware(HideApiInfoFromVisitors)]
     app.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=login,
-        allowed_paths=[str(paths.outputs)], show_error=False)
+        server_name=args.host, server_port=args.port, share=args.share,
+        auth=LoginGuard(login).check if login is not None else None,
+        allowed_paths=[str(paths.outputs)], show_error=False, prevent_thread_lock=True,
+        run_history=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+        app_kwargs=app_kwargs)
+    wait_for_stop_signal(app)
+    return 0 if close(app, runner) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

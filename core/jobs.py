@@ -93,6 +93,7 @@ class JobRunner:
         self._queue: deque[Job] = deque()
         self._jobs: deque[Job] = deque(maxlen=history)
         self._current: Job | None = None
+        self._closed = False
         self._cond = threading.Condition()
         self._worker = threading.Thread(target=self._work, name="danlu-worker", daemon=True)
         self._worker.start()
@@ -100,6 +101,8 @@ class JobRunner:
     def submit(self, name: str, kind: str, fn: Callable[[JobContext], Any], config: Any = None,
                queue: bool = False) -> Job:
         with self._cond:
+            if self._closed:
+                raise Busy("the app is shutting down; no new jobs are started")
             if not queue and (self._current is not None or self._queue):
                 running = self._current or self._queue[0]
                 raise Busy(f"'{running.name}' is already running; interrupt it or wait "
@@ -123,6 +126,24 @@ class JobRunner:
                     job.result = ev.Finished(step=0, message="removed from the queue")
                     return True
             return False
+
+    def shutdown(self, timeout: float = 60.0) -> Job | None:
+        """Refuse new jobs, drop queued ones, ask the running job to save and stop, and wait
+        up to `timeout` seconds for it to end. Returns the job that was running (check its
+        `active` to see whether it ended in time), or None if nothing was running."""
+        with self._cond:
+            self._closed = True
+            for job in self._queue:
+                job.state = STOPPED
+                job.result = ev.Finished(step=0, message="removed from the queue: the app closed")
+            self._queue.clear()
+            job = self._current
+            if job is not None:
+                job.stop_event.set()
+            self._cond.notify_all()
+        if job is not None:
+            self.wait(job, timeout)
+        return job
 
     def current(self) -> Job | None:
         with self._cond:

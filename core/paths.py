@@ -63,7 +63,8 @@ class Paths:
         """Turn a user-typed path into an absolute one (relative to data_dir).
 
         When the app is reachable by others, a path that leaves data_dir (through `..`,
-        an absolute path or a symlink) is refused."""
+        `~`, an absolute path or a symlink) is refused, and so is one inside a hidden folder
+        of data_dir (`.cache` holds the app's own caches and the uploads of every visitor)."""
         text = str(typed).strip()
         if not text:
             raise PathError(f"{field}: no path given")
@@ -78,4 +79,7 @@ class Paths:
             if real != root and root not in real.parents:
                 raise PathError(f"{field}: {text!r} is outside the data folder {root}, "
                                 "which is all a shared app may read or write")
+            if any(part.startswith(".") for part in real.relative_to(root).parts):
+                raise PathError(f"{field}: {text!r} is inside a hidden folder of the data "
+                                "folder, which a shared app may not read or write")
         return path

@@ -14,6 +14,8 @@ def list_hypernetworks(paths: Paths) -> list[str]:
 
 
 def find_hypernetwork(paths: Paths, name: str) -> Path | None:
+    if not name or Path(name).name != name or name in (".", ".."):
+        return None  # a name, not a path
     direct = paths.hypernetworks / f"{name}.pt"
     if direct.is_file():
         return direct

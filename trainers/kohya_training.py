@@ -84,8 +84,12 @@ def general_options(cfg: KohyaTrainingConfig) -> dict:
 def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
     general = general_options(cfg)
     if cfg.dataset_config.strip():
-        return kohya_data.load_dataset_toml(paths.resolve(cfg.dataset_config, "dataset_config"),
-                                            defaults=general)
+        configs = kohya_data.load_dataset_toml(paths.resolve(cfg.dataset_config, "dataset_config"),
+                                               defaults=general)
+        for config in configs:  # folders named inside the TOML obey the same confinement
+            for subset in config.subsets:
+                paths.resolve(subset.image_dir, "dataset_config image_dir")
+        return configs
     reg = paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None
     return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
                                       **general)]

@@ -74,6 +74,8 @@ def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:
     if name == DEMO_NAME:
         return "demo", paths.cache / DEMO_NAME
     candidate = paths.stable_diffusion / name
+    if paths.confine:  # a shared app loads only what is inside the data folder
+        candidate = paths.resolve(candidate, "model")
     if not candidate.exists():
         typed = Path(name).expanduser()
         candidate = typed if typed.is_absolute() else paths.data_dir / typed
