@@ -285,7 +285,11 @@ def main(argv=None) -> int:
         from trainers.models import load_model
         from trainers.tiny_model import DEMO_NAME
         load_model(paths, DEMO_NAME)
-    runner = JobRunner(paths)
+    runner = JobRunner(paths, queue_file=paths.cache / "queue.json")
+    from trainers.registry import rebuild
+    restored = runner.restore(rebuild)
+    if restored:
+        print(f"Queued again {len(restored)} job(s) pending when the app last closed.")
     app = build_app(paths, runner)
     if login is not None:
         # gradio also serves files a handler returns from the working directory; make that an

@@ -5,11 +5,13 @@ because it lives here and not in any browser session."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from core import events as ev
@@ -41,6 +43,7 @@ class Job:
     kind: str
     fn: Callable[[JobContext], Any]
     config: Any = None
+    spec: dict | None = None  # how to rebuild the job after a restart (kept in the queue file)
     state: str = QUEUED
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -87,8 +90,9 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, paths: Paths, history: int = 20):
+    def __init__(self, paths: Paths, history: int = 20, queue_file: Path | None = None):
         self.paths = paths
+        self.queue_file = queue_file
         self._ids = itertools.count(1)
         self._queue: deque[Job] = deque()
         self._jobs: deque[Job] = deque(maxlen=history)
@@ -99,7 +103,7 @@ class JobRunner:
         self._worker.start()
 
     def submit(self, name: str, kind: str, fn: Callable[[JobContext], Any], config: Any = None,
-               queue: bool = False) -> Job:
+               queue: bool = False, spec: dict | None = None) -> Job:
         with self._cond:
             if self._closed:
                 raise Busy("the app is shutting down; no new jobs are started")
@@ -107,11 +111,58 @@ class JobRunner:
                 running = self._current or self._queue[0]
                 raise Busy(f"'{running.name}' is already running; interrupt it or wait "
                            "until it finishes before starting another job")
-            job = Job(id=next(self._ids), name=name, kind=kind, fn=fn, config=config)
+            job = Job(id=next(self._ids), name=name, kind=kind, fn=fn, config=config, spec=spec)
             self._queue.append(job)
             self._jobs.append(job)
+            self._persist()
             self._cond.notify_all()
             return job
+
+    def move(self, job_id: int, offset: int) -> bool:
+        """Move a queued job `offset` places (negative: earlier). True if it moved."""
+        with self._cond:
+            order = list(self._queue)
+            index = next((i for i, job in enumerate(order) if job.id == job_id), None)
+            if index is None:
+                return False
+            target = max(0, min(len(order) - 1, index + offset))
+            if target == index:
+                return False
+            order.insert(target, order.pop(index))
+            self._queue = deque(order)
+            self._persist()
+            return True
+
+    def restore(self, rebuild: Callable[[dict], tuple[str, str, Callable, Any]]) -> list[Job]:
+        """Queue again the jobs that were pending when the app last closed. `rebuild` turns a
+        spec into (name, kind, fn, config); a spec it cannot rebuild is reported and dropped."""
+        if self.queue_file is None or not self.queue_file.exists():
+            return []
+        try:
+            specs = json.loads(self.queue_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        jobs = []
+        for spec in specs if isinstance(specs, list) else []:
+            try:
+                name, kind, fn, config = rebuild(spec)
+            except Exception as error:  # a stale spec must not stop the others
+                failed = Job(id=next(self._ids), name=str(spec.get("name", "job")), kind="train",
+                             fn=lambda ctx: None, spec=None, state=FAILED)
+                failed.result = ev.Failed(message=f"could not restore a queued job: {error}")
+                with self._cond:
+                    self._jobs.append(failed)
+                continue
+            jobs.append(self.submit(name, kind, fn, config=config, queue=True, spec=spec))
+        return jobs
+
+    def _persist(self) -> None:
+        """Write the pending jobs' specs (call with the lock held)."""
+        if self.queue_file is None or self._closed:
+            return
+        specs = [job.spec for job in self._queue if job.spec is not None]
+        from core.atomic import atomic_write_text
+        atomic_write_text(self.queue_file, json.dumps(specs, indent=1))
 
     def stop(self, job_id: int | None = None) -> bool:
         """Ask a running job to stop, or drop a queued one. True if something was affected."""
@@ -124,6 +175,7 @@ class JobRunner:
                     self._queue.remove(job)
                     job.state = STOPPED
                     job.result = ev.Finished(step=0, message="removed from the queue")
+                    self._persist()
                     return True
             return False
 
@@ -184,6 +236,7 @@ class JobRunner:
                 while not self._queue:
                     self._cond.wait()
                 job = self._queue.popleft()
+                self._persist()
                 self._current = job
                 job.state = RUNNING
                 job.started = time.time()

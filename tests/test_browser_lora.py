@@ -53,3 +53,28 @@ def test_lora_train_interrupt_resume(page: Page, app_server, tmp_path):
     page.locator("#train-interrupt").click()
     expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=60_000)
     assert int(read_lora_metadata(lora)["ss_steps"]) > first
+
+
+def test_two_queued_jobs_both_finish(page: Page, app_server, tmp_path):
+    folder = tmp_path / "train" / "1_zxq cat"
+    folder.mkdir(parents=True)
+    photo(0).save(folder / "0.png")
+    page.goto(app_server.url)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA", exact=True).check()
+    fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
+    fill(page, "LoraConfig-resolution", "64")
+    fill(page, "LoraConfig-min_bucket_reso", "32")
+    fill(page, "LoraConfig-bucket_reso_steps", "16")
+    page.get_by_text("Optimization", exact=True).filter(visible=True).first.click()
+    fill(page, "LoraConfig-max_train_steps", "3")
+    for name in ("queued-a", "queued-b"):
+        fill(page, "LoraConfig-output_name", name)
+        page.locator("#train-enqueue").click()
+        expect(page.locator("#train-message")).to_contain_text(f"Queued job", timeout=30_000)
+        expect(page.locator("#train-message")).to_contain_text(name, timeout=30_000)
+    lora = app_server.data_dir / "models" / "Lora"
+    expect(page.locator("#train-status")).to_contain_text("lora: queued-b", timeout=180_000)
+    expect(page.locator("#train-status")).to_contain_text("finished at step 3", timeout=180_000)
+    assert (lora / "queued-a.safetensors").exists() and (lora / "queued-b.safetensors").exists()
+    expect(page.locator("#train-queue")).to_contain_text("No jobs are waiting", timeout=30_000)

@@ -68,3 +68,56 @@ def test_latest_reattaches_to_the_running_job(runner):
     release.set()
     runner.wait(job, 5)
     assert runner.latest("train") is job
+
+
+def test_queue_is_ordered_persisted_and_survives_a_restart(tmp_path):
+    queue_file = tmp_path / "queue.json"
+    runner = JobRunner(Paths(tmp_path), queue_file=queue_file)
+    release = threading.Event()
+    runner.submit("blocker", "train", lambda ctx: release.wait(10))
+    ran = []
+    specs = [{"method": "fake", "name": f"job {i}", "config": {"n": i}} for i in range(3)]
+    jobs = [runner.submit(s["name"], "train", lambda ctx, i=i: ran.append(i), queue=True, spec=s)
+            for i, s in enumerate(specs)]
+    assert runner.move(jobs[2].id, -2)
+    assert runner.stop(jobs[1].id)  # removed from the queue
+    import json
+    assert [s["name"] for s in json.loads(queue_file.read_text())] == ["job 2", "job 0"]
+    runner.shutdown(timeout=0.1)  # the app closes: pending jobs stay in the file
+    release.set()
+
+    restarted = JobRunner(Paths(tmp_path), queue_file=queue_file)
+    done = []
+
+    def rebuild(spec):
+        return spec["name"], "train", (lambda ctx: done.append(spec["config"]["n"])), None
+    restored = restarted.restore(rebuild)
+    assert [j.name for j in restored] == ["job 2", "job 0"]
+    assert restarted.wait(restored[-1], 10)
+    assert done == [2, 0]
+    assert json.loads(queue_file.read_text()) == []
+
+
+def test_a_spec_that_cannot_be_rebuilt_does_not_block_the_rest(tmp_path):
+    import json
+    queue_file = tmp_path / "queue.json"
+    queue_file.write_text(json.dumps([{"name": "bad"}, {"name": "good"}]))
+    runner = JobRunner(Paths(tmp_path), queue_file=queue_file)
+
+    def rebuild(spec):
+        if spec["name"] == "bad":
+            raise KeyError("method")
+        return "good", "train", (lambda ctx: None), None
+    restored = runner.restore(rebuild)
+    assert [j.name for j in restored] == ["good"]
+    assert runner.wait(restored[0], 10) and restored[0].state == DONE
+
+
+def test_registry_specs_rebuild_the_same_config():
+    from trainers.configs import LoraConfig
+    from trainers.registry import job_parts, rebuild
+    cfg = LoraConfig(model="tiny-demo", output_name="x", train_data_dir="d", network_dim=16)
+    name, kind, fn, spec = job_parts("lora", cfg)
+    import json
+    again = rebuild(json.loads(json.dumps(spec)))
+    assert again[0] == name == "lora: x" and again[3] == cfg

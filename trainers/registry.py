@@ -21,3 +21,25 @@ def config_class(method: str):
 def runner(method: str):
     config_class(method)
     return importlib.import_module(RUNNERS[method]).run
+
+
+TITLES = {"textual_inversion": "textual inversion", "hypernetwork": "hypernetwork",
+          "lora": "lora", "dreambooth": "dreambooth", "extract_lora": "extract lora"}
+TARGETS = {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}
+
+
+def job_parts(method: str, cfg) -> tuple[str, str, object, dict]:
+    """(name, kind, fn, spec) for queueing a training job; the spec rebuilds it after a restart."""
+    from dataclasses import asdict
+    target = getattr(cfg, TARGETS.get(method, "output_name"), "")
+    run = runner(method)
+    spec = {"method": method, "name": f"{TITLES[method]}: {target}", "config": asdict(cfg)}
+    return spec["name"], "train", (lambda ctx: run(cfg, ctx)), spec
+
+
+def rebuild(spec: dict):
+    """The inverse of job_parts: (name, kind, fn, config) from a stored spec."""
+    from core.config import from_dict
+    cfg = from_dict(config_class(spec["method"]), spec["config"]).validate()
+    name, kind, fn, _ = job_parts(spec["method"], cfg)
+    return name, kind, fn, cfg

@@ -35,6 +35,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             with gr.Column(scale=1):
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="train-start")
+                    enqueue = gr.Button("Add to queue", elem_id="train-enqueue")
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
                     export = gr.Button("Export config", elem_id="train-export")
                     memory = gr.Button("Estimate memory", elem_id="train-memory")
@@ -47,7 +48,14 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                                    color_map={"loss": "#9ab8e6", "smoothed": "#e6550d"})
                 gallery = gr.Gallery(label="Previews (newest first)", columns=4, height=320,
                                      elem_id="train-previews")
-        seen = gr.State((None, -1, -1, None))
+                with gr.Accordion("Queue", open=True):
+                    queue_view = gr.Markdown(_queue_text(runner), elem_id="train-queue")
+                    with gr.Row():
+                        queue_id = gr.Number(label="Job id", precision=0, elem_id="train-queue-id")
+                        up = gr.Button("Up", elem_id="train-queue-up")
+                        down = gr.Button("Down", elem_id="train-queue-down")
+                        remove = gr.Button("Remove", elem_id="train-queue-remove")
+        seen = gr.State((None, -1, -1, None, ()))
         timer = gr.Timer(1.0)
 
     all_inputs = [c for form in forms for c in form.controls.values()]
@@ -63,18 +71,32 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         form = next(f for f in forms if f.key == key)
         return form, to_config(form.config, form.names, split(values)[key])
 
-    def start(key, *values):
-        from trainers.registry import runner as method_runner
+    def submit(key, values, queue: bool):
+        from trainers.memory_estimate import estimate
+        from trainers.registry import job_parts
         try:
-            form, cfg = config_of(key, values)
+            _, cfg = config_of(key, values)
             check_before_queueing(cfg, paths)
-            run = method_runner(key)
-            job = runner.submit(f"{form.title.lower()}: {getattr(cfg, form.target_field)}", "train",
-                                lambda ctx: run(cfg, ctx), config=cfg)
+            name, kind, fn, spec = job_parts(key, cfg)
+            job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
-        from trainers.memory_estimate import estimate
-        return f"Started job {job.id}: {job.name}. {estimate(cfg).text()}"
+        verb = "Queued" if queue else "Started"
+        return f"{verb} job {job.id}: {job.name}. {estimate(cfg).text()}"
+
+    def start(key, *values):
+        return submit(key, values, queue=False)
+
+    def add_to_queue(key, *values):
+        return submit(key, values, queue=True), _queue_text(runner)
+
+    def move(job_id, offset):
+        if job_id is None:
+            return "Type a job id from the queue.", _queue_text(runner)
+        done = runner.move(int(job_id), offset) if offset else runner.stop(int(job_id))
+        if not done:
+            return f"Job {int(job_id)} is not waiting in the queue.", _queue_text(runner)
+        return "", _queue_text(runner)
 
     def stop():
         return "Interrupting: the job saves and stops after this step." if runner.stop() \
@@ -97,17 +119,19 @@ def build(paths: Paths, runner: JobRunner) -> dict:
 
     def poll(state):
         job = runner.latest("train")
+        waiting = tuple(j.id for j in runner.queued())
         if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), state
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
         snap = job.snapshot()
-        key = (job.id, len(snap["losses"]), len(snap["previews"]), snap["state"])
+        key = (job.id, len(snap["losses"]), len(snap["previews"]), snap["state"], waiting)
         if key == tuple(state):
-            return gr.skip(), gr.skip(), gr.skip(), state
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
         changed_plot = key[:2] != tuple(state)[:2]
         changed_gallery = (key[0], key[2]) != (state[0], state[2])
         return (live.status_text(snap),
                 live.loss_frame(snap["losses"]) if changed_plot else gr.skip(),
                 live.gallery_items(snap["previews"]) if changed_gallery else gr.skip(),
+                _queue_text(runner) if waiting != tuple(state)[4] else gr.skip(),
                 key)
 
     dropdowns = [(name, c) for form in forms for name, c in form.controls.items() if name in sources]
@@ -136,12 +160,23 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     interrupt.click(stop, None, message)
     export.click(export_toml, [method] + all_inputs, [message, exported])
     memory.click(estimate_memory, [method] + all_inputs, message)
-    timer.tick(poll, seen, [status, plot, gallery, seen], show_progress="hidden")
+    timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden")
+    enqueue.click(add_to_queue, [method] + all_inputs, [message, queue_view])
+    up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view])
+    down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view])
+    remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view])
     refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
     for form in forms:
         form.controls["model"].change(ch.demo_note, form.controls["model"], note)
     return {"forms": forms, "restore": (restore_form, [method] + sections + all_inputs),
             "dropdowns": dropdowns, "refresh_all": refresh_all}
+
+
+def _queue_text(runner: JobRunner) -> str:
+    waiting = runner.queued()
+    if not waiting:
+        return "No jobs are waiting. *Add to queue* lines up runs that start one after another."
+    return "\n".join(f"{i}. job **{job.id}** — {job.name}" for i, job in enumerate(waiting, 1))
 
 
 def _snap(runner: JobRunner):
