@@ -234,10 +234,10 @@ def file_hash(path: str | Path) -> str:
 
 def model_identity(paths: Paths, name: str) -> str:
     """The base model's name and, for files and folders, when it last changed."""
-    from trainers.models import ModelError, resolve_model
+    from trainers.models import resolve_model
     try:
         kind, location = resolve_model(paths, name)
-    except ModelError:
+    except ValueError:  # ModelError, PathError: loading will say what is wrong
         return name
     if kind in ("file", "folder"):
         return f"{name}|{Path(location).stat().st_size}|{Path(location).stat().st_mtime_ns}"

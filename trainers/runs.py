@@ -271,14 +271,18 @@ def _guess_method(folder: Path) -> str:
 
 
 def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | None:
+    """The run's final file as its settings name it; for a data folder that was moved or
+    copied, the file of that name in this data folder's own final folder."""
     for key in FINAL_KEYS:
         value = settings.get(key)
         if isinstance(value, str) and value.strip():
             path = Path(value)
-            if path.is_file():
-                return path
-            moved = final_folder(paths, method) / path.name  # the data folder moved
-            return moved if moved.is_file() else path
+            here = final_folder(paths, method) / path.name
+            inside = _real(path) == _real(paths.data_dir) or \
+                _real(paths.data_dir) in _real(path).parents
+            if not inside and here.is_file():
+                return here
+            return path if path.is_file() or not here.is_file() else here
     return None
 
 

@@ -18,11 +18,11 @@ def smoothed(values: list[float], window: int = 20) -> list[float]:
     return out
 
 
-def loss_frame(losses: list[tuple[int, float, float]], limit: int = 2000) -> pd.DataFrame:
+def loss_frame(losses: list[tuple[int, float, float]], limit: int = 2000) -> pd.DataFrame | None:
+    """Loss and its moving average for a LinePlot; None while there is nothing (Gradio 6 never
+    draws a LinePlot that once received an empty frame)."""
     if not losses:
-        return pd.DataFrame({"step": pd.Series([], dtype="int64"),
-                             "loss": pd.Series([], dtype="float64"),
-                             "series": pd.Series([], dtype="object")})
+        return None
     every = max(1, len(losses) // limit)
     steps = [s for s, _, _ in losses]
     values = [l for _, l, _ in losses]

@@ -43,7 +43,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                 exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
                                    "run.toml)", language=None, visible=False, elem_id="train-toml")
                 status = gr.Markdown(live.status_text(_snap(runner)), elem_id="train-status")
-                plot = gr.LinePlot(live.loss_frame([]), x="step", y="loss", color="series",
+                plot = gr.LinePlot(None, x="step", y="loss", color="series",
                                    title="Loss", height=260, elem_id="train-loss",
                                    color_map={"loss": "#9ab8e6", "smoothed": "#e6550d"})
                 gallery = gr.Gallery(label="Previews (newest first)", columns=4, height=320,
@@ -124,7 +124,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
         snap = job.snapshot()
         key = (job.id, len(snap["losses"]), len(snap["previews"]), snap["state"], waiting)
-        if key == tuple(state):
+        state = tuple(tuple(v) if isinstance(v, list) else v for v in state)
+        if key == state:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
         changed_plot = key[:2] != tuple(state)[:2]
         changed_gallery = (key[0], key[2]) != (state[0], state[2])
@@ -142,18 +143,26 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     def show(key):
         return [gr.update(visible=form.key == key) for form in forms]
 
+    def fill(key: str | None, cfg) -> list:
+        """Updates that show method `key` with the values of `cfg` (a config or a dict)."""
+        form = next((f for f in forms if f.key == key), None)
+        if form is None or cfg is None:
+            return [gr.skip()] * (1 + len(sections) + len(all_inputs))
+        value = (lambda name: cfg.get(name)) if isinstance(cfg, dict) else (lambda name: getattr(cfg, name))
+        updates = [gr.update(value=form.key)] + show(form.key)
+        for other in forms:
+            for name in other.controls:
+                wanted = value(name) if other is form else None
+                updates.append(gr.skip() if other is not form or wanted is None
+                               else gr.update(value=", ".join(map(str, wanted)) if isinstance(wanted, list) else wanted))
+        return updates
+
     def restore_form():
         """A fresh page shows the settings of the running (or last) job."""
         job = runner.latest("train")
         cfg = getattr(job, "config", None)
-        form = next((f for f in forms if isinstance(cfg, f.config) and type(cfg) is f.config), None)
-        if form is None:
-            return [gr.skip()] * (1 + len(sections) + len(all_inputs))
-        updates = [gr.update(value=form.key)] + show(form.key)
-        for other in forms:
-            for name, _ in other.controls.items():
-                updates.append(gr.update(value=getattr(cfg, name)) if other is form else gr.skip())
-        return updates
+        form = next((f for f in forms if type(cfg) is f.config), None)
+        return fill(form.key if form else None, cfg)
 
     method.change(show, method, sections)
     train.click(start, [method] + all_inputs, message)
@@ -161,14 +170,16 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     export.click(export_toml, [method] + all_inputs, [message, exported])
     memory.click(estimate_memory, [method] + all_inputs, message)
     timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden")
-    enqueue.click(add_to_queue, [method] + all_inputs, [message, queue_view])
-    up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view])
-    down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view])
-    remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view])
+    quiet = {"show_progress": "hidden"}
+    enqueue.click(add_to_queue, [method] + all_inputs, [message, queue_view], **quiet)
+    up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view], **quiet)
+    down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view], **quiet)
+    remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view], **quiet)
     refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
     for form in forms:
         form.controls["model"].change(ch.demo_note, form.controls["model"], note)
     return {"forms": forms, "restore": (restore_form, [method] + sections + all_inputs),
+            "fill": fill,
             "dropdowns": dropdowns, "refresh_all": refresh_all}
 
 

@@ -1,0 +1,539 @@
+"""Checkpoints tab: the run history (read from the log folders, so it survives restarts), one
+run's loss curve with its checkpoints marked, checkpoint cards, "Use this checkpoint", and a
+Compare grid rendered as a queued job. A running run updates while it trains."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import events as ev
+from core.config import ConfigError
+from core.jobs import JobRunner
+from core.paths import Paths
+from trainers import runs as rn
+from webui import choices as ch
+from webui import live
+from webui.forms import error_text
+
+CARDS = "checkpoint_cards"  # outputs/<this>/: thumbnails of files that live elsewhere
+MARK_COLOR = "#2ca02c"
+HISTORY_COLUMNS = ["Started", "Run", "Method", "Base model", "Dataset", "Steps", "Final loss",
+                   "Duration", "Status"]
+
+
+def build(paths: Paths, runner: JobRunner) -> dict:
+    runs = _scan(paths, runner)
+    with gr.Tab("Checkpoints", id="checkpoints") as tab:
+        gr.Markdown("Past and running training runs, read from their log folders. Open a run "
+                    "to see its loss curve and checkpoints; click a checkpoint card to copy it "
+                    "to its final folder, or compare checkpoints in a grid.")
+        with gr.Row():
+            run_choice = gr.Dropdown(_run_choices(runs), value=None, label="Run", scale=4,
+                                     elem_id="ckpt-run")
+            refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="ckpt-refresh")
+        history = gr.Dataframe(_history_frame(runs), interactive=False, wrap=True,
+                               max_height=280, elem_id="ckpt-history",
+                               label="Run history (newest first; click a row to open it)")
+        summary = gr.Markdown(elem_id="ckpt-summary")
+        with gr.Row():
+            resume = gr.Button("Resume", scale=0, min_width=120, elem_id="ckpt-resume")
+            resume_message = gr.Markdown(elem_id="ckpt-resume-message")
+        with gr.Row():
+            plot = gr.LinePlot(_plot_frame(None), x="step", y="loss", color="series",
+                               title="Loss (green lines: saved checkpoints)", height=280,
+                               color_map=_color_map(None), colors_in_legend=["loss", "smoothed"],
+                               elem_id="ckpt-loss", scale=1)
+            gallery = gr.Gallery(label="Checkpoints (click one)", columns=3, height=300,
+                                 allow_preview=False, elem_id="ckpt-gallery", scale=1)
+        with gr.Group():
+            details = gr.Markdown("Click a checkpoint card to see it here.",
+                                  elem_id="ckpt-details")
+            detail_previews = gr.Gallery(label="Previews at this step", columns=6, height=160,
+                                         allow_preview=False, preview=False, visible=False,
+                                         elem_id="ckpt-detail-previews")
+            with gr.Row():
+                use_name = gr.Textbox(label="Name", scale=3, elem_id="ckpt-use-name",
+                                      info="File name in its final folder (for an embedding, "
+                                           "also the word you type in prompts).")
+                use_overwrite = gr.Checkbox(label="Overwrite a file of this name", scale=2,
+                                            elem_id="ckpt-use-overwrite")
+                use = gr.Button("Use this checkpoint", variant="primary", scale=1,
+                                elem_id="ckpt-use")
+            use_message = gr.Markdown(elem_id="ckpt-use-message")
+        with gr.Accordion("Compare checkpoints", open=True):
+            pick = gr.CheckboxGroup([], label="Checkpoints (rows)", elem_id="ckpt-compare-pick")
+            with gr.Row():
+                strengths = gr.Textbox("1.0", label="Strengths (rows; LoRA and hypernetwork)",
+                                       elem_id="ckpt-compare-strengths",
+                                       info="e.g. 0.5, 1.0")
+                seeds = gr.Textbox("42", label="Seeds (one fixed seed per column)",
+                                   elem_id="ckpt-compare-seeds", info="e.g. 1, 2, 3")
+                steps = gr.Number(20, precision=0, label="Sampling steps",
+                                  elem_id="ckpt-compare-steps")
+            prompts = gr.Textbox(label="Prompts (columns; one per line, `--n` adds a negative "
+                                 "prompt)", lines=2, elem_id="ckpt-compare-prompts")
+            with gr.Row():
+                compare = gr.Button("Render grid", variant="primary", elem_id="ckpt-compare-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="ckpt-compare-stop")
+            compare_status = gr.Markdown(elem_id="ckpt-compare-status")
+            grid = gr.Image(label="Grid (saved under outputs/grids/)", type="filepath",
+                            interactive=False, format="png", elem_id="ckpt-grid")
+        with gr.Accordion("Settings", open=False):
+            settings_toml = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
+                                    "run.toml trains again with them)", language=None,
+                                    elem_id="ckpt-settings")
+            train_again = gr.Button("Train again with these settings (opens the Train tab)",
+                                    elem_id="ckpt-train-again")
+        shown = gr.State(None)  # run id on screen
+        table_ids = gr.State([r.id for r in runs])
+        cards = gr.State([])  # checkpoint keys in gallery order
+        selected = gr.State(None)  # checkpoint key
+        compare_job = gr.State(None)  # job id
+        seen = gr.State({})  # what the page shows, so the timer sends only changes
+        timer = gr.Timer(2.0)
+
+    # ---- history ------------------------------------------------------------------------------
+    def refresh_history(current):
+        runs = _scan(paths, runner)
+        ids = [r.id for r in runs]
+        return (gr.update(choices=_run_choices(runs), value=current if current in ids else None),
+                _history_frame(runs), ids)
+
+    def select_row(ids, event: gr.SelectData):
+        row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+        return ids[row] if isinstance(row, int) and 0 <= row < len(ids) else gr.skip()
+
+    # ---- one run ------------------------------------------------------------------------------
+    view_outputs = [summary, plot, gallery, cards, pick, settings_toml]
+
+    def view(run: rn.Run | None, keep_pick=None) -> tuple[list, list]:
+        """Values for view_outputs, and a fingerprint of each so the timer sends only what
+        changed (a gallery sent again loses its selection)."""
+        if run is None:
+            values = ["Choose a run.", _plot(None), [], [], gr.update(choices=[], value=[]), ""]
+            return values, ["", None, (), (), (), ""]
+        losses = _live_losses(runner, run)
+        items = [(_servable(paths, c.previews[0] if c.previews else None), c.caption)
+                 for c in run.checkpoints]
+        keys = [c.key for c in run.checkpoints]
+        choices = [(c.label, c.key) for c in run.checkpoints]
+        chosen = [k for k in (keep_pick or []) if k in keys]
+        values = [_summary(run), _plot(run, losses), items, keys,
+                  gr.update(choices=choices, value=chosen), _settings_toml(run)]
+        prints = [values[0], (len(losses), losses[-1][0] if losses else None, tuple(keys)),
+                  tuple(items), tuple(keys), tuple(choices), values[5]]
+        return values, prints
+
+    def open_run(run_id, state):
+        run = _load(paths, runner, run_id)
+        values, prints = view(run)
+        if run is None:
+            form = [gr.skip()] * 5
+        else:
+            from trainers.compare import default_prompt, preview_defaults
+            form = [gr.update(interactive=run.method in ("lora", "hypernetwork")),
+                    default_prompt(run), preview_defaults(run)["steps"],
+                    "Click a checkpoint card to see it here.", gr.update(value=[], visible=False)]
+        state = {**(state or {}), "run": _signature(paths, runner, run), "view": prints}
+        return values + form + [run_id, None, state]
+
+    def select_card(run_id, keys, event: gr.SelectData):
+        run = _load(paths, runner, run_id)
+        index = event.index if isinstance(event.index, int) else None
+        key = keys[index] if run is not None and index is not None and index < len(keys) else None
+        checkpoint = run.checkpoint(key) if key else None
+        if checkpoint is None:
+            return "That checkpoint is gone; refresh the run.", gr.update(visible=False), \
+                gr.skip(), None, ""
+        previews = [(_servable(paths, p), p.name) for p in checkpoint.previews]
+        return (_details(run, checkpoint), gr.update(value=previews, visible=bool(previews)),
+                f"{run.name}-{checkpoint.step}", key, "")
+
+    def use_checkpoint(run_id, key, name, overwrite):
+        from trainers.checkpoint_use import use_checkpoint as copy
+        run = _load(paths, runner, run_id)
+        checkpoint = run.checkpoint(key) if run is not None and key else None
+        if checkpoint is None:
+            return "**Error:** click a checkpoint card first.", gr.skip()
+        try:
+            target = copy(paths, run, checkpoint, name or "", overwrite=bool(overwrite))
+        except (ConfigError, OSError, ValueError) as error:
+            return error_text(error), gr.skip()
+        return (f"Copied {checkpoint.label} to `{target}`. It is listed under "
+                f"`{target.parent.name}/` as **{target.stem}**.", False)
+
+    # ---- compare --------------------------------------------------------------------------------
+    def start_compare(run_id, keys, strengths_text, prompts_text, seeds_text, steps_value):
+        from trainers.compare import compare_job as job_fn
+        from trainers.compare import spec_for_run
+        run = _load(paths, runner, run_id)
+        if run is None:
+            return "**Error:** choose a run first.", gr.skip()
+        try:
+            spec = spec_for_run(run, list(keys or []), strengths_text, prompts_text, seeds_text,
+                                steps=int(steps_value) if steps_value else None)
+            job = _submit(runner, f"compare: {run.name}", job_fn(spec, paths), spec)
+        except (ConfigError, ValueError, RuntimeError) as error:
+            return error_text(error), gr.skip()
+        cells = len(spec.rows()) * len(spec.columns())
+        return f"Queued job {job.id}: {cells} images.", job.id
+
+    def resume_run(run_id):
+        run = _load(paths, runner, run_id)
+        if run is None:
+            return "**Error:** choose a run first."
+        try:
+            job = queue_resume(paths, runner, run)
+        except (ConfigError, KeyError, ValueError, RuntimeError) as error:
+            return error_text(error)
+        return (f"Queued job {job.id}: {job.name}, continuing from step {run.final_step} "
+                "(watch it in the Train tab).")
+
+    def stop_compare(job_id):
+        return "Stopping the comparison." if job_id and runner.stop(job_id) else \
+            "No comparison is running."
+
+    # ---- the timer: compare progress, the running run, the history ------------------------------
+    def tick(run_id, job_id, keep_pick, state):
+        state = dict(state or {})
+        out = {component: gr.skip() for component in tick_outputs}
+        snap = _compare_snapshot(runner, job_id)
+        if snap is not None:
+            text = _compare_text(snap)
+            if text != state.get("compare"):
+                out[compare_status] = state["compare"] = text
+            result = snap["result"]
+            path = getattr(result, "path", "") if isinstance(result, ev.Finished) else ""
+            if path and path != state.get("grid") and Path(path).is_file():
+                out[grid] = state["grid"] = _servable(paths, Path(path))
+        train = runner.latest("train")
+        folders = _running(paths, runner)
+        # the history again when a train job starts, writes its folder, ends, or every 10 s
+        train_key = (train.id, train.state, any(f.is_dir() for f in folders),
+                     int(time.time() // 10) if folders else 0) if train is not None else None
+        if train_key != state.get("train"):
+            state["train"] = train_key
+            runs = _scan(paths, runner)
+            out[run_choice] = gr.update(choices=_run_choices(runs))
+            out[history] = _history_frame(runs)
+            out[table_ids] = [r.id for r in runs]
+        if run_id:
+            run_signature = _signature(paths, runner, run_id)
+            if run_signature != state.get("run"):
+                state["run"] = run_signature
+                values, prints = view(_load(paths, runner, run_id), keep_pick)
+                old = state.get("view") or [None] * len(prints)
+                for component, value, now, before in zip(view_outputs, values, prints, old):
+                    if now != before:
+                        out[component] = value
+                state["view"] = prints
+        out[seen] = state
+        return [out[component] for component in tick_outputs]
+
+    tick_outputs = [compare_status, grid, run_choice, history, table_ids, seen] + view_outputs
+
+    refresh.click(refresh_history, run_choice, [run_choice, history, table_ids])
+    tab.select(refresh_history, run_choice, [run_choice, history, table_ids])
+    history.select(select_row, table_ids, run_choice)
+    run_choice.change(open_run, [run_choice, seen], view_outputs + [
+        strengths, prompts, steps, details, detail_previews, shown, selected, seen])
+    gallery.select(select_card, [shown, cards], [details, detail_previews, use_name, selected,
+                                                 use_message])
+    use.click(use_checkpoint, [shown, selected, use_name, use_overwrite],
+              [use_message, use_overwrite])
+    compare.click(start_compare, [shown, pick, strengths, prompts, seeds, steps],
+                  [compare_status, compare_job])
+    stop.click(stop_compare, compare_job, compare_status)
+    resume.click(resume_run, shown, resume_message)
+    timer.tick(tick, [shown, compare_job, pick, seen], tick_outputs, show_progress="hidden")
+
+    def restore():
+        """A fresh page: the history as it is now, and the last comparison's job."""
+        job = runner.latest("compare")
+        return [*refresh_history(None), job.id if job is not None else None]
+
+    return {"run": run_choice, "train_again": train_again, "config_of": config_of(paths, runner),
+            "restore": (restore, [run_choice, history, table_ids, compare_job])}
+
+
+def config_of(paths: Paths, runner: JobRunner):
+    """run id -> (method, config dict) of its newest session, or None: for "Train again with
+    these settings" and "Resume" in the Train tab (same settings continue from the final file;
+    LoRA's `overwrite=True` starts over)."""
+    def get(run_id: str):
+        run = _load(paths, runner, run_id)
+        return rn.run_config(run) if run is not None else None
+    return get
+
+
+def queue_resume(paths: Paths, runner: JobRunner, run: rn.Run):
+    """Queue the run's newest settings again as a training job: it continues from the run's
+    final file (with its optimizer state). Raises ValueError/ConfigError saying why not."""
+    from core.config import from_dict
+    from trainers.preflight import check_before_queueing
+    from trainers.registry import config_class, job_parts
+    if run.status in (rn.RUNNING, rn.FINISHED):
+        raise ValueError(f"this run is {run.status}; there is nothing to resume")
+    if run.final_path is None or not run.final_path.is_file():
+        raise ValueError(f"its file {run.final_path} is gone; there is nothing to resume from")
+    if not run.owns_final:
+        raise ValueError(f"a later run already continued {run.final_path.name}; resume that one")
+    method, data = rn.run_config(run)
+    if "overwrite" in data:
+        data["overwrite"] = False  # "start over" would throw the saved state away
+    cfg = from_dict(config_class(method), data, strict=False).validate()
+    check_before_queueing(cfg, paths)
+    name, kind, fn, spec = job_parts(method, cfg)
+    return runner.submit(name, kind, fn, config=cfg, queue=True, spec=spec)
+
+
+# ---- reading runs, with what the runner knows ---------------------------------------------------
+def _job_folder(paths: Paths, job) -> Path | None:
+    """The run folder a train job writes to: from its events, else from its config."""
+    snap = job.snapshot()
+    for event in list(snap["saved"]) + list(snap["previews"]):
+        path = Path(event.path)
+        if path.parent.name in rn.COPY_FOLDERS + ("images",) and \
+                any(path.parent.parent.glob("settings-*.json")):
+            return path.parent.parent
+    if job.config is None or job.started is None:
+        return None
+    return rn.expected_run_folder(paths, job.config, job.started)
+
+
+def _running(paths: Paths, runner: JobRunner) -> list[Path]:
+    job = runner.current()
+    if job is None or job.kind != "train":
+        return []
+    folder = _job_folder(paths, job)
+    return [folder] if folder is not None else []
+
+
+def _overlay_failure(paths: Paths, runner: JobRunner, runs: list[rn.Run]) -> None:
+    """The last train job failed in this process: say so, with its message."""
+    job = runner.latest("train")
+    if job is None or job.state != "failed":
+        return
+    folder = _job_folder(paths, job)
+    for run in runs:
+        if folder is not None and rn._real(run.root) == rn._real(folder) and \
+                run.sessions[-1].started >= (job.started or 0) - 1:
+            run.status = rn.FAILED
+            run.status_note = getattr(job.result, "message", "") or run.status_note
+
+
+def _scan(paths: Paths, runner: JobRunner) -> list[rn.Run]:
+    runs = rn.scan_runs(paths, _running(paths, runner))
+    _overlay_failure(paths, runner, runs)
+    return runs
+
+
+def _load(paths: Paths, runner: JobRunner, run_id) -> rn.Run | None:
+    if not run_id:
+        return None
+    return next((r for r in _scan(paths, runner) if r.id == run_id), None)
+
+
+def _signature(paths: Paths, runner: JobRunner, run) -> tuple | None:
+    """Cheap stats that change when the run's files or live losses change."""
+    run_id = run.id if isinstance(run, rn.Run) else run
+    if not run_id:
+        return None
+    root = paths.outputs / run_id
+    stamps = []
+    for name in ("",) + rn.COPY_FOLDERS + ("images",):
+        try:
+            stat = (root / name).stat()
+            stamps.append((name, stat.st_mtime_ns))
+        except OSError:
+            pass
+    for name in rn.CSV_NAMES:
+        try:
+            stat = (root / name).stat()
+            stamps.append((name, stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            pass
+    job = runner.current()
+    live_steps = None
+    if job is not None and job.kind == "train" and any(
+            rn._real(f) == rn._real(root) for f in _running(paths, runner)):
+        progress = job.snapshot()["progress"]
+        live_steps = progress.step if progress is not None else 0
+    return tuple(stamps) + (live_steps,)
+
+
+def _live_losses(runner: JobRunner, run: rn.Run) -> list[tuple[int, float, float]]:
+    """The loss log, plus the steps a running job has not flushed to its CSV yet."""
+    losses = list(run.losses)
+    job = runner.current()
+    if run.status == rn.RUNNING and job is not None and job.kind == "train":
+        last = losses[-1][0] if losses else -1
+        losses += [row for row in job.snapshot()["losses"] if row[0] > last]
+    return losses
+
+
+# ---- what the page shows --------------------------------------------------------------------------
+def _run_choices(runs: list[rn.Run]) -> list[tuple[str, str]]:
+    return [(f"{run.title} — {run.status}", run.id) for run in runs]
+
+
+def _history_frame(runs: list[rn.Run]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        dataset = Path(run.dataset).name if run.dataset else ""
+        if run.images is not None:
+            dataset = f"{dataset} ({run.images} images)"
+        steps = f"{run.steps}/{run.target_steps}" if run.target_steps else str(run.steps)
+        loss = f"{run.final_loss:.4f}" if run.final_loss is not None else ""
+        rows.append([time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started)), run.name,
+                     rn.METHOD_TITLES.get(run.method, run.method), run.model, dataset, steps,
+                     loss, live._duration(run.duration), run.status])
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def _plot_frame(run: rn.Run | None, losses=None) -> pd.DataFrame | None:
+    """Loss, smoothed loss and a vertical line per checkpoint; None when nothing was logged
+    (an empty frame sent to a LinePlot leaves it blank for every later update)."""
+    losses = list(losses if losses is not None else (run.losses if run else []))
+    if not losses:
+        return None
+    frame = live.loss_frame(losses)
+    if run is None or not run.checkpoints:
+        return frame
+    low, high = float(frame["loss"].min()), float(frame["loss"].max())
+    marks = []
+    for checkpoint in run.checkpoints:
+        series = f"checkpoint {checkpoint.step}"
+        marks += [(checkpoint.step, low, series), (checkpoint.step, high, series)]
+    extra = pd.DataFrame(marks, columns=["step", "loss", "series"])
+    return pd.concat([frame, extra], ignore_index=True)
+
+
+def _color_map(run: rn.Run | None) -> dict[str, str]:
+    colors = {"loss": "#9ab8e6", "smoothed": "#e6550d"}
+    for checkpoint in run.checkpoints if run else []:
+        colors[f"checkpoint {checkpoint.step}"] = MARK_COLOR
+    return colors
+
+
+def _plot(run: rn.Run | None, losses=None):
+    return gr.update(value=_plot_frame(run, losses), color_map=_color_map(run))
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+def _summary(run: rn.Run) -> str:
+    lines = [f"### {run.name} — {rn.METHOD_TITLES.get(run.method, run.method)}",
+             f"**Status:** {run.status} ({run.status_note})"]
+    model = run.model + (f" [{run.model_hash}]" if run.model_hash else "")
+    dataset = run.dataset + (f" ({run.images} images)" if run.images is not None else "")
+    steps = f"{run.steps}" + (f" of {run.target_steps}" if run.target_steps else "")
+    loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "—"
+    lines.append(f"Base model: `{model}` · dataset: `{dataset}` · steps: {steps} · final loss "
+                 f"(mean of the last 10 steps): {loss} · trained for "
+                 f"{live._duration(run.duration)} ({_when(run.started)} – {_when(run.ended)})")
+    if len(run.sessions) > 1:
+        lines.append("Sessions: " + ", ".join(f"from step {s.start_step} at {_when(s.started)}"
+                                              for s in run.sessions))
+    if run.final_path is not None:
+        at = f" (now at step {run.final_step})" if run.final_step is not None else " (missing)"
+        lines.append(f"Final file: `{run.final_path}`{at}. **Resume:** train again with these "
+                     "settings and it continues from that file's step.")
+    lines.append(f"Folder: `{run.root}` · {len(run.checkpoints)} checkpoints, "
+                 f"{len(run.previews)} previews")
+    return "\n\n".join(lines)
+
+
+def _details(run: rn.Run, checkpoint: rn.Checkpoint) -> str:
+    loss = "no loss logged near this step"
+    if checkpoint.loss is not None and checkpoint.loss_steps:
+        a, b = checkpoint.loss_steps
+        loss = f"loss {checkpoint.loss:.4f} (mean of steps {a}–{b})"
+    preview = ""
+    if checkpoint.preview_step is not None and checkpoint.preview_step != checkpoint.step:
+        preview = f" · preview from step {checkpoint.preview_step}"
+    elif not checkpoint.previews:
+        preview = " · no preview at this step"
+    size = f"{checkpoint.size / 1e6:.2f} MB" if checkpoint.size >= 1e5 else \
+        f"{checkpoint.size / 1e3:.1f} kB"
+    return (f"**{checkpoint.label}** of {run.name} · {loss}{preview}\n\n"
+            f"`{checkpoint.path}` · {size} · saved {_when(checkpoint.modified)}\n\n"
+            f"*Use this checkpoint* copies it to `{rn.final_folder_name(run.method)}/` "
+            "under the name below.")
+
+
+def _settings_toml(run: rn.Run) -> str:
+    from core.config import from_dict, to_toml
+    from trainers.registry import config_class
+    try:
+        return to_toml(from_dict(config_class(run.method), run.config, strict=False))
+    except (KeyError, ConfigError, TypeError, ValueError):
+        return json.dumps(run.settings, indent=2, default=str)
+
+
+def _compare_snapshot(runner: JobRunner, job_id):
+    if job_id is None:
+        return None
+    job = runner.get(job_id)
+    return job.snapshot() if job is not None else None
+
+
+def _compare_text(snap: dict) -> str:
+    progress = snap["progress"]
+    lines = [f"**{snap['name']}** — {snap['state']}"]
+    if progress is not None and snap["state"] == "running":
+        lines.append(f"image {progress.step} of {progress.total}")
+    result = snap["result"]
+    if isinstance(result, ev.Failed):
+        lines.append(f"**Failed:** {result.message}")
+    elif isinstance(result, ev.Finished):
+        lines.append(result.message)
+    elif snap["state"] == "queued":
+        lines.append("waits for the running job to finish")
+    elif snap["log"]:
+        lines.append(snap["log"][-1])
+    return "\n\n".join(lines)
+
+
+def _submit(runner: JobRunner, name: str, fn, config):
+    """Queue behind a running job (rendering shares the model a training run is changing)."""
+    import inspect
+    if "queue" in inspect.signature(runner.submit).parameters:
+        return runner.submit(name, "compare", fn, config=config, queue=True)
+    return runner.submit(name, "compare", fn, config=config)
+
+
+def _servable(paths: Paths, path: Path | None) -> str:
+    """A path the page may show: files under outputs/ as they are; anything else is copied to
+    outputs/checkpoint_cards/ first; None becomes a "no preview" card."""
+    outputs = paths.outputs.resolve()
+    folder = paths.outputs / CARDS
+    if path is None:
+        card = folder / "no-preview.png"
+        if not card.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            from PIL import Image, ImageDraw, ImageFont
+            image = Image.new("RGB", (256, 256), "#eeeeee")
+            draw = ImageDraw.Draw(image)
+            draw.text((128, 128), "no preview", fill="#666666", anchor="mm",
+                      font=ImageFont.load_default(size=24))
+            image.save(card)
+        return str(card)
+    real = path.resolve()
+    if real == outputs or outputs in real.parents:
+        return str(path)
+    stat = real.stat()
+    digest = hashlib.sha1(f"{real}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    copy = folder / f"{digest}{real.suffix.lower()}"
+    if not copy.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, copy)
+    return str(copy)
