@@ -280,8 +280,8 @@ def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | 
             here = final_folder(paths, method) / path.name
             inside = _real(path) == _real(paths.data_dir) or \
                 _real(paths.data_dir) in _real(path).parents
-            if not inside and here.is_file():
-                return here
+            if not inside:  # never trust a path outside the data folder from a settings file
+                return here if here.is_file() else None
             return path if path.is_file() or not here.is_file() else here
     return None
 
