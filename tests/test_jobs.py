@@ -121,3 +121,22 @@ def test_registry_specs_rebuild_the_same_config():
     import json
     again = rebuild(json.loads(json.dumps(spec)))
     assert again[0] == name == "lora: x" and again[3] == cfg
+
+
+def test_preprocess_jobs_queue_and_rebuild_too(tmp_path):
+    import json
+    from preprocess.config import PreprocessConfig
+    from tests.conftest import photo
+    from trainers.registry import job_parts, rebuild
+    source = tmp_path / "src"
+    source.mkdir()
+    photo(0).save(source / "a.png")
+    cfg = PreprocessConfig(source=str(source), destination=str(tmp_path / "dst"), width=64, height=64)
+    name, kind, fn, spec = job_parts("preprocess", cfg)
+    assert kind == "preprocess"
+    again = rebuild(json.loads(json.dumps(spec)))
+    assert again[3] == cfg
+    runner = JobRunner(Paths(tmp_path))
+    job = runner.submit(*again[:3], queue=True)
+    assert runner.wait(job, 60) and job.state == DONE
+    assert any(p.suffix == ".png" for p in (tmp_path / "dst").iterdir())

@@ -29,8 +29,13 @@ TARGETS = {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}
 
 
 def job_parts(method: str, cfg) -> tuple[str, str, object, dict]:
-    """(name, kind, fn, spec) for queueing a training job; the spec rebuilds it after a restart."""
+    """(name, kind, fn, spec) for queueing a job; the spec rebuilds it after a restart."""
     from dataclasses import asdict
+    if method == "preprocess":
+        from preprocess.pipeline import run as preprocess
+        name = f"preprocess: {cfg.source} -> {cfg.destination}"
+        return name, "preprocess", (lambda ctx: preprocess(cfg, ctx)), \
+            {"method": method, "name": name, "config": asdict(cfg)}
     target = getattr(cfg, TARGETS.get(method, "output_name"), "")
     run = runner(method)
     spec = {"method": method, "name": f"{TITLES[method]}: {target}", "config": asdict(cfg)}
@@ -40,6 +45,10 @@ def job_parts(method: str, cfg) -> tuple[str, str, object, dict]:
 def rebuild(spec: dict):
     """The inverse of job_parts: (name, kind, fn, config) from a stored spec."""
     from core.config import from_dict
-    cfg = from_dict(config_class(spec["method"]), spec["config"]).validate()
+    if spec["method"] == "preprocess":
+        from preprocess.config import PreprocessConfig
+        cfg = from_dict(PreprocessConfig, spec["config"])
+    else:
+        cfg = from_dict(config_class(spec["method"]), spec["config"]).validate()
     name, kind, fn, _ = job_parts(spec["method"], cfg)
     return name, kind, fn, cfg

@@ -269,6 +269,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                         with gr.Row():
                             start_button = gr.Button("Preprocess", variant="primary",
                                                      elem_id="preprocess-start")
+                            enqueue = gr.Button("Add to queue", elem_id="preprocess-enqueue")
                             interrupt = gr.Button("Interrupt", variant="stop",
                                                   elem_id="preprocess-interrupt")
                             to_editor = gr.Button("Edit captions of the destination",
@@ -329,15 +330,21 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         cfg.validate(paths)
         return cfg
 
-    def start(*values):
-        from preprocess.pipeline import run
+    def submit(values, queue: bool):
+        from trainers.registry import job_parts
         try:
             cfg = config_of(values)
-            job = runner.submit(f"preprocess: {cfg.source} -> {cfg.destination}", KIND,
-                                lambda ctx: run(cfg, ctx), config=cfg)
+            name, kind, fn, spec = job_parts("preprocess", cfg)
+            job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
-        return f"Started job {job.id}: {job.name}."
+        return f"{'Queued' if queue else 'Started'} job {job.id}: {job.name}."
+
+    def start(*values):
+        return submit(values, queue=False)
+
+    def add_to_queue(*values):
+        return submit(values, queue=True)
 
     def stop():
         job = runner.current()
@@ -455,6 +462,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return ce.join_tags(present + [tag])
 
     start_button.click(start, inputs, message)
+    enqueue.click(add_to_queue, inputs, message)
     interrupt.click(stop, None, message)
     timer.tick(poll, seen, [status, gallery, summary, seen], show_progress="hidden")
     controls["captioners"].change(show_captioner_options, controls["captioners"],
