@@ -22,7 +22,7 @@ USER, PASSWORD = "u", "p"
 SECRET = "danlu-secret-in-outputs-7f3a"
 OUTSIDE = "danlu-secret-outside-c91e"
 EMBEDDING = "sekritemb5"
-TITLE = "hypernetworks and LoRA on your own machine"  # the page's own text, in /config
+TITLE = "LoRA and DreamBooth on your own machine"  # the page's own text, in /config
 
 # Routes that hold no app data by design (gradio's static assets, the login page, session
 # plumbing that needs random ids); they must still not leak any marker.
