@@ -7,72 +7,17 @@ launcher builds a Blocks with the Train and Checkpoints tabs, launched the way a
 (private GRADIO_TEMP_DIR, allowed_paths = outputs only)."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser_support import ROOT, AppProcess, free_port
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
 
-LAUNCHER = """
-import os, sys
-from pathlib import Path
-root, data, port = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-os.environ.setdefault("GRADIO_TEMP_DIR", str(data / ".cache" / "gradio"))
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-sys.path.insert(0, root)
-import gradio as gr
-from core.jobs import JobRunner
-from core.paths import Paths
-from webui import tab_checkpoints, tab_train
-paths = Paths(data).ensure()
-runner = JobRunner(paths)
-with gr.Blocks(title="Danlu") as app:
-    with gr.Tabs():
-        trained = tab_train.build(paths, runner)
-        checkpoints = tab_checkpoints.build(paths, runner)
-    restore, outputs = trained["restore"]
-    app.load(restore, None, outputs)
-    restore, outputs = checkpoints["restore"]
-    app.load(restore, None, outputs)
-app.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
-    allowed_paths=[str(paths.outputs)], show_error=False)
-"""
-
-
-class TabsApp(AppProcess):
-    """The Train and Checkpoints tabs in a subprocess (same interface as AppProcess)."""
-
-    def __init__(self, data_dir: Path, tiny_model_dir: Path):
-        import os
-        self.data_dir = data_dir
-        cache = data_dir / ".cache" / "tiny-demo"
-        if not cache.exists():
-            shutil.copytree(tiny_model_dir, cache)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(data_dir.parent / f"app-{self.port}.log", "w")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(ROOT), str(data_dir), str(self.port)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait()
-
-
 @pytest.fixture
-def server(request, tmp_path, tiny_model_dir):
-    if "tab_checkpoints" in (ROOT / "webui" / "app.py").read_text(encoding="utf-8"):
-        yield request.getfixturevalue("app_server")
-        return
-    app = TabsApp(tmp_path / "data", tiny_model_dir)
-    yield app
-    app.stop()
+def server(app_server):
+    return app_server
 
 
 def box(page: Page, elem_id: str):

@@ -8,14 +8,11 @@ launcher builds a Blocks with just this tab and a JobRunner, launched the way ap
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser_support import ROOT, AppProcess, free_port
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
@@ -24,52 +21,9 @@ CAPTIONS = ["sks, a woman in a space suit,", "sks, a cup of coffee,", "sks, a ca
 WD14_TABLE = [("photo", "0", (0, 0, 0), 10.0),        # always scores ~1
               ("outdoors", "0", (0, 0, 0), -10.0)]    # never
 
-LAUNCHER = """
-import os, sys
-from pathlib import Path
-root, data, port = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-os.environ.setdefault("GRADIO_TEMP_DIR", str(data / ".cache" / "gradio"))
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-sys.path.insert(0, root)
-import gradio as gr
-from core.jobs import JobRunner
-from core.paths import Paths
-from webui import tab_preprocess
-paths = Paths(data).ensure()
-runner = JobRunner(paths)
-with gr.Blocks(title="Danlu") as app:
-    with gr.Tabs():
-        tab_preprocess.build(paths, runner)
-app.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
-    allowed_paths=[str(paths.outputs)], show_error=False)
-"""
-
-
-class TabOnlyApp(AppProcess):
-    """The preprocess tab alone, in a subprocess (same interface as AppProcess)."""
-
-    def __init__(self, data_dir: Path):
-        import os
-        self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(data_dir.parent / f"app-{self.port}.log", "w")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(ROOT), str(data_dir), str(self.port)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait()
-
-
 @pytest.fixture
-def server(request, tmp_path):
-    if "tab_preprocess" in (ROOT / "webui" / "app.py").read_text(encoding="utf-8"):
-        yield request.getfixturevalue("app_server")
-        return
-    app = TabOnlyApp(tmp_path / "data")
-    yield app
-    app.stop()
+def server(app_server):
+    return app_server
 
 
 def fill(page: Page, elem_id: str, value: str) -> None:
