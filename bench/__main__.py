@@ -1,0 +1,380 @@
+"""python -m bench: Danlu's training methods against diffusers' example scripts, on the CPU.
+
+    python3 -m bench                 # quick (~10 min): tiny model, 64 px, every method, UI overhead
+    python3 -m bench --full          # SD1.5-shaped random model, 256 px: TI and LoRA (~30-40 min)
+    python3 -m bench --full --methods dreambooth      # + full fine-tune (~15 GB RAM per process)
+    python3 -m bench --methods lora,ui --rounds 2 --no-write
+    python3 -m bench --report-only   # re-render BENCHMARKS.md from the last saved measurements
+
+Every measurement runs in its own process (bench.danlu_run, bench/script_timer.py,
+bench.ui_overhead, bench.matmul_peak, bench.preprocess_throughput); this process stays
+torch-free and only schedules them, alternating Danlu and the baseline, and writes the
+section of BENCHMARKS.md for its mode (other sections are kept). Raw measurements are saved
+in ~/.cache/danlu-bench/results-<mode>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import baselines, fixtures, report  # noqa: E402
+from bench.torchvision_standin import write_standin  # noqa: E402
+
+TRAINING = ["textual_inversion", "hypernetwork", "lora", "dreambooth"]
+EXTRAS = ["ui", "preprocess"]
+MODES = {
+    "quick": {"kind": "tiny", "steps": 30, "rounds": 3, "timeout": 900,
+              "methods": TRAINING + ["ui"], "ui_steps": 200, "ui_rounds": 4,
+              "heading": "## Training: Danlu vs diffusers' scripts — quick (tiny model, 64 px)"},
+    "full": {"kind": "sd15", "steps": 10, "rounds": 2, "timeout": 7200,
+             "methods": ["textual_inversion", "lora", "preprocess"], "ui_steps": 60, "ui_rounds": 3,
+             "heading": "## Training: Danlu vs diffusers' scripts — full (SD1.5-shaped, 256 px)"},
+}
+SEED = 0
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+             "GRADIO_ANALYTICS_ENABLED": "False", "DIFFUSERS_VERBOSITY": "error"}
+STANDIN_NOTE = (
+    "torchvision: none exists for this CPU torch, so the scripts get a small stand-in "
+    "(`bench/torchvision_standin.py`: Compose, Resize, CenterCrop, RandomCrop, "
+    "RandomHorizontalFlip, ToTensor, Normalize, InterpolationMode, `transforms.functional`), "
+    "written to a temp folder at run time and put on the scripts' `sys.path` by "
+    "`bench/script_timer.py` only after transformers has cached that torchvision is not "
+    "installed, so library code takes its usual no-torchvision paths. The training images are "
+    "already square at the training size, so its Resize/Crop change no pixel.")
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def child_json(cmd: list[str], timeout: float, cwd: Path, env: dict | None = None) -> dict:
+    """Run a child that prints `BENCH_JSON {...}` last; its output is kept for failures."""
+    env = dict(os.environ, **CHILD_ENV, **(env or {}), DANLU_BENCH_T0=repr(time.time()))
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd[:4])}"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    tail = (done.stderr or done.stdout)[-1500:]
+    return {"error": f"exit {done.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
+            "stderr_tail": tail, "returncode": done.returncode}
+
+
+def run_danlu(method: str, setup: dict, steps: int, round_: int, work: Path, timeout: float,
+              preview: bool, cached_rerun: bool) -> dict:
+    folder = work / f"danlu-{method}-{round_}"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = dict(method=method, kind=setup["kind"], model=setup["model"],
+                resolution=setup["resolution"], data=setup["data"], steps=steps, seed=SEED,
+                workdir=str(folder), preview=preview, cached_rerun=cached_rerun, flop_step=2)
+    spec_file = folder / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    result = child_json([sys.executable, "-m", "bench.danlu_run", str(spec_file)], timeout, ROOT)
+    shutil.rmtree(folder / "data", ignore_errors=True)
+    shutil.rmtree(folder / "data-rerun", ignore_errors=True)
+    return result
+
+
+def run_baseline(method: str, setup: dict, steps: int, round_: int, work: Path, timeout: float,
+                 standin: Path) -> dict:
+    folder = work / f"script-{method}-{round_}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "timing.json"
+    cmd = baselines.command(method, setup, steps, SEED, folder / "output")
+    result = child_json(cmd, timeout, folder, {"DANLU_BENCH_STANDIN": str(standin),
+                                               "DANLU_BENCH_OUT": str(out),
+                                               "DANLU_BENCH_FLOP_STEP": "2"})
+    if out.exists():  # the wrapper writes its measurements to a file, not to stdout
+        data = json.loads(out.read_text())
+        if result.get("returncode") not in (None, 0) and not data.get("error"):
+            data["error"] = result["error"]
+        result = data
+    shutil.rmtree(folder / "output", ignore_errors=True)
+    return result
+
+
+def _brief(result: dict) -> str:
+    if result.get("unavailable"):
+        return "not available"
+    if result.get("error"):
+        return "FAILED " + str(result["error"]).splitlines()[0][:200]
+    median = report.run_median(result)
+    rss = result.get("rss_at_last_step_mib")
+    return (f"{median:.3f} s/step, first step after {result.get('ttfs_spawn_s', 0):.1f} s, "
+            f"RSS {rss:.0f} MiB" if median is not None and rss else "no steps")
+
+
+def machine_info() -> dict:
+    from bench.preprocess_throughput import machine
+    info = machine()
+    try:
+        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")))
+        info["memory"] = f"{kib / 1024 ** 2:.0f} GB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return info
+
+
+def versions() -> dict:
+    from importlib import metadata
+    out = {"Python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "gradio"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def notes(kind: str, methods: list[str]) -> list[str]:
+    res = fixtures.MODELS[kind].resolution
+    out = [
+        f"Same on both sides: model folder, the 4 photos (scikit-image samples, square at {res} px), "
+        f"resolution {res}, batch 1, fp32 (no mixed precision), constant learning rate without "
+        "warm-up (TI 5e-3, LoRA 1e-4, DreamBooth 5e-6), AdamW, seed 0, LoRA rank 4 with alpha = "
+        "rank, torch's default 2 threads, no validation, no intermediate checkpoints.",
+        "Latents: Danlu encodes every image once before the first step (A1111's 'once' for TI and "
+        "hypernetworks, kohya's cache_latents for LoRA/DreamBooth); the scripts run the VAE "
+        "encoder on every step and have no option to cache. This is most of their extra FLOPs.",
+        "Textual inversion: the script makes the whole token-embedding matrix (49,408 rows) "
+        "trainable, runs AdamW over all of it and copies the original rows back after every step; "
+        "Danlu trains only the new vectors, spliced into the prompt. Prompts: the script's "
+        "ImageNet templates ('a photo of a {}'), Danlu's `subject.txt` (the same kind); the script "
+        "also flips images at random (free).",
+        "LoRA: the script adapts the attention projections only (to_q, to_k, to_v, to_out.0); Danlu "
+        "uses kohya's module set (also the feed-forward layers and proj_in/proj_out), which is what "
+        "A1111/ComfyUI files contain, so it trains ~2× the adapter parameters (still <1% of the "
+        "U-Net's FLOPs). The script clips the gradient norm to 1.0 every step. U-Net only on both "
+        "sides; both run the frozen text encoder every step.",
+        "The scripts load images through a DataLoader every step; Danlu keeps them in memory. "
+        "Danlu writes a loss CSV line and emits a Progress event per step; the scripts update tqdm.",
+        "Different random streams: both seed 0, but the sequence of timesteps and noise differs; a "
+        "step's cost does not depend on its timestep.",
+        "Time to first step counts Python imports: 'first Train click in a running app' is timed "
+        "from the call of the method's `run(cfg, ctx)` in a process where `trainers` is imported "
+        "(the Train tab imports it) but no model is loaded yet, so it includes diffusers' pipeline "
+        "import in `load_model`, the model load and encoding the dataset; 'model already loaded' is "
+        "a second run in the same process (Danlu keeps one model cached); 'CLI' and 'script' are "
+        "from process spawn.",
+    ]
+    if "dreambooth" in methods and kind == "sd15":
+        out.append("DreamBooth on the SD1.5-shaped model trains all 860M U-Net weights with AdamW in "
+                   "fp32: ~15 GB per process; the two sides run one after the other, never at once.")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny model, 64 px (default)")
+    mode.add_argument("--full", action="store_true", help="SD1.5-shaped random model, 256 px")
+    parser.add_argument("--methods", help="comma list of " + ", ".join(TRAINING + EXTRAS)
+                        + " (default: quick = all training methods + ui; full = "
+                          "textual_inversion, lora, preprocess)")
+    parser.add_argument("--rounds", type=int, help="A/B rounds (default quick 3, full 2)")
+    parser.add_argument("--steps", type=int, help="steps per run (default quick 30, full 10)")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render from the saved measurements of this mode")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temp folder")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rounds to the saved measurements of this mode (same "
+                             "steps) instead of starting over; the report covers all of them")
+    parser.add_argument("--threads", type=int,
+                        help="OMP/MKL threads for every child (default: torch's default)")
+    args = parser.parse_args(argv)
+
+    name = "full" if args.full else "quick"
+    settings = MODES[name]
+    results_file = fixtures.bench_cache() / f"results-{name}.json"
+    if args.report_only:
+        source = results_file if results_file.exists() else results_file.with_suffix(".partial.json")
+        results = json.loads(source.read_text())
+        return _finish(results, args, results_file, save=False)
+
+    kind = settings["kind"]
+    methods = [m.strip() for m in (args.methods.split(",") if args.methods else settings["methods"])
+               if m.strip()]
+    unknown = [m for m in methods if m not in TRAINING + EXTRAS]
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(unknown)}")
+    training = [m for m in TRAINING if m in methods]
+    rounds = args.rounds or settings["rounds"]
+    steps = args.steps or settings["steps"]
+    if steps < 5:
+        parser.error("--steps must be at least 5 (2 warm-up steps, then timed ones)")
+    command = "python3 -m bench" + (" --full" if args.full else "")
+    for flag, value in (("--methods", args.methods), ("--rounds", args.rounds),
+                        ("--steps", args.steps)):
+        if value:
+            command += f" {flag} {value}"
+
+    if args.threads:
+        CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        command += f" --threads {args.threads}"
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="danlu-bench-"))
+    standin = write_standin(work / "standin")
+    results: dict = {
+        "mode": name, "heading": settings["heading"], "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "warmup": report.WARMUP,
+        "steps": {kind: steps}, "models": {kind: {"label": fixtures.MODELS[kind].label,
+                                                   "resolution": fixtures.MODELS[kind].resolution}},
+        "machine": machine_info(), "versions": versions(), "runs": [], "matmul": [],
+        "unavailable": {}, "standin": STANDIN_NOTE, "notes": notes(kind, training),
+        "examples_dir": str(baselines.examples_dir()), "threads": args.threads or os.cpu_count(),
+    }
+    results["machine"]["load_start"] = results["machine"].get("load")
+    first_round = 0
+    if args.append and results_file.exists():
+        previous = json.loads(results_file.read_text())
+        if previous.get("steps") != results["steps"]:
+            parser.error(f"--append: the saved {name} measurements used {previous.get('steps')} "
+                         f"steps, not {results['steps']}")
+        first_round = previous.get("rounds", 0)
+        previous["rounds"] = first_round + rounds
+        previous["command"] = f"{previous.get('command')}, then {command} --append"
+        previous["machine"]["load_start"] = (f"{previous['machine'].get('load_start')}; "
+                                             f"{results['machine']['load_start']}")
+        previous["versions"], previous["notes"] = results["versions"], results["notes"]
+        started -= previous.get("seconds", 0)
+        results = previous
+    try:
+        log(f"{name}: {kind} model, {steps} steps, {rounds} rounds, methods {', '.join(methods)}")
+        log("matmul peak")
+        results["matmul"].append(child_json([sys.executable, "-m", "bench.matmul_peak"], 300, ROOT))
+        if training or "ui" in methods:
+            log(f"building/locating the {kind} model and data (first time: minutes for sd15)")
+            setup = child_json([sys.executable, "-m", "bench.fixtures", kind, "--json-line"],
+                               3600, ROOT)
+            if setup.get("error"):
+                raise RuntimeError(f"setup failed: {setup['error']}\n{setup.get('stderr_tail', '')}")
+        from bench.danlu_run import available_methods
+        available = available_methods()
+        try:
+            results["baseline_source"] = baselines.source_info()
+        except Exception:  # noqa: BLE001 - the report says what is missing
+            results["baseline_source"] = {}
+        for method in training:
+            if method not in available:
+                results["unavailable"][method] = "not available in Danlu yet (not in trainers/registry.py)"
+        for round_ in range(first_round, first_round + rounds):
+            for method in training:
+                order = ["danlu", "baseline"] if round_ % 2 == 0 else ["baseline", "danlu"]
+                for side in order:
+                    if side == "danlu":
+                        if method not in available:
+                            if round_ == 0:
+                                results["runs"].append({"side": "danlu", "method": method,
+                                                        "kind": kind, "round": round_,
+                                                        "unavailable": "not available yet"})
+                            continue
+                        previews = method in ("textual_inversion", "hypernetwork") and (
+                            round_ == 0 or kind == "tiny")
+                        result = run_danlu(method, setup, steps, round_, work, settings["timeout"],
+                                           preview=previews,
+                                           cached_rerun=round_ == 0 and kind == "tiny")
+                    else:
+                        try:
+                            baselines.script_path(method)
+                        except baselines.BaselineMissing as error:
+                            if round_ == 0 and method in baselines.SCRIPTS:
+                                results["runs"].append({"side": "baseline", "method": method,
+                                                        "kind": kind, "round": round_,
+                                                        "error": str(error)})
+                            continue
+                        result = run_baseline(method, setup, steps, round_, work,
+                                              settings["timeout"], standin)
+                    result.update(side=side, method=method, kind=kind, round=round_)
+                    results["runs"].append(result)
+                    log(f"round {round_ + 1}/{first_round + rounds} {method} {side}: {_brief(result)}")
+                    _save_partial(results, results_file)
+        if "ui" in methods and "textual_inversion" in available:
+            log("UI overhead (page path vs CLI path)")
+            ui_dir = work / "ui"
+            ui_dir.mkdir()
+            spec = dict(method="textual_inversion", kind=kind, model=setup["model"],
+                        resolution=setup["resolution"], data=setup["data"],
+                        steps=settings["ui_steps"] if kind == "tiny" else max(steps, 8),
+                        seed=SEED, workdir=str(ui_dir), rounds=settings["ui_rounds"])
+            (ui_dir / "spec.json").write_text(json.dumps(spec))
+            results["ui"] = child_json([sys.executable, "-m", "bench.ui_overhead",
+                                        str(ui_dir / "spec.json")], settings["timeout"], ROOT)
+            summary = report.ui_summary(results["ui"])
+            log(f"UI overhead: {100 * summary['overhead']:+.1f}%" if summary
+                else f"UI overhead failed: {results['ui'].get('error')}")
+        if "preprocess" in methods:
+            log("preprocess throughput (bench.preprocess_throughput)")
+            cmd = [sys.executable, "-m", "bench.preprocess_throughput", "--output", args.out]
+            if args.no_write:
+                cmd.append("--no-write")
+            done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **CHILD_ENV),
+                                  capture_output=True, text=True)
+            results["preprocess"] = {"returncode": done.returncode,
+                                     "output": done.stdout[-3000:]}
+            results["commands"] = {"preprocess": "python3 -m bench.preprocess_throughput"}
+        log("matmul peak again")
+        results["matmul"].append(child_json([sys.executable, "-m", "bench.matmul_peak"], 300, ROOT))
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work folder kept: {work}")
+    results["machine"]["load"] = machine_info().get("load")
+    results["seconds"] = time.time() - started
+    results.setdefault("commands", {})
+    results["commands"] = {
+        "this benchmark": results["command"],
+        "one Danlu run": "python3 -m bench.danlu_run SPEC.json  (SPEC written by the runner)",
+        "one script run": "DANLU_BENCH_STANDIN=<folder> python3 bench/script_timer.py "
+                          "<examples>/train_dreambooth_lora.py --pretrained_model_name_or_path "
+                          "<model> --instance_data_dir <images> --instance_prompt 'a photo of sks "
+                          "dog' --resolution R --train_batch_size 1 --max_train_steps N "
+                          "--learning_rate 1e-4 --lr_scheduler constant --lr_warmup_steps 0 "
+                          "--rank 4 --seed 0 --mixed_precision no --checkpointing_steps 1000000 "
+                          "(see `bench/baselines.py::script_args` for all three)",
+        "baseline scripts": "python3 -m bench.baselines extract --git-dir <diffusers clone>/.git",
+        **results["commands"],
+    }
+    return _finish(results, args, results_file, save=True)
+
+
+def _save_partial(results: dict, results_file: Path) -> None:
+    """Keep what is measured so far (`--report-only` can render it if the run dies)."""
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.with_suffix(".partial.json").write_text(json.dumps(results))
+
+
+def _finish(results: dict, args, results_file: Path, save: bool) -> int:
+    if save:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results))
+        results_file.with_suffix(".partial.json").unlink(missing_ok=True)
+    section = report.render(results)
+    print(section)
+    if not args.no_write:
+        report.write_section(Path(args.out), results["heading"], section)
+        log(f"written to {args.out}; measurements in {results_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

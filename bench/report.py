@@ -1,0 +1,410 @@
+"""Turn the measurements of one benchmark run into a BENCHMARKS.md section (torch-free).
+
+`render(results)` -> markdown; `write_section(path, heading, text)` replaces that section and
+keeps every other one (the preprocess section is written by bench/preprocess_throughput.py).
+
+`results` (what bench/__main__.py collects; every key optional unless noted):
+  mode, command, heading (required), started, seconds, machine{}, versions{}, baseline_source{},
+  standin, models{kind: {label, resolution}}, steps{kind: n}, rounds, warmup,
+  matmul[{best_gflops, median_gflops}], unavailable{method: why}, notes[],
+  runs[{side: danlu|baseline, method, kind, round, step_times[[step, s]], step_cpu_times,
+        ttfs_call_s, ttfs_spawn_s, ttfs_cached_s, model_load_s, rss_at_last_step_mib,
+        rss_exit_mib, flops, preview_s[], error}],
+  ui{cli_s_per_step[], page_s_per_step[], poll_s[], long_history_poll_s, kind, steps},
+  commands{name: str}
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+METHOD_LABELS = {"textual_inversion": "Textual inversion", "hypernetwork": "Hypernetwork",
+                 "lora": "LoRA (rank 4)", "dreambooth": "DreamBooth (full U-Net)"}
+SCRIPT_NAMES = {"textual_inversion": "textual_inversion.py", "lora": "train_dreambooth_lora.py",
+                "dreambooth": "train_dreambooth.py"}
+# Targets from issue 8: Danlu / script seconds per step on the SD1.5-shaped model at 256 px.
+SPEED_TARGETS = {"textual_inversion": 0.8, "lora": 0.8, "dreambooth": 1.0}
+RSS_TARGET = 1.0
+TTFS_TARGET_S = 2.0
+UI_TARGET = 0.03
+TARGET_KIND = "sd15"
+WARMUP = 2
+
+
+# ---------------------------------------------------------------- numbers
+
+def steady(run: dict, key: str = "step_times", warmup: int = WARMUP) -> list[float]:
+    """Seconds of the steps after the warm-up (the FLOP-counted step is inside the warm-up)."""
+    flop_step = run.get("flop_step")
+    return [seconds for step, seconds in run.get(key) or []
+            if step > warmup and step != flop_step]
+
+
+def run_median(run: dict, key: str = "step_times", warmup: int = WARMUP) -> float | None:
+    values = steady(run, key, warmup)
+    return statistics.median(values) if values else None
+
+
+def _med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _range(values):
+    values = [v for v in values if v is not None]
+    return (min(values), max(values)) if values else None
+
+
+def summarize(results: dict) -> dict:
+    """Per (kind, method): medians, ranges and ratios of both sides."""
+    warmup = results.get("warmup", WARMUP)
+    table: dict = {}
+    for run in results.get("runs", []):
+        key = (run.get("kind"), run.get("method"))
+        entry = table.setdefault(key, {"danlu": [], "baseline": []})
+        entry[run.get("side", "danlu")].append(run)
+    out = {}
+    for key, sides in table.items():
+        row = {}
+        for side, runs in sides.items():
+            good = [r for r in runs if not r.get("error") and not r.get("unavailable")]
+            per_run = [run_median(r, "step_times", warmup) for r in good]
+            row[side] = {
+                "runs": len(good), "errors": [r["error"] for r in runs if r.get("error")],
+                "unavailable": next((r["unavailable"] for r in runs if r.get("unavailable")), None),
+                "s_per_step": _med(per_run), "s_range": _range(per_run),
+                "per_round": {r.get("round"): m for r, m in zip(good, per_run)},
+                "cpu_per_step": _med([run_median(r, "step_cpu_times", warmup) for r in good]),
+                "best": min((v for r in good for v in steady(r, "step_times", warmup)), default=None),
+                "rss_last_step": _med([r.get("rss_at_last_step_mib") for r in good]),
+                "rss_exit": _med([r.get("rss_exit_mib") for r in good]),
+                "ttfs_spawn": _med([r.get("ttfs_spawn_s") for r in good]),
+                "ttfs_call": _med([r.get("ttfs_call_s") for r in good]),
+                "ttfs_cached": _med([r.get("ttfs_cached_s") for r in good]),
+                "model_load": _med([r.get("model_load_s") for r in good]),
+                "import": _med([r.get("import_s") for r in good]),
+                "flops": _med([r.get("flops") for r in good]),
+                "flops_by_module": next((r.get("flops_by_module") for r in good
+                                         if r.get("flops_by_module")), {}),
+                "preview": [s for r in good for s in r.get("preview_s") or []],
+                "steps_timed": _med([len(steady(r, "step_times", warmup)) for r in good]),
+            }
+        d, b = row.get("danlu"), row.get("baseline")
+        if d and b and d["s_per_step"] and b["s_per_step"]:
+            row["ratio"] = d["s_per_step"] / b["s_per_step"]
+            paired = [d["per_round"][r] / b["per_round"][r] for r in d["per_round"]
+                      if r in b["per_round"] and d["per_round"][r] and b["per_round"][r]]
+            row["ratio_range"] = _range(paired)
+            if d["best"] and b["best"]:
+                row["best_ratio"] = d["best"] / b["best"]
+            if d["cpu_per_step"] and b["cpu_per_step"]:
+                row["cpu_ratio"] = d["cpu_per_step"] / b["cpu_per_step"]
+            if d["rss_last_step"] and b["rss_last_step"]:
+                row["rss_ratio"] = d["rss_last_step"] / b["rss_last_step"]
+            if d["rss_exit"] and b["rss_exit"]:
+                row["rss_exit_ratio"] = d["rss_exit"] / b["rss_exit"]
+            if d["ttfs_spawn"] and b["ttfs_spawn"]:
+                row["ttfs_ratio"] = d["ttfs_spawn"] / b["ttfs_spawn"]
+        out[key] = row
+    return out
+
+
+def ui_summary(ui: dict | None) -> dict | None:
+    if not ui or ui.get("error") or not ui.get("cli_s_per_step") or not ui.get("page_s_per_step"):
+        return None
+    cli, page = ui["cli_s_per_step"], ui["page_s_per_step"]
+    paired = [p / c - 1 for p, c in zip(page, cli)]
+    polls = ui.get("poll_s") or []
+    return {"cli": statistics.median(cli), "page": statistics.median(page),
+            "overhead": statistics.median(page) / statistics.median(cli) - 1,
+            "overhead_range": _range(paired), "poll": _med(polls), "polls": len(polls),
+            "long_poll": ui.get("long_history_poll_s")}
+
+
+# ---------------------------------------------------------------- formatting
+
+def _s(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits}g}" if value < 1 else f"{value:.{digits - 1}f}"
+
+
+def _rng(pair, fmt=_s) -> str:
+    return f"{fmt(pair[0])}–{fmt(pair[1])}" if pair else "—"
+
+
+def _ratio(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _mib(value) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
+def _gflop(value) -> str:
+    return "—" if not value else f"{value / 1e9:,.1f}"
+
+
+def _verdict(ok: bool | None, applies: bool = True) -> str:
+    if ok is None:
+        return "—"
+    if not applies:
+        return "(target is for SD1.5)" if ok else "(over, target is for SD1.5)"
+    return "met" if ok else "**not met**"
+
+
+def _cell(side: dict) -> str:
+    """'median (min–max)' of a side's seconds per step, or why there is none."""
+    if side.get("runs"):
+        return f"{_s(side.get('s_per_step'))} ({_rng(side.get('s_range'))})"
+    return "failed" if side.get("errors") else "not run"
+
+
+def _method_order(keys):
+    order = list(METHOD_LABELS)
+    return sorted(keys, key=lambda k: ({"tiny": 0, "sd15": 1}.get(k[0], 2),
+                                       order.index(k[1]) if k[1] in order else 99))
+
+
+def render(results: dict) -> str:
+    summary = summarize(results)
+    models = results.get("models", {})
+    matmul = results.get("matmul") or []
+    peak = max((m.get("best_gflops") or 0 for m in matmul), default=0) or None
+    lines = [results["heading"], ""]
+    command = results.get("command", "python3 -m bench")
+    steps = results.get("steps", {})
+    lines.append(
+        f"`{command}` — {results.get('rounds', '?')} rounds, Danlu and the diffusers example "
+        "script alternating (A B, then B A, ...), each run in its own process; "
+        + ", ".join(f"{models.get(k, {}).get('label', k)}: {n} steps per run"
+                    for k, n in steps.items())
+        + f"; seconds per step are the median of the steps after the first {results.get('warmup', WARMUP)} "
+        "(the second step is the one whose FLOPs are counted), then the median over runs, with "
+        "the range over runs in brackets. Ratios are Danlu / script: below 1 means Danlu is "
+        "faster or smaller. Other jobs on this 2-CPU machine come and go, so the "
+        "fastest step of each side (the least disturbed one) and the CPU seconds per step "
+        "(less sensitive to waiting, though OpenMP threads spin while they wait) are shown too; "
+        "the FLOP counts below do not depend on the load at all." + (f" Took {results['seconds'] / 60:.0f} min." if results.get("seconds") else ""))
+    lines.append("")
+
+    # --- main table
+    lines += ["| model | method | Danlu s/step | script s/step | ratio (range over rounds) | "
+              "target | fastest step Danlu / script (ratio) | CPU-s/step ratio | "
+              "peak RSS Danlu / script (MiB) | RSS ratio | target |",
+              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for key in _method_order(summary):
+        kind, method = key
+        row = summary[key]
+        d, b = row.get("danlu", {}), row.get("baseline", {})
+        label = METHOD_LABELS.get(method, method)
+        model = models.get(kind, {}).get("label", kind)
+        if d.get("unavailable"):
+            dtext = "not available yet"
+        else:
+            dtext = _cell(d)
+        btext = "no diffusers script" if method not in SCRIPT_NAMES else _cell(b)
+        ratio = row.get("ratio")
+        target = SPEED_TARGETS.get(method)
+        speed_ok = None if ratio is None or target is None else ratio <= target
+        rss_ok = None if row.get("rss_ratio") is None else row["rss_ratio"] <= RSS_TARGET
+        applies = kind == TARGET_KIND
+        ratio_text = (f"**{_ratio(ratio)}** ({_rng(row.get('ratio_range'), lambda v: f'{v:.2f}')})"
+                      if ratio is not None else "—")
+        target_text = (f"≤ {target}× {_verdict(speed_ok, applies)}" if target is not None
+                       else "—")
+        lines.append(
+            f"| {model} | {label} | {dtext} | {btext} | {ratio_text} | {target_text} | "
+            f"{_s(d.get('best'))} / {_s(b.get('best'))} ({_ratio(row.get('best_ratio'))}) | "
+            f"{_ratio(row.get('cpu_ratio'))} | "
+            f"{_mib(d.get('rss_last_step'))} / {_mib(b.get('rss_last_step'))} | "
+            f"{_ratio(row.get('rss_ratio'))} | "
+            f"{'≤ 1.0× ' + _verdict(rss_ok) if rss_ok is not None else '—'} |")
+    lines.append("")
+    lines.append("Peak RSS is the process's peak (getrusage) when its last training step ended; "
+                 "at process exit (after the final save; the LoRA script also reloads the whole "
+                 "pipeline for a final inference, Danlu renders a preview in its first TI/HN run) "
+                 "it is: " + "; ".join(
+                     f"{METHOD_LABELS.get(m, m)} on {k}: {_mib(summary[(k, m)].get('danlu', {}).get('rss_exit'))}"
+                     f" / {_mib(summary[(k, m)].get('baseline', {}).get('rss_exit'))} MiB"
+                     for k, m in _method_order(summary)) + ".")
+    lines.append("")
+
+    # --- time to first step
+    lines += ["### Time to first step", "",
+              "| model | method | Danlu, first Train click in a running app | same, model already "
+              "loaded | Danlu CLI from process start | script from process start | ratio (CLI) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for key in _method_order(summary):
+        kind, method = key
+        row = summary[key]
+        d, b = row.get("danlu", {}), row.get("baseline", {})
+        if not d or d.get("unavailable"):
+            continue
+        lines.append(f"| {models.get(kind, {}).get('label', kind)} | {METHOD_LABELS.get(method, method)} | "
+                     f"{_s(d.get('ttfs_call'))} s | {_s(d.get('ttfs_cached'))}"
+                     f"{' s' if d.get('ttfs_cached') else ''} | {_s(d.get('ttfs_spawn'))} s | "
+                     f"{_s(b.get('ttfs_spawn')) + ' s' if b.get('ttfs_spawn') else '—'} | "
+                     f"{_ratio(row.get('ttfs_ratio'))} |")
+    lines.append("")
+    tiny_ti = summary.get(("tiny", "textual_inversion"), {}).get("danlu", {})
+    if tiny_ti.get("ttfs_call") is not None:
+        call, cached = tiny_ti["ttfs_call"], tiny_ti.get("ttfs_cached")
+        load = tiny_ti.get("model_load")
+        verdict = "met" if call < TTFS_TARGET_S else "**not met**"
+        text = (f"Target: Train click to first step under {TTFS_TARGET_S:.0f} s on the tiny model — "
+                f"{verdict} for the first click in a fresh app ({_s(call)} s")
+        if load is not None:
+            text += f", of which {_s(load)} s is `load_model`"
+        text += ")"
+        if cached is not None:
+            text += (f"; {'met' if cached < TTFS_TARGET_S else '**not met**'} once the model is "
+                     f"loaded ({_s(cached)} s, e.g. after *Create embedding* or a previous run)")
+        lines += [text + ".", ""]
+
+    # --- FLOPs and fraction of peak
+    if peak:
+        lines += ["### FLOPs per step and fraction of the CPU's matmul peak", "",
+                  f"Peak: {peak:.0f} GFLOP/s (best of a 2048² fp32 matmul, "
+                  f"{results.get('threads', 2)} threads; median under the run's load "
+                  + ", ".join(f"{m['median_gflops']:.0f}" for m in matmul if m.get("median_gflops"))
+                  + " GFLOP/s at start/end). FLOPs are counted with "
+                  "`torch.utils.flop_counter.FlopCounterMode` (plus the CPU attention kernel, "
+                  "which torch's table lacks) on the second step of each run.", "",
+                  "| model | method | Danlu GFLOP/step | script GFLOP/step | Danlu % of peak | "
+                  "script % of peak | where the script's extra FLOPs go |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for key in _method_order(summary):
+            kind, method = key
+            row = summary[key]
+            d, b = row.get("danlu", {}), row.get("baseline", {})
+
+            def frac(side):
+                if side and side.get("flops") and side.get("s_per_step"):
+                    return f"{100 * side['flops'] / side['s_per_step'] / (peak * 1e9):.0f}%"
+                return "—"
+            extra = ""
+            if b.get("flops_by_module"):
+                mods = b["flops_by_module"]
+                vae = sum(v for k, v in mods.items() if k in ("Encoder", "AutoencoderKL"))
+                if vae:
+                    extra = f"VAE encode {vae / 1e9:,.1f} GFLOP (Danlu caches latents)"
+            lines.append(f"| {models.get(kind, {}).get('label', kind)} | {METHOD_LABELS.get(method, method)} | "
+                         f"{_gflop(d.get('flops'))} | {_gflop(b.get('flops'))} | {frac(d)} | "
+                         f"{frac(b)} | {extra} |")
+        lines.append("")
+
+    # --- UI overhead
+    ui = ui_summary(results.get("ui"))
+    if ui:
+        u = results["ui"]
+        ok = ui["overhead"] < UI_TARGET
+        lines += ["### UI overhead", "",
+                  f"Textual inversion on the {models.get(u.get('kind'), {}).get('label', u.get('kind'))}, "
+                  f"{u.get('steps')} steps per run, {u.get('rounds')} rounds of CLI path and page path "
+                  "alternating in one process (model loaded once): the page path is `JobRunner` "
+                  "(worker thread) with a poller thread doing once a second what the Train tab's "
+                  "timer does (`job.snapshot()`, `webui.live.status_text` / `loss_frame` / "
+                  "`gallery_items`" + (", and Gradio's `LinePlot.postprocess`" if u.get("gradio_postprocess") else "")
+                  + "); the CLI path is `runner(method)(cfg, ConsoleContext)` with tqdm to /dev/null.",
+                  "",
+                  "| CLI s/step (mean per run, median) | page s/step | overhead (range over rounds) | "
+                  "target | one poll | one poll, 100,000-step history |",
+                  "|---:|---:|---:|---|---:|---:|",
+                  f"| {_s(ui['cli'])} | {_s(ui['page'])} | **{100 * ui['overhead']:+.1f}%** "
+                  f"({_rng(ui['overhead_range'], lambda v: f'{100 * v:+.1f}%')}) | < 3% "
+                  f"{'met' if ok else '**not met**'} | {1000 * ui['poll']:.1f} ms "
+                  f"({ui['polls']} polls) | "
+                  + (f"{1000 * ui['long_poll']:.0f} ms" if ui.get("long_poll") else "—") + " |", ""]
+        if ui.get("long_poll"):
+            lines += [f"A poll holds the GIL for its duration once a second: "
+                      f"{100 * ui['poll']:.1f}% of wall time in these short runs, "
+                      f"{100 * ui['long_poll']:.0f}% with a 100,000-point loss history "
+                      "(`loss_frame` smooths and copies every point before thinning to 2,000 rows, "
+                      "then Gradio converts the frame).", ""]
+    elif results.get("ui", {}).get("error"):
+        lines += ["### UI overhead", "", f"Failed: {results['ui']['error']}", ""]
+
+    # --- previews
+    previews = [(key, row["danlu"]) for key, row in summary.items()
+                if row.get("danlu", {}).get("preview")]
+    if previews:
+        lines += ["### Preview cost", "",
+                  "One preview (20 steps, Euler a, CFG 7, at the training size) rendered by the "
+                  "training loop after the last step of the first run:", "",
+                  "| model | method | seconds per preview | in training steps |",
+                  "|---|---|---:|---:|"]
+        for key, d in sorted(previews, key=lambda item: _method_order([item[0]])[0]):
+            seconds = statistics.median(d["preview"])
+            steps_equiv = seconds / d["s_per_step"] if d.get("s_per_step") else None
+            lines.append(f"| {models.get(key[0], {}).get('label', key[0])} | {METHOD_LABELS.get(key[1], key[1])} | "
+                         f"{_s(seconds)} | {_s(steps_equiv, 2) if steps_equiv else '—'} |")
+        lines.append("")
+
+    # --- missing / failed
+    problems = []
+    for method, why in (results.get("unavailable") or {}).items():
+        problems.append(f"- {METHOD_LABELS.get(method, method)}: {why}")
+    for key in _method_order(summary):
+        for side in ("danlu", "baseline"):
+            for error in summary[key].get(side, {}).get("errors", []):
+                problems.append(f"- {side} {key[1]} on {key[0]} failed: `{error.splitlines()[0][:300]}`")
+    if problems:
+        lines += ["### Not measured", ""] + problems + [""]
+
+    # --- notes, settings, machine
+    if results.get("notes"):
+        lines += ["### Settings and differences that cannot be removed", ""]
+        lines += [f"- {note}" for note in results["notes"]]
+        lines.append("")
+    info = results.get("machine", {})
+    versions = results.get("versions", {})
+    source = results.get("baseline_source", {})
+    lines += ["### Machine, versions, commands", ""]
+    if info:
+        lines.append(f"Machine: {info.get('nproc', '?')} CPUs ({info.get('cpu', '?')}), "
+                     f"{info.get('memory', '?')} RAM, {info.get('os', '?')}; load average at the start "
+                     f"{info.get('load_start', '?')}, at the end {info.get('load', '?')} (1/5/15 min; "
+                     "other engineers' jobs share the CPU, so single runs vary a lot; the "
+                     "alternation and the medians allow for it).")
+    if versions:
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    if source:
+        lines.append(f"Baseline scripts: diffusers `{source.get('rev', '?')}` "
+                     f"({str(source.get('commit', ''))[:12]}), {source.get('note', '')}; read from "
+                     f"`{results.get('examples_dir', '$DANLU_DIFFUSERS_EXAMPLES')}`, never vendored.")
+    if results.get("standin"):
+        lines.append(results["standin"])
+    lines.append("")
+    for name, text in (results.get("commands") or {}).items():
+        lines.append(f"- {name}: `{text}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- file
+
+def write_section(path: Path, heading: str, text: str, before: str | None = "## Preprocess throughput") -> None:
+    """Replace the `heading` section of `path` with `text`; a new one goes before `before`
+    (or at the end). Other sections are kept byte for byte."""
+    path = Path(path)
+    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    lines = current.splitlines(keepends=True)
+    text = text.rstrip("\n") + "\n"
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
+    else:
+        anchor = next((i for i, line in enumerate(lines) if before and line.strip() == before), None)
+        if anchor is None:
+            new = current.rstrip("\n") + "\n\n" + text
+        else:
+            new = "".join(lines[:anchor]).rstrip("\n") + "\n\n" + text + "\n" + "".join(lines[anchor:])
+    path.write_text(new, encoding="utf-8")
