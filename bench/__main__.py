@@ -60,6 +60,14 @@ def log(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def _pinned(pin: int | None) -> tuple[list[str], dict]:
+    """taskset prefix and single-thread env for a paired run on CPU `pin`."""
+    if pin is None:
+        return [], {}
+    return (["taskset", "-c", str(pin)],
+            {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+
 def child_json(cmd: list[str], timeout: float, cwd: Path, env: dict | None = None) -> dict:
     """Run a child that prints `BENCH_JSON {...}` last; its output is kept for failures."""
     env = dict(os.environ, **CHILD_ENV, **(env or {}), DANLU_BENCH_T0=repr(time.time()))
@@ -76,30 +84,35 @@ def child_json(cmd: list[str], timeout: float, cwd: Path, env: dict | None = Non
             "stderr_tail": tail, "returncode": done.returncode}
 
 
-def run_danlu(method: str, setup: dict, steps: int, round_: int, work: Path, timeout: float,
-              preview: bool, cached_rerun: bool) -> dict:
+def run_danlu(method: str, setup: dict, steps: int, round_, work: Path, timeout: float,
+              preview: bool, cached_rerun: bool, pin: int | None = None) -> dict:
     folder = work / f"danlu-{method}-{round_}"
     folder.mkdir(parents=True, exist_ok=True)
     spec = dict(method=method, kind=setup["kind"], model=setup["model"],
                 resolution=setup["resolution"], data=setup["data"], steps=steps, seed=SEED,
-                workdir=str(folder), preview=preview, cached_rerun=cached_rerun, flop_step=2)
+                workdir=str(folder), preview=preview, cached_rerun=cached_rerun,
+                flop_step=2 if pin is None else None)
     spec_file = folder / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    result = child_json([sys.executable, "-m", "bench.danlu_run", str(spec_file)], timeout, ROOT)
+    prefix, env = _pinned(pin)
+    result = child_json(prefix + [sys.executable, "-m", "bench.danlu_run", str(spec_file)],
+                        timeout, ROOT, env)
     shutil.rmtree(folder / "data", ignore_errors=True)
     shutil.rmtree(folder / "data-rerun", ignore_errors=True)
+    shutil.rmtree(folder / "data-rerun2", ignore_errors=True)
     return result
 
 
-def run_baseline(method: str, setup: dict, steps: int, round_: int, work: Path, timeout: float,
-                 standin: Path) -> dict:
+def run_baseline(method: str, setup: dict, steps: int, round_, work: Path, timeout: float,
+                 standin: Path, pin: int | None = None) -> dict:
     folder = work / f"script-{method}-{round_}"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "timing.json"
     cmd = baselines.command(method, setup, steps, SEED, folder / "output")
-    result = child_json(cmd, timeout, folder, {"DANLU_BENCH_STANDIN": str(standin),
-                                               "DANLU_BENCH_OUT": str(out),
-                                               "DANLU_BENCH_FLOP_STEP": "2"})
+    prefix, env = _pinned(pin)
+    env.update({"DANLU_BENCH_STANDIN": str(standin), "DANLU_BENCH_OUT": str(out),
+                "DANLU_BENCH_FLOP_STEP": "2" if pin is None else ""})
+    result = child_json(prefix + cmd, timeout, folder, env)
     if out.exists():  # the wrapper writes its measurements to a file, not to stdout
         data = json.loads(out.read_text())
         if result.get("returncode") not in (None, 0) and not data.get("error"):
@@ -198,6 +211,10 @@ def main(argv=None) -> int:
     parser.add_argument("--append", action="store_true",
                         help="add these rounds to the saved measurements of this mode (same "
                              "steps) instead of starting over; the report covers all of them")
+    parser.add_argument("--paired", action="store_true",
+                        help="instead of A/B in turn, run Danlu and the script at the same time, "
+                             "each pinned to its own CPU with 1 thread (swapping CPUs every "
+                             "round), so bursts of other load hit both alike")
     parser.add_argument("--threads", type=int,
                         help="OMP/MKL threads for every child (default: torch's default)")
     args = parser.parse_args(argv)
@@ -221,7 +238,7 @@ def main(argv=None) -> int:
     steps = args.steps or settings["steps"]
     if steps < 5:
         parser.error("--steps must be at least 5 (2 warm-up steps, then timed ones)")
-    command = "python3 -m bench" + (" --full" if args.full else "")
+    command = "python3 -m bench" + (" --full" if args.full else "") + (" --paired" if args.paired else "")
     for flag, value in (("--methods", args.methods), ("--rounds", args.rounds),
                         ("--steps", args.steps)):
         if value:
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
     standin = write_standin(work / "standin")
     results: dict = {
         "mode": name, "heading": settings["heading"], "command": command,
-        "started": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "warmup": report.WARMUP,
+        "started": time.strftime("%Y-%m-%d %H:%M"), "rounds": 0 if args.paired else rounds, "warmup": report.WARMUP,
         "steps": {kind: steps}, "models": {kind: {"label": fixtures.MODELS[kind].label,
                                                    "resolution": fixtures.MODELS[kind].resolution}},
         "machine": machine_info(), "versions": versions(), "runs": [], "matmul": [],
@@ -250,7 +267,7 @@ def main(argv=None) -> int:
             parser.error(f"--append: the saved {name} measurements used {previous.get('steps')} "
                          f"steps, not {results['steps']}")
         first_round = previous.get("rounds", 0)
-        previous["rounds"] = first_round + rounds
+        previous["rounds"] = first_round + (0 if args.paired else rounds)
         previous["command"] = f"{previous.get('command')}, then {command} --append"
         previous["machine"]["load_start"] = (f"{previous['machine'].get('load_start')}; "
                                              f"{results['machine']['load_start']}")
@@ -276,7 +293,10 @@ def main(argv=None) -> int:
         for method in training:
             if method not in available:
                 results["unavailable"][method] = "not available in Danlu yet (not in trainers/registry.py)"
-        for round_ in range(first_round, first_round + rounds):
+        if args.paired:
+            _paired(results, training, available, setup, steps, rounds, work, settings,
+                    standin, results_file)
+        for round_ in range(first_round, first_round + (0 if args.paired else rounds)):
             for method in training:
                 order = ["danlu", "baseline"] if round_ % 2 == 0 else ["baseline", "danlu"]
                 for side in order:
@@ -355,6 +375,36 @@ def main(argv=None) -> int:
         **results["commands"],
     }
     return _finish(results, args, results_file, save=True)
+
+
+def _paired(results, training, available, setup, steps, rounds, work, settings, standin,
+            results_file) -> None:
+    """Danlu and the script at the same time on CPUs 0 and 1 (then 1 and 0), 1 thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = results.setdefault("paired", [])
+    first = max((p["round"] for p in pairs), default=-1) + 1
+    for round_ in range(first, first + rounds):
+        for method in training:
+            if method not in available or method not in baselines.SCRIPTS:
+                continue
+            if method == "dreambooth" and setup["kind"] == "sd15":
+                log("paired: skipping DreamBooth on sd15 (two full fine-tunes do not fit in RAM)")
+                continue
+            cpu = round_ % 2
+            with ThreadPoolExecutor(2) as pool:
+                danlu = pool.submit(run_danlu, method, setup, steps, f"p{round_}", work,
+                                    settings["timeout"], False, False, cpu)
+                script = pool.submit(run_baseline, method, setup, steps, f"p{round_}", work,
+                                     settings["timeout"], standin, 1 - cpu)
+                pair = {"method": method, "kind": setup["kind"], "round": round_,
+                        "cpus": [cpu, 1 - cpu], "danlu": danlu.result(), "baseline": script.result()}
+            pairs.append(pair)
+            ratio = report.paired_ratio(pair)
+            log(f"paired round {round_ + 1} {method}: Danlu {_brief(pair['danlu'])}; script "
+                f"{_brief(pair['baseline'])}; overlap ratio "
+                + (f"{ratio['ratio']:.2f}" if ratio else "—"))
+            _save_partial(results, results_file)
 
 
 def _save_partial(results: dict, results_file: Path) -> None:

@@ -122,6 +122,7 @@ class TimingContext:
         self.last_step = 0
         self.result = None
         self.losses: list[float] = []
+        self.rss_phases: list[tuple[str, float]] = []  # peak RSS so far at each Status event
 
     def should_stop(self) -> bool:
         return False
@@ -132,11 +133,13 @@ class TimingContext:
         if isinstance(event, ev.Progress):
             if self.first_progress is None:
                 self.first_progress = (now, time.time())
+                self.rss_phases.append(("first step done", peak_rss_mib()))
             self.last_step = event.step
             self.losses.append(event.loss)
             self.recorder.step_done(event.step)
         elif isinstance(event, ev.Status):
             self.statuses.append((now, event.text))
+            self.rss_phases.append((event.text[:60], peak_rss_mib()))
         elif isinstance(event, (ev.Preview, ev.Saved)) and self.recorder.step_ends:
             self.recorder.other("preview" if isinstance(event, ev.Preview) else f"save:{event.kind}",
                                 self.recorder.boundaries[-1], now)
@@ -203,6 +206,7 @@ def main(argv=None) -> int:
         out["config_fields_missing"] = missing
         out["rss_exit_mib"] = peak_rss_mib()
         out["losses"] = ctx.losses
+        out["rss_phases"] = ctx.rss_phases
         out["result"] = getattr(ctx.result, "message", None)
         if ctx.first_progress is not None:
             out["ttfs_call_s"] = ctx.first_progress[0] - called
@@ -215,6 +219,15 @@ def main(argv=None) -> int:
             ctx2, rec2, called2, _, _ = run_once(rerun, work / "data-rerun", False, None)
             if ctx2.first_progress is not None:
                 out["ttfs_cached_s"] = ctx2.first_progress[0] - called2
+            # imports warm, model loaded from disk again: the first run minus this one is what
+            # importing diffusers' pipeline machinery costs the first click
+            from trainers import models as model_cache
+            with model_cache._cache_lock:
+                model_cache._cache.clear()
+            ctx3, _, called3, _, _ = run_once(rerun, work / "data-rerun2", False, None)
+            if ctx3.first_progress is not None:
+                out["ttfs_warm_imports_s"] = ctx3.first_progress[0] - called3
+                out.update({f"warm_{k}": v for k, v in _phases(ctx3, called3).items()})
     except Exception as error:  # report, don't hide: the orchestrator shows it in the table
         out["error"] = f"{type(error).__name__}: {getattr(error, 'user_message', None) or error}"
         out["traceback"] = traceback.format_exc()[-4000:]

@@ -52,6 +52,7 @@ class StepRecorder:
         # much more than CPU time, so it is the steadier measure on a shared machine
         self.cpu_ends: list[float] = []
         self.cpu_boundaries: list[float] = []
+        self.step_walls: list[tuple[int, float]] = []  # (step, time.time()) for paired runs
         self.others: list[tuple[str, float, float]] = []  # (kind, started, ended)
         self.flop_step = flop_step
         self.flops: int | None = None
@@ -72,6 +73,7 @@ class StepRecorder:
         self.boundaries.append(now)
         self.cpu_ends.append(cpu)
         self.cpu_boundaries.append(cpu)
+        self.step_walls.append((step, time.time()))
         self.rss_at_last_step = peak_rss_mib()
         if self._counter is not None:
             counter, self._counter = self._counter, None
@@ -118,6 +120,6 @@ class StepRecorder:
         top = {name: flops for name, flops in self.flops_by_module.items() if name.count(".") <= 1}
         return {"step_times": self.step_times(), "step_cpu_times": self.step_cpu_times(),
                 "flops": self.flops,
-                "flops_by_module": top, "flop_step": self.flop_step,
+                "flops_by_module": top, "flop_step": self.flop_step, "step_walls": self.step_walls,
                 "rss_at_last_step_mib": self.rss_at_last_step,
                 "others": [(kind, end - start) for kind, start, end in self.others]}

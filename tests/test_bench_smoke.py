@@ -28,9 +28,15 @@ def fake_results() -> dict:
                       preview_s=[60.0] if round_ == 0 else [])]
     runs.append({"side": "danlu", "method": "dreambooth", "kind": "sd15", "round": 0,
                  "unavailable": "not available yet"})
+
+    def walls(start, seconds):
+        return {"step_walls": [[i, start + i * seconds] for i in range(1, 11)]}
+    paired = [{"method": "lora", "kind": "sd15", "round": 0, "cpus": [0, 1],
+               "danlu": walls(30.0, 6.0), "baseline": walls(0.0, 10.0)}]
     return {"heading": "## Training: fake", "command": "python3 -m bench --full", "rounds": 2,
             "steps": {"sd15": 8}, "models": {"sd15": {"label": "SD1.5-shaped", "resolution": 256}},
             "matmul": [{"best_gflops": 190.0, "median_gflops": 170.0}], "runs": runs,
+            "paired": paired,
             "ui": {"kind": "sd15", "steps": 8, "rounds": 2, "cli_s_per_step": [5.0, 5.1],
                    "page_s_per_step": [5.05, 5.1], "poll_s": [0.004, 0.005],
                    "long_history_poll_s": 0.09},
@@ -54,6 +60,9 @@ def test_report_writer_makes_a_table_and_keeps_other_sections(tmp_path):
     assert "not available yet" in text and "### UI overhead" in text
     assert "**+0.5%**" in text  # 5.075 / 5.05
     assert "VAE encode 270.0 GFLOP" in text and "### Preview cost" in text
+    pair = next(line for line in text.splitlines() if line.startswith("| SD1.5-shaped | LoRA")
+                and "| 1 |" in line)
+    assert "**0.60×**" in pair  # only the steps that overlapped count: 6 s vs 10 s
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Preprocess throughput\n\nkept line\n", encoding="utf-8")
