@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
+from core.events import Status
 from tests.conftest import RecordingContext, photo
 from tests.test_textual_inversion import module_digest
 from trainers import models
@@ -61,6 +62,29 @@ def test_unet_changes_vae_does_not_and_the_single_file_reproduces_it(data_paths,
     assert np.allclose(image_of(pipe), image_of(trained), atol=1e-5)
     base_pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
     assert not np.allclose(image_of(pipe), image_of(base_pipe), atol=1e-4)
+
+
+@pytest.mark.parametrize("changes", [{"save_precision": "fp16"},
+                                     {"save_precision": "bf16", "use_ema": True, "ema_decay": 0.5,
+                                      "train_text_encoder": True}])
+def test_interrupted_then_resumed_run_repeats_the_uninterrupted_one_when_saving_rounded(
+        data_paths, instance_dir, changes):
+    from safetensors.torch import load_file
+    cfg = db_config(instance_dir, max_train_steps=5, **changes)
+    whole = RecordingContext(data_paths)
+    path = run(cfg, whole)
+    final = load_file(path)
+    assert final["model.diffusion_model.out.2.weight"].dtype != torch.float32  # a rounded file
+    for leftover in data_paths.stable_diffusion.iterdir():
+        leftover.unlink()
+    first = RecordingContext(data_paths, stop_after=2)
+    run(cfg, first)
+    second = RecordingContext(data_paths)
+    run(cfg, second)
+    assert first.losses + second.losses == whole.losses
+    assert any("exact fp32 weights of step 2" in e.text for e in second.of(Status))
+    resumed = load_file(path)
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
 def test_text_encoder_trains_when_asked(data_paths, instance_dir):

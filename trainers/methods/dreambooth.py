@@ -34,6 +34,8 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
     # the weights change in place, so take the model out of the shared cache
     model = load_model(paths, path.name if resuming else cfg.model, exclusive=True)
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
+    if resuming and restore_master_weights(model, path):
+        ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
     base_config = "tiny-demo" if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
 
     class_dir = None
@@ -51,6 +53,34 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
                                           prior_loss_weight=cfg.prior_loss_weight,
                                           report=lambda text: ctx.emit(ev.Status(text)))
     return _train(cfg, ctx, model, batches, path, start, base_config)
+
+
+MASTER_MODULES = ("unet", "text_encoder", "vae")
+
+
+def needs_master_weights(cfg) -> bool:
+    """The saved file is not the training state when it is rounded (fp16/bf16) or holds the
+    EMA weights; the .optim sidecar then keeps the fp32 weights to resume from."""
+    return cfg.save_precision != "fp32" or getattr(cfg, "use_ema", False)
+
+
+def master_weights(model) -> dict:
+    return {name: {k: v.detach().to("cpu", torch.float32).clone()
+                   for k, v in getattr(model, name).state_dict().items()}
+            for name in MASTER_MODULES}
+
+
+def restore_master_weights(model, path: Path) -> bool:
+    """Load the fp32 weights kept in `<path>.optim` (when it belongs to this very file)."""
+    from trainers.formats.optim_sidecar import load_optim
+    payload, _ = load_optim(path, _metadata(path).get("danlu.save_id", ""))
+    weights = (payload or {}).get("danlu", {}).get("weights")
+    if not isinstance(weights, dict) or set(weights) != set(MASTER_MODULES):
+        return False
+    for name in MASTER_MODULES:
+        module = getattr(model, name)
+        module.load_state_dict(weights[name])
+    return True
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -130,7 +160,7 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
         unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
         resume_optimizer=not cfg.overwrite,
         after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
-        sidecar_extra=(lambda: {"ema": ema.state_dict()}) if ema is not None else None)
+        sidecar_extra=lambda: sidecar(cfg, model, ema))
     opts = kt.loop_options(cfg, model, batches, steps, {"method": "dreambooth", "output": str(path)})
     try:
         result = train(model, batches, plan, opts, ctx)
@@ -141,6 +171,15 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
         _save_diffusers(model, path.with_suffix(""))
         ctx.emit(ev.Saved(step=steps, path=str(path.with_suffix("")), kind="diffusers folder"))
     return result
+
+
+def sidecar(cfg, model, ema) -> dict:
+    extra = {}
+    if ema is not None:
+        extra["ema"] = ema.state_dict()
+    if needs_master_weights(cfg):
+        extra["weights"] = master_weights(model)
+    return extra
 
 
 def _save_diffusers(model, folder: Path) -> None:
