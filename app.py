@@ -9,7 +9,6 @@ import argparse
 import hmac
 import math
 import os
-import re
 import secrets
 import signal
 import sys
@@ -174,64 +173,6 @@ class LoginGuard:
             self._all[:] = [0.0, 0.0, 0.0]
 
 
-class HideApiInfoFromVisitors:
-    """ASGI middleware: gradio 6 writes the app's API description (every endpoint with its
-    defaults and dropdown choices, e.g. the names of the user's models and embeddings) into
-    the login page it shows to visitors who are not logged in. This blanks it in every page
-    sent without a valid login cookie, and refuses a page it cannot blank."""
-
-    SCRIPT = re.compile(rb"<script>window\.gradio_api_info = .*?;</script>", re.DOTALL)
-    EMPTY = b'<script>window.gradio_api_info = {"named_endpoints":{},"unnamed_endpoints":{}};</script>'
-
-    def __init__(self, app):
-        self.app = app
-
-    @staticmethod
-    def logged_in(scope) -> bool:
-        from starlette.requests import HTTPConnection
-        server = scope.get("app")
-        tokens, cookie_id = getattr(server, "tokens", None), getattr(server, "cookie_id", None)
-        if tokens is None or cookie_id is None:
-            return False
-        cookies = HTTPConnection(scope).cookies
-        token = cookies.get(f"access-token-{cookie_id}") or \
-            cookies.get(f"access-token-unsecure-{cookie_id}")
-        return token is not None and tokens.get(token) is not None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or \
-                self.logged_in(scope):
-            await self.app(scope, receive, send)
-            return
-        start: dict = {}
-        parts: list[bytes] = []
-
-        async def filtered(message):
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", []))
-                if not headers.get(b"content-type", b"").startswith(b"text/html"):
-                    await send(message)  # not a page: pass it (and its body) through
-                    return
-                start.update(message)
-                return
-            if not start or message["type"] != "http.response.body":
-                await send(message)
-                return
-            parts.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body, count = self.SCRIPT.subn(self.EMPTY, b"".join(parts))
-            if not count and b"gradio_api_info" in body:
-                start["status"] = 500
-                body = b"This page could not be shown safely; log in first."
-            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, filtered)
-
-
 def wait_for_stop_signal(app) -> None:
     """Block until SIGTERM or SIGINT (or the server stopped); a second signal exits at once."""
     asked = threading.Event()
@@ -269,8 +210,8 @@ def close(app, runner, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
     return clean
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def start(args: argparse.Namespace):
+    """Build and launch the app (without blocking); returns (gradio app, JobRunner)."""
     data_dir = Path(args.data_dir).expanduser().resolve()
     login = credentials(args)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(data_dir / ".cache" / "gradio"))
@@ -299,14 +240,22 @@ def main(argv=None) -> int:
         os.chdir(workdir)
     app_kwargs = {}
     if login is not None:
+        # one gate in front of every route (gradio leaves some open), then the login page
+        # without the app's API description
         from starlette.middleware import Middleware
-        app_kwargs["middleware"] = [Middleware(HideApiInfoFromVisitors)]
+        from webui.access import HideApiInfoFromVisitors, RequireLogin
+        app_kwargs["middleware"] = [Middleware(RequireLogin), Middleware(HideApiInfoFromVisitors)]
     app.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, share=args.share,
         auth=LoginGuard(login).check if login is not None else None,
         allowed_paths=[str(paths.outputs)], show_error=False, prevent_thread_lock=True,
         run_history=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
         app_kwargs=app_kwargs)
+    return app, runner
+
+
+def main(argv=None) -> int:
+    app, runner = start(parse_args(argv))
     wait_for_stop_signal(app)
     return 0 if close(app, runner) else 1
 
