@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from core.paths import REPO_DIR, Paths
-from trainers.tiny_model import DEMO_NAME, build_tiny_model
+from trainers.families import FamilyError, file_family, folder_family, pipeline_class, \
+    sd2_prediction_type
+from trainers.tiny_model import DEMO_MODELS, DEMO_NAME, build_tiny_model
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SKELETONS = REPO_DIR / "trainers" / "model_configs"
@@ -32,6 +34,17 @@ class BaseModel:
     scheduler_config: dict
     short_hash: str | None = None
     is_demo: bool = False
+    family: str = "sd1"  # sd1 | sd2 | sdxl
+    tokenizer_2: Any = None  # SDXL's second (OpenCLIP bigG) tokenizer and text encoder
+    text_encoder_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def prediction_type(self) -> str:
@@ -46,7 +59,7 @@ class BaseModel:
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def freeze(self) -> None:
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in (*self.text_encoders, self.unet, self.vae):
             module.requires_grad_(False)
             module.eval()
 
@@ -57,7 +70,7 @@ def list_models(paths: Paths) -> list[str]:
     root = paths.stable_diffusion
     if root.is_dir():
         for entry in sorted(root.iterdir(), key=lambda p: p.name.lower()):
-            if entry.name == DEMO_NAME:
+            if entry.name in DEMO_MODELS:
                 continue
             if entry.is_dir() and (entry / "model_index.json").exists():
                 names.append(entry.name)
@@ -71,8 +84,8 @@ def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:
     name = name.strip()
     if not name:
         raise ModelError("model: choose a base model")
-    if name == DEMO_NAME:
-        return "demo", paths.cache / DEMO_NAME
+    if name in DEMO_MODELS:
+        return "demo", paths.cache / name
     candidate = paths.stable_diffusion / name
     if paths.confine:  # a shared app loads only what is inside the data folder
         candidate = paths.resolve(candidate, "model")
@@ -118,10 +131,14 @@ def file_short_hash(path: Path, cache_dir: Path) -> str:
 def config_skeleton(paths: Paths, family: str = "sd1") -> Path:
     """A diffusers folder with configs and tokenizer but no weights, for from_single_file."""
     from trainers.tokenizer_files import write_clip_tokenizer
+    if not (CONFIG_SKELETONS / family).is_dir():
+        raise ModelError(f"model: no config skeleton for family {family!r}")
     target = paths.cache / "configs" / family
     if not (target / "tokenizer" / "vocab.json").exists():
         shutil.copytree(CONFIG_SKELETONS / family, target, dirs_exist_ok=True)
-        write_clip_tokenizer(target / "tokenizer")
+        write_clip_tokenizer(target / "tokenizer", pad_token="!" if family == "sd2" else None)
+        if family == "sdxl":
+            write_clip_tokenizer(target / "tokenizer_2", pad_token="!")
     return target
 
 
@@ -131,19 +148,24 @@ def training_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def single_file_config(paths: Paths, path: Path) -> Path:
-    """The diffusers config a single file loads with: the demo model's for files Danlu trained
-    from it (their metadata says so), else the shipped SD1 skeleton."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                base = (handle.metadata() or {}).get("danlu.base_config")
-        except Exception:  # an unreadable file fails later with diffusers' own message
-            base = None
-        if base == DEMO_NAME:
-            return build_tiny_model(paths.cache / DEMO_NAME)
-    return config_skeleton(paths)
+def _file_metadata(path: Path) -> dict:
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # an unreadable file fails later with diffusers' own message
+        return {}
+
+
+def single_file_config(paths: Paths, path: Path, family: str | None = None) -> Path:
+    """The diffusers config a single file loads with: a demo model's for files Danlu trained
+    from one (their metadata says which), else the shipped skeleton of the file's family."""
+    base = _file_metadata(path).get("danlu.base_config")
+    if base in DEMO_MODELS:
+        return build_tiny_model(paths.cache / base, family=DEMO_MODELS[base])
+    return config_skeleton(paths, family or file_family(path))
 
 
 _cache_lock = threading.Lock()
@@ -180,38 +202,59 @@ def _quiet_libraries() -> None:
 
 
 def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
-
     _quiet_libraries()
 
     short_hash = None
+    prediction_type = None
     try:
         if kind == "demo":
-            build_tiny_model(Path(location))
-            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
-                                                           local_files_only=True)
+            family = DEMO_MODELS[name.strip()]
+            build_tiny_model(Path(location), family=family)
         elif kind == "folder":
-            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
-                                                           local_files_only=True)
+            family = folder_family(location)
+        elif kind == "file":
+            family = file_family(location)
+        else:
+            family = None
+        if kind in ("demo", "folder"):
+            pipe = _pretrained(family, location, local_files_only=True)
         elif kind == "file":
             path = Path(location)
             if path.suffix.lower() == ".ckpt":
                 from trainers.formats.safe_load import safe_torch_load
                 safe_torch_load(path)  # refuse pickles that carry code before diffusers reads it
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(single_file_config(paths, path)), local_files_only=True,
-                safety_checker=None)
+            config = single_file_config(paths, path, family)
+            extra = {} if family == "sdxl" else {"safety_checker": None}
+            pipe = pipeline_class(family).from_single_file(
+                str(path), config=str(config), local_files_only=True, **extra)
+            if family == "sd2":
+                prediction_type = sd2_prediction_type(path)
             short_hash = file_short_hash(path, paths.cache)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(location, safety_checker=None)
+            from diffusers import DiffusionPipeline
+            pipe = DiffusionPipeline.from_pretrained(location)
+            family = "sdxl" if hasattr(pipe, "text_encoder_2") else (
+                "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1")
     except ModelError:
         raise
+    except FamilyError as error:
+        raise ModelError(str(error)) from error
     except Exception as error:
         raise ModelError(f"model: could not load {name!r}: {type(error).__name__}: {error}") from error
     pipe.to(training_device())
+    scheduler_config = dict(pipe.scheduler.config)
+    if prediction_type:
+        scheduler_config["prediction_type"] = prediction_type
     model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
                       text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-                      scheduler_config=dict(pipe.scheduler.config), short_hash=short_hash,
-                      is_demo=kind == "demo")
+                      scheduler_config=scheduler_config, short_hash=short_hash,
+                      is_demo=kind == "demo", family=family,
+                      tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                      text_encoder_2=getattr(pipe, "text_encoder_2", None))
     model.freeze()
     return model
+
+
+def _pretrained(family: str, location, **kwargs):
+    extra = {} if family == "sdxl" else {"safety_checker": None}
+    return pipeline_class(family).from_pretrained(location, **extra, **kwargs)

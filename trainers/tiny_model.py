@@ -1,5 +1,6 @@
-"""The built-in demo model: an SD1-shaped pipeline with tiny random weights and the real CLIP
-vocabulary, built locally in about a second so every tab works with no download."""
+"""The built-in demo models: SD1-, SD2- (v-prediction) and SDXL-shaped pipelines with tiny random
+weights and the real CLIP vocabulary, built locally in about a second so every tab works with no
+download. Each is saved as a complete diffusers folder in the real layout of its family."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 DEMO_NAME = "tiny-demo"
+# name -> family; the SD1 one is the app's default demo model
+DEMO_MODELS = {DEMO_NAME: "sd1", "tiny-demo-sd2": "sd2", "tiny-demo-sdxl": "sdxl"}
 
 SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -15,13 +18,41 @@ SCHEDULER = {
     "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "epsilon",
     "clip_sample": False,
 }
+# SD 2.x 768-v: the same betas, v-prediction (stabilityai/stable-diffusion-2-1 uses DDIM)
+SD2_SCHEDULER = {**SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+# SDXL base: Euler, epsilon
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "interpolation_type": "linear", "steps_offset": 1, "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+# SDXL's size/crop conditioning: 6 numbers, each embedded in this many channels (real: 256)
+SDXL_TIME_EMBED_DIM = 8
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def _clip_config(width: int, activation: str, projection: int | None = None):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        projection_dim=projection or width, hidden_act=activation)
 
 
 def build_components(seed: int = 0, cross_attention_dim: int = 32):
-    """Return (unet, vae, text_encoder) with deterministic random weights."""
+    """SD1 shape: return (unet, vae, text_encoder) with deterministic random weights."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -30,46 +61,106 @@ def build_components(seed: int = 0, cross_attention_dim: int = 32):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=cross_attention_dim, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32,
-        hidden_act="quick_gelu"))
+    vae = _vae()
+    text_encoder = CLIPTextModel(_clip_config(cross_attention_dim, "quick_gelu"))
     return unet, vae, text_encoder
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """Write a complete diffusers folder (model_index.json, weights, tokenizer, scheduler)."""
+def build_sd2_components(seed: int = 0, cross_attention_dim: int = 48):
+    """SD2 shape (OpenCLIP-style gelu text encoder, linear proj_in/proj_out, per-block head
+    counts); the context is 48 wide so it differs from the SD1 demo's 32."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4),
+        use_linear_projection=True)
+    vae = _vae()
+    text_encoder = CLIPTextModel(_clip_config(cross_attention_dim, "gelu"))
+    return unet, vae, text_encoder
+
+
+def build_sdxl_components(seed: int = 0, width_1: int = 32, width_2: int = 48):
+    """SDXL shape: (unet, vae, text_encoder, text_encoder_2). The context is both encoders'
+    penultimate states side by side (32 + 48 = 80 here, 768 + 1280 = 2048 in SDXL); the U-Net's
+    `text_time` embedding takes the second encoder's pooled projection and 6 size/crop numbers.
+    The two widths differ, as in SDXL, which diffusers' single-file loader relies on."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4),
+        cross_attention_dim=width_1 + width_2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + width_2)
+    vae = _vae()
+    text_encoder = CLIPTextModel(_clip_config(width_1, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(width_2, "gelu", width_2))
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def _model_index(family: str) -> dict:
+    common = {"_diffusers_version": "0.42.1", "feature_extractor": [None, None],
+              "text_encoder": ["transformers", "CLIPTextModel"],
+              "tokenizer": ["transformers", "CLIPTokenizer"],
+              "unet": ["diffusers", "UNet2DConditionModel"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "sdxl":
+        return {"_class_name": "StableDiffusionXLPipeline", **common,
+                "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    scheduler = "DDIMScheduler" if family == "sd2" else "PNDMScheduler"
+    return {"_class_name": "StableDiffusionPipeline", **common,
+            "safety_checker": [None, None], "requires_safety_checker": False,
+            "scheduler": ["diffusers", scheduler]}
+
+
+SCHEDULERS = {"sd1": SCHEDULER, "sd2": SD2_SCHEDULER, "sdxl": SDXL_SCHEDULER}
+BUILDERS = {"sd1": build_components, "sd2": build_sd2_components, "sdxl": build_sdxl_components}
+
+
+def build_tiny_model(folder: Path, seed: int = 0, family: str = "sd1") -> Path:
+    """Write a complete diffusers folder (model_index.json, weights, tokenizers, scheduler) of
+    the given family ('sd1', 'sd2' v-prediction, 'sdxl'); an existing one is kept."""
     from trainers.tokenizer_files import write_clip_tokenizer
 
+    if family not in BUILDERS:
+        raise ValueError(f"family {family!r}: choose one of {', '.join(BUILDERS)}")
     folder = Path(folder)
     if (folder / "model_index.json").exists():
         return folder
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent if folder.parent.exists() else None))
     try:
-        unet, vae, text_encoder = build_components(seed)
+        parts = BUILDERS[family](seed)
+        unet, vae, text_encoder = parts[:3]
         unet.save_pretrained(staging / "unet")
         vae.save_pretrained(staging / "vae")
         text_encoder.save_pretrained(staging / "text_encoder")
-        write_clip_tokenizer(staging / "tokenizer")
+        # SD2's and SDXL's OpenCLIP tokenizers pad with "!" (id 0), SD1's with the end token
+        write_clip_tokenizer(staging / "tokenizer", pad_token="!" if family == "sd2" else None)
+        if family == "sdxl":
+            parts[3].save_pretrained(staging / "text_encoder_2")
+            write_clip_tokenizer(staging / "tokenizer_2", pad_token="!")
         (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-        (staging / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-            "feature_extractor": [None, None], "safety_checker": [None, None],
-            "requires_safety_checker": False,
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}, indent=1))
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS[family]))
+        (staging / "model_index.json").write_text(json.dumps(_model_index(family), indent=1))
         (staging / "DEMO_MODEL.txt").write_text(
-            "Danlu's built-in demo model: random weights, for trying the app on a CPU. "
-            "Its images are noise; put a real model in models/Stable-diffusion.\n")
+            f"Danlu's built-in {family.upper()}-shaped demo model: random weights, for trying the "
+            "app on a CPU. Its images are noise; put a real model in models/Stable-diffusion.\n")
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not folder.exists():
             staging.rename(folder)

@@ -35,7 +35,10 @@ def _byte_alphabet() -> list[str]:
     return [mapping[b] for b in ordered]
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
+def write_clip_tokenizer(folder: Path, pad_token: str | None = None) -> Path:
+    """vocab.json, merges.txt and the tokenizer configs; `pad_token` "!" for SD2's and SDXL's
+    second (OpenCLIP) tokenizer, else the end token pads as in SD1."""
+    pad = pad_token or "<|endoftext|>"
     folder.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(_bpe_table(), "rt", encoding="utf-8").read().split("\n")
     merges = lines[1:N_MERGES + 1]
@@ -49,10 +52,10 @@ def write_clip_tokenizer(folder: Path) -> Path:
                                        encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+        "pad_token": pad, "unk_token": "<|endoftext|>"}))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": pad, "unk_token": "<|endoftext|>",
         "do_lower_case": True, "clean_up_tokenization_spaces": True}))
     return folder

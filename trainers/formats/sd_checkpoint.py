@@ -11,8 +11,10 @@ diffusers state dicts are renamed block by block into
 
 Every converter first checks the state dict against the model it claims to be (built on the
 `meta` device, so no memory is used) and names the missing, unexpected or misshapen keys.
-SDXL: the UNet converts (`label_emb`, several transformer blocks per attention); its two text
-encoders (`conditioner.embedders.*`) are only detected, so SDXL files are not written yet.
+    conditioner.embedders.0.transformer.text_model.*   SDXL: CLIP ViT-L, Hugging Face names
+    conditioner.embedders.1.model.*   SDXL: OpenCLIP ViT-bigG, fused q/k/v, text_projection
+
+SDXL's UNet has `label_emb` (size/crop conditioning) and several transformer blocks per attention.
 """
 from __future__ import annotations
 
@@ -356,15 +358,11 @@ OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                 "final_layer_norm.bias": "ln_final.bias"}
 
 
-def _sd2_text(state_dict: StateDict, restore_last_layer: bool = True) -> dict[str, torch.Tensor]:
-    """CLIPTextModel (SD2's OpenCLIP ViT-H as diffusers holds it) -> `cond_stage_model.model.*`.
-
-    q/k/v are fused into `attn.in_proj_weight/bias` [3*width, width]. SD2 conditions on the
-    penultimate layer, so diffusers keeps 23 of OpenCLIP's 24 blocks; with `restore_last_layer`
-    a copy of the last block is appended so the file has the block count the original has (it is
-    never used). `text_projection` (identity) and `logit_scale` are written for the same reason.
-    """
-    clip = _clip_keys(state_dict)
+def _openclip(clip: dict[str, torch.Tensor], restore_last_layer: bool,
+              projection: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Prefix-free CLIPTextModel keys -> OpenCLIP names (`transformer.resblocks.N.*`, fused
+    q/k/v as `attn.in_proj_weight/bias` [3*width, width]), `text_projection` [width, proj]
+    (the transpose of transformers' Linear weight; identity when not given) and `logit_scale`."""
     _check_clip(clip)
     out = {}
     layers = _indices(clip, r"encoder\.layers\.(\d+)\.")
@@ -392,9 +390,44 @@ def _sd2_text(state_dict: StateDict, restore_last_layer: bool = True) -> dict[st
             out[copy + key[len(last):]] = out[key].clone()
     token = clip["embeddings.token_embedding.weight"]
     width = token.shape[1]
-    out["text_projection"] = torch.eye(width, dtype=token.dtype, device=token.device)
+    out["text_projection"] = (torch.eye(width, dtype=token.dtype, device=token.device)
+                              if projection is None else projection.t().contiguous())
     out["logit_scale"] = torch.tensor(math.log(100.0), dtype=token.dtype, device=token.device)
+    return out
+
+
+def _sd2_text(state_dict: StateDict, restore_last_layer: bool = True) -> dict[str, torch.Tensor]:
+    """CLIPTextModel (SD2's OpenCLIP ViT-H as diffusers holds it) -> `cond_stage_model.model.*`.
+
+    SD2 conditions on the penultimate layer, so diffusers keeps 23 of OpenCLIP's 24 blocks; with
+    `restore_last_layer` a copy of the last block is appended so the file has the block count the
+    original has (it is never used). `text_projection` (identity) and `logit_scale` are written
+    for the same reason.
+    """
+    out = _openclip(_clip_keys(state_dict), restore_last_layer, None)
     return {SD2_TEXT_PREFIX + k: v for k, v in out.items()}
+
+
+SDXL_TEXT_PREFIX = SDXL_PREFIX + "0.transformer.text_model."
+SDXL_TEXT_2_PREFIX = SDXL_PREFIX + "1.model."
+
+
+def _sdxl_text_1(state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """SDXL's first text encoder (CLIP ViT-L) -> `conditioner.embedders.0.transformer.*`."""
+    sd1 = _sd1_text(state_dict)
+    return {SDXL_TEXT_PREFIX + k[len(SD1_TEXT_PREFIX):]: v for k, v in sd1.items()}
+
+
+def _sdxl_text_2(state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (CLIPTextModelWithProjection, OpenCLIP ViT-bigG) ->
+    `conditioner.embedders.1.model.*`, all its blocks, with its real text projection."""
+    clip = _clip_keys(state_dict)
+    projection = clip.pop("text_projection.weight", None)
+    if projection is None:
+        raise CheckpointLayoutError("text_encoder_2: missing key(s) 'text_projection.weight' "
+                                    "(SDXL's second text encoder has a projection)")
+    out = _openclip(clip, False, projection)
+    return {SDXL_TEXT_2_PREFIX + k: v for k, v in out.items()}
 
 
 TEXT_CONVERTERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
@@ -483,26 +516,38 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
     return dict(metadata)
 
 
-def original_state_dict(unet, vae, text_encoder,
-                        family: str | None = None) -> dict[str, torch.Tensor]:
-    """The whole pipeline's weights in the original layout (tensors as the modules hold them)."""
-    family = family or infer_family(text_encoder)
-    if family not in TEXT_CONVERTERS:
-        raise ValueError(f"{family!r} checkpoints cannot be written yet "
-                         f"(supported: {', '.join(TEXT_CONVERTERS)})")
+def original_state_dict(unet, vae, text_encoder, family: str | None = None,
+                        text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The whole pipeline's weights in the original layout (tensors as the modules hold them).
+
+    SDXL (`family='sdxl'`, or whenever `text_encoder_2` is given) needs both text encoders."""
+    if family is None:
+        family = "sdxl" if text_encoder_2 is not None else infer_family(text_encoder)
+    if family not in FAMILIES:
+        raise ValueError(f"{family!r} checkpoints cannot be written "
+                         f"(supported: {', '.join(FAMILIES)})")
+    if (family == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError(f"family {family!r}: an 'sdxl' checkpoint needs both text encoders "
+                         "(text_encoder_2), and only SDXL has a second one")
     tensors = unet_to_original(unet.state_dict(), unet.config, linear_projection=family != "sd1")
     tensors.update(vae_to_original(vae.state_dict(), vae.config))
-    tensors.update(text_encoder_to_original(text_encoder.state_dict(), family))
+    if family == "sdxl":
+        tensors.update(_sdxl_text_1(text_encoder.state_dict()))
+        tensors.update(_sdxl_text_2(text_encoder_2.state_dict()))
+    else:
+        tensors.update(text_encoder_to_original(text_encoder.state_dict(), family))
     return tensors
 
 
 def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype = torch.float16,
-                     metadata: Mapping[str, str] | None = None, family: str | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, family: str | None = None,
+                     text_encoder_2=None) -> Path:
     """Write UNet + VAE + text encoder as one original-layout `.safetensors` file, atomically.
 
     Floating tensors are cast to `dtype` (fp16 is what people share; int tensors such as CLIP's
     position ids keep their type). `metadata` lands in the safetensors header (str -> str).
-    `family` ('sd1' / 'sd2') is read from the text encoder when not given.
+    `family` ('sd1' / 'sd2') is read from the text encoder when not given; SDXL files need
+    `text_encoder_2` as well.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -511,7 +556,8 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
         raise ValueError(f"dtype {dtype} is not one of float16, bfloat16, float32")
     header = _check_metadata(metadata)
     tensors = {key: _prepare(key, value, dtype)
-               for key, value in original_state_dict(unet, vae, text_encoder, family).items()}
+               for key, value in original_state_dict(unet, vae, text_encoder, family,
+                                                         text_encoder_2).items()}
     atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp),
                                                                 metadata=header))
     return path

@@ -1,0 +1,182 @@
+"""Model families: tiny SD1/SD2/SDXL-shaped models in the real diffusers layout, family detection
+from folders and from original-layout single files (random weights), the shipped config
+skeletons for SD 2.x (768-v) and SDXL, and loading each family offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from core.paths import Paths
+from trainers import families, models
+from trainers.formats import sd_checkpoint as sc
+from trainers.tiny_model import (DEMO_MODELS, build_components, build_sd2_components,
+                                 build_sdxl_components, build_tiny_model)
+
+ROOT = Path(__file__).resolve().parent.parent
+SKELETONS = ROOT / "trainers" / "model_configs"
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, tiny_model_dir):
+    import shutil
+    paths = Paths(tmp_path_factory.mktemp("families") / "data").ensure()
+    shutil.copytree(tiny_model_dir, paths.cache / "tiny-demo")
+    return paths
+
+
+@pytest.mark.parametrize("name, family", sorted(DEMO_MODELS.items()))
+def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
+    folder = build_tiny_model(paths.cache / name, family=family)
+    assert families.folder_family(folder) == family
+    model = models.load_model(paths, name)
+    assert model.family == family and model.is_demo
+    assert type(model.text_encoder).__name__ == "CLIPTextModel"
+    if family == "sdxl":
+        assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+        assert model.tokenizer_2.pad_token_id == 0  # OpenCLIP pads with "!"
+        widths = (model.text_encoder.config.hidden_size, model.text_encoder_2.config.hidden_size)
+        assert model.unet.config.cross_attention_dim == sum(widths)
+        assert model.unet.config.addition_embed_type == "text_time"
+    else:
+        assert model.text_encoder_2 is None and model.tokenizer_2 is None
+    expected = "v_prediction" if family == "sd2" else "epsilon"
+    assert model.prediction_type == expected
+    assert model.tokenizer.pad_token_id == (0 if family == "sd2" else 49407)
+    assert all(not p.requires_grad for m in (model.unet, *model.text_encoders)
+               for p in m.parameters())
+
+
+def _components(family: str, seed: int):
+    return {"sd1": build_components, "sd2": build_sd2_components,
+            "sdxl": build_sdxl_components}[family](seed)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_files_are_detected_and_load_with_the_same_weights(paths, family):
+    parts = _components(family, seed=3)
+    unet, vae, text_encoder = parts[:3]
+    text_encoder_2 = parts[3] if family == "sdxl" else None
+    demo = {v: k for k, v in DEMO_MODELS.items()}[family]
+    path = paths.stable_diffusion / f"random-{family}.safetensors"
+    sc.save_single_file(path, unet, vae, text_encoder, dtype=torch.float32, family=family,
+                        text_encoder_2=text_encoder_2, metadata={"danlu.base_config": demo})
+    assert families.file_family(path) == family
+    model = models.load_model(paths, path.name)
+    assert model.family == family and not model.is_demo
+    pairs = [(model.unet, unet), (model.vae, vae), (model.text_encoder, text_encoder)]
+    if family == "sdxl":
+        pairs.append((model.text_encoder_2, text_encoder_2))
+    for loaded, original in pairs:
+        got = loaded.state_dict()
+        for key, value in original.state_dict().items():
+            assert torch.equal(got[key].float(), value.float()), f"{family}: {key}"
+
+
+def test_unet_only_and_ckpt_files_are_detected(tmp_path):
+    """A file holding only a U-Net is judged by its context width; a .ckpt by its state dict."""
+    unet, _, _ = build_sd2_components()
+    only_unet = sc.unet_to_original(unet.state_dict(), unet.config, linear_projection=True)
+    # the tiny model's context is 48 wide; a real SD2 U-Net's cross-attention takes 1024
+    key = next(k for k in only_unet if k.endswith("attn2.to_k.weight"))
+    real = dict(only_unet)
+    real[key] = torch.zeros(only_unet[key].shape[0], 1024)
+    safetensors.torch.save_file(real, str(tmp_path / "unet.safetensors"))
+    assert families.file_family(tmp_path / "unet.safetensors") == "sd2"
+    torch.save({"state_dict": {"cond_stage_model.transformer.text_model.x": torch.zeros(1)}},
+               tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    assert families.file_family(tmp_path / "old.ckpt") == "sd1"
+
+
+def test_unknown_files_and_folders_are_refused_by_name(tmp_path):
+    safetensors.torch.save_file({"something.else": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD1, SD2 or SDXL"):
+        families.file_family(tmp_path / "odd.safetensors")
+    paths = Paths(tmp_path / "data").ensure()
+    (tmp_path / "odd.safetensors").rename(paths.stable_diffusion / "odd.safetensors")
+    with pytest.raises(models.ModelError, match="odd.safetensors"):
+        models.load_model(paths, "odd.safetensors")
+    folder = tmp_path / "weird"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 99}))
+    with pytest.raises(families.FamilyError, match="weird"):
+        families.folder_family(folder)
+    with pytest.raises(ValueError, match="family 'sd3'"):
+        build_tiny_model(tmp_path / "x", family="sd3")
+
+
+def test_sd2_yaml_beside_the_file_sets_the_prediction_type(tmp_path):
+    path = tmp_path / "m.safetensors"
+    assert families.sd2_prediction_type(path) is None  # the SD2 skeleton's v-prediction holds
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    assert families.sd2_prediction_type(path) == "v_prediction"
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert families.sd2_prediction_type(path) == "epsilon"
+
+
+def _skeleton_models(family: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text(sub, cls):
+        config = json.loads((SKELETONS / family / sub / "config.json").read_text())
+        config.pop("architectures", None)
+        return cls(CLIPTextConfig(**config))
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(
+            json.loads((SKELETONS / family / "unet" / "config.json").read_text()))
+        te = text("text_encoder", CLIPTextModel)
+        te2 = text("text_encoder_2", CLIPTextModelWithProjection) if family == "sdxl" else None
+    return unet, te, te2
+
+
+def test_sd2_skeleton_is_sd21_768_v():
+    unet, te, _ = _skeleton_models("sd2")
+    scheduler = json.loads((SKELETONS / "sd2" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert unet.config.sample_size * 8 == 768
+    assert unet.config.cross_attention_dim == te.config.hidden_size == 1024
+    assert te.config.hidden_act == "gelu" and te.config.num_hidden_layers == 23
+    # 865.9M parameters in stable-diffusion-2-1's UNet
+    assert abs(sum(p.numel() for p in unet.parameters()) - 865_910_724) < 1000
+    assert families.folder_family(SKELETONS / "sd2") == "sd2"
+
+
+def test_sdxl_skeleton_matches_sdxl_base_layout():
+    unet, te, te2 = _skeleton_models("sdxl")
+    assert (te.config.hidden_size, te2.config.hidden_size) == (768, 1280)
+    assert unet.config.cross_attention_dim == 768 + 1280
+    # size/crop conditioning: 6 numbers x 256 channels + the pooled 1280-wide projection
+    assert unet.config.projection_class_embeddings_input_dim == 6 * 256 + te2.config.projection_dim
+    assert abs(sum(p.numel() for p in unet.parameters()) - 2_567_463_684) < 1000
+    assert families.folder_family(SKELETONS / "sdxl") == "sdxl"
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(json.loads((SKELETONS / "sdxl" / "vae" / "config.json").read_text()))
+    shapes = sc._shapes(sc.original_state_dict(unet, vae, te, "sdxl", text_encoder_2=te2))
+    counts = {}
+    for key in shapes:
+        prefix = ".".join(key.split(".")[:3]) if key.startswith("conditioner") else key.split(".")[0]
+        counts[prefix] = counts.get(prefix, 0) + 1
+    # sd_xl_base_1.0: 1680 U-Net, 248 VAE, CLIP-L 197 (with position ids), bigG 32 blocks x 12 + 6
+    assert counts == {"model": 1680, "first_stage_model": 248,
+                      "conditioner.embedders.0": 197, "conditioner.embedders.1": 32 * 12 + 6}
+    assert shapes["conditioner.embedders.1.model.text_projection"] == (1280, 1280)
+    assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert shapes["conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight"] == (3072, 768)
+    assert sc.detect_family(shapes) == "sdxl"
+
+
+def test_sdxl_text_projection_is_written_transposed():
+    *_, te2 = build_sdxl_components(width_2=48)
+    te2.text_projection.weight.data = torch.randn(48, 48)
+    out = sc.original_state_dict(*build_sdxl_components()[:3], "sdxl", text_encoder_2=te2)
+    assert torch.equal(out["conditioner.embedders.1.model.text_projection"],
+                       te2.text_projection.weight.t())
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        sc.original_state_dict(*build_sdxl_components()[:3], "sdxl")
