@@ -74,6 +74,68 @@ def test_inf_loss_on_the_first_step_keeps_the_file_untouched(data_paths, photo_d
     assert path.read_bytes() == before and not optim_path(path).exists()
 
 
+class _NanGradient(torch.autograd.Function):
+    """The loss unchanged going forward; NaN for every gradient going back."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _nan_gradient(real, *args, **kwargs):
+    return _NanGradient.apply(real(*args, **kwargs))
+
+
+def test_nan_gradient_stops_at_once_with_the_previous_step_saved(data_paths, photo_dataset,
+                                                                  monkeypatch):
+    path = make_embedding(data_paths)
+    fail_at(monkeypatch, 4, _nan_gradient)  # the loss of step 4 is finite, its gradients not
+    ctx = RecordingContext(data_paths)
+    with pytest.raises(TrainingError) as caught:
+        run(ti_config(photo_dataset, steps=8), ctx)
+    message = caught.value.user_message
+    assert "gradients became NaN/inf at step 4" in message and "state of step 3" in message
+    saved = load_embedding(path)
+    assert saved.step == 3 and torch.isfinite(saved.vectors).all()
+    assert sidecar_step(path) == 3
+    payload, _ = load_optim(path, embedding_checksum(saved.vectors))
+    assert payload is not None and all(
+        torch.isfinite(v).all() for state in payload["optimizer_state_dict"]["state"].values()
+        for v in state.values() if torch.is_tensor(v))
+    assert [e.step for e in ctx.of(ev.Progress)] == [1, 2, 3]
+
+
+def test_skip_mode_skips_a_nan_gradient_step_and_keeps_the_weights_finite(data_paths,
+                                                                           photo_dataset,
+                                                                           monkeypatch):
+    path = make_embedding(data_paths)
+    fail_at(monkeypatch, 3, _nan_gradient)
+    ctx = RecordingContext(data_paths)
+    run(ti_config(photo_dataset, steps=5, on_nan="skip"), ctx)
+    saved = load_embedding(path)
+    assert saved.step == 5 and torch.isfinite(saved.vectors).all()
+    assert [e.step for e in ctx.of(ev.Progress)] == [1, 2, 4, 5]
+    assert any(e.text.startswith("Skipped step 3: gradients became NaN/inf")
+               for e in ctx.of(ev.Status))
+
+
+def test_skip_mode_still_stops_when_every_step_is_bad(data_paths, photo_dataset, monkeypatch):
+    path = make_embedding(data_paths)
+    before = path.read_bytes()
+    real = trainers.loop.diffusion_loss
+    monkeypatch.setattr(trainers.loop, "diffusion_loss",
+                        lambda *a, **k: real(*a, **k) * float("nan"))
+    ctx = RecordingContext(data_paths)
+    with pytest.raises(TrainingError, match="loss became nan at step 10 in 10 steps in a row"):
+        run(ti_config(photo_dataset, steps=50, on_nan="skip"), ctx)
+    assert not ctx.of(ev.Progress) and not ctx.of(ev.Saved)
+    assert path.read_bytes() == before and not optim_path(path).exists()  # never a good step
+
+
 def _out_of_memory(real, unet, *args, **kwargs):
     real(unet, *args, **kwargs).backward()  # gradients left behind, as an OOM in backward leaves
     for module in (unet, unet.up_blocks):  # and on the shared base model (a full fine-tune)

@@ -13,6 +13,7 @@ SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", 
             "PNDM", "DDPM"]
 LATENT_SAMPLING = ["once", "deterministic", "random"]
 CLIP_GRAD_MODES = ["disabled", "value", "norm"]
+NAN_POLICIES = ["stop", "skip"]
 NAME_PATTERN = re.compile(r"^[^\\/:*?\"<>|\x00-\x1f]+$")
 
 
@@ -110,6 +111,10 @@ class TemplateTrainingConfig:
                               label="Use PNG alpha channel as loss weight")
     seed: int = option(0, "Seed for data order, noise and timesteps; same seed, same run.",
                        label="Training seed", min=0, max=2**63 - 1)
+    on_nan: str = option("stop", "When the loss or a gradient becomes NaN/inf: stop (the file "
+                         "keeps the last good step) or skip that step (training still stops "
+                         "after 10 bad steps in a row).", label="On NaN/inf loss",
+                         choices=NAN_POLICIES)
     filename_word_regex: str = option("", "When a caption comes from the file name, keep only "
                                       "the words this regex finds.", label="Filename word regex")
     filename_join_string: str = option(" ", "Joins the words found by the regex.",
@@ -308,6 +313,10 @@ class KohyaTrainingConfig:
                                    label="Sample at step 0")
     seed: int = option(42, "Seed for data order, noise and timesteps; samples use their own "
                        "(fixed) seeds.", label="Seed", min=0, max=2**63 - 1)
+    on_nan: str = option("stop", "When the loss or a gradient becomes NaN/inf: stop (the file "
+                         "keeps the last good step) or skip that step (training still stops "
+                         "after 10 bad steps in a row).", label="On NaN/inf loss",
+                         choices=NAN_POLICIES)
     save_every_n_steps: int = option(0, "Save a checkpoint every N steps; 0 disables.",
                                      label="Save every N steps", min=0)
     save_every_n_epochs: int = option(1, "Save a checkpoint every N epochs; 0 disables.",

@@ -194,7 +194,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         save_every=save_every, preview_every=preview_every, log_directory=cfg.log_directory,
         csv_name="loss.csv", min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
         autocast=AUTOCAST[cfg.mixed_precision], optimizer_name=cfg.optimizer_type,
-        preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n,
+        preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n, on_nan=cfg.on_nan,
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

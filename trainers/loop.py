@@ -60,6 +60,7 @@ class LoopOptions:
     optimizer_name: str = "AdamW"
     preview_at_start: bool = False  # a step-0 baseline before training (kohya's sample_at_first)
     keep_last: int = 0  # keep only the newest N periodic copies; 0 keeps all
+    on_nan: str = "stop"  # a NaN/inf loss or gradient: "stop" (keep the last good state) | "skip"
     settings: dict = field(default_factory=dict)  # written to settings-<step>.json
 
 
@@ -124,6 +125,21 @@ def _is_out_of_memory(error: BaseException) -> bool:
                                     "cannot allocate memory"))
 
 
+MAX_SKIPPED_IN_A_ROW = 10  # "skip" mode stops after this many bad steps in a row
+
+
+def _non_finite(total_loss: float, parameters, scaler) -> str | None:
+    """What went NaN/inf in this step ("loss became nan", "gradients became NaN/inf"), or None.
+    With fp16 loss scaling, overflowing gradients are normal: the scaler skips those steps."""
+    if not math.isfinite(total_loss):
+        return f"loss became {total_loss}"
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if scaler is None and grads and not bool(torch.stack([torch.isfinite(g).all()
+                                                          for g in grads]).all()):
+        return "gradients became NaN/inf"
+    return None
+
+
 def _release_memory(model, plan: TrainingPlan) -> None:
     """After running out of memory: drop every gradient (the base model is cached and the next
     job uses it) and give the freed blocks back to the device."""
@@ -185,6 +201,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     step = start
     began = time.perf_counter()
     last_texts: list[str] = []
+    skipped, stepped = 0, False  # bad steps in a row (on_nan="skip"); any good step yet
     parameters = _parameters(plan)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(unet.device.type) if opts.autocast == torch.float16 else None
@@ -230,12 +247,22 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 total_loss += loss.item() / opts.accumulation
                 last_texts = batch.texts
-            if not math.isfinite(total_loss):
+            bad = _non_finite(total_loss, parameters, scaler)
+            if bad is not None:
                 plan.optimizer.zero_grad(set_to_none=True)
-                if step > start:
+                skipped = skipped + 1 if opts.on_nan == "skip" else MAX_SKIPPED_IN_A_ROW
+                if skipped < MAX_SKIPPED_IN_A_ROW:
+                    step += 1  # the weights stay as they were; the next step has new data
+                    ctx.emit(ev.Status(f"Skipped step {step}: {bad}; the weights were not "
+                                       "changed"))
+                    continue
+                if stepped:  # else the file on disk is already the last good state
                     save("last good state")
-                raise TrainingError(f"loss became {total_loss} at step {step + 1}; the file keeps "
-                                    f"the state of step {step}. Try a lower learning rate.")
+                several = f" in {skipped} steps in a row" if opts.on_nan == "skip" else ""
+                raise TrainingError(f"{bad} at step {step + 1}{several}; the file keeps the "
+                                    f"state of step {step if stepped else start}. Try a lower "
+                                    "learning rate.")
+            skipped = 0
             if opts.clip_mode != "disabled":
                 if scaler is not None:
                     scaler.unscale_(plan.optimizer)
@@ -247,6 +274,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 plan.optimizer.step()
             plan.optimizer.zero_grad(set_to_none=True)
             step += 1
+            stepped = True
             if plan.after_step is not None:
                 plan.after_step(step)
             epoch, within = divmod(step * opts.accumulation, per_epoch)

@@ -48,7 +48,7 @@ TEMPLATE_DATA = ["data_root", "template", "width", "height", "varsize", "filenam
                  "filename_join_string", "shuffle_tags", "tag_drop_out", "latent_sampling",
                  "use_weight"]
 TEMPLATE_OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
-                  "clip_grad_value", "seed"]
+                  "clip_grad_value", "seed", "on_nan"]
 TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prompt",
                    "preview_negative", "preview_seed", "preview_steps", "preview_cfg",
                    "preview_sampler"]
@@ -61,7 +61,8 @@ KOHYA_DATA = ["train_data_dir", "reg_data_dir", "dataset_config", "caption_exten
               "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug"]
 KOHYA_OPTIM = ["learning_rate", "optimizer_type", "lr_scheduler", "lr_warmup_steps",
                "lr_scheduler_num_cycles", "lr_scheduler_power", "train_batch_size",
-               "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed"]
+               "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed",
+               "on_nan"]
 KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip"]
 KOHYA_MEMORY = ["mixed_precision", "gradient_checkpointing", "attention", "cache_latents_to_disk",
                 "cache_text_encoder_outputs"]
