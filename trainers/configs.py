@@ -358,6 +358,10 @@ class LoraConfig(KohyaTrainingConfig):
                                     "rate.", label="Text encoder learning rate", min=0.0)
     preview_strength: float = option(1.0, "LoRA strength for sample images.",
                                      label="Sample strength", min=0.0, max=2.0)
+    save_diffusers_format: bool = option(False, "Also write the LoRA in diffusers' (peft) format: "
+                                         "models/Lora/<name>-diffusers/pytorch_lora_weights"
+                                         ".safetensors, for load_lora_weights(folder).",
+                                         label="Also save diffusers format")
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()

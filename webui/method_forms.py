@@ -75,7 +75,8 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Optimization", KOHYA_OPTIM, False),
                ("Loss", KOHYA_LOSS, False),
                ("Speed and memory", KOHYA_MEMORY, False),
-               ("Samples and saving", KOHYA_OUTPUT + ["preview_strength"], False)]
+               ("Samples and saving", KOHYA_OUTPUT + ["preview_strength", "save_diffusers_format"],
+                False)]
 
 
 DREAMBOOTH_GROUPS = [("Instance and class images",

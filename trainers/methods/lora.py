@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from core import events as ev
 from trainers import kohya_data
 from trainers import kohya_training as kt
 from trainers.configs import LoraConfig
 from trainers.formats.lora import (LoraFormatError, load_lora, lora_metadata, read_lora_metadata,
                                    save_lora, update_progress)
+from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
 from trainers.formats.optim_sidecar import load_optim
 from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
 from trainers.loop import TrainingError, TrainingPlan, train
@@ -89,9 +91,13 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         v_parameterization=model.prediction_type == "v_prediction", title=path.stem)
 
     def save(target: Path, step: int) -> None:
-        save_lora(target, network.kohya_state_dict(),
-                  update_progress(metadata, steps=step, epoch=step // per_epoch),
+        state = network.kohya_state_dict()
+        save_lora(target, state, update_progress(metadata, steps=step, epoch=step // per_epoch),
                   precision=cfg.save_precision)
+        if cfg.save_diffusers_format and target == path:
+            folder = diffusers_folder(path)
+            save_diffusers_lora(folder, state, network.targets, cfg.save_precision)
+            ctx.emit(ev.Saved(step=step, path=str(folder), kind="diffusers folder"))
 
     @contextlib.contextmanager
     def preview_strength():
