@@ -88,3 +88,21 @@ def app_server(tmp_path, tiny_model_dir):
     server = AppProcess(tmp_path / "data", tiny_model_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory) -> dict:
+    """The tiny SD2-shaped (v-prediction) and SDXL-shaped demo models, built once."""
+    from trainers.tiny_model import DEMO_MODELS, build_tiny_model
+    root = tmp_path_factory.mktemp("family-models")
+    return {name: build_tiny_model(root / name, family=family)
+            for name, family in DEMO_MODELS.items() if family != "sd1"}
+
+
+@pytest.fixture
+def family_paths(data_paths, tiny_family_dirs):
+    """data_paths with the tiny SD2 and SDXL demo models prebuilt in its cache."""
+    import shutil
+    for name, folder in tiny_family_dirs.items():
+        shutil.copytree(folder, data_paths.cache / name)
+    return data_paths

@@ -36,7 +36,7 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
     if resuming and restore_master_weights(model, path):
         ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
-    base_config = "tiny-demo" if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
+    base_config = model.name if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
 
     class_dir = None
     if cfg.class_data_dir.strip():

@@ -88,7 +88,8 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset or None,
         sd_model_name=Path(model.name).stem,
         sd_model_path=model.source if Path(model.source).is_file() else None,
-        v_parameterization=model.prediction_type == "v_prediction", title=path.stem)
+        v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
+        title=path.stem)
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()
