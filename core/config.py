@@ -5,6 +5,7 @@ page, the CLI and the TOML file all read them from one place."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -33,10 +34,23 @@ def accept(cfg, problems: list[str]):
     return cfg
 
 
+# Numbers without a declared `max` still get one: a typo like 1e30 is refused by name instead of
+# overflowing a seed, a tensor size or a file name later.
+INT_CEILING = 2**32 - 1
+FLOAT_CEILING = 1e9
+# What a `path` field is relative to (`Paths` attribute); a shared app confines all of them.
+PATH_BASES = {"data": "data_dir", "model": "stable_diffusion", "models": "models"}
+
+
 def option(default: Any, help: str, label: str | None = None, choices: list | None = None,
-           min: float | None = None, max: float | None = None, multiple_of: int | None = None):
+           min: float | None = None, max: float | None = None, multiple_of: int | None = None,
+           path: str | None = None):
+    """A config field with its label, help and limits. `path` marks a field that names a file
+    or folder: "data" (relative to the data folder), "model" (a base-model name or path) or
+    "models" (a name or path under models/)."""
+    assert path in (None, *PATH_BASES), path
     meta = {"help": help, "label": label, "choices": choices, "min": min, "max": max,
-            "multiple_of": multiple_of}
+            "multiple_of": multiple_of, "path": path}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -55,6 +69,7 @@ def fields_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -121,22 +136,54 @@ def coerce(name: str, value: Any, tp) -> Any:
 
 
 def check_limits(cfg) -> list[str]:
-    """Problems with values outside the limits declared in the fields' metadata."""
+    """Problems with values outside the limits declared in the fields' metadata (numbers
+    without a declared max are held to INT_CEILING / FLOAT_CEILING; list items too)."""
     problems = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         meta = f.metadata
         if value is None:
             continue
-        if meta.get("choices") is not None and value not in meta["choices"]:
+        if meta.get("choices") is not None and not isinstance(value, list) and \
+                value not in meta["choices"]:
             problems.append(f"{f.name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if meta.get("min") is not None and value < meta["min"]:
-                problems.append(f"{f.name}: must be at least {meta['min']}, got {value}")
-            if meta.get("max") is not None and value > meta["max"]:
-                problems.append(f"{f.name}: must be at most {meta['max']}, got {value}")
-            if meta.get("multiple_of") and value % meta["multiple_of"]:
-                problems.append(f"{f.name}: must be a multiple of {meta['multiple_of']}, got {value}")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                problems += _number_problems(f.name, item, meta)
+    return problems
+
+
+def _number_problems(name: str, value, meta) -> list[str]:
+    ceiling = meta.get("max")
+    if ceiling is None:
+        ceiling = FLOAT_CEILING if isinstance(value, float) else INT_CEILING
+    floor = meta.get("min")
+    if floor is None:
+        floor = -ceiling
+    if value < floor:
+        return [f"{name}: must be at least {floor}, got {value}"]
+    if value > ceiling:
+        return [f"{name}: must be at most {ceiling}, got {value}"]
+    if meta.get("multiple_of") and value % meta["multiple_of"]:
+        return [f"{name}: must be a multiple of {meta['multiple_of']}, got {value}"]
+    return []
+
+
+def path_problems(cfg, paths) -> list[str]:
+    """Problems with the fields marked `path=...`: empty ones are skipped; the rest must be
+    allowed by `paths.resolve` (no NUL; when the app is shared, inside the data folder)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        kind, value = f.metadata.get("path"), getattr(cfg, f.name)
+        if not kind or not isinstance(value, str) or not value.strip():
+            continue
+        # a model name is looked up under its folder, then as a path from the data folder
+        tries = [value] if kind == "data" else [value, getattr(paths, PATH_BASES[kind]) / value.strip()]
+        try:
+            for typed in tries:
+                paths.resolve(typed, f.name)
+        except ValueError as error:
+            problems.append(str(error))
     return problems
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096  # what Linux file systems allow
+
+
 class PathError(ValueError):
     """A user-typed path that is not allowed."""
 
@@ -70,6 +73,10 @@ class Paths:
             raise PathError(f"{field}: no path given")
         if "\x00" in text:
             raise PathError(f"{field}: the path contains a NUL character")
+        if len(text.encode("utf-8", "replace")) > MAX_PATH_BYTES or any(
+                len(part.encode("utf-8", "replace")) > MAX_NAME_BYTES for part in Path(text).parts):
+            raise PathError(f"{field}: the path is too long (at most {MAX_NAME_BYTES} bytes per "
+                            f"name, {MAX_PATH_BYTES} in all)")
         path = Path(text).expanduser()
         if not path.is_absolute():
             path = self.data_dir / path

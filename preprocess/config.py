@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import ConfigError, check_limits, option
+from core.config import ConfigError, check_limits, option, path_problems
 
 CAPTION_ACTIONS = ["ignore", "copy", "prepend", "append"]
 OBJECTIVES = ["Maximize area", "Minimize error"]
@@ -21,10 +21,10 @@ PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning limit
 @dataclass
 class PreprocessConfig:
     source: str = option("", "Folder with the source images. It is only read, never changed.",
-                         label="Source directory")
+                         label="Source directory", path="data")
     destination: str = option("", "Folder for the processed images and captions; must differ "
                               "from the source and not lie inside it.",
-                              label="Destination directory")
+                              label="Destination directory", path="data")
     width: int = option(512, "Width of the output images, in pixels.", min=64, max=2048,
                         multiple_of=8)
     height: int = option(512, "Height of the output images, in pixels.", min=64, max=2048,
@@ -89,13 +89,13 @@ class PreprocessConfig:
         "blip, deepbooru, wd14.", label="Captioners")
     blip_model: str = option(
         "BLIP", "BLIP captioning model: a folder under models/, a path, or a hub id when online "
-        "(falls back to Salesforce/blip-image-captioning-large when online).")
+        "(falls back to Salesforce/blip-image-captioning-large when online).", path="models")
     blip_num_beams: int = option(1, "BLIP: number of beams (1 = greedy).", min=1, max=16)
     blip_min_length: int = option(24, "BLIP: minimum caption length in tokens.", min=1, max=128)
     blip_max_length: int = option(48, "BLIP: maximum caption length in tokens.", min=1, max=256)
     deepbooru_model: str = option(
         "deepbooru", "DeepDanbooru weights: a folder under models/ holding "
-        "model-resnet_custom_v3.pt, or a path to the .pt file.")
+        "model-resnet_custom_v3.pt, or a path to the .pt file.", path="models")
     deepbooru_threshold: float = option(0.5, "DeepDanbooru: keep tags scoring at least this.",
                                         label="deepbooru: score threshold", min=0.0, max=1.0)
     deepbooru_sort_alpha: bool = option(True, "DeepDanbooru: sort tags alphabetically "
@@ -107,7 +107,7 @@ class PreprocessConfig:
     wd14_model: str = option(
         "wd-v1-4-convnext-tagger-v2", "WD14 tagger: a folder name under models/wd14 (with "
         "model.onnx and selected_tags.csv), a path, or a hub id when online "
-        "(a bare name means SmilingWolf/<name>).")
+        "(a bare name means SmilingWolf/<name>).", path="models")
     wd14_general_threshold: float = option(0.35, "WD14: threshold for general tags.",
                                            min=0.0, max=1.0)
     wd14_character_threshold: float = option(0.85, "WD14: threshold for character tags.",
@@ -174,8 +174,10 @@ class PreprocessConfig:
                                 f"(known: {', '.join(known)})")
         if len(set(self.captioners)) != len(self.captioners):
             problems.append("captioners: a captioner is listed twice")
+        if paths is not None:  # captioner model paths (source and destination are above)
+            problems += path_problems(self, paths)
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(list(dict.fromkeys(problems)))
         return src, dst
 
 

@@ -43,7 +43,7 @@ class CreateEmbeddingConfig:
     file_format: str = option("pt", "A1111 .pt, or kohya .safetensors.", label="File format",
                               choices=["pt", "safetensors"])
     model: str = option("", "Base model whose vocabulary encodes the initialization text.",
-                        label="Base model")
+                        label="Base model", path="model")
 
     def validate(self) -> "CreateEmbeddingConfig":
         problems = check_limits(self) + check_name("name", self.name)
@@ -56,7 +56,7 @@ class CreateEmbeddingConfig:
 class TemplateTrainingConfig:
     """The A1111 Train-tab controls shared by textual inversion and hypernetworks."""
     model: str = option("", "Base model: a name under models/Stable-diffusion, 'tiny-demo', a "
-                        "path, or a hub id when online.", label="Base model")
+                        "path, or a hub id when online.", label="Base model", path="model")
     learn_rate: str = option("0.005", "Learning rate or schedule 'rate:step, rate:step, rate'; "
                              "training stops when the schedule ends.", label="Learning rate")
     batch_size: int = option(1, "Images per step.", label="Batch size", min=1, max=64)
@@ -64,10 +64,10 @@ class TemplateTrainingConfig:
                                         "optimizer step.", label="Gradient accumulation steps",
                                         min=1, max=1024)
     data_root: str = option("", "Folder of training images (captions in <image>.txt).",
-                            label="Dataset directory")
+                            label="Dataset directory", path="data")
     log_directory: str = option("outputs/textual_inversion", "Where checkpoints, previews, the "
                                 "loss CSV and settings go: <dir>/<date>/<name>/.",
-                                label="Log directory")
+                                label="Log directory", path="data")
     template: str = option("style_filewords.txt", "Prompt template file from "
                            "textual_inversion_templates/.", label="Prompt template")
     width: int = option(512, "Training width in pixels.", label="Width", min=8, max=4096,
@@ -163,6 +163,7 @@ class TextualInversionConfig(TemplateTrainingConfig):
 
 
 HYPERNETWORK_SIZES = [768, 320, 640, 1024, 1280]
+MAX_HYPERNETWORK_WIDTH = 4096  # SDXL's widest attention is 2048
 HYPERNETWORK_ACTIVATIONS = ["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
                             "celu", "gelu", "hardshrink", "hardsigmoid", "hardtanh", "logsigmoid",
                             "mish", "prelu", "relu6", "rrelu", "selu", "silu", "softplus",
@@ -192,14 +193,14 @@ class CreateHypernetworkConfig:
     overwrite: bool = option(False, "Replace an existing hypernetwork of the same name.",
                              label="Overwrite old hypernetwork")
     model: str = option("", "Base model, to check that a module width matches it (optional).",
-                        label="Base model")
+                        label="Base model", path="model")
 
     def validate(self) -> "CreateHypernetworkConfig":
         problems = check_limits(self) + check_name("name", self.name)
         if not self.sizes:
             problems.append("sizes: choose at least one module width")
-        if any(size <= 0 for size in self.sizes):
-            problems.append("sizes: widths must be positive")
+        if any(not 1 <= size <= MAX_HYPERNETWORK_WIDTH for size in self.sizes):
+            problems.append(f"sizes: widths must be between 1 and {MAX_HYPERNETWORK_WIDTH}")
         return accept(self, problems)
 
 
@@ -233,17 +234,17 @@ SAVE_PRECISIONS = ["fp32", "fp16", "bf16"]
 class KohyaTrainingConfig:
     """Options LoRA and DreamBooth share, with kohya sd-scripts' names and defaults."""
     model: str = option("", "Base model: a name under models/Stable-diffusion, 'tiny-demo', a "
-                        "path, or a hub id when online.", label="Base model")
+                        "path, or a hub id when online.", label="Base model", path="model")
     output_name: str = option("", "Name of the saved file (and of the run folder).",
                               label="Output name")
     train_data_dir: str = option("", "Folder whose subfolders are named '<repeats>_<identifier> "
                                  "<class>' (e.g. '20_sks dog'); a folder of images counts as "
-                                 "one repeat.", label="Image folder")
+                                 "one repeat.", label="Image folder", path="data")
     reg_data_dir: str = option("", "Regularization images, in the same folder layout "
-                               "(optional).", label="Regularization folder")
+                               "(optional).", label="Regularization folder", path="data")
     dataset_config: str = option("", "A kohya dataset TOML ([general], [[datasets]], "
                                  "[[datasets.subsets]]); replaces the folders above.",
-                                 label="Dataset config (TOML)")
+                                 label="Dataset config (TOML)", path="data")
     caption_extension: str = option(".txt", "Caption files beside the images.",
                                     label="Caption extension")
     resolution: int = option(512, "Training resolution (the bucket area budget).",
@@ -326,7 +327,7 @@ class KohyaTrainingConfig:
     save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
                                  choices=SAVE_PRECISIONS)
     log_directory: str = option("outputs/lora", "Run folders: checkpoints, samples, loss CSV, "
-                                "settings.", label="Log directory")
+                                "settings.", label="Log directory", path="data")
     overwrite: bool = option(False, "Start over even if a file of this name exists; otherwise "
                              "training continues from it.", label="Start over")
 
@@ -373,7 +374,7 @@ class DreamBoothConfig(KohyaTrainingConfig):
     # full fine-tuning wants a far smaller rate than LoRA (diffusers' DreamBooth default)
     learning_rate: float = option(5e-6, "Base learning rate.", label="Learning rate", min=0.0)
     log_directory: str = option("outputs/dreambooth", "Run folders: checkpoints, samples, loss "
-                                "CSV, settings.", label="Log directory")
+                                "CSV, settings.", label="Log directory", path="data")
     save_every_n_epochs: int = option(0, "Save a checkpoint every N epochs; 0 disables (each "
                                       "is a whole model).", label="Save every N epochs", min=0)
     instance_prompt: str = option("", "Caption for instance images without a caption file, e.g. "
@@ -382,7 +383,8 @@ class DreamBoothConfig(KohyaTrainingConfig):
     class_prompt: str = option("", "Prompt of the class images, e.g. 'a photo of a dog'.",
                                label="Class prompt")
     class_data_dir: str = option("", "Folder of class (regularization) images; missing ones are "
-                                 "generated here by the base model.", label="Class images folder")
+                                 "generated here by the base model.", label="Class images folder",
+                                 path="data")
     num_class_images: int = option(0, "Class images wanted for prior preservation; 0 turns prior "
                                    "preservation off.", label="Number of class images", min=0,
                                    max=100_000)
@@ -405,17 +407,20 @@ class DreamBoothConfig(KohyaTrainingConfig):
     def validate(self) -> "DreamBoothConfig":
         problems = self.kohya_problems()
         if self.num_class_images and not self.class_data_dir.strip():
-            problems.append("class_data_dir: choose a folder for the class images")
+            problems.append("class_data_dir: choose a folder for the class images (needed when "
+                            "num_class_images is more than 0)")
         if self.num_class_images and not self.class_prompt.strip():
-            problems.append("class_prompt: needed to generate class images")
+            problems.append("class_prompt: needed to generate class images (num_class_images "
+                            "is more than 0)")
         return accept(self, problems)
 
 
 @dataclass
 class ExtractLoraConfig:
     checkpoint: str = option("", "The fine-tuned model (e.g. a DreamBooth result) in "
-                             "models/Stable-diffusion.", label="Fine-tuned checkpoint")
-    model: str = option("", "The base model it was trained from.", label="Base model")
+                             "models/Stable-diffusion.", label="Fine-tuned checkpoint",
+                             path="model")
+    model: str = option("", "The base model it was trained from.", label="Base model", path="model")
     output_name: str = option("", "Name of the LoRA file in models/Lora.", label="Output name")
     rank: int = option(32, "Rank of the extracted LoRA: higher keeps more of the difference.",
                        label="Rank", min=1, max=1024)

@@ -21,7 +21,7 @@ def list_embeddings(paths: Paths) -> list[str]:
 
 
 def find_embedding(paths: Paths, name: str) -> Path | None:
-    if not name or Path(name).name != name or name in (".", ".."):
+    if not name or Path(name).name != name or name in (".", "..") or len(name) > 200:
         return None  # a name, not a path: nothing outside embeddings/ is ever found
     folder = paths.embeddings
     for suffix in EMBEDDING_SUFFIXES:

@@ -14,7 +14,7 @@ def list_hypernetworks(paths: Paths) -> list[str]:
 
 
 def find_hypernetwork(paths: Paths, name: str) -> Path | None:
-    if not name or Path(name).name != name or name in (".", ".."):
+    if not name or Path(name).name != name or name in (".", "..") or len(name) > 200:
         return None  # a name, not a path
     direct = paths.hypernetworks / f"{name}.pt"
     if direct.is_file():

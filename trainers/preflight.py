@@ -1,7 +1,7 @@
 """Checks on files and folders a config names, run before a job is queued (torch-free)."""
 from __future__ import annotations
 
-from core.config import ConfigError
+from core.config import ConfigError, path_problems
 from core.paths import Paths, PathError
 from trainers.captions import list_templates
 from trainers.embeddings import find_embedding
@@ -26,7 +26,7 @@ def check_dataset(paths: Paths, typed: str, field: str = "data_root") -> list[st
 
 def check_before_queueing(cfg, paths: Paths) -> None:
     """Problems a config's named files and folders have, raised as one ConfigError."""
-    problems = []
+    problems = path_problems(cfg, paths)  # every field that names a file or folder
     if hasattr(cfg, "data_root"):  # A1111-style methods
         problems += check_dataset(paths, cfg.data_root)
     if hasattr(cfg, "template") and cfg.template not in list_templates(paths.templates):
@@ -43,11 +43,16 @@ def check_before_queueing(cfg, paths: Paths) -> None:
     if hypernetwork and find_hypernetwork(paths, hypernetwork.strip()) is None:
         problems.append(f"hypernetwork: no hypernetwork named {hypernetwork!r} in {paths.hypernetworks}")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     if hasattr(cfg, "train_data_dir"):
         from trainers.kohya_training import check_paths, dataset_configs
         check_paths(cfg, paths)
-        dataset_configs(cfg, paths)  # folder names, TOML keys and bucket settings
+        try:
+            dataset_configs(cfg, paths)  # folder names, TOML keys and bucket settings
+        except ConfigError:
+            raise
+        except (PathError, ValueError) as error:  # e.g. a TOML naming a folder outside
+            raise ConfigError(str(error)) from None
 
 
 check_template_training = check_before_queueing

@@ -6,6 +6,7 @@ import gradio as gr
 from core.config import ConfigError
 from core.paths import Paths
 from trainers.configs import CreateEmbeddingConfig, CreateHypernetworkConfig
+from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui.forms import control, error_text, to_config
 
@@ -42,7 +43,9 @@ def build_embedding(paths: Paths):
     def create(*values):
         from trainers.embeddings import create_embedding
         try:
-            path = create_embedding(to_config(CreateEmbeddingConfig, EMBEDDING_FIELDS, values), paths)
+            cfg = to_config(CreateEmbeddingConfig, EMBEDDING_FIELDS, values)
+            check_before_queueing(cfg, paths)
+            path = create_embedding(cfg, paths)
         except (ConfigError, ValueError, OSError) as error:
             return error_text(error)
         return f"Created `{path}`."
@@ -77,7 +80,9 @@ def build_hypernetwork(paths: Paths):
     def create(*values):
         from trainers.hypernetworks import create_hypernetwork
         try:
-            path = create_hypernetwork(to_config(cls, HYPERNETWORK_FIELDS, values), paths)
+            cfg = to_config(cls, HYPERNETWORK_FIELDS, values)
+            check_before_queueing(cfg, paths)
+            path = create_hypernetwork(cfg, paths)
         except (ConfigError, ValueError, OSError) as error:
             return error_text(error)
         return f"Created `{path}`."

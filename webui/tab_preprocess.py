@@ -390,6 +390,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
 
     # -- dataset editor --
     def resolve_folder(typed: str) -> Path:
+        typed = typed if isinstance(typed, str) else ""  # only an API call sends anything else
         path = paths.resolve(typed, "folder")
         if not path.is_dir():
             raise PathError(f"folder: {typed.strip()!r} "
@@ -415,6 +416,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return note, items, str(folder_path), listed, None, "No image selected.", "", frame
 
     def open_destination(typed):
+        typed = typed if isinstance(typed, str) else ""
         return (gr.update(value=typed), gr.Tabs(selected="preprocess-editor"),
                 *open_folder(typed))
 
@@ -456,7 +458,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     def pick_tag(current, evt: gr.SelectData):
         row = evt.row_value if isinstance(evt.row_value, (list, tuple)) and evt.row_value else None
         tag = str(row[0]) if row else str(evt.value)
-        present = ce.split_tags(current or "")
+        present = ce.split_tags(current if isinstance(current, str) else "")
         if ce.tag_key(tag) in {ce.tag_key(t) for t in present}:
             return gr.skip()
         return ce.join_tags(present + [tag])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core.config import ConfigError, to_toml
+from core.config import ConfigError, coerce, to_toml
 from core.jobs import Busy, JobRunner
 from core.paths import Paths
 from trainers.preflight import check_before_queueing
@@ -68,7 +68,9 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return out
 
     def config_of(key: str, values):
-        form = next(f for f in forms if f.key == key)
+        form = next((f for f in forms if f.key == key), None)
+        if form is None:
+            raise ConfigError(f"method: choose one of {', '.join(f.key for f in forms)}")
         return form, to_config(form.config, form.names, split(values)[key])
 
     def submit(key, values, queue: bool):
@@ -91,11 +93,15 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return submit(key, values, queue=True), _queue_text(runner)
 
     def move(job_id, offset):
-        if job_id is None:
+        if job_id is None or job_id == "":
             return "Type a job id from the queue.", _queue_text(runner)
-        done = runner.move(int(job_id), offset) if offset else runner.stop(int(job_id))
+        try:
+            number = coerce("job id", job_id, int)
+        except ConfigError as error:
+            return error_text(error), _queue_text(runner)
+        done = runner.move(number, offset) if offset else runner.stop(number)
         if not done:
-            return f"Job {int(job_id)} is not waiting in the queue.", _queue_text(runner)
+            return f"Job {number} is not waiting in the queue.", _queue_text(runner)
         return "", _queue_text(runner)
 
     def stop():
