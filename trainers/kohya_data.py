@@ -776,6 +776,14 @@ def _load_latents(entry: ImageEntry, flipped: bool) -> tuple[torch.Tensor, torch
 
 # ----------------------------------------------------------------------------- batches
 
+def _size_info(entry: ImageEntry) -> tuple:
+    """SDXL's size conditioning of an image as kohya computes it: original (h, w), the top-left
+    of `crop_ltrb` (kohya_crop_ltrb, the same numbers as in its latent cache) and the bucket."""
+    bucket = entry.placement.bucket
+    left, top, _, _ = kohya_crop_ltrb(bucket, entry.size)
+    return ((entry.size[1], entry.size[0]), (int(top), int(left)), (bucket[1], bucket[0]))
+
+
 class KohyaBatches:
     """The BatchSource of kohya datasets: batches inside one bucket of one dataset; an epoch
     holds every image x its repeats; batch(m) is a pure function of (seed, m)."""
@@ -814,7 +822,7 @@ class KohyaBatches:
     def batch(self, micro: int) -> Batch:
         epoch, within, number, keys = self.plan(micro)
         dataset = self.datasets[number]
-        latents, texts, alphas, weights = [], [], [], []
+        latents, texts, alphas, weights, sizes = [], [], [], [], []
         for position, key in enumerate(keys):
             entry = self._entries[number][key]
             subset = dataset.config.subsets[entry.subset]
@@ -825,9 +833,10 @@ class KohyaBatches:
             alphas.append(alpha)
             texts.append(process_caption(subset, entry.caption, rng, epoch + 1))
             weights.append(self.prior_loss_weight if entry.is_reg else 1.0)
+            sizes.append(_size_info(entry))
         stacked = torch.stack(latents) * self.scaling_factor
         return Batch(latents=stacked, texts=texts,
-                     weights=self._weights(weights, alphas, stacked.shape[-2:]))
+                     weights=self._weights(weights, alphas, stacked.shape[-2:]), sizes=sizes)
 
     @staticmethod
     def _weights(per_sample: list[float], alphas: list, size) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions
 from trainers.lr_schedulers import schedule_rates
 from trainers.models import BaseModel, load_model
-from trainers.prompts import PromptEncoder
+from trainers.conditioning import SdxlCondition, prompt_encoder
 from trainers.sample_prompts import parse_sample_prompts
 from trainers.sampling import PreviewSettings
 
@@ -132,21 +132,24 @@ def rates(cfg: KohyaTrainingConfig, base_lrs: list[float], steps: int):
 
 def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
     """captions -> context; frozen text encoders run without grad, optionally memoized."""
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=cfg.clip_skip)
+    encoder = prompt_encoder(model, clip_skip=cfg.clip_skip)
     if trains_text_encoder:
         return encoder, encoder.encode
     varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate
-    memo: dict[str, torch.Tensor] = {}
+    memo: dict[str, object] = {}
 
-    def encode(texts: list[str]) -> torch.Tensor:
+    def encode(texts: list[str]):
         with torch.no_grad():
             if not cfg.cache_text_encoder_outputs or varying:
                 return encoder.encode(texts)
             missing = [t for t in dict.fromkeys(texts) if t not in memo]
             if missing:
-                for text, row in zip(missing, encoder.encode(missing)):
+                encoded = encoder.encode(missing)
+                rows = encoded.rows() if isinstance(encoded, SdxlCondition) else encoded
+                for text, row in zip(missing, rows):
                     memo[text] = row
-            return torch.stack([memo[t] for t in texts])
+            rows = [memo[t] for t in texts]
+            return SdxlCondition.stack(rows) if model.is_sdxl else torch.stack(rows)
     return encoder, encode
 
 
@@ -170,7 +173,8 @@ def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encod
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if trains_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in model.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     if cfg.attention == "xformers":
         model.unet.enable_xformers_memory_efficient_attention()
     try:
@@ -179,7 +183,8 @@ def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encod
         if cfg.gradient_checkpointing:
             model.unet.disable_gradient_checkpointing()
             if trains_text_encoder:
-                model.text_encoder.gradient_checkpointing_disable()
+                for text_encoder in model.text_encoders:
+                    text_encoder.gradient_checkpointing_disable()
         if cfg.attention == "xformers":
             model.unet.disable_xformers_memory_efficient_attention()
 

@@ -19,6 +19,7 @@ import torch
 from core import events as ev
 from trainers import seeds
 from trainers.formats.optim_sidecar import load_optim, save_optim
+from trainers.conditioning import unet_inputs
 from trainers.run_folder import RunFolder
 from trainers.sampling import PreviewSettings, render
 from trainers.step import diffusion_loss
@@ -35,6 +36,7 @@ class Batch:
     latents: torch.Tensor
     texts: list[str]
     weights: torch.Tensor | None = None
+    sizes: list | None = None  # SDXL: per image (original (h, w), crop (top, left), target (h, w))
 
 
 class BatchSource(Protocol):
@@ -238,11 +240,12 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 micro = step * opts.accumulation + k
                 batch = data.batch(micro)
                 with autocast:
-                    context = plan.encode(batch.texts)
+                    context, added = unet_inputs(plan.encode(batch.texts), batch.latents,
+                                                 batch.sizes, getattr(model, "vae_scale", 8))
                     loss = diffusion_loss(unet, noise_scheduler, batch.latents, context,
                                           seeds.generator(opts.seed, "noise", micro),
                                           weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
-                                          noise_offset=opts.noise_offset)
+                                          noise_offset=opts.noise_offset, added_cond=added)
                 scaled = loss / opts.accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 total_loss += loss.item() / opts.accumulation

@@ -15,7 +15,9 @@ exactly the keys A1111, ComfyUI, Forge and diffusers expect:
   `CLIPMLP` (fc1, fc2).
 
 Names are `lora_unet_<path>` / `lora_te_<path>` with every "." of the module path turned into
-"_". transformers 5's CLIPTextModel has no `text_model` level in its module paths
+"_". SDXL (kohya's sdxl_train_network): the two text encoders are `lora_te1_` / `lora_te2_`, and
+the U-Net path is the original (SGM) one, `input_blocks.4.1.transformer_blocks.0.attn1.to_q`
+rather than diffusers' `down_blocks.1.attentions.0...`, as kohya's SDXL U-Net names its modules. transformers 5's CLIPTextModel has no `text_model` level in its module paths
 (`encoder.layers.0...`), yet every loader expects `lora_te_text_model_encoder_layers_0_...`,
 so the text-encoder path gets `text_model.` put in front when the model lacks that level.
 
@@ -81,6 +83,26 @@ class LoraTarget:
     conv: bool   # a Conv2d with a kernel bigger than 1x1 (rank conv_rank, alpha conv_alpha)
 
 
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    config = getattr(unet, "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def unet_kohya_path(unet: nn.Module):
+    """path -> the path kohya names: diffusers' for SD1/SD2, the original layout's for SDXL."""
+    if not is_sdxl_unet(unet):
+        return lambda path: path
+    from trainers.formats.sd_checkpoint import original_unet_path
+    return lambda path: original_unet_path(path, unet.config)
+
+
+def text_encoder_prefixes(text_encoder_2) -> dict[str, str]:
+    """part -> kohya prefix: `lora_te` alone, `lora_te1` / `lora_te2` with SDXL's two encoders."""
+    if text_encoder_2 is None:
+        return {"text_encoder": TEXT_ENCODER_PREFIX}
+    return {"text_encoder": TEXT_ENCODER_PREFIX + "1", "text_encoder_2": TEXT_ENCODER_PREFIX + "2"}
+
+
 def kohya_name(prefix: str, path: str) -> str:
     return f"{prefix}_{path}".replace(".", "_")
 
@@ -100,14 +122,17 @@ def _is_big_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
-def find_targets(model: nn.Module, part: str, conv: bool) -> list[LoraTarget]:
-    """The modules kohya's LoRA adapts in `model` ("unet" or "text_encoder"), in model order."""
+def find_targets(model: nn.Module, part: str, conv: bool,
+                 prefix: str | None = None) -> list[LoraTarget]:
+    """The modules kohya's LoRA adapts in `model` ("unet", "text_encoder" or "text_encoder_2"),
+    in model order; `prefix` overrides the text encoder's (`lora_te1` / `lora_te2` for SDXL)."""
     if part == "unet":
         blocks = UNET_TARGET_BLOCKS + (UNET_CONV_TARGET_BLOCKS if conv else ())
-        prefix, to_kohya = UNET_PREFIX, (lambda path: path)
-    elif part == "text_encoder":
+        prefix, to_kohya = UNET_PREFIX, unet_kohya_path(model)
+    elif part in ("text_encoder", "text_encoder_2"):
         blocks = TEXT_ENCODER_TARGET_BLOCKS
-        prefix, to_kohya = TEXT_ENCODER_PREFIX, (lambda path: text_encoder_kohya_path(model, path))
+        prefix = prefix or TEXT_ENCODER_PREFIX
+        to_kohya = (lambda path: text_encoder_kohya_path(model, path))
     else:
         raise ValueError(f"unknown model part {part!r}")
     targets: dict[str, LoraTarget] = {}
@@ -246,7 +271,8 @@ class LoraNetwork:
     """
 
     def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None, spec: LoraSpec,
-                 adapter_name: str = "danlu", param_dtype: torch.dtype | None = torch.float32):
+                 adapter_name: str = "danlu", param_dtype: torch.dtype | None = torch.float32,
+                 text_encoder_2: nn.Module | None = None):
         spec.validate()
         self.spec = spec
         self.adapter_name = adapter_name
@@ -261,9 +287,12 @@ class LoraNetwork:
             if text_encoder is None:
                 raise ValueError("LoRA: train_text_encoder is set but no text encoder was given")
             wanted.append(("text_encoder", text_encoder))
+            if text_encoder_2 is not None:
+                wanted.append(("text_encoder_2", text_encoder_2))
+        prefixes = text_encoder_prefixes(text_encoder_2)
         try:
             for part, model in wanted:
-                targets = find_targets(model, part, spec.uses_conv)
+                targets = find_targets(model, part, spec.uses_conv, prefixes.get(part))
                 if not targets:
                     raise ValueError(f"LoRA: found no module to adapt in the {part} "
                                      f"({type(model).__name__})")
@@ -282,8 +311,8 @@ class LoraNetwork:
         return part.parameters() if part else []
 
     def text_encoder_parameters(self) -> list[nn.Parameter]:
-        part = self._parts.get("text_encoder")
-        return part.parameters() if part else []
+        return [p for name in ("text_encoder", "text_encoder_2") if name in self._parts
+                for p in self._parts[name].parameters()]
 
     def parameters(self) -> list[nn.Parameter]:
         return self.unet_parameters() + self.text_encoder_parameters()
@@ -373,18 +402,29 @@ def _some(items: list[str], limit: int = 3) -> str:
 
 
 # ---- merging a kohya state dict into plain modules (tests, extraction, baking) ------------
-def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None,
+                     text_encoder_2: nn.Module | None = None) -> dict[str, nn.Module]:
     """kohya name -> Linear/Conv2d for every such module of the given models."""
     names: dict[str, nn.Module] = {}
     if unet is not None:
+        to_kohya = unet_kohya_path(unet)
         for path, module in unet.named_modules():
-            if path and _is_adaptable(module):
-                names[kohya_name(UNET_PREFIX, path)] = module
-    if text_encoder is not None:
-        for path, module in text_encoder.named_modules():
-            if path and _is_adaptable(module):
-                names[kohya_name(TEXT_ENCODER_PREFIX, text_encoder_kohya_path(text_encoder, path))] = module
+            if path and _is_adaptable(module) and (name := _unet_name(to_kohya, path)):
+                names[name] = module
+    prefixes = text_encoder_prefixes(text_encoder_2)
+    for part, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            for path, module in model.named_modules():
+                if path and _is_adaptable(module):
+                    names[kohya_name(prefixes[part], text_encoder_kohya_path(model, path))] = module
     return names
+
+
+def _unet_name(to_kohya, path: str) -> str | None:
+    try:
+        return kohya_name(UNET_PREFIX, to_kohya(path))
+    except ValueError:  # a module the original layout has no name for
+        return None
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None,
@@ -400,12 +440,13 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None,
 
 
 def merge_into(unet: nn.Module | None, text_encoder: nn.Module | None,
-               state: Mapping[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
+               state: Mapping[str, torch.Tensor], multiplier: float = 1.0,
+               text_encoder_2: nn.Module | None = None) -> list[str]:
     """Add multiplier * (alpha/r) * up @ down to each named module's weight, in place.
 
     Returns the merged kohya names; raises LoraStateError naming keys that match no module.
     """
-    modules = kohya_module_map(unet, text_encoder)
+    modules = kohya_module_map(unet, text_encoder, text_encoder_2)
     names = lora_names(state)
     unknown = [n for n in names if n not in modules or f"{n}.lora_down.weight" not in state
                or f"{n}.lora_up.weight" not in state]

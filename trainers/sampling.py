@@ -40,24 +40,45 @@ def make_sampler(name: str, scheduler_config: dict):
     return getattr(diffusers, class_name).from_config(scheduler_config, **extra)
 
 
-def render(model, encoder, settings: PreviewSettings, unet=None):
-    """Render one image; `encoder` is a PromptEncoder holding the embeddings being trained."""
+def _pipeline(model, unet, scheduler):
+    """The family's diffusers pipeline around the live modules."""
+    if getattr(model, "family", "sd1") == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet,
+            scheduler=scheduler)
     from diffusers import StableDiffusionPipeline
-
-    unet = unet or model.unet
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
-        scheduler=make_sampler(settings.sampler, model.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def _embeds(encoder, settings: PreviewSettings) -> dict:
+    """Prompt and negative prompt as the pipeline's *_embeds arguments (SDXL: + pooled)."""
+    from trainers.conditioning import SdxlCondition
+    positive = encoder.encode([settings.prompt])
+    negative = encoder.encode([settings.negative])
+    if isinstance(positive, SdxlCondition):
+        return {"prompt_embeds": positive.context, "negative_prompt_embeds": negative.context,
+                "pooled_prompt_embeds": positive.pooled,
+                "negative_pooled_prompt_embeds": negative.pooled}
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+
+def render(model, encoder, settings: PreviewSettings, unet=None):
+    """Render one image; `encoder` is the prompt encoder holding the embeddings being trained
+    (a PromptEncoder, or an SdxlPromptEncoder for SDXL)."""
+    unet = unet or model.unet
+    pipe = _pipeline(model, unet, make_sampler(settings.sampler, model.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     seed = settings.seed if settings.seed >= 0 else random.randrange(2**32)
     was_training = unet.training
     unet.eval()
     try:
         with torch.no_grad():
-            positive = encoder.encode([settings.prompt])
-            negative = encoder.encode([settings.negative])
-            image = pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
+            image = pipe(**_embeds(encoder, settings),
                          num_inference_steps=settings.steps, guidance_scale=settings.cfg,
                          width=settings.width, height=settings.height,
                          generator=torch.Generator().manual_seed(seed)).images[0]

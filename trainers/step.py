@@ -7,8 +7,11 @@ import torch.nn.functional as F
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor,
                    generator: torch.Generator, weight: torch.Tensor | None = None,
-                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0) -> torch.Tensor:
-    """Noise the latents at random timesteps, predict, and return the (weighted) MSE."""
+                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                   added_cond: dict | None = None) -> torch.Tensor:
+    """Noise the latents at random timesteps, predict, and return the (weighted) MSE.
+
+    `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x."""
     latents = latents.to(unet.device, unet.dtype)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if noise_offset:
@@ -18,7 +21,10 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator).to(unet.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
-    prediction = unet(noisy, timesteps, context.to(unet.dtype)).sample
+    extra = {}
+    if added_cond is not None:
+        extra["added_cond_kwargs"] = {k: v.to(unet.device, unet.dtype) for k, v in added_cond.items()}
+    prediction = unet(noisy, timesteps, context.to(unet.dtype), **extra).sample
 
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":

@@ -33,6 +33,8 @@ TORCH_SUFFIXES = (".pt", ".ckpt", ".bin")
 NETWORK_MODULE = "networks.lora"
 MODELSPEC_VERSION = "1.0.0"
 IMPLEMENTATION = "diffusers"  # kohya's modelspec.implementation for SD1/SD2 LoRA
+IMPLEMENTATION_SDXL = "https://github.com/Stability-AI/generative-models"  # kohya's, for SDXL
+SDXL_BASE_VERSION = "sdxl_base_v1-0"
 PRECISIONS = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
               "fp16": torch.float16, "float16": torch.float16,
               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -205,12 +207,18 @@ def _opt(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
-def base_model_version(v2: bool = False, v_parameterization: bool = False) -> str:
-    """kohya's ss_base_model_version for SD1/SD2: sd_v1, sd_v2, sd_v2_v."""
+def base_model_version(v2: bool = False, v_parameterization: bool = False,
+                       sdxl: bool = False) -> str:
+    """kohya's ss_base_model_version: sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0."""
+    if sdxl:
+        return SDXL_BASE_VERSION
     return "sd" + ("_v2" if v2 else "_v1") + ("_v" if v_parameterization else "")
 
 
-def modelspec_architecture(v2: bool = False, v_parameterization: bool = False) -> str:
+def modelspec_architecture(v2: bool = False, v_parameterization: bool = False,
+                           sdxl: bool = False) -> str:
+    if sdxl:
+        return "stable-diffusion-xl-v1-base/lora"
     if v2:
         return ("stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512") + "/lora"
     return "stable-diffusion-v1/lora"
@@ -254,6 +262,7 @@ def lora_metadata(
     sd_model_path: str | Path | None = None,
     v2: bool = False,
     v_parameterization: bool = False,
+    sdxl: bool = False,
     session_id: int | None = None,
     title: str | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -295,7 +304,7 @@ def lora_metadata(
         "ss_network_dropout": _opt(network_dropout),
         "ss_mixed_precision": str(mixed_precision),
         "ss_v2": str(bool(v2)),
-        "ss_base_model_version": base_model_version(v2, v_parameterization),
+        "ss_base_model_version": base_model_version(v2, v_parameterization, sdxl),
         "ss_clip_skip": _opt(clip_skip),
         "ss_seed": _opt(seed),
         "ss_noise_offset": _opt(noise_offset),
@@ -324,7 +333,7 @@ def lora_metadata(
         meta["ss_sd_model_name"] = str(sd_model_name)
     meta.update(modelspec_metadata(title=title or output_name, resolution=resolution,
                                    timestamp=finished, v2=v2, v_parameterization=v_parameterization,
-                                   clip_skip=clip_skip))
+                                   clip_skip=clip_skip, sdxl=sdxl))
     for key, value in (extra or {}).items():
         meta[str(key)] = value if isinstance(value, str) else (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value))
@@ -333,13 +342,13 @@ def lora_metadata(
 
 def modelspec_metadata(*, title: str, resolution: tuple[int, int], timestamp: float | None = None,
                        v2: bool = False, v_parameterization: bool = False,
-                       clip_skip: int | None = None) -> dict[str, str]:
-    """The `modelspec.*` keys kohya writes for an SD1/SD2 LoRA."""
+                       clip_skip: int | None = None, sdxl: bool = False) -> dict[str, str]:
+    """The `modelspec.*` keys kohya writes for an SD1/SD2/SDXL LoRA."""
     stamp = int(time.time() if timestamp is None else timestamp)
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": modelspec_architecture(v2, v_parameterization),
-        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.architecture": modelspec_architecture(v2, v_parameterization, sdxl),
+        "modelspec.implementation": IMPLEMENTATION_SDXL if sdxl else IMPLEMENTATION,
         "modelspec.title": str(title),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.datetime.fromtimestamp(stamp).isoformat(),

@@ -196,6 +196,13 @@ def _unet_prefix_map(config: dict) -> PrefixMap:
     return m
 
 
+def original_unet_path(path: str, config: Any) -> str:
+    """A diffusers U-Net module path -> its path in the original layout (no prefix), e.g.
+    `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in` (SDXL)."""
+    key = _rename({path + ".weight": None}, _unet_prefix_map(_config_dict(config)), "unet")
+    return next(iter(key)).removesuffix(".weight")
+
+
 def _unet_reference(config: dict) -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
     return _meta_shapes(lambda: UNet2DConditionModel.from_config(config))

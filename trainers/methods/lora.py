@@ -30,7 +30,8 @@ def run(cfg: LoraConfig, ctx) -> Path:
                     conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too
         torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-        network = LoraNetwork(model.unet, model.text_encoder, spec)
+        network = LoraNetwork(model.unet, model.text_encoder, spec,
+                              text_encoder_2=model.text_encoder_2 if trains_te else None)
     try:
         return _train(cfg, ctx, model, batches, network, path, trains_te)
     finally:
@@ -89,6 +90,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         sd_model_name=Path(model.name).stem,
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
+        sdxl=model.is_sdxl,
         title=path.stem)
 
     def save(target: Path, step: int) -> None:

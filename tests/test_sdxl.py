@@ -1,0 +1,154 @@
+"""SDXL on the tiny SDXL-shaped model: two text encoders, size/crop conditioning in the shared
+step, kohya LoRA (lora_te1_/lora_te2_, original-layout U-Net names, SDXL metadata) that diffusers'
+StableDiffusionXLPipeline loads and that changes its output; previews with the SDXL pipeline."""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from core.events import Preview
+from tests.conftest import RecordingContext, photo
+from trainers.models import load_model
+
+SDXL = "tiny-demo-sdxl"
+KOHYA = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    """A kohya repeats folder with a square, a wide and a tall photo."""
+    root = tmp_path / "train"
+    sub = root / "2_zxq cat"
+    sub.mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
+        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
+    return root
+
+
+def sdxl_pipeline(folder):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image(pipe, prompt="zxq cat"):
+    return pipe(prompt, num_inference_steps=2, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_sdxl_prompt_encoding_matches_diffusers(family_paths):
+    """Our context (both encoders' penultimate states) and pooled projection are what the SDXL
+    pipeline computes from the same prompt."""
+    from trainers.conditioning import SdxlCondition, prompt_encoder
+    model = load_model(family_paths, SDXL)
+    encoded = prompt_encoder(model).encode(["a photo of a zxq cat"])
+    assert isinstance(encoded, SdxlCondition)
+    pipe = sdxl_pipeline(family_paths.cache / SDXL)
+    context, _, pooled, _ = pipe.encode_prompt("a photo of a zxq cat", do_classifier_free_guidance=False)
+    assert encoded.context.shape == (1, 77, 80) and encoded.pooled.shape == (1, 48)
+    assert torch.allclose(encoded.context, context, atol=1e-5)
+    assert torch.allclose(encoded.pooled, pooled, atol=1e-5)
+
+
+def test_size_and_crop_conditioning_reaches_the_unet(family_paths, pictures):
+    from trainers.conditioning import time_ids, unet_inputs
+    from trainers.kohya_data import folder_dataset, prepare_datasets
+    from trainers.step import diffusion_loss
+    from trainers.conditioning import prompt_encoder
+    model = load_model(family_paths, SDXL)
+    batches = prepare_datasets(folder_dataset(pictures, **KOHYA), model.vae)
+    sizes = {tuple(map(tuple, batches.batch(m).sizes[0])) for m in range(batches.batches_per_epoch)}
+    originals = {s[0] for s in sizes}
+    assert originals == {(64, 64), (64, 96), (96, 64)}  # (height, width) of each photo
+    assert all(s[2] == (64, 64) or s[2] != s[0] for s in sizes)
+    batch = batches.batch(0)
+    ids = time_ids(batch.sizes, batch.latents)
+    assert ids.shape == (1, 6) and ids[0, :2].tolist() == list(batch.sizes[0][0])
+    assert time_ids(None, torch.zeros(2, 4, 8, 12)).tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    context, added = unet_inputs(prompt_encoder(model).encode(batch.texts), batch.latents, batch.sizes)
+    losses = []
+    for ids in ([[64, 64, 0, 0, 64, 64]], [[1024, 512, 100, 0, 64, 64]]):
+        with torch.no_grad():
+            losses.append(diffusion_loss(model.unet, model.noise_scheduler(), batch.latents, context,
+                                         torch.Generator().manual_seed(1),
+                                         added_cond={**added, "time_ids": torch.tensor(ids, dtype=torch.float32)}).item())
+    assert losses[0] != losses[1]
+
+
+def lora_config(folder, **changes):
+    from trainers.configs import LoraConfig
+    base = dict(model=SDXL, output_name="xl", train_data_dir=str(folder), network_dim=4,
+                network_alpha=2.0, max_train_steps=3, save_every_n_epochs=0, sample_at_first=False,
+                learning_rate=1e-2, seed=7, save_precision="fp32", **KOHYA)
+    base.update(changes)
+    return LoraConfig(**base).validate()
+
+
+def test_sdxl_lora_file_keys_metadata_and_diffusers_loading(family_paths, pictures):
+    from trainers.formats.lora import load_lora
+    from trainers.lora_network import lora_names, merge_into
+    from trainers.methods.lora import run
+    ctx = RecordingContext(family_paths)
+    path = run(lora_config(pictures, sample_every_n_steps=3,
+                           sample_prompts="zxq cat --w 64 --h 64 --s 2"), ctx)
+    assert [p.step for p in ctx.of(Preview)] == [3]
+    state, meta = load_lora(path)
+    names = lora_names(state)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_v2"] == "False"
+    prefixes = {re.match(r"lora_(unet_[a-z]+_blocks?|te\d?)_", n).group(1) for n in names}
+    assert prefixes == {"unet_input_blocks", "unet_middle_block", "unet_output_blocks", "te1", "te2"}
+    # kohya's SDXL names: diffusers' down_blocks.1.attentions.0 is input_blocks.3.1 with one
+    # layer per block (input_blocks.4.1 with SDXL's two)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k" in names
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+    assert not any("down_blocks" in n or "text_projection" in n for n in names)
+
+    pipe = sdxl_pipeline(family_paths.cache / SDXL)
+    base = image(pipe)
+    merged = sdxl_pipeline(family_paths.cache / SDXL)
+    merge_into(merged.unet, merged.text_encoder, state, text_encoder_2=merged.text_encoder_2)
+    pipe.load_lora_weights(str(path))
+    adapted = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert len(adapted) == sum(n.startswith("lora_unet_") for n in names)  # every key found
+    loaded = image(pipe)
+    assert not np.allclose(base, loaded)
+    # diffusers' loader maps each kohya name to the same module we trained
+    assert np.allclose(loaded, image(merged), atol=1e-4)
+
+
+def test_sdxl_lora_unet_only_with_cached_text_encoder_outputs(family_paths, pictures):
+    from trainers.formats.lora import load_lora
+    from trainers.methods.lora import run
+    model = load_model(family_paths, SDXL)
+    te2 = copy.deepcopy(model.text_encoder_2.state_dict())
+    path = run(lora_config(pictures, output_name="xl-unet", network_train_unet_only=True,
+                           cache_text_encoder_outputs=True, gradient_checkpointing=True),
+               RecordingContext(family_paths))
+    state, _ = load_lora(path)
+    assert all(k.startswith("lora_unet_") for k in state)
+    assert all(torch.equal(v, model.text_encoder_2.state_dict()[k]) for k, v in te2.items())
+
+
+def test_full_size_sdxl_unet_gets_kohyas_722_lora_modules():
+    """On the shipped SDXL config (meta device): the module count and names kohya's
+    sdxl_train_network creates for the U-Net."""
+    import json
+    from pathlib import Path
+    from diffusers import UNet2DConditionModel
+    from trainers.lora_network import find_targets
+    config = Path(__file__).resolve().parent.parent / "trainers/model_configs/sdxl/unet/config.json"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads(config.read_text()))
+    names = [t.name for t in find_targets(unet, "unet", conv=False)]
+    assert len(names) == 722
+    assert names[0] == "lora_unet_input_blocks_4_1_proj_in"
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_0_proj" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in names

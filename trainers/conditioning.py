@@ -1,0 +1,98 @@
+"""What the U-Net is conditioned on, per model family.
+
+SD 1.x / 2.x: the text encoder's hidden states (PromptEncoder). SDXL: both text encoders'
+penultimate hidden states side by side (768 + 1280 = 2048 wide), the second encoder's pooled
+projection, and six size/crop numbers per image (`add_time_ids`: original height and width,
+crop top and left, target height and width), as SDXL was trained and as kohya and diffusers
+condition it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from trainers.prompts import PromptEncoder, _spliced
+
+# (original (h, w), crop top-left (top, left), target (h, w)) of one training image
+SizeInfo = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass
+class SdxlCondition:
+    context: torch.Tensor  # [batch, 77, width_1 + width_2]
+    pooled: torch.Tensor   # [batch, projection of the second encoder]
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.context, self.pooled))
+
+    @staticmethod
+    def stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "SdxlCondition":
+        return SdxlCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+
+def _hidden_states(encoder: PromptEncoder, texts: list[str]):
+    """The text model's outputs with every layer's hidden states, embeddings spliced in."""
+    model = encoder.text_encoder
+    rows, all_splices = [], []
+    for b, text in enumerate(texts):
+        ids, splices = encoder.tokenize(text)
+        rows.append(ids)
+        all_splices.extend((b, pos, vec) for pos, vec in splices)
+    input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
+    with _spliced(model.get_input_embeddings(), all_splices):
+        return model(input_ids, output_hidden_states=True)
+
+
+class SdxlPromptEncoder:
+    """SDXL's two CLIP encoders. `embeddings` maps a name to {"clip_l": [n, 768], "clip_g":
+    [n, 1280]} (the SDXL embedding file's two halves); each half is spliced into its encoder.
+    `clip_skip` 1 uses the penultimate layer (SDXL's own choice), 2 the one before, and so on."""
+
+    def __init__(self, model, embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
+                 clip_skip: int = 1):
+        embeddings = dict(embeddings or {})
+        self.one = PromptEncoder(model.tokenizer, model.text_encoder,
+                                 {k: v["clip_l"] for k, v in embeddings.items()})
+        self.two = PromptEncoder(model.tokenizer_2, model.text_encoder_2,
+                                 {k: v["clip_g"] for k, v in embeddings.items()})
+        self.clip_skip = max(1, int(clip_skip))
+
+    @property
+    def text_encoder(self):  # what previews and checks look at first
+        return self.one.text_encoder
+
+    def encode(self, texts: list[str]) -> SdxlCondition:
+        layer = -1 - self.clip_skip
+        first = _hidden_states(self.one, texts)
+        second = _hidden_states(self.two, texts)
+        context = torch.cat([first.hidden_states[layer],
+                             second.hidden_states[layer].to(first.hidden_states[layer])], dim=-1)
+        return SdxlCondition(context=context, pooled=second.text_embeds)
+
+
+def prompt_encoder(model, embeddings: dict | None = None, clip_skip: int = 1):
+    """The prompt encoder of the model's family (see PromptEncoder / SdxlPromptEncoder)."""
+    if getattr(model, "family", "sd1") == "sdxl":
+        return SdxlPromptEncoder(model, embeddings, clip_skip)
+    return PromptEncoder(model.tokenizer, model.text_encoder, embeddings, clip_skip=clip_skip)
+
+
+def time_ids(sizes: Sequence[SizeInfo] | None, latents: torch.Tensor,
+             vae_scale: int = 8) -> torch.Tensor:
+    """[batch, 6] SDXL size/crop conditioning; without per-image sizes, each image is taken as
+    uncropped at the training size (what A1111 and diffusers' scripts do for square data)."""
+    if not sizes:
+        height, width = (int(v) * vae_scale for v in latents.shape[-2:])
+        sizes = [((height, width), (0, 0), (height, width))] * latents.shape[0]
+    return torch.tensor([[*original, *crop, *target] for original, crop, target in sizes],
+                        dtype=torch.float32)
+
+
+def unet_inputs(encoded, latents: torch.Tensor, sizes: Sequence[SizeInfo] | None = None,
+                vae_scale: int = 8) -> tuple[torch.Tensor, dict | None]:
+    """(encoder_hidden_states, added_cond_kwargs or None) for the U-Net call."""
+    if isinstance(encoded, SdxlCondition):
+        return encoded.context, {"text_embeds": encoded.pooled,
+                                 "time_ids": time_ids(sizes, latents, vae_scale)}
+    return encoded, None
