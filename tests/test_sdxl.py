@@ -152,3 +152,65 @@ def test_full_size_sdxl_unet_gets_kohyas_722_lora_modules():
     assert names[0] == "lora_unet_input_blocks_4_1_proj_in"
     assert "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_0_proj" in names
     assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in names
+
+
+def test_sdxl_textual_inversion_trains_both_halves_and_loads_in_diffusers(family_paths, pictures):
+    from safetensors.torch import load_file
+    from trainers.configs import CreateEmbeddingConfig, TextualInversionConfig
+    from trainers.embeddings import create_embedding
+    from trainers.formats.embedding import load_embedding
+    from trainers.loop import TrainingError
+    from trainers.methods.textual_inversion import run
+    path = create_embedding(CreateEmbeddingConfig(name="zxqtok", init_text="cat", vectors_per_token=2,
+                                                  model=SDXL, file_format="safetensors").validate(),
+                            family_paths)
+    before = load_embedding(path).vectors
+    assert {k: tuple(v.shape) for k, v in before.items()} == {"clip_l": (2, 32), "clip_g": (2, 48)}
+    cfg = TextualInversionConfig(model=SDXL, embedding="zxqtok", data_root=str(pictures / "2_zxq cat"),
+                                 width=64, height=64, steps=3, save_every=0, preview_every=3,
+                                 preview_steps=2, template="subject_filewords.txt",
+                                 learn_rate="0.05", seed=3).validate()
+    ctx = RecordingContext(family_paths)
+    run(cfg, ctx)
+    assert [p.step for p in ctx.of(Preview)] == [3]
+    after = load_embedding(path)
+    assert after.step == 3
+    assert all(not torch.equal(after.vectors[k], before[k]) for k in ("clip_l", "clip_g"))
+    # as A1111 and kohya save it, and as diffusers' docs load an SDXL embedding
+    state = load_file(str(path))
+    assert set(state) == {"clip_l", "clip_g"}
+    pipe = sdxl_pipeline(family_paths.cache / SDXL)
+    base = image(pipe, "a photo of zxqtok")
+    pipe.load_textual_inversion(state["clip_g"], token="zxqtok", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(state["clip_l"], token="zxqtok", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    assert not np.allclose(base, image(pipe, "a photo of zxqtok"))
+    # a single-encoder (SD1/SD2) embedding is refused on SDXL, naming the mismatch
+    create_embedding(CreateEmbeddingConfig(name="sd1tok", init_text="cat", vectors_per_token=1,
+                                           model="tiny-demo").validate(), family_paths)
+    with pytest.raises(TrainingError, match="sd1tok.*SDXL"):
+        run(TextualInversionConfig(**{**cfg.__dict__, "embedding": "sd1tok"}).validate(),
+            RecordingContext(family_paths))
+
+
+def test_sdxl_dreambooth_writes_an_sdxl_single_file(family_paths, pictures):
+    from diffusers import StableDiffusionXLPipeline
+    from trainers.configs import DreamBoothConfig
+    from trainers.families import file_family
+    from trainers.methods.dreambooth import run
+    base = load_model(family_paths, SDXL)
+    te2 = copy.deepcopy(base.text_encoder_2.state_dict())
+    path = run(DreamBoothConfig(model=SDXL, output_name="dbxl", train_data_dir=str(pictures),
+                                instance_prompt="a photo of zxq cat", max_train_steps=2,
+                                learning_rate=1e-3, sample_at_first=False, save_precision="fp32",
+                                seed=3, train_text_encoder=True, gradient_checkpointing=True,
+                                **KOHYA).validate(), RecordingContext(family_paths))
+    assert file_family(path) == "sdxl"
+    tuned = load_model(family_paths, path.name)
+    assert tuned.family == "sdxl"
+    assert any(not torch.equal(v, tuned.text_encoder_2.state_dict()[k]) for k, v in te2.items())
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(family_paths.cache / SDXL), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert not np.allclose(image(sdxl_pipeline(family_paths.cache / SDXL)), image(loaded))

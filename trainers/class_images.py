@@ -5,7 +5,7 @@ from pathlib import Path
 
 from core import events as ev
 from trainers.data import list_images
-from trainers.prompts import PromptEncoder
+from trainers.conditioning import prompt_encoder
 from trainers.sampling import PreviewSettings, render
 from trainers.seeds import derive_seed
 
@@ -17,7 +17,7 @@ def ensure_class_images(model, folder: Path, prompt: str, wanted: int, size: int
     folder.mkdir(parents=True, exist_ok=True)
     have = len(list_images(folder))
     missing = max(0, wanted - have)
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    encoder = prompt_encoder(model)
     index = 0
     for number in range(missing):
         if ctx.should_stop():

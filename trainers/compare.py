@@ -341,27 +341,28 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
 def _applied(spec: CompareSpec, paths: Paths, model, path: Path):
     """Yield (model, set_strength, prompt encoder) with the checkpoint applied to the cached
     base model (which is as before afterwards), or a DreamBooth checkpoint loaded as a model."""
-    from trainers.prompts import PromptEncoder
+    from trainers.conditioning import prompt_encoder
 
     if spec.method == "dreambooth":
         from trainers.models import load_model
         own = load_model(paths, str(path), exclusive=True)  # not cached: one per checkpoint
-        yield own, (lambda strength: None), PromptEncoder(own.tokenizer, own.text_encoder,
-                                                           clip_skip=spec.clip_skip)
+        yield own, (lambda strength: None), prompt_encoder(own, clip_skip=spec.clip_skip)
     elif spec.method == "textual_inversion":
         from trainers.formats.embedding import load_embedding
         vectors = load_embedding(path).vectors
-        if isinstance(vectors, dict):
-            raise ValueError(f"{path.name} is an SDXL embedding; the base model is SD1-shaped")
-        encoder = PromptEncoder(model.tokenizer, model.text_encoder, {spec.token: vectors.float()},
-                                clip_skip=spec.clip_skip)
+        if isinstance(vectors, dict) != model.is_sdxl:
+            raise ValueError(f"{path.name} is {'an SDXL' if isinstance(vectors, dict) else 'an SD 1.x/2.x'} "
+                             f"embedding; the base model is {'SDXL' if model.is_sdxl else 'not SDXL'}")
+        vectors = ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
+                   else vectors.float())
+        encoder = prompt_encoder(model, {spec.token: vectors}, clip_skip=spec.clip_skip)
         yield model, (lambda strength: None), encoder
     elif spec.method == "hypernetwork":
         from trainers.formats.hypernetwork import load_hypernetwork
         from trainers.hypernetwork_attention import applied
         net = load_hypernetwork(path).to(model.unet.device)
         net.eval()
-        encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=spec.clip_skip)
+        encoder = prompt_encoder(model, clip_skip=spec.clip_skip)
         with applied(model.unet, net, 1.0) as processor:
             yield model, (lambda strength: setattr(processor, "strength", float(strength))), \
                 encoder
@@ -372,12 +373,13 @@ def _applied(spec: CompareSpec, paths: Paths, model, path: Path):
         lora_spec = spec_from_state(state)
         network = LoraNetwork(model.unet if lora_spec.train_unet else None,
                               model.text_encoder if lora_spec.train_text_encoder else None,
-                              lora_spec)
+                              lora_spec, text_encoder_2=model.text_encoder_2
+                              if lora_spec.train_text_encoder else None)
         try:
             network.load_kohya_state_dict(state)
             for parameter in network.parameters():
                 parameter.requires_grad_(False)
-            encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=spec.clip_skip)
+            encoder = prompt_encoder(model, clip_skip=spec.clip_skip)
             yield model, network.set_strength, encoder
         finally:
             network.remove()

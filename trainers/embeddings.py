@@ -60,6 +60,10 @@ def create_embedding(cfg, paths: Paths) -> Path:
                               f"({existing.name}); tick 'Overwrite' to replace it")
     model = load_model(paths, cfg.model)
     vectors = initial_vectors(model.tokenizer, model.text_encoder, cfg.init_text, cfg.vectors_per_token)
+    if model.is_sdxl:  # one half per text encoder, as A1111 and kohya save SDXL embeddings
+        vectors = {"clip_l": vectors,
+                   "clip_g": initial_vectors(model.tokenizer_2, model.text_encoder_2,
+                                             cfg.init_text, cfg.vectors_per_token)}
     save_embedding(target, EmbeddingFile(name=name, vectors=vectors, step=0,
                                          sd_checkpoint=model.short_hash,
                                          sd_checkpoint_name=Path(model.name).stem))

@@ -53,6 +53,12 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
     tuned = load_model(paths, cfg.checkpoint, exclusive=True)
     ctx.emit(ev.Status(f"Loading {cfg.model}"))
     base = load_model(paths, cfg.model)
+    if tuned.family != base.family:
+        raise ValueError(f"checkpoint: {cfg.checkpoint} is {tuned.family.upper()}, but {cfg.model} "
+                         f"is {base.family.upper()}; extract from the model it was trained from")
+    if base.is_sdxl:
+        raise ValueError("model: extracting a LoRA from an SDXL checkpoint is not supported yet "
+                         "(its second text encoder would be left out)")
     ctx.emit(ev.Status("Computing the low-rank differences"))
     state = extract_state(base.unet, tuned.unet, base.text_encoder, tuned.text_encoder, cfg.rank,
                           cfg.conv_rank)
@@ -63,6 +69,8 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
                              conv_dim=cfg.conv_rank, conv_alpha=float(cfg.conv_rank) if cfg.conv_rank else None,
                              output_name=target.stem, steps=0, epoch=0,
                              sd_model_name=Path(base.name).stem, title=target.stem,
+                             v2=base.family == "sd2",
+                             v_parameterization=base.prediction_type == "v_prediction",
                              extra={"ss_training_comment": f"extracted from {cfg.checkpoint}"})
     save_lora(target, state, metadata, precision=cfg.save_precision)
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))

@@ -105,10 +105,12 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
     unet, text_encoder = model.unet, model.text_encoder
     unet.requires_grad_(True)
     groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
-    if cfg.train_text_encoder:
-        text_encoder.requires_grad_(True)
-        text_encoder.get_input_embeddings().requires_grad_(False)  # as diffusers' script
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+    if cfg.train_text_encoder:  # SDXL: both encoders, as kohya's sdxl_train
+        for module in model.text_encoders:
+            module.requires_grad_(True)
+            module.get_input_embeddings().requires_grad_(False)  # as diffusers' script
+        groups.append({"params": [p for m in model.text_encoders for p in m.parameters()
+                                  if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
     steps = kt.total_steps(cfg, batches)
@@ -143,7 +145,8 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
             ema.copy_to(unet.parameters())
         try:
             save_single_file(target, unet, model.vae, text_encoder,
-                             dtype=PRECISION[cfg.save_precision], metadata=metadata)
+                             dtype=PRECISION[cfg.save_precision], metadata=metadata,
+                             family=model.family, text_encoder_2=model.text_encoder_2)
         finally:
             if ema is not None:
                 ema.restore(unet.parameters())
@@ -166,7 +169,8 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
         result = train(model, batches, plan, opts, ctx)
     finally:
         unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        for module in model.text_encoders:
+            module.requires_grad_(False)
     if cfg.save_diffusers:
         _save_diffusers(model, path.with_suffix(""))
         ctx.emit(ev.Saved(step=steps, path=str(path.with_suffix("")), kind="diffusers folder"))
@@ -183,11 +187,7 @@ def sidecar(cfg, model, ema) -> dict:
 
 
 def _save_diffusers(model, folder: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-    from trainers.sampling import make_sampler
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder,
-                                   tokenizer=model.tokenizer, unet=model.unet,
-                                   scheduler=make_sampler("PNDM", model.scheduler_config),
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    from trainers.sampling import _pipeline, make_sampler
+    sampler = "Euler" if model.is_sdxl else "PNDM"  # what SDXL and SD1 ship with
+    pipe = _pipeline(model, model.unet, make_sampler(sampler, model.scheduler_config))
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -13,7 +13,7 @@ from trainers.formats.hypernetwork import file_shorthash, load_hypernetwork, sav
 from trainers.hypernetwork_attention import applied, attention_widths
 from trainers.hypernetworks import find_hypernetwork
 from trainers.loop import TrainingError, TrainingPlan, train
-from trainers.prompts import PromptEncoder
+from trainers.conditioning import prompt_encoder
 from trainers.sampling import render
 
 
@@ -33,7 +33,7 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=0.0)  # A1111: torch's default weight decay
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    encoder = prompt_encoder(model)
     start = int(net.step or 0)
 
     def save(target: Path, step: int) -> None:
@@ -68,7 +68,7 @@ def _evaluating(net, strength: float):
 
 def render_with(model, net, strength: float, settings):
     """One image with a hypernetwork applied at `strength` (checkpoint gallery, tests)."""
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+    encoder = prompt_encoder(model)
     net.eval()
     with applied(model.unet, net, strength):
         return render(model, encoder, settings)

@@ -12,6 +12,7 @@ from trainers.formats.embedding import (EmbeddingFile, embedding_checksum, load_
                                         save_embedding)
 from trainers.formats.png_embedding import save_png_embedding
 from trainers.loop import TrainingError, TrainingPlan, train
+from trainers.conditioning import SdxlPromptEncoder
 from trainers.prompts import PromptEncoder
 
 
@@ -20,19 +21,23 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
     name = cfg.embedding.strip()
     path = find_embedding(ctx.paths, name)
     stored = load_embedding(path)
-    if isinstance(stored.vectors, dict):
-        raise TrainingError(f"embedding: {path.name} is an SDXL embedding; this model is SD1-shaped")
-    width = model.text_encoder.get_input_embeddings().weight.shape[1]
-    if stored.vectors.shape[1] != width:
-        raise TrainingError(f"embedding: {path.name} has vectors of width {stored.vectors.shape[1]}, "
-                            f"but {cfg.model}'s text encoder uses {width}; it was made for another model")
-
-    vectors = torch.nn.Parameter(stored.vectors.detach().float().clone().to(model.unet.device))
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors})
-    optimizer = torch.optim.AdamW([vectors], lr=0.0, weight_decay=0.0)
+    _check_fits(stored, model, path, cfg.model)
+    device = model.unet.device
+    if model.is_sdxl:
+        halves = {k: torch.nn.Parameter(v.detach().float().clone().to(device))
+                  for k, v in stored.vectors.items()}
+        encoder = SdxlPromptEncoder(model, {name: halves})
+        trained = [halves["clip_l"], halves["clip_g"]]
+        current = lambda: {k: v.detach().cpu().clone() for k, v in halves.items()}  # noqa: E731
+    else:
+        vectors = torch.nn.Parameter(stored.vectors.detach().float().clone().to(device))
+        encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors})
+        trained = [vectors]
+        current = lambda: vectors.detach().cpu().clone()  # noqa: E731
+    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0)
 
     def as_file(step: int) -> EmbeddingFile:
-        return EmbeddingFile(name=name, vectors=vectors.detach().cpu().clone(), step=step,
+        return EmbeddingFile(name=name, vectors=current(), step=step,
                              sd_checkpoint=model.short_hash,
                              sd_checkpoint_name=Path(model.name).stem)
 
@@ -44,10 +49,28 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
     plan = TrainingPlan(
         name=name, optimizer=optimizer, rates=tt.rates(cfg), encode=encoder.encode,
         prompt_encoder=encoder, save=lambda target, step: save_embedding(target, as_file(step)),
-        checksum=lambda: embedding_checksum(vectors.detach()), final_path=path,
+        checksum=lambda: embedding_checksum(current()), final_path=path,
         copies_folder="embeddings", previews=tt.previews(cfg, name),
         start_step=int(stored.step or 0), on_preview=on_preview)
     opts = tt.loop_options(cfg, model, "textual_inversion_loss.csv",
                            {"method": "textual_inversion", "embedding": str(path),
-                            "vectors": int(vectors.shape[0]), "images": len(dataset.examples)})
+                            "vectors": stored.num_vectors, "images": len(dataset.examples)})
     return train(model, tt.TemplateBatches(dataset, template_lines, name, cfg), plan, opts, ctx)
+
+
+def _check_fits(stored: EmbeddingFile, model, path: Path, model_name: str) -> None:
+    """The embedding's vectors must have the width of the text encoder(s) they go into."""
+    encoders = {"clip_l": model.text_encoder, "clip_g": model.text_encoder_2}
+    if stored.is_sdxl != model.is_sdxl:
+        kind = "an SDXL embedding (clip_l + clip_g)" if stored.is_sdxl else "a single-encoder embedding"
+        raise TrainingError(f"embedding: {path.name} is {kind}, but {model_name} is "
+                            f"{'an SDXL' if model.is_sdxl else 'an SD 1.x/2.x'} model; "
+                            "it was made for another model family")
+    halves = stored.vectors if stored.is_sdxl else {"clip_l": stored.vectors}
+    for key, vectors in halves.items():
+        width = encoders[key].get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            which = f" {key}" if stored.is_sdxl else ""
+            raise TrainingError(f"embedding: {path.name}{which} has vectors of width "
+                                f"{vectors.shape[1]}, but {model_name}'s text encoder uses "
+                                f"{width}; it was made for another model")
