@@ -180,3 +180,31 @@ def test_sdxl_text_projection_is_written_transposed():
                        te2.text_projection.weight.t())
     with pytest.raises(ValueError, match="text_encoder_2"):
         sc.original_state_dict(*build_sdxl_components()[:3], "sdxl")
+
+
+def test_guess_family_and_memory_estimate_follow_the_model(tmp_path):
+    """Without loading (torch-free): demo names, folders and .safetensors headers give the family,
+    and the memory estimate grows with it (SDXL LoRA > SD1 LoRA at the same settings)."""
+    import subprocess
+    import sys
+    from trainers.configs import LoraConfig
+    from trainers.memory_estimate import GB, estimate_for
+    paths = Paths(tmp_path / "data").ensure()
+    safetensors.torch.save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)},
+                                str(paths.stable_diffusion / "xl.safetensors"))
+    safetensors.torch.save_file({"cond_stage_model.model.ln_final.weight": torch.zeros(2)},
+                                str(paths.stable_diffusion / "two.safetensors"))
+    import shutil
+    shutil.copytree(SKELETONS / "sdxl", paths.stable_diffusion / "xl-folder")
+    assert families.guess_family(paths, "xl.safetensors") == "sdxl"
+    assert families.guess_family(paths, "two.safetensors") == "sd2"
+    assert families.guess_family(paths, "xl-folder") == "sdxl"
+    assert families.guess_family(paths, "tiny-demo-sd2") == "sd2"
+    assert families.guess_family(paths, "missing.ckpt") is None
+    sd1 = estimate_for(LoraConfig(model="missing.ckpt", resolution=1024), paths).total
+    sdxl = estimate_for(LoraConfig(model="xl.safetensors", resolution=1024), paths).total
+    assert sdxl > 2 * sd1 and sdxl > 12 * GB
+    # the page's process never imports torch for this
+    code = ("import sys; from trainers.families import guess_family, detect_family; "
+            "from trainers.memory_estimate import estimate_for; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -3,7 +3,9 @@ checkpoint file by keys and shapes, and name the pipeline class each one loads w
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -54,12 +56,65 @@ def folder_family(folder: str | Path) -> str:
                       f"(text encoder activation {activation!r}, context width {width!r})")
 
 
+def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
+    """'sd1', 'sd2' or 'sdxl' from original-layout key names (and shapes, when given a mapping
+    of key -> tensor or shape); None when nothing says. Torch-free.
+
+    The text encoder decides: `cond_stage_model.transformer.*` is SD1's CLIP,
+    `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL (base or refiner).
+    A UNet-only file is judged by its cross-attention width (768 / 1024 / 2048) or `label_emb`.
+    """
+    names = list(keys)
+    if any(k.startswith("conditioner.embedders.") for k in names):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in names):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in names):
+        return "sd1"
+    if any(k.startswith("model.diffusion_model.label_emb.") for k in names):
+        return "sdxl"
+    if isinstance(keys, Mapping):
+        for key in names:
+            if key.startswith("model.diffusion_model.") and key.endswith(".attn2.to_k.weight"):
+                shape = getattr(keys[key], "shape", keys[key])
+                return CONTEXT_WIDTHS.get(int(shape[-1]))
+    return None
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape from a .safetensors header, read as JSON (no torch, no tensor data)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > 100 * 2**20:
+            raise FamilyError(f"model: {Path(path).name} has an implausible header")
+        header = json.loads(handle.read(length))
+    return {k: tuple(v.get("shape", ())) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)}
+
+
+def guess_family(paths, name: str) -> str | None:
+    """The family of a model-dropdown name without loading anything (for estimates); None
+    when it cannot be told cheaply (a .ckpt, a hub id, an unreadable file)."""
+    from trainers.tiny_model import DEMO_MODELS
+    name = (name or "").strip()
+    if name in DEMO_MODELS:
+        return DEMO_MODELS[name]
+    candidate = Path(paths.stable_diffusion) / name
+    try:
+        if candidate.is_dir():
+            return folder_family(candidate)
+        if candidate.is_file() and candidate.suffix.lower() == ".safetensors":
+            return detect_family(safetensors_shapes(candidate))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def file_keys(path: str | Path) -> dict:
     """key -> shape of a single-file checkpoint (the header only, for .safetensors)."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from trainers.formats.sd_checkpoint import read_shapes
-        return read_shapes(path)
+        return safetensors_shapes(path)
     from trainers.formats.safe_load import safe_torch_load
     data = safe_torch_load(path)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -71,7 +126,6 @@ def file_keys(path: str | Path) -> dict:
 
 def file_family(path: str | Path) -> str:
     """'sd1' / 'sd2' / 'sdxl' for an original-layout single file, by its keys and shapes."""
-    from trainers.formats.sd_checkpoint import detect_family
     path = Path(path)
     try:
         shapes = file_keys(path)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1024 ** 3
-# parameter counts (U-Net, text encoder, VAE)
-FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6)}
+# parameter counts (U-Net, text encoder(s), VAE); SDXL's text is CLIP-L + OpenCLIP-bigG
+FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "sd2": (865.9e6, 340.4e6, 83.7e6),
+            "sdxl": (2567.5e6, 817.8e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6),
+            "tiny-demo-sd2": (0.80e6, 2.41e6, 0.26e6), "tiny-demo-sdxl": (1.38e6, 4.02e6, 0.26e6)}
 OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Prodigy": 16, "Adafactor": 1,
                    "SGDNesterov": 4}
 # activation memory for one 256 px image through an SD1 U-Net with backward, fp32 (measured
@@ -37,8 +39,11 @@ def advice(total: float) -> str:
     return "Larger than most cards: lower the batch or resolution, or use LoRA instead."
 
 
-def estimate(cfg) -> Estimate:
-    unet, text, vae = FAMILIES["tiny-demo" if getattr(cfg, "model", "") == "tiny-demo" else "sd1"]
+def estimate(cfg, family: str | None = None) -> Estimate:
+    """`family` ('sd1' / 'sd2' / 'sdxl', see trainers.families.guess_family) picks the model's
+    size; the demo models are recognised by name; unknown means SD1."""
+    model = getattr(cfg, "model", "")
+    unet, text, vae = FAMILIES[model if model in FAMILIES else (family or "sd1")]
     method = type(cfg).__name__
     weights = (unet + text + vae) * 4
     trainable = _trainable(cfg, method, unet, text)
@@ -56,6 +61,12 @@ def estimate(cfg) -> Estimate:
     if getattr(cfg, "use_ema", False):
         parts["EMA"] = unet * 4
     return Estimate(parts)
+
+
+def estimate_for(cfg, paths) -> Estimate:
+    """estimate() with the family of the model the config names, told without loading it."""
+    from trainers.families import guess_family
+    return estimate(cfg, guess_family(paths, getattr(cfg, "model", "")))
 
 
 def _trainable(cfg, method: str, unet: float, text: float) -> float:

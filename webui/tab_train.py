@@ -74,7 +74,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return form, to_config(form.config, form.names, split(values)[key])
 
     def submit(key, values, queue: bool):
-        from trainers.memory_estimate import estimate
+        from trainers.memory_estimate import estimate_for
         from trainers.registry import job_parts
         try:
             _, cfg = config_of(key, values)
@@ -84,7 +84,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         except (ConfigError, Busy) as error:
             return error_text(error)
         verb = "Queued" if queue else "Started"
-        return f"{verb} job {job.id}: {job.name}. {estimate(cfg).text()}"
+        return f"{verb} job {job.id}: {job.name}. {estimate_for(cfg, paths).text()}"
 
     def start(key, *values):
         return submit(key, values, queue=False)
@@ -116,12 +116,12 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return "", gr.update(value=to_toml(cfg), visible=True)
 
     def estimate_memory(key, *values):
-        from trainers.memory_estimate import estimate
+        from trainers.memory_estimate import estimate_for
         try:
             _, cfg = config_of(key, values)
         except ConfigError as error:
             return error_text(error)
-        return estimate(cfg).text()
+        return estimate_for(cfg, paths).text()
 
     def poll(state):
         job = runner.latest("train")

@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write
+from trainers.families import detect_family  # noqa: F401  (family detection lives there)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -458,31 +459,6 @@ def text_encoder_to_original(state_dict: StateDict, family: str = "sd1",
 
 # ----------------------------------------------------------------------------------------------
 # family detection
-
-def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
-    """'sd1', 'sd2' or 'sdxl' from original-layout key names (and shapes, when given a mapping
-    of key -> tensor or shape); None when nothing says.
-
-    The text encoder decides: `cond_stage_model.transformer.*` is SD1's CLIP,
-    `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL (base or refiner).
-    A UNet-only file is judged by its cross-attention width (768 / 1024 / 2048) or `label_emb`.
-    """
-    names = list(keys)
-    if any(k.startswith(SDXL_PREFIX) for k in names):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in names):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in names):
-        return "sd1"
-    if any(k.startswith(UNET_PREFIX + "label_emb.") for k in names):
-        return "sdxl"
-    if isinstance(keys, Mapping):
-        for key in names:
-            if key.startswith(UNET_PREFIX) and key.endswith(".attn2.to_k.weight"):
-                shape = getattr(keys[key], "shape", keys[key])
-                return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(shape[-1]))
-    return None
-
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a `.safetensors` file, from its header only."""
