@@ -32,14 +32,14 @@ if str(ROOT) not in sys.path:
 from bench import baselines, fixtures, report  # noqa: E402
 from bench.torchvision_standin import write_standin  # noqa: E402
 
-TRAINING = ["textual_inversion", "hypernetwork", "lora", "dreambooth"]
+TRAINING = ["textual_inversion", "hypernetwork", "lora", "lora_cached", "dreambooth"]
 EXTRAS = ["ui", "preprocess"]
 MODES = {
     "quick": {"kind": "tiny", "steps": 30, "rounds": 3, "timeout": 900,
               "methods": TRAINING + ["ui"], "ui_steps": 200, "ui_rounds": 4,
               "heading": "## Training: Danlu vs diffusers' scripts — quick (tiny model, 64 px)"},
     "full": {"kind": "sd15", "steps": 10, "rounds": 2, "timeout": 7200,
-             "methods": ["textual_inversion", "lora", "preprocess"], "ui_steps": 60, "ui_rounds": 3,
+             "methods": ["textual_inversion", "lora", "lora_cached", "preprocess"], "ui_steps": 60, "ui_rounds": 3,
              "heading": "## Training: Danlu vs diffusers' scripts — full (SD1.5-shaped, 256 px)"},
 }
 SEED = 0
@@ -175,7 +175,15 @@ def notes(kind: str, methods: list[str]) -> list[str]:
         "uses kohya's module set (also the feed-forward layers and proj_in/proj_out), which is what "
         "A1111/ComfyUI files contain, so it trains ~2× the adapter parameters (still <1% of the "
         "U-Net's FLOPs). The script clips the gradient norm to 1.0 every step. U-Net only on both "
-        "sides; both run the frozen text encoder every step.",
+        "sides.",
+        "Caching (issue 5's rows): Danlu always encodes latents once (kohya's cache_latents; it "
+        "has no switch to encode every step, so there is no 'latents not cached' Danlu row); "
+        "diffusers' train_dreambooth_lora.py has no latent cache and runs the VAE encoder every "
+        "step. 'LoRA (rank 4)': both run the frozen text encoder every step (Danlu's default "
+        "cache_text_encoder_outputs = false). 'text-encoder outputs cached': Danlu with "
+        "cache_text_encoder_outputs = true (each caption encoded once) against the script with "
+        "--pre_compute_text_embeddings (its one instance prompt encoded once, the text encoder "
+        "then freed).",
         "The scripts load images through a DataLoader every step; Danlu keeps them in memory. "
         "Danlu writes a loss CSV line and emits a Progress event per step; the scripts update tqdm.",
         "Different random streams: both seed 0, but the sequence of timesteps and noise differs; a "
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
     mode.add_argument("--full", action="store_true", help="SD1.5-shaped random model, 256 px")
     parser.add_argument("--methods", help="comma list of " + ", ".join(TRAINING + EXTRAS)
                         + " (default: quick = all training methods + ui; full = "
-                          "textual_inversion, lora, preprocess)")
+                          "textual_inversion, lora, lora_cached, preprocess)")
     parser.add_argument("--rounds", type=int, help="A/B rounds (default quick 3, full 2)")
     parser.add_argument("--steps", type=int, help="steps per run (default quick 30, full 10)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -336,11 +344,14 @@ def main(argv=None) -> int:
                         steps=settings["ui_steps"] if kind == "tiny" else max(steps, 8),
                         seed=SEED, workdir=str(ui_dir), rounds=settings["ui_rounds"])
             (ui_dir / "spec.json").write_text(json.dumps(spec))
-            results["ui"] = child_json([sys.executable, "-m", "bench.ui_overhead",
-                                        str(ui_dir / "spec.json")], settings["timeout"], ROOT)
-            summary = report.ui_summary(results["ui"])
-            log(f"UI overhead: {100 * summary['overhead']:+.1f}%" if summary
-                else f"UI overhead failed: {results['ui'].get('error')}")
+            if args.paired:
+                _ui_paired(results, ui_dir / "spec.json", rounds, settings["timeout"])
+            else:
+                results["ui"] = child_json([sys.executable, "-m", "bench.ui_overhead",
+                                            str(ui_dir / "spec.json")], settings["timeout"], ROOT)
+                summary = report.ui_summary(results["ui"])
+                log(f"UI overhead: {100 * summary['overhead']:+.1f}%" if summary
+                    else f"UI overhead failed: {results['ui'].get('error')}")
         if "preprocess" in methods:
             log("preprocess throughput (bench.preprocess_throughput)")
             cmd = [sys.executable, "-m", "bench.preprocess_throughput", "--output", args.out]
@@ -393,8 +404,10 @@ def _paired(results, training, available, setup, steps, rounds, work, settings, 
                 continue
             cpu = round_ % 2
             with ThreadPoolExecutor(2) as pool:
+                # time to first step with the model loaded: measured on the tiny model once
                 danlu = pool.submit(run_danlu, method, setup, steps, f"p{round_}", work,
-                                    settings["timeout"], False, False, cpu)
+                                    settings["timeout"], False,
+                                    setup["kind"] == "tiny" and round_ == first, cpu)
                 script = pool.submit(run_baseline, method, setup, steps, f"p{round_}", work,
                                      settings["timeout"], standin, 1 - cpu)
                 pair = {"method": method, "kind": setup["kind"], "round": round_,
@@ -405,6 +418,33 @@ def _paired(results, training, available, setup, steps, rounds, work, settings, 
                 f"{_brief(pair['baseline'])}; overlap ratio "
                 + (f"{ratio['ratio']:.2f}" if ratio else "—"))
             _save_partial(results, results_file)
+
+
+def _ui_paired(results: dict, spec_file: Path, rounds: int, timeout: float) -> None:
+    """The CLI path and the page path at the same time, each in its own process pinned to its
+    own CPU with 1 thread; the CPUs swap every pair (2 pairs; each child makes the spec's
+    `rounds` runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = results.setdefault("ui_paired", [])
+    first = len(pairs)
+    for index in range(first, first + 2):
+        cpu = index % 2
+
+        def side(name: str, pin: int) -> dict:
+            prefix, env = _pinned(pin)
+            return child_json(prefix + [sys.executable, "-m", "bench.ui_overhead", str(spec_file),
+                                        "--side", name], timeout, ROOT, env)
+        with ThreadPoolExecutor(2) as pool:
+            cli = pool.submit(side, "cli", cpu)
+            page = pool.submit(side, "page", 1 - cpu)
+            pair = {"round": index, "cpus": [cpu, 1 - cpu], "cli": cli.result(),
+                    "page": page.result()}
+        pairs.append(pair)
+        overhead = report.ui_pair_overhead(pair)
+        log(f"UI overhead pair {index + 1}: "
+            + (f"{100 * overhead:+.1f}%" if overhead is not None else
+               f"failed: {pair['cli'].get('error') or pair['page'].get('error')}"))
 
 
 def _save_partial(results: dict, results_file: Path) -> None:

@@ -29,8 +29,9 @@ from bench import fixtures
 
 SCRIPTS = {"textual_inversion": "textual_inversion/textual_inversion.py",
            "lora": "dreambooth/train_dreambooth_lora.py",
+           "lora_cached": "dreambooth/train_dreambooth_lora.py",  # + --pre_compute_text_embeddings
            "dreambooth": "dreambooth/train_dreambooth.py"}
-LEARNING_RATES = {"textual_inversion": 5e-3, "lora": 1e-4, "dreambooth": 5e-6}
+LEARNING_RATES = {"textual_inversion": 5e-3, "lora": 1e-4, "lora_cached": 1e-4, "dreambooth": 5e-6}
 LORA_RANK = 4
 NEVER = "1000000"  # checkpoint/save intervals that never trigger in a benchmark run
 
@@ -99,7 +100,7 @@ def extract(git_dir: Path, target: Path, rev: str | None = None) -> dict:
     commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", f"{rev}^{{commit}}"],
                             capture_output=True, text=True, check=True).stdout.strip()
     target.mkdir(parents=True, exist_ok=True)
-    for relative in SCRIPTS.values():
+    for relative in sorted(set(SCRIPTS.values())):
         text = subprocess.run(["git", "--git-dir", str(git_dir), "show",
                                f"{commit}:examples/{relative}"],
                               capture_output=True, text=True, check=True).stdout
@@ -131,6 +132,8 @@ def script_args(method: str, setup: dict, steps: int, seed: int, output_dir: Pat
     dreambooth = ["--instance_data_dir", images, "--instance_prompt", fixtures.INSTANCE_PROMPT]
     if method == "lora":
         return common + dreambooth + ["--rank", str(LORA_RANK)]
+    if method == "lora_cached":  # the script's own text-encoder cache (it has none for latents)
+        return common + dreambooth + ["--rank", str(LORA_RANK), "--pre_compute_text_embeddings"]
     return common + dreambooth
 
 

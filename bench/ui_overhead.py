@@ -1,21 +1,24 @@
 """UI overhead: the same training run through the page's path vs the CLI's, in one process.
 
     python -m bench.ui_overhead SPEC.json      (SPEC as for bench.danlu_run, plus "rounds")
+    python -m bench.ui_overhead SPEC.json --side cli|page   (one path only: a paired child)
 
 - CLI path: what `python -m trainers` does: `runner(method)(cfg, ConsoleContext)` on the main
   thread, the tqdm bar written to /dev/null.
 - Page path: what the Train button does: `JobRunner.submit(..., lambda ctx: run(cfg, ctx))`, the
   run on the worker thread, and a page attached: a poller thread that once a second does what
-  the Train tab's gr.Timer handler does (`job.snapshot()`, `live.status_text`,
-  `live.loss_frame` when the loss list grew, `live.gallery_items` when previews changed) plus
-  Gradio's own postprocessing of the loss plot (`gr.LinePlot.postprocess`), when gradio imports.
+  the Train tab's gr.Timer handler does (`live.refresh`: the job's new loss points only, the
+  status line, the thinned loss series, the gallery when previews changed) plus Gradio's own
+  postprocessing of the loss plot (`gr.LinePlot.postprocess`), when gradio imports.
   Gradio's HTTP/websocket send is not included.
 
 The two alternate (CLI, page, page, CLI, ...) with the model already loaded (an untimed
-warm-up run first), each run from a fresh copy of the same step-0 file. The overhead is the
+warm-up run first), each run from a fresh copy of the same step-0 file. With `--side`, one
+process runs only one path; `python -m bench --paired` runs a CLI child and a page child at
+the same time, each pinned to its own CPU, swapping CPUs every pair. The overhead is the
 mean seconds per step of the page runs over the CLI runs (means, not medians: a poll costs a
 spike once a second that a median would hide). Also: the cost of one poll with a long history
-(100,000 loss points, 500 previews), the worst case of a long run.
+(100,000 loss points, 500 previews) for an attached page and for a fresh one (a reload).
 """
 from __future__ import annotations
 
@@ -55,33 +58,23 @@ class _Timestamps:
 
 
 def _page_renderer():
-    """What one gr.Timer tick of the Train tab computes (see webui/tab_train.py `poll`)."""
+    """What one gr.Timer tick of the Train tab computes (webui/tab_train.py `poll`):
+    `live.refresh` with the page's Watch (only the new loss points), plus Gradio's own
+    postprocessing of the loss plot (`gr.LinePlot.postprocess`) when the plot changed."""
     from webui import live
     try:
         import gradio as gr
         plot = gr.LinePlot(x="step", y="loss", color="series")
     except Exception:  # gradio missing or changed: measure the engine-side part only
         plot = None
-    state = {"key": (None, None, None, None)}
+    page = {"watch": live.Watch()}
 
-    def tick(runner) -> None:
-        job = runner.latest("train")
-        if job is None:
-            return
-        snap = job.snapshot()
-        key = (job.id, len(snap["losses"]), len(snap["previews"]), snap["state"])
-        if key == state["key"]:
-            return
-        changed_plot = key[:2] != state["key"][:2]
-        changed_gallery = (key[0], key[2]) != (state["key"][0], state["key"][2])
-        live.status_text(snap)
-        if changed_plot:
-            frame = live.loss_frame(snap["losses"])
-            if plot is not None:
-                plot.postprocess(frame)
-        if changed_gallery:
-            live.gallery_items(snap["previews"])
-        state["key"] = key
+    def tick(runner, fresh: bool = False) -> None:
+        if fresh:  # a reload: a new page with an empty Watch
+            page["watch"] = live.Watch()
+        changed = live.refresh(runner, page["watch"])
+        if plot is not None and changed.get("plot") is not None:
+            plot.postprocess(changed["plot"])
 
     return tick, plot is not None
 
@@ -102,7 +95,7 @@ def run_cli(spec: dict, folder: Path) -> tuple[float, float]:
     cfg, _ = danlu_run.make_config(spec, preview=False)
     with open(os.devnull, "w") as sink:
         ctx = _Timestamps(ConsoleContext(paths, stream=sink))
-        runner(spec["method"])(cfg, ctx)
+        runner(danlu_run.engine_method(spec["method"]))(cfg, ctx)
     return _per_step(ctx.ends)
 
 
@@ -113,7 +106,7 @@ def run_page(spec: dict, folder: Path, tick) -> tuple[float, float, list[float]]
 
     paths = Paths(fixtures.fresh_data_dir(spec["kind"], folder)).ensure()
     cfg, _ = danlu_run.make_config(spec, preview=False)
-    run = method_runner(spec["method"])
+    run = method_runner(danlu_run.engine_method(spec["method"]))
     jobs = JobRunner(paths)
     holder: dict = {}
 
@@ -142,8 +135,9 @@ def run_page(spec: dict, folder: Path, tick) -> tuple[float, float, list[float]]
     return wall, cpu, polls
 
 
-def long_history_poll(tick) -> float:
-    """Seconds for one poll of a job with 100,000 loss points and 500 previews."""
+def long_history_poll(tick) -> tuple[float, float]:
+    """Seconds for one poll of a job with 100,000 loss points and 500 previews: (a page that
+    is attached and gets one new point, the first poll of a fresh page: the whole history)."""
     from core import events as ev
     from core.jobs import Job
 
@@ -158,18 +152,40 @@ def long_history_poll(tick) -> float:
         def latest(self, kind=None):
             return job
 
-    times = []
-    for _ in range(5):
-        job.losses.append((len(job.losses) + 1, 0.1, 1e-4))  # a new point: the plot redraws
+        def queued(self):
+            return []
+
+    def timed(fresh: bool) -> float:
+        job.record(ev.Progress(step=len(job.losses) + 1, total=200_000, loss=0.1,
+                               learn_rate=1e-4, elapsed=1.0))  # a new point: the plot redraws
         started = time.perf_counter()
-        tick(One())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        tick(One(), fresh=fresh)
+        return time.perf_counter() - started
+
+    first = [timed(True) for _ in range(3)]
+    attached = [timed(False) for _ in range(7)]
+    return statistics.median(attached), statistics.median(first)
+
+
+def run_side(spec: dict, side: str, rounds: int, work: Path, tick) -> dict:
+    """`rounds` runs of one path (a paired child: the other path runs at once on another CPU)."""
+    run_cli(dict(spec, steps=3), work / f"warmup-{side}")  # loads (and caches) the model
+    walls, cpus, polls = [], [], []
+    for index in range(rounds):
+        if side == "cli":
+            wall, cpu = run_cli(spec, work / f"cli-{index}")
+        else:
+            wall, cpu, run_polls = run_page(spec, work / f"page-{index}", tick)
+            polls += run_polls
+        walls.append(wall)
+        cpus.append(cpu)
+    return {"s_per_step": walls, "cpu_per_step": cpus, "poll_s": polls}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
+    side = argv[2] if len(argv) > 2 and argv[1] == "--side" else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(spec["workdir"])
     out: dict = {"method": spec["method"], "kind": spec["kind"], "steps": spec["steps"],
@@ -177,20 +193,28 @@ def main(argv=None) -> int:
     try:
         tick, with_gradio = _page_renderer()
         out["gradio_postprocess"] = with_gradio
+        if side is not None:
+            out.update(run_side(spec, side, out["rounds"], work, tick), side=side)
+            if side == "page":
+                out["long_history_poll_s"], out["reload_poll_s"] = long_history_poll(tick)
+            print("BENCH_JSON " + json.dumps(out), flush=True)
+            return 0
         run_cli(dict(spec, steps=3), work / "warmup")  # loads (and caches) the model
         cli, page, polls = [], [], []
         for index in range(out["rounds"]):
             order = ("cli", "page") if index % 2 == 0 else ("page", "cli")
-            for side in order:
-                if side == "cli":
+            for one in order:
+                if one == "cli":
                     cli.append(run_cli(spec, work / f"cli-{index}"))
                 else:
                     wall, cpu, run_polls = run_page(spec, work / f"page-{index}", tick)
                     page.append((wall, cpu))
                     polls += run_polls
+        attached, reload_poll = long_history_poll(tick)
         out.update({"cli_s_per_step": [w for w, _ in cli], "page_s_per_step": [w for w, _ in page],
                     "cli_cpu_per_step": [c for _, c in cli], "page_cpu_per_step": [c for _, c in page],
-                    "poll_s": polls, "long_history_poll_s": long_history_poll(tick)})
+                    "poll_s": polls, "long_history_poll_s": attached,
+                    "reload_poll_s": reload_poll})
     except Exception as error:
         import traceback
         out["error"] = f"{type(error).__name__}: {error}"

@@ -73,16 +73,24 @@ class Job:
                 self.result = event
                 self.log.append(event.message)
 
-    def snapshot(self) -> dict:
-        """A consistent copy for a watcher; cheap enough to call every second."""
+    def snapshot(self, losses_from: int = 0) -> dict:
+        """A consistent copy for a watcher. `losses` holds the loss points from index
+        `losses_from` on (a page that keeps its own series asks only for the new ones, so a poll
+        costs the same at step 100 and at step 100,000); `loss_count` is how many there are."""
         with self._lock:
             return {
                 "id": self.id, "name": self.name, "kind": self.kind, "state": self.state,
-                "losses": list(self.losses), "previews": list(self.previews),
+                "losses": self.losses[max(0, losses_from):], "loss_count": len(self.losses),
+                "previews": list(self.previews),
                 "saved": list(self.saved), "log": list(self.log),
                 "progress": self.last_progress, "result": self.result,
                 "started": self.started, "ended": self.ended,
             }
+
+    def changes(self) -> tuple[int, int, str]:
+        """(loss points, previews, state): a watcher compares it to skip an unchanged poll
+        without copying anything."""
+        return len(self.losses), len(self.previews), self.state
 
     @property
     def active(self) -> bool:

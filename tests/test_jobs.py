@@ -140,3 +140,23 @@ def test_preprocess_jobs_queue_and_rebuild_too(tmp_path):
     job = runner.submit(*again[:3], queue=True)
     assert runner.wait(job, 60) and job.state == DONE
     assert any(p.suffix == ".png" for p in (tmp_path / "dst").iterdir())
+
+
+def test_snapshot_can_return_only_the_new_loss_points(runner):
+    release = threading.Event()
+
+    def work(ctx):
+        for step in range(1, 6):
+            ctx.emit(ev.Progress(step=step, total=5, loss=float(step), learn_rate=0.1))
+        release.wait(5)
+    job = runner.submit("a", "train", work)
+    deadline = time.time() + 5
+    while job.changes()[0] < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.changes() == (5, 0, "running")
+    tail = job.snapshot(losses_from=3)
+    assert [s for s, _, _ in tail["losses"]] == [4, 5] and tail["loss_count"] == 5
+    assert job.snapshot(losses_from=5)["losses"] == []
+    assert [s for s, _, _ in job.snapshot()["losses"]] == [1, 2, 3, 4, 5]  # default: all
+    release.set()
+    assert runner.wait(job, 5)

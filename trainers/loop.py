@@ -206,8 +206,10 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     skipped, stepped = 0, False  # bad steps in a row (on_nan="skip"); any good step yet
     parameters = _parameters(plan)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-    scaler = torch.amp.GradScaler(unet.device.type) if opts.autocast == torch.float16 else None
-    autocast = (torch.autocast(device_type=unet.device.type, dtype=opts.autocast)
+    # diffusers' unet.device / unet.dtype walk every sub-module: look them up once per run
+    device, dtype = unet.device, unet.dtype
+    scaler = torch.amp.GradScaler(device.type) if opts.autocast == torch.float16 else None
+    autocast = (torch.autocast(device_type=device.type, dtype=opts.autocast)
                 if opts.autocast is not None else contextlib.nullcontext())
 
     def save(kind: str) -> Path:
@@ -235,7 +237,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 break
             for group, rate in zip(plan.optimizer.param_groups, rates):
                 group["lr"] = rate
-            total_loss = 0.0
+            summed = None  # the step's loss stays on the device until all micro-batches ran
             for k in range(opts.accumulation):
                 micro = step * opts.accumulation + k
                 batch = data.batch(micro)
@@ -245,11 +247,14 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                     loss = diffusion_loss(unet, noise_scheduler, batch.latents, context,
                                           seeds.generator(opts.seed, "noise", micro),
                                           weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
-                                          noise_offset=opts.noise_offset, added_cond=added)
+                                          noise_offset=opts.noise_offset, added_cond=added,
+                                          device=device, dtype=dtype)
                 scaled = loss / opts.accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                total_loss += loss.item() / opts.accumulation
+                summed = scaled.detach() if summed is None else summed + scaled.detach()
                 last_texts = batch.texts
+            # one host sync per optimizer step, shared by the non-finite guard and the log line
+            total_loss = summed.item()
             bad = _non_finite(total_loss, parameters, scaler)
             if bad is not None:
                 plan.optimizer.zero_grad(set_to_none=True)

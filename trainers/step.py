@@ -8,23 +8,28 @@ import torch.nn.functional as F
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor,
                    generator: torch.Generator, weight: torch.Tensor | None = None,
                    min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                   added_cond: dict | None = None) -> torch.Tensor:
+                   added_cond: dict | None = None, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and return the (weighted) MSE.
 
-    `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x."""
-    latents = latents.to(unet.device, unet.dtype)
+    `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x.
+    `device` / `dtype` are the U-Net's; the loop passes them once per run, because diffusers'
+    `unet.device` / `unet.dtype` walk every sub-module on each call."""
+    device = unet.device if device is None else device
+    dtype = unet.dtype if dtype is None else dtype
+    latents = latents.to(device, dtype)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if noise_offset:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents)
         noise = noise + noise_offset * offset
     total = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator).to(unet.device)
+    timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
     extra = {}
     if added_cond is not None:
-        extra["added_cond_kwargs"] = {k: v.to(unet.device, unet.dtype) for k, v in added_cond.items()}
-    prediction = unet(noisy, timesteps, context.to(unet.dtype), **extra).sample
+        extra["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in added_cond.items()}
+    prediction = unet(noisy, timesteps, context.to(dtype), **extra).sample
 
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":

@@ -1,7 +1,14 @@
-"""Turn a job snapshot into what the page shows: a status line, a loss plot, preview paths."""
+"""Turn a job snapshot into what the page shows: a status line, a loss plot, preview paths.
+
+A page keeps a `Watch` in its session state: each poll asks the job only for the loss points
+the page has not seen (`LossSeries` thins and smooths them as they arrive), so a poll costs the
+same at step 100 and at step 100,000. A fresh page (a reload, a second browser) starts with an
+empty Watch and gets the whole history once."""
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -30,6 +37,81 @@ def loss_frame(losses: list[tuple[int, float, float]], limit: int = 2000) -> pd.
     rows = {"step": steps[::every] * 2, "loss": values[::every] + smooth[::every],
             "series": ["loss"] * len(steps[::every]) + ["smoothed"] * len(steps[::every])}
     return pd.DataFrame(rows)
+
+
+class LossSeries:
+    """One job's loss curve as the page plots it, fed only new points: at most `limit` points
+    (every `stride`-th; the stride doubles when the limit is passed) and the `window`-step moving
+    average of all points, as `smoothed` computes it."""
+
+    def __init__(self, job_id: int | None = None, limit: int = 400, window: int = 20):
+        self.job_id, self.limit, self.window = job_id, limit, window
+        self.count = 0  # points seen: the index to ask the job for next
+        self.stride = 1
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.smooth: list[float] = []
+        self._recent: deque[float] = deque()
+        self._total = 0.0
+
+    def extend(self, rows) -> None:
+        for step, loss, *_ in rows:
+            self._recent.append(loss)
+            self._total += loss
+            if len(self._recent) > self.window:
+                self._total -= self._recent.popleft()
+            if self.count % self.stride == 0:
+                self.steps.append(step)
+                self.values.append(loss)
+                self.smooth.append(self._total / len(self._recent))
+                if len(self.steps) > self.limit:
+                    self.stride *= 2
+                    self.steps, self.values = self.steps[::2], self.values[::2]
+                    self.smooth = self.smooth[::2]
+            self.count += 1
+
+    def frame(self) -> pd.DataFrame | None:
+        """The LinePlot's value (None while empty, see `loss_frame`)."""
+        if not self.steps:
+            return None
+        n = len(self.steps)
+        return pd.DataFrame({"step": self.steps * 2, "loss": self.values + self.smooth,
+                             "series": ["loss"] * n + ["smoothed"] * n})
+
+
+@dataclass
+class Watch:
+    """What one page has shown: (job id, loss points, previews, state, queued job ids) and the
+    page's copy of the loss curve. Lives in the page's gr.State."""
+    key: tuple = (None, -1, -1, None, ())
+    series: LossSeries = field(default_factory=LossSeries)
+
+
+def refresh(runner, watch: Watch) -> dict:
+    """One poll of the latest training job: the parts that changed since `watch` (updated in
+    place), as {"status": markdown, "plot": frame or None, "gallery": items, "queue": True};
+    an absent key means unchanged. Copies only the new loss points."""
+    job = runner.latest("train")
+    if job is None:
+        return {}
+    waiting = tuple(j.id for j in runner.queued())
+    if (job.id, *job.changes(), waiting) == watch.key:
+        return {}
+    new_job = job.id != watch.key[0]
+    if new_job or watch.series.job_id != job.id:
+        watch.series = LossSeries(job.id, watch.series.limit, watch.series.window)
+    snap = job.snapshot(losses_from=watch.series.count)
+    key = (job.id, snap["loss_count"], len(snap["previews"]), snap["state"], waiting)
+    out: dict = {"status": status_text(snap)}
+    if snap["losses"] or new_job:
+        watch.series.extend(snap["losses"])
+        out["plot"] = watch.series.frame()
+    if new_job or key[2] != watch.key[2]:
+        out["gallery"] = gallery_items(snap["previews"])
+    if waiting != watch.key[4]:
+        out["queue"] = True
+    watch.key = key
+    return out
 
 
 def _duration(seconds: float) -> str:

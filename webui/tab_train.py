@@ -55,7 +55,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                         up = gr.Button("Up", elem_id="train-queue-up")
                         down = gr.Button("Down", elem_id="train-queue-down")
                         remove = gr.Button("Remove", elem_id="train-queue-remove")
-        seen = gr.State((None, -1, -1, None, ()))
+        seen = gr.State(live.Watch())
         timer = gr.Timer(1.0)
 
     all_inputs = [c for form in forms for c in form.controls.values()]
@@ -123,23 +123,14 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return error_text(error)
         return estimate_for(cfg, paths).text()
 
-    def poll(state):
-        job = runner.latest("train")
-        waiting = tuple(j.id for j in runner.queued())
-        if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
-        snap = job.snapshot()
-        key = (job.id, len(snap["losses"]), len(snap["previews"]), snap["state"], waiting)
-        state = tuple(tuple(v) if isinstance(v, list) else v for v in state)
-        if key == state:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
-        changed_plot = key[:2] != tuple(state)[:2]
-        changed_gallery = (key[0], key[2]) != (state[0], state[2])
-        return (live.status_text(snap),
-                live.loss_frame(snap["losses"]) if changed_plot else gr.skip(),
-                live.gallery_items(snap["previews"]) if changed_gallery else gr.skip(),
-                _queue_text(runner) if waiting != tuple(state)[4] else gr.skip(),
-                key)
+    def poll(watch: live.Watch):
+        """The timer's tick: only what changed, and only the loss points this page lacks."""
+        changed = live.refresh(runner, watch)
+        return (changed.get("status", gr.skip()),
+                changed["plot"] if "plot" in changed else gr.skip(),
+                changed.get("gallery", gr.skip()),
+                _queue_text(runner) if changed.get("queue") else gr.skip(),
+                watch)
 
     dropdowns = [(name, c) for form in forms for name, c in form.controls.items() if name in sources]
 
