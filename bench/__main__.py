@@ -397,7 +397,16 @@ def _paired(results, training, available, setup, steps, rounds, work, settings, 
     first = max((p["round"] for p in pairs), default=-1) + 1
     for round_ in range(first, first + rounds):
         for method in training:
-            if method not in available or method not in baselines.SCRIPTS:
+            if method not in available:
+                continue
+            if method not in baselines.SCRIPTS:  # no script to pair with (hypernetworks)
+                if round_ == first:
+                    result = run_danlu(method, setup, steps, f"p{round_}", work,
+                                       settings["timeout"], False, setup["kind"] == "tiny", 0)
+                    result.update(side="danlu", method=method, kind=setup["kind"], round=round_,
+                                  alone=True)
+                    results["runs"].append(result)
+                    log(f"paired round {round_ + 1} {method} (alone, no script): {_brief(result)}")
                 continue
             if method == "dreambooth" and setup["kind"] == "sd15":
                 log("paired: skipping DreamBooth on sd15 (two full fine-tunes do not fit in RAM)")

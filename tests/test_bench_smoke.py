@@ -116,3 +116,59 @@ def test_danlu_runner_child_returns_sane_json(tmp_path):
     assert result["flops"] > 1e6  # the tiny U-Net's forward + backward, counted on step 2
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
     assert result["config_fields_missing"] == []
+
+
+def test_report_renders_paired_ui_overhead_cached_lora_rows_and_loaded_ttfs():
+    from bench import report
+
+    results = fake_results()
+    del results["ui"]
+    results["ui_paired"] = [
+        {"round": i, "cpus": [i % 2, 1 - i % 2],
+         "cli": {"side": "cli", "s_per_step": [0.100, 0.102], "cpu_per_step": [0.1, 0.1]},
+         "page": {"side": "page", "s_per_step": [0.101, 0.103 + 0.002 * i],
+                  "cpu_per_step": [0.1, 0.101], "poll_s": [0.002, 0.003], "kind": "tiny",
+                  "steps": 200, "gradio_postprocess": True, "long_history_poll_s": 0.0025,
+                  "reload_poll_s": 0.4}} for i in range(2)]
+    results["ui_paired"].append({"round": 2, "cli": {"error": "boom"}, "page": {}})
+    summary = report.ui_paired_summary(results)
+    assert summary["pairs"] == 2 and summary["failed"] == 1
+    # mean page s/step over mean CLI s/step of each pair, then the median over pairs
+    assert math.isclose(summary["overhead"], (0.102 / 0.101 + 0.103 / 0.101) / 2 - 1,
+                        rel_tol=1e-9)
+    results["runs"] += [
+        _run("danlu", "lora_cached", 0, 4.0, 3900, 300e9),
+        _run("baseline", "lora_cached", 0, 8.0, 4800, 600e9),
+        dict(_run("danlu", "hypernetwork", 0, 1.0, 500), kind="tiny", ttfs_cached_s=0.6),
+        dict(_run("danlu", "textual_inversion", 0, 1.0, 500), kind="tiny", ttfs_cached_s=2.5,
+             ttfs_call_s=9.0)]
+    results["models"]["tiny"] = {"label": "tiny", "resolution": 64}
+    text = report.render(results)
+    assert "### UI overhead" in text and "each pinned to its own CPU" in text
+    ui_row = next(line for line in text.splitlines() if line.startswith("| 0.101 |"))
+    assert f"**{100 * summary['overhead']:+.1f}%**" in ui_row and "< 3% met" in ui_row
+    assert "400 ms" in ui_row  # the first poll of a reloaded page
+    cached = next(line for line in text.splitlines()
+                  if line.startswith("| SD1.5-shaped | LoRA (rank 4), text-encoder outputs cached"))
+    assert "**0.50×**" in cached and "≤ 0.8× met" in cached
+    loaded = next(line for line in text.splitlines() if line.startswith("Model already loaded"))
+    assert "Hypernetwork 0.6 s (met)" in loaded
+    assert "Textual inversion 2.50 s (**not met**)" in loaded
+
+
+def test_cached_lora_variant_settings_on_both_sides(tmp_path):
+    from bench import baselines, danlu_run
+
+    setup = {"model": str(tmp_path / "m"), "resolution": 64,
+             "data": {"images": "i", "captioned": "c", "kohya": str(tmp_path / "k")}}
+    plain = baselines.script_args("lora", setup, 5, 0, tmp_path / "o")
+    cached = baselines.script_args("lora_cached", setup, 5, 0, tmp_path / "o")
+    assert "--pre_compute_text_embeddings" in cached and "--pre_compute_text_embeddings" not in plain
+    assert cached[:len(plain)] == plain
+    spec = dict(method="lora_cached", kind="tiny", model=setup["model"], resolution=64,
+                data=setup["data"], steps=5, seed=0)
+    cfg, missing = danlu_run.make_config(spec, preview=False)
+    assert missing == [] and cfg.cache_text_encoder_outputs is True
+    cfg, _ = danlu_run.make_config(dict(spec, method="lora"), preview=False)
+    assert cfg.cache_text_encoder_outputs is False
+    assert danlu_run.engine_method("lora_cached") == "lora"

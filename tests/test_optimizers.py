@@ -185,3 +185,22 @@ def test_schedule_errors():
     with pytest.raises(ScheduleError, match="learning_rate"):
         rate_factor("polynomial", 0, 10)
     assert warmup_steps_for(0.1, 200) == 20 and warmup_steps_for(15, 200) == 15
+
+
+def test_adamw_uses_the_fused_kernel_with_the_same_updates_unless_told_otherwise():
+    torch.manual_seed(0)
+    start = torch.randn(6, 5)
+    fused_w, plain_w = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    fused = create_optimizer("AdamW", [{"params": [fused_w], "lr": 0.05}], 0.1, weight_decay=0.01)
+    plain = torch.optim.AdamW([plain_w], lr=0.05, weight_decay=0.01)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(5):
+        grad = torch.randn(6, 5)
+        for weight, optimizer in ((fused_w, fused), (plain_w, plain)):
+            weight.grad = grad.clone()
+            optimizer.step()
+    assert torch.allclose(fused_w, plain_w, atol=1e-6)
+    assert not torch.equal(fused_w, start)
+    told = create_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 0.1,
+                            **parse_optimizer_args("fused=False"))
+    assert not told.param_groups[0]["fused"]

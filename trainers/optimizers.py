@@ -2,7 +2,8 @@
 arguments it passes. Optional packages are detected; asking for a missing one is an error that
 names the package.
 
-- AdamW: torch.optim.AdamW(params, lr, **args).
+- AdamW: torch.optim.AdamW(params, lr, **args), with torch's fused kernel unless the args say
+  `fused` or `foreach`.
 - AdamW8bit: bitsandbytes.optim.AdamW8bit (optional; needs a usable bitsandbytes build).
 - Lion: lion_pytorch.Lion (kohya's choice of Lion implementation).
 - Prodigy: prodigyopt.Prodigy; like kohya, warns when lr <= 0.1 (Prodigy wants about 1.0).
@@ -47,6 +48,14 @@ def _groups(params) -> list:
 
 
 def _adamw(params, lr, **args):
+    if "fused" not in args and "foreach" not in args:
+        # torch's fused kernel does the whole update in one pass over each tensor (on CPU
+        # torch otherwise loops tensor by tensor, ~3x slower for a full U-Net); same numbers
+        params = list(params)
+        try:
+            return torch.optim.AdamW(params, lr=lr, fused=True, **args)
+        except (RuntimeError, ValueError):  # a device or dtype the fused kernel lacks
+            pass
     return torch.optim.AdamW(params, lr=lr, **args)
 
 
