@@ -3,6 +3,7 @@ run's loss curve with its checkpoints marked, checkpoint cards, "Use this checkp
 Compare grid rendered as a queued job. A running run updates while it trains."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import shutil
@@ -363,7 +364,7 @@ def _signature(paths: Paths, runner: JobRunner, run) -> tuple | None:
     live_steps = None
     if job is not None and job.kind == "train" and any(
             rn._real(f) == rn._real(root) for f in _running(paths, runner)):
-        progress = job.snapshot()["progress"]
+        progress = job.last_progress  # not a snapshot: that would copy the whole loss list
         live_steps = progress.step if progress is not None else 0
     return tuple(stamps) + (live_steps,)
 
@@ -374,7 +375,8 @@ def _live_losses(runner: JobRunner, run: rn.Run) -> list[tuple[int, float, float
     job = runner.current()
     if run.status == rn.RUNNING and job is not None and job.kind == "train":
         last = losses[-1][0] if losses else -1
-        losses += [row for row in job.snapshot()["losses"] if row[0] > last]
+        first_new = bisect.bisect_right(job.losses, last, key=lambda row: row[0])
+        losses += [row for row in job.snapshot(losses_from=first_new)["losses"] if row[0] > last]
     return losses
 
 
