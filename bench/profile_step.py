@@ -8,6 +8,7 @@ Variants (same model, same latents, same text context, batch 1, fp32):
   frozen        no adapter; backward to the context only (what textual inversion needs)
   script-lora   peft LoRA r4 on to_q/to_k/to_v/to_out.0 (train_dreambooth_lora.py's set)
   danlu-lora    Danlu's LoraNetwork r4 (kohya's set: attention, feed-forward, proj_in/out)
+  danlu-lora-cl the same in channels-last memory format (with --channels-last)
 plus the per-step cost of the `unet.device` / `unet.dtype` lookups Danlu's step makes (diffusers
 walks every sub-module for each). `--profile` adds torch.profiler's top operators per variant.
 """
@@ -32,6 +33,9 @@ def main(argv=None) -> None:
     parser.add_argument("--kind", choices=sorted(fixtures.MODELS), default="sd15")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="add danlu-lora-cl: Danlu's LoRA U-Net and latents in channels-last "
+                             "memory format")
     args = parser.parse_args(argv)
 
     import torch
@@ -62,10 +66,10 @@ def main(argv=None) -> None:
     width = danlu_unet.config.cross_attention_dim
     timestep = torch.tensor([500])
 
-    def step(unet, params, context_grad: bool) -> float:
+    def step(unet, params, context_grad: bool, sample=None) -> float:
         context = torch.randn(1, 77, width, requires_grad=context_grad)
         started = time.perf_counter()
-        out = unet(latents, timestep, context).sample
+        out = unet(latents if sample is None else sample, timestep, context).sample
         loss = torch.nn.functional.mse_loss(out, torch.zeros_like(out))
         loss.backward()
         seconds = time.perf_counter() - started
@@ -80,9 +84,19 @@ def main(argv=None) -> None:
         finally:
             script_unet.enable_adapters()
 
+    def channels_last():
+        danlu_unet.to(memory_format=torch.channels_last)
+        try:
+            return step(danlu_unet, network.parameters(), False,
+                        latents.contiguous(memory_format=torch.channels_last))
+        finally:
+            danlu_unet.to(memory_format=torch.contiguous_format)
+
     variants = {"frozen": frozen,
                 "script-lora": lambda: step(script_unet, script_params, False),
                 "danlu-lora": lambda: step(danlu_unet, network.parameters(), False)}
+    if args.channels_last:
+        variants["danlu-lora-cl"] = channels_last
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}
