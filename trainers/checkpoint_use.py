@@ -24,6 +24,7 @@ SAME_NAME_SUFFIXES = {
     "hypernetwork": (".pt",),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "dreambooth": (".safetensors", ".ckpt"),
+    "fine_tune": (".safetensors", ".ckpt"),
 }
 SIDECAR = ".optim"
 

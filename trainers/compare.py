@@ -28,7 +28,8 @@ from trainers.configs import SAMPLERS
 CACHE_VERSION = 1
 MAX_CELLS = 400
 STRENGTH_METHODS = ("lora", "hypernetwork")
-SUPPORTED = ("textual_inversion", "hypernetwork", "lora", "dreambooth")
+SUPPORTED = ("textual_inversion", "hypernetwork", "lora", "dreambooth", "fine_tune")
+FULL_MODEL_METHODS = ("dreambooth", "fine_tune")  # their checkpoints are whole models
 FLAG = re.compile(r"\s--([a-z]+)\s+")
 
 
@@ -307,7 +308,7 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
 
     emit = ctx.emit if ctx is not None else (lambda event: None)
     base = None
-    if spec.method != "dreambooth":
+    if spec.method not in FULL_MODEL_METHODS:
         emit(ev.Status(f"Loading model {spec.model}"))
         base = load_model(paths, spec.model)
     total, done, began = len(keys), len(keys) - len(missing), time.perf_counter()
@@ -343,7 +344,7 @@ def _applied(spec: CompareSpec, paths: Paths, model, path: Path):
     base model (which is as before afterwards), or a DreamBooth checkpoint loaded as a model."""
     from trainers.conditioning import prompt_encoder
 
-    if spec.method == "dreambooth":
+    if spec.method in FULL_MODEL_METHODS:
         from trainers.models import load_model
         own = load_model(paths, str(path), exclusive=True)  # not cached: one per checkpoint
         yield own, (lambda strength: None), prompt_encoder(own, clip_skip=spec.clip_skip)

@@ -370,26 +370,14 @@ class LoraConfig(KohyaTrainingConfig):
 
 
 @dataclass
-class DreamBoothConfig(KohyaTrainingConfig):
+class FullModelConfig(KohyaTrainingConfig):
+    """Options of the methods that train the whole model (DreamBooth, native fine-tuning)."""
     # full fine-tuning wants a far smaller rate than LoRA (diffusers' DreamBooth default)
     learning_rate: float = option(5e-6, "Base learning rate.", label="Learning rate", min=0.0)
     log_directory: str = option("outputs/dreambooth", "Run folders: checkpoints, samples, loss "
                                 "CSV, settings.", label="Log directory", path="data")
     save_every_n_epochs: int = option(0, "Save a checkpoint every N epochs; 0 disables (each "
                                       "is a whole model).", label="Save every N epochs", min=0)
-    instance_prompt: str = option("", "Caption for instance images without a caption file, e.g. "
-                                  "'a photo of sks dog' (repeats folders use their class tokens).",
-                                  label="Instance prompt")
-    class_prompt: str = option("", "Prompt of the class images, e.g. 'a photo of a dog'.",
-                               label="Class prompt")
-    class_data_dir: str = option("", "Folder of class (regularization) images; missing ones are "
-                                 "generated here by the base model.", label="Class images folder",
-                                 path="data")
-    num_class_images: int = option(0, "Class images wanted for prior preservation; 0 turns prior "
-                                   "preservation off.", label="Number of class images", min=0,
-                                   max=100_000)
-    prior_loss_weight: float = option(1.0, "Weight of the class images' loss.",
-                                      label="Prior loss weight", min=0.0, max=100.0)
     train_text_encoder: bool = option(False, "Fine-tune the text encoder too.",
                                       label="Train text encoder")
     text_encoder_lr: float = option(0.0, "Text-encoder learning rate; 0 uses the base rate.",
@@ -404,6 +392,23 @@ class DreamBoothConfig(KohyaTrainingConfig):
     save_diffusers: bool = option(False, "Also save a diffusers folder beside the file.",
                                   label="Also save diffusers folder")
 
+
+@dataclass
+class DreamBoothConfig(FullModelConfig):
+    instance_prompt: str = option("", "Caption for instance images without a caption file, e.g. "
+                                  "'a photo of sks dog' (repeats folders use their class tokens).",
+                                  label="Instance prompt")
+    class_prompt: str = option("", "Prompt of the class images, e.g. 'a photo of a dog'.",
+                               label="Class prompt")
+    class_data_dir: str = option("", "Folder of class (regularization) images; missing ones are "
+                                 "generated here by the base model.", label="Class images folder",
+                                 path="data")
+    num_class_images: int = option(0, "Class images wanted for prior preservation; 0 turns prior "
+                                   "preservation off.", label="Number of class images", min=0,
+                                   max=100_000)
+    prior_loss_weight: float = option(1.0, "Weight of the class images' loss.",
+                                      label="Prior loss weight", min=0.0, max=100.0)
+
     def validate(self) -> "DreamBoothConfig":
         problems = self.kohya_problems()
         if self.num_class_images and not self.class_data_dir.strip():
@@ -412,6 +417,46 @@ class DreamBoothConfig(KohyaTrainingConfig):
         if self.num_class_images and not self.class_prompt.strip():
             problems.append("class_prompt: needed to generate class images (num_class_images "
                             "is more than 0)")
+        return accept(self, problems)
+
+
+@dataclass
+class FineTuneConfig(FullModelConfig):
+    """kohya's native fine-tuning: captions and tags from a metadata JSON, latents cached as
+    .npz beside the images, the whole U-Net (and optionally the text encoder) trained."""
+    learning_rate: float = option(2e-6, "Base learning rate.", label="Learning rate", min=0.0)
+    train_data_dir: str = option("", "Folder of the images the metadata JSON names (their "
+                                 "latents are cached here as <image>.npz).", label="Image folder",
+                                 path="data")
+    in_json: str = option("", "Metadata JSON: {image key: {\"caption\", \"tags\", "
+                          "\"train_resolution\"}}, keys being file stems (or full paths). "
+                          "Build it with 'Make metadata JSON'.", label="Metadata JSON",
+                          path="data")
+    dataset_repeats: int = option(1, "How many times each image appears per epoch.",
+                                  label="Repeats", min=1, max=10_000)
+    log_directory: str = option("outputs/fine_tune", "Run folders: checkpoints, samples, loss "
+                                "CSV, settings.", label="Log directory", path="data")
+    caption_extension: str = option(".caption", "Caption files merged into the JSON by 'Make "
+                                    "metadata JSON'.", label="Caption extension")
+    tag_extension: str = option(".txt", "Tag files (e.g. WD14 / DeepDanbooru output) merged into "
+                                "the JSON by 'Make metadata JSON'.", label="Tag extension")
+    clean_captions: bool = option(True, "When making the JSON: tidy captions and tags (underscores "
+                                  "to spaces, rating tags and duplicates removed).",
+                                  label="Clean captions and tags")
+
+    def validate(self) -> "FineTuneConfig":
+        problems = self.kohya_problems()
+        if not self.in_json.strip():
+            problems.append("in_json: choose the metadata JSON")
+        if self.dataset_config.strip():
+            problems.append("dataset_config: fine-tuning reads its images from the metadata JSON; "
+                            "leave the dataset config empty")
+        if self.reg_data_dir.strip():
+            problems.append("reg_data_dir: fine-tuning has no regularization images; leave it empty")
+        for name in ("caption_extension", "tag_extension"):
+            value = getattr(self, name)
+            if not value.startswith(".") or len(value) < 2:
+                problems.append(f"{name}: must start with a dot, like '.txt', got {value!r}")
         return accept(self, problems)
 
 
@@ -446,4 +491,5 @@ METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
                   "hypernetwork": HypernetworkTrainingConfig,
                   "lora": LoraConfig,
                   "dreambooth": DreamBoothConfig,
+                  "fine_tune": FineTuneConfig,
                   "extract_lora": ExtractLoraConfig}

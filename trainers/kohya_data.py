@@ -123,8 +123,8 @@ UNSUPPORTED = {
     "validation_seed": (lambda v: True, ""),
     "network_multiplier": (lambda v: v == 1, "per-dataset network multipliers are not "
                                              "supported; set it to 1.0"),
-    "metadata_file": (lambda v: v is None, "fine-tuning datasets (metadata JSON) are not "
-                                           "supported; use an image folder with caption files"),
+    "metadata_file": (lambda v: v is None, "metadata JSON subsets are not supported in a "
+                                           "dataset TOML; use the fine_tune method (in_json)"),
     "conditioning_data_dir": (lambda v: v is None, "ControlNet datasets are not supported"),
     "cache_info": (lambda v: True, ""),
     "custom_attributes": (lambda v: True, ""),
@@ -405,6 +405,23 @@ def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None =
     if problems:
         raise ConfigError(problems)
     dataset.notes[:0] = notes
+    return dataset
+
+
+def plain_dataset(image_dir: Path | str, num_repeats: int = 1, **options) -> DatasetConfig:
+    """A dataset of one subset, `image_dir` itself (fine-tuning: its captions come from a
+    metadata JSON); `options` are [general] keys as for folder_dataset."""
+    problems: list[str] = []
+    _check_table(options, {**GENERAL_KEYS, "alpha_mask": "bool"}, "options", problems)
+    if problems:
+        raise ConfigError(problems)
+    subset_options = {f.name: options[f.name] for f in fields(SubsetConfig)
+                      if f.name in options and f.name != "num_repeats"}
+    subset = SubsetConfig(image_dir=Path(image_dir), num_repeats=num_repeats, **subset_options)
+    _validate_subset(subset, "options", problems)
+    dataset = _build_dataset(options, [], [subset], "options", problems)
+    if problems:
+        raise ConfigError(problems)
     return dataset
 
 

@@ -70,7 +70,7 @@ def estimate_for(cfg, paths) -> Estimate:
 
 
 def _trainable(cfg, method: str, unet: float, text: float) -> float:
-    if method == "DreamBoothConfig":
+    if method in ("DreamBoothConfig", "FineTuneConfig"):
         return unet + (text if cfg.train_text_encoder else 0)
     if method == "LoraConfig":
         per_rank = 0.6e6 * unet / FAMILIES["sd1"][0]

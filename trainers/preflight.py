@@ -44,6 +44,10 @@ def check_before_queueing(cfg, paths: Paths) -> None:
         problems.append(f"hypernetwork: no hypernetwork named {hypernetwork!r} in {paths.hypernetworks}")
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+    if hasattr(cfg, "in_json"):  # native fine-tuning: images and captions from a JSON
+        from trainers.methods.fine_tune import check_dataset as check_fine_tune
+        check_fine_tune(cfg, paths)
+        return
     if hasattr(cfg, "train_data_dir"):
         from trainers.kohya_training import check_paths, dataset_configs
         check_paths(cfg, paths)

@@ -9,6 +9,7 @@ RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
            "hypernetwork": "trainers.methods.hypernetwork",
            "lora": "trainers.methods.lora",
            "dreambooth": "trainers.methods.dreambooth",
+           "fine_tune": "trainers.methods.fine_tune",
            "extract_lora": "trainers.extract_lora"}
 
 
@@ -24,7 +25,7 @@ def runner(method: str):
 
 
 TITLES = {"textual_inversion": "textual inversion", "hypernetwork": "hypernetwork",
-          "lora": "lora", "dreambooth": "dreambooth", "extract_lora": "extract lora"}
+          "lora": "lora", "dreambooth": "dreambooth", "fine_tune": "fine-tune", "extract_lora": "extract lora"}
 TARGETS = {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}
 
 

@@ -40,7 +40,8 @@ MAX_DEPTH = 6  # outputs/<log dir, maybe nested>/<date>/<name>
 FINISHED, INTERRUPTED, FAILED, RUNNING, UNKNOWN = (
     "finished", "interrupted", "failed", "running", "unknown")
 METHOD_TITLES = {"textual_inversion": "Embedding", "hypernetwork": "Hypernetwork",
-                 "lora": "LoRA", "dreambooth": "DreamBooth"}
+                 "lora": "LoRA", "dreambooth": "DreamBooth",
+                 "fine_tune": "Fine-tune"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | 
 
 
 FINAL_FOLDER_NAMES = {"textual_inversion": "embeddings", "hypernetwork": "models/hypernetworks",
-                      "lora": "models/Lora", "dreambooth": "models/Stable-diffusion"}
+                      "lora": "models/Lora", "dreambooth": "models/Stable-diffusion",
+                      "fine_tune": "models/Stable-diffusion"}
 
 
 def final_folder_name(method: str) -> str:
@@ -297,7 +299,8 @@ def final_folder_name(method: str) -> str:
 def final_folder(paths: Paths, method: str) -> Path:
     """Where a method's finished files live (A1111's folders)."""
     return {"textual_inversion": paths.embeddings, "hypernetwork": paths.hypernetworks,
-            "lora": paths.lora, "dreambooth": paths.stable_diffusion}.get(method, paths.lora)
+            "lora": paths.lora, "dreambooth": paths.stable_diffusion,
+            "fine_tune": paths.stable_diffusion}.get(method, paths.lora)
 
 
 # ---- the loss log ----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import gradio as gr
 
 from core.paths import Paths
 from trainers.captions import list_templates
-from trainers.configs import (DreamBoothConfig, ExtractLoraConfig, HypernetworkTrainingConfig,
-                              LoraConfig, TextualInversionConfig)
+from trainers.configs import (DreamBoothConfig, ExtractLoraConfig, FineTuneConfig,
+                              HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig)
 from trainers.embeddings import list_embeddings
 from trainers.models import list_models
 from webui.forms import control
@@ -26,6 +26,8 @@ class MethodForm:
     top: list[str] = field(default_factory=list)  # fields above the accordions
     overrides: dict = field(default_factory=dict)  # field -> extra control arguments
     controls: dict = field(default_factory=dict)
+    hidden: list[str] = field(default_factory=list)  # fields that do not apply (kept at default)
+    extras: Callable | None = None  # builds method-specific buttons under the form (form, paths)
 
     @property
     def names(self) -> list[str]:
@@ -91,6 +93,21 @@ DREAMBOOTH_GROUPS = [("Instance and class images",
                      ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
 
 
+FINE_TUNE_GROUPS = [("Images and metadata JSON",
+                     ["train_data_dir", "in_json", "caption_extension", "tag_extension",
+                      "clean_captions", "dataset_repeats"], True),
+                    ("Dataset", ["resolution", "enable_bucket", "min_bucket_reso",
+                                 "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+                                 "shuffle_caption", "keep_tokens", "caption_dropout_rate",
+                                 "caption_tag_dropout_rate", "flip_aug"], False),
+                    ("Text encoder", ["train_text_encoder", "text_encoder_lr",
+                                      "stop_text_encoder_training"], False),
+                    ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),
+                    ("Loss", KOHYA_LOSS, False),
+                    ("Speed and memory", [n for n in KOHYA_MEMORY if n != "cache_latents_to_disk"], False),
+                    ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
+
+
 def method_forms() -> list[MethodForm]:
     forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
                         "embedding",
@@ -112,6 +129,12 @@ def method_forms() -> list[MethodForm]:
     forms.append(MethodForm("dreambooth", "DreamBooth", DreamBoothConfig, "output_name",
                             DREAMBOOTH_GROUPS, top=["output_name", "model"],
                             overrides={"sample_prompts": {"lines": 3}}))
+    from webui.fine_tune_tools import metadata_button
+    forms.append(MethodForm("fine_tune", "Fine-tune", FineTuneConfig, "output_name",
+                            FINE_TUNE_GROUPS, top=["output_name", "model"],
+                            overrides={"sample_prompts": {"lines": 3}}, extras=metadata_button,
+                            # fine-tuning reads its images from the JSON and always caches to .npz
+                            hidden=["reg_data_dir", "dataset_config", "cache_latents_to_disk"]))
     forms.append(MethodForm("extract_lora", "Extract LoRA", ExtractLoraConfig, "output_name",
                             [("Extraction", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
                             top=["checkpoint", "model", "output_name"]))

@@ -31,6 +31,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                 for form in forms:
                     with gr.Group(visible=form is forms[0]) as section:
                         build_section(form, sources)
+                        if form.extras is not None:
+                            form.extras(form, paths)
                     sections.append(section)
             with gr.Column(scale=1):
                 with gr.Row():

@@ -29,14 +29,7 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
         raise ConfigError("class_data_dir: use either a class images folder or a "
                           "regularization folder, not both")
     path = kt.output_path(paths.stable_diffusion, cfg.output_name, ".safetensors")
-    resuming = path.exists() and not cfg.overwrite
-    ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
-    # the weights change in place, so take the model out of the shared cache
-    model = load_model(paths, path.name if resuming else cfg.model, exclusive=True)
-    start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
-    if resuming and restore_master_weights(model, path):
-        ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
-    base_config = model.name if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
+    model, start, base_config = load_for_training(cfg, ctx, path)
 
     class_dir = None
     if cfg.class_data_dir.strip():
@@ -52,10 +45,24 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
                                           cache_to_disk=cfg.cache_latents_to_disk,
                                           prior_loss_weight=cfg.prior_loss_weight,
                                           report=lambda text: ctx.emit(ev.Status(text)))
-    return _train(cfg, ctx, model, batches, path, start, base_config)
+    return train_full_model(cfg, ctx, model, batches, path, start, base_config, "dreambooth")
 
 
 MASTER_MODULES = ("unet", "text_encoder", "vae")
+
+
+def load_for_training(cfg, ctx, path: Path):
+    """(model, start step, base config name): the base model, or the file of this name to
+    continue (with its exact fp32 weights when the sidecar keeps them). The weights change in
+    place, so the model is taken out of the shared cache."""
+    resuming = path.exists() and not cfg.overwrite
+    ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
+    model = load_model(ctx.paths, path.name if resuming else cfg.model, exclusive=True)
+    start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
+    if resuming and restore_master_weights(model, path):
+        ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
+    base_config = model.name if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
+    return model, start, base_config
 
 
 def needs_master_weights(cfg) -> bool:
@@ -101,7 +108,10 @@ def _datasets(cfg: DreamBoothConfig, paths, class_dir: Path | None) -> list:
                                       reg_tokens=cfg.class_prompt or None, **general)]
 
 
-def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | None) -> Path:
+def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_config: str | None,
+                     method: str) -> Path:
+    """Train the U-Net (and the text encoder when asked) and save single files; DreamBooth and
+    native fine-tuning share it."""
     unet, text_encoder = model.unet, model.text_encoder
     unet.requires_grad_(True)
     groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
@@ -136,7 +146,7 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
     save_id = {"value": ""}
 
     def save(target: Path, step: int) -> None:
-        metadata = {"danlu.steps": str(step), "danlu.method": "dreambooth",
+        metadata = {"danlu.steps": str(step), "danlu.method": method,
                     "danlu.save_id": uuid.uuid4().hex, "danlu.base_model": model.name}
         if base_config:
             metadata["danlu.base_config"] = base_config
@@ -164,7 +174,7 @@ def _train(cfg, ctx, model, batches, path: Path, start: int, base_config: str | 
         resume_optimizer=not cfg.overwrite,
         after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
         sidecar_extra=lambda: sidecar(cfg, model, ema))
-    opts = kt.loop_options(cfg, model, batches, steps, {"method": "dreambooth", "output": str(path)})
+    opts = kt.loop_options(cfg, model, batches, steps, {"method": method, "output": str(path)})
     try:
         result = train(model, batches, plan, opts, ctx)
     finally:
