@@ -240,6 +240,10 @@ def make_for_config(cfg, paths) -> str:
     from core.paths import PathError
     problems = [f"{name}: required to make the metadata JSON"
                 for name in ("train_data_dir", "in_json") if not str(getattr(cfg, name)).strip()]
+    for name in ("caption_extension", "tag_extension"):
+        value = getattr(cfg, name)
+        if not value.startswith(".") or len(value) < 2 or "/" in value or "\\" in value:
+            problems.append(f"{name}: must be a file extension like '.txt', got {value[:40]!r}")
     if problems:
         raise ConfigError(problems)
     try:

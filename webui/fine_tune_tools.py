@@ -13,14 +13,14 @@ def metadata_button(form, paths) -> None:
         button = gr.Button("Make metadata JSON", elem_id="finetune-make-json", scale=0,
                            min_width=200)
         result = gr.Markdown(elem_id="finetune-json-result")
-    names = form.names
+    names = ["train_data_dir", "in_json", "caption_extension", "tag_extension", "clean_captions"]
 
     def make(*values):
         from trainers.finetune_metadata import make_for_config
         try:
             cfg = from_dict(form.config, dict(zip(names, values)))
             return make_for_config(cfg, paths)
-        except ConfigError as error:
+        except (ConfigError, ValueError, OSError) as error:
             return error_text(error)
 
     button.click(make, [form.controls[n] for n in names], result)

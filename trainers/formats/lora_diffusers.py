@@ -30,7 +30,7 @@ def diffusers_folder(kohya_path: str | Path) -> Path:
 
 
 def _key_path(part: str, path: str) -> str:
-    if part == "text_encoder" and not path.startswith("text_model."):
+    if part.startswith("text_encoder") and not path.startswith("text_model."):
         path = f"text_model.{path}"  # transformers 5 drops the level; files keep it
     return f"{part}.{path}"
 
