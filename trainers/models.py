@@ -232,7 +232,7 @@ def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
             short_hash = file_short_hash(path, paths.cache)
         else:
             from diffusers import DiffusionPipeline
-            pipe = DiffusionPipeline.from_pretrained(location)
+            pipe = DiffusionPipeline.from_pretrained(location, safety_checker=None)
             family = "sdxl" if hasattr(pipe, "text_encoder_2") else (
                 "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1")
     except ModelError:
