@@ -1,26 +1,34 @@
-"""A JobContext for the command line: events become a tqdm bar and printed lines."""
+"""JobContexts for the command line: events become a tqdm bar and printed lines, or JSON lines
+for a program that runs the CLI (the app's multi-process runs), or only errors (the other
+processes of a multi-process run)."""
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from core import events as ev
 from core.paths import Paths
 
 
 class ConsoleContext:
-    def __init__(self, paths: Paths, stream=sys.stderr):
+    def __init__(self, paths: Paths, stream=sys.stderr, stop_file: Path | None = None):
         self.paths = paths
         self.stream = stream
+        self.stop_file = stop_file  # its appearance asks to save and stop, like Ctrl-C
         self._stop = threading.Event()
         self._bar = None
         self.result: ev.Finished | ev.Failed | None = None
 
-    def install_signal_handlers(self) -> None:
-        """Ctrl-C or SIGTERM asks the loop to save and stop instead of killing it mid-step."""
+    def install_signal_handlers(self, repeat_aborts: bool = True) -> None:
+        """Ctrl-C or SIGTERM asks the loop to save and stop instead of killing it mid-step; a
+        second one aborts unless `repeat_aborts` is False (processes of `accelerate launch`,
+        whose launcher forwards the signal it got: their save must not be cut short)."""
         def ask_stop(signum, frame):
             if self._stop.is_set():
+                if not repeat_aborts:
+                    return
                 raise KeyboardInterrupt
             self._stop.set()
             print("\nStopping after this step and saving (press again to abort)...", file=self.stream)
@@ -28,6 +36,8 @@ class ConsoleContext:
         signal.signal(signal.SIGTERM, ask_stop)
 
     def should_stop(self) -> bool:
+        if self.stop_file is not None and not self._stop.is_set() and self.stop_file.exists():
+            self._stop.set()
         return self._stop.is_set()
 
     def stop(self) -> None:
@@ -57,3 +67,38 @@ class ConsoleContext:
                 self._bar.close()
                 self._bar = None
             print(event.message, file=self.stream)
+
+
+class JsonEventsContext(ConsoleContext):
+    """Every event as one JSON line on `out` (core.events.to_json), flushed at once."""
+
+    def __init__(self, paths: Paths, out=sys.stdout, stop_file: Path | None = None):
+        super().__init__(paths, stream=sys.stderr, stop_file=stop_file)
+        self.out = out
+
+    def emit(self, event: ev.Event) -> None:
+        if isinstance(event, (ev.Finished, ev.Failed)):
+            self.result = event
+        if self.out is None:
+            return
+        try:
+            self.out.write(ev.to_json(event) + "\n")
+            self.out.flush()
+        except (BrokenPipeError, ValueError):  # the watcher went away (the app closed):
+            self.out = None  # save and stop rather than die mid-run
+            self.stop()
+
+
+class QuietContext(ConsoleContext):
+    """For the other processes of a multi-process run: the main process reports progress;
+    these print only their own failures."""
+
+    def __init__(self, paths: Paths, label: str, stream=sys.stderr, stop_file: Path | None = None):
+        super().__init__(paths, stream=stream, stop_file=stop_file)
+        self.label = label
+
+    def emit(self, event: ev.Event) -> None:
+        if isinstance(event, (ev.Finished, ev.Failed)):
+            self.result = event
+        if isinstance(event, ev.Failed):
+            print(f"[{self.label}] {event.message}", file=self.stream)

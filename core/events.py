@@ -49,3 +49,31 @@ class Failed:
 
 
 Event = Status | Progress | Preview | Saved | Finished | Failed
+
+
+EVENT_TYPES = {cls.__name__: cls for cls in (Status, Progress, Preview, Saved, Finished, Failed)}
+
+
+def to_json(event: Event) -> str:
+    """One line of JSON: {"event": "Progress", "step": 3, ...} (what --json-events prints)."""
+    import json
+    from dataclasses import asdict
+    return json.dumps({"event": type(event).__name__, **asdict(event)})
+
+
+def from_json(line: str) -> Event | None:
+    """The event a to_json line describes; None for any other line."""
+    import json
+    from dataclasses import fields
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    cls = EVENT_TYPES.get(data.get("event")) if isinstance(data, dict) else None
+    if cls is None:
+        return None
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except TypeError:  # a required field is missing
+        return None

@@ -1,7 +1,11 @@
-"""python -m trainers METHOD --config run.toml [--set key=value ...] [--print-config]"""
+"""python -m trainers METHOD --config run.toml [--set key=value ...] [--print-config]
+
+Under `accelerate launch` with several processes it trains data-parallel (trainers/distributed.py):
+the main process prints progress and writes every file; the others print only their errors."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the complete commented settings (defaults, or the given "
                              "config with overrides) and exit")
+    parser.add_argument("--json-events", action="store_true",
+                        help="print progress as JSON lines on stdout (core/events.py), for "
+                             "programs that run training, such as the app")
+    parser.add_argument("--stop-file", metavar="PATH",
+                        help="save and stop when this file appears (as Ctrl-C does)")
+    parser.add_argument("--confine-paths", action="store_true",
+                        help="refuse typed paths outside the data folder (as a shared app does)")
     args = parser.parse_args(argv)
     cls = METHOD_CONFIGS[args.method]
     try:
@@ -35,13 +46,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.user_message}", file=sys.stderr)
         return 2
 
-    from core.console import ConsoleContext
+    from trainers.launch import PARALLEL_METHODS
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.method not in PARALLEL_METHODS:
+        print(f"error: {args.method} runs in one process; start it without accelerate launch "
+              f"(or with --num_processes 1)", file=sys.stderr)
+        return 2
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and "WORLD_SIZE" not in os.environ:
+        print("note: `accelerate launch --cpu` started one process (several CPU processes need "
+              "MPI there); use --multi_gpu --num_processes N, which trains on the CPU when "
+              "there is no GPU", file=sys.stderr)
+
     from core import events as ev
+    from core.console import ConsoleContext, JsonEventsContext, QuietContext
+    from trainers.distributed import DataParallel
     from trainers.registry import runner
 
-    paths = Paths(Path(args.data_dir).resolve()).ensure()
-    ctx = ConsoleContext(paths)
-    ctx.install_signal_handlers()
+    parallel = DataParallel.from_environment()
+    paths = Paths(Path(args.data_dir).resolve(), confine=args.confine_paths).ensure()
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    if parallel is not None and not parallel.is_main:
+        ctx = QuietContext(paths, f"process {parallel.index}", stop_file=stop_file)
+    elif args.json_events:
+        ctx = JsonEventsContext(paths, stop_file=stop_file)
+    else:
+        ctx = ConsoleContext(paths, stop_file=stop_file)
+    ctx.parallel = parallel
+    ctx.install_signal_handlers(repeat_aborts=parallel is None)
     try:
         runner(args.method)(cfg, ctx)
     except Exception as error:  # one clear line, not a traceback, for known failures
@@ -49,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(error, (ValueError, RuntimeError, OSError)):
             raise
         ctx.emit(ev.Failed(message=f"error: {message}"))
-        return 1
+        return 1  # the launcher ends the other processes of a failed run
+    if parallel is not None:
+        parallel.close()
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from core import events as ev
 from core.config import ConfigError
 from core.paths import PathError
-from trainers import kohya_data
+from trainers import distributed, kohya_data
 from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions
 from trainers.lr_schedulers import schedule_rates
@@ -99,18 +99,31 @@ def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
     """Validate, load the model and cache the dataset's latents: (model, batches)."""
     cfg.validate()
     check_paths(cfg, ctx.paths)
-    configs = dataset_configs(cfg, ctx.paths)
-    ctx.emit(ev.Status(f"Loading model {cfg.model}"))
-    model = load_model(ctx.paths, cfg.model)
-    ctx.emit(ev.Status("Caching latents"))
-    batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
-                                          cache_to_disk=cfg.cache_latents_to_disk,
-                                          prior_loss_weight=prior_loss_weight,
-                                          report=lambda text: ctx.emit(ev.Status(text)))
+    configs = global_batches(dataset_configs(cfg, ctx.paths), ctx)
+    with distributed.main_first(ctx):  # the main process builds model and latent caches first
+        ctx.emit(ev.Status(f"Loading model {cfg.model}"))
+        model = load_model(ctx.paths, cfg.model)
+        ctx.emit(ev.Status("Caching latents"))
+        batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
+                                              cache_to_disk=cfg.cache_latents_to_disk,
+                                              prior_loss_weight=prior_loss_weight,
+                                              report=lambda text: ctx.emit(ev.Status(text)))
     for dataset in batches.datasets:
         for note in dataset.notes:
             ctx.emit(ev.Status(note))
     return model, batches
+
+
+def global_batches(configs: list, ctx) -> list:
+    """Data-parallel: each step draws batch size x processes images (kohya's batch size is per
+    GPU), and every process trains its share of them."""
+    count = distributed.processes(ctx)
+    if count > 1:
+        for config in configs:
+            config.batch_size *= count
+        ctx.emit(ev.Status(f"Training on {count} processes: each step trains {count} x the batch "
+                           "size, the processes' gradients averaged"))
+    return configs
 
 
 def total_steps(cfg: KohyaTrainingConfig, batches) -> int:

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from core import events as ev
-from trainers import seeds
+from trainers import distributed, seeds
 from trainers.formats.optim_sidecar import load_optim, save_optim
 from trainers.conditioning import unet_inputs
 from trainers.run_folder import RunFolder
@@ -192,9 +192,13 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     elif start:
         ctx.emit(ev.Status(f"Continuing at step {start} with a fresh optimizer ({reason})"))
 
+    parallel = distributed.of(ctx)  # None in a one-process run
+    main = distributed.is_main(ctx)  # only the main process writes files
     run = RunFolder.create(ctx.paths.resolve(opts.log_directory, "log_directory"), plan.name,
-                           opts.csv_name)
-    run.write_settings(start, {**opts.settings, "start_step": start})
+                           opts.csv_name) if main else None
+    if run is not None:
+        run.write_settings(start, {**opts.settings, "start_step": start,
+                                   "processes": distributed.processes(ctx)})
     if start >= opts.steps or plan.rates(start) is None:
         raise TrainingError(f"steps: the file is already at step {start}, and training ends at "
                             f"step {opts.steps} or where the learning-rate schedule ends; raise "
@@ -213,6 +217,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 if opts.autocast is not None else contextlib.nullcontext())
 
     def save(kind: str) -> Path:
+        if not main:
+            return plan.final_path
         plan.save(plan.final_path, step)
         extra = {"seed": opts.seed, "step": step}
         if plan.sidecar_extra is not None:
@@ -223,12 +229,39 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         ctx.emit(ev.Saved(step=step, path=str(plan.final_path), kind=kind))
         return plan.final_path
 
+    def micro_loss(micro: int) -> tuple[torch.Tensor, list[str]]:
+        """One micro-batch's loss (this process's rows of it when data-parallel)."""
+        batch = data.batch(micro)
+        shard = parallel.shard(len(batch.texts)) if parallel is not None else None
+        if shard is not None:
+            batch = distributed.take(batch, shard.rows)
+        with autocast:
+            context, added = unet_inputs(plan.encode(batch.texts), batch.latents, batch.sizes,
+                                         getattr(model, "vae_scale", 8))
+            loss = diffusion_loss(unet, noise_scheduler, batch.latents, context,
+                                  seeds.generator(opts.seed, "noise", micro),
+                                  weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
+                                  noise_offset=opts.noise_offset, added_cond=added,
+                                  device=device, dtype=dtype,
+                                  rows=shard.rows if shard else None,
+                                  batch_size=shard.size if shard else None)
+        return (loss * shard.scale if shard else loss), batch.texts
+
+    # data-parallel: DDP averages the gradients of the trainable parameters during backward
+    step_loss = parallel.wrap(parameters, micro_loss) if parallel is not None else micro_loss
+
+    def stopping() -> bool:  # every process stops at the same step
+        asked = ctx.should_stop()
+        return parallel.any(asked) if parallel is not None else asked
+
+    stopped = False
     unet.train()
     with plan.unet_context():
-        if opts.preview_at_start and opts.preview_every and step == 0:
+        if main and opts.preview_at_start and opts.preview_every and step == 0:
             preview(model, plan, unet, run, 0, [], ctx)
         while step < opts.steps:
-            if ctx.should_stop():
+            if stopping():
+                stopped = True
                 ctx.emit(ev.Status(f"Interrupted at step {step}"))
                 break
             rates = plan.rates(step)
@@ -240,22 +273,18 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
             summed = None  # the step's loss stays on the device until all micro-batches ran
             for k in range(opts.accumulation):
                 micro = step * opts.accumulation + k
-                batch = data.batch(micro)
-                with autocast:
-                    context, added = unet_inputs(plan.encode(batch.texts), batch.latents,
-                                                 batch.sizes, getattr(model, "vae_scale", 8))
-                    loss = diffusion_loss(unet, noise_scheduler, batch.latents, context,
-                                          seeds.generator(opts.seed, "noise", micro),
-                                          weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
-                                          noise_offset=opts.noise_offset, added_cond=added,
-                                          device=device, dtype=dtype)
-                scaled = loss / opts.accumulation
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                local = (parallel.no_sync(step_loss) if parallel is not None
+                         and k < opts.accumulation - 1 else contextlib.nullcontext())
+                with local:  # gradients are averaged across processes at the last micro-step
+                    loss, last_texts = step_loss(micro)
+                    scaled = loss / opts.accumulation
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 summed = scaled.detach() if summed is None else summed + scaled.detach()
-                last_texts = batch.texts
             # one host sync per optimizer step, shared by the non-finite guard and the log line
             total_loss = summed.item()
-            bad = _non_finite(total_loss, parameters, scaler)
+            if parallel is not None:
+                total_loss = parallel.mean(total_loss)  # the whole batch's loss, on every process
+            bad = _non_finite(total_loss, parameters, scaler)  # the same on every process
             if bad is not None:
                 plan.optimizer.zero_grad(set_to_none=True)
                 skipped = skipped + 1 if opts.on_nan == "skip" else MAX_SKIPPED_IN_A_ROW
@@ -266,6 +295,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                     continue
                 if stepped:  # else the file on disk is already the last good state
                     save("last good state")
+                if parallel is not None:
+                    parallel.wait()  # the others end only after the main process saved
                 several = f" in {skipped} steps in a row" if opts.on_nan == "skip" else ""
                 raise TrainingError(f"{bad} at step {step + 1}{several}; the file keeps the "
                                     f"state of step {step if stepped else start}. Try a lower "
@@ -287,22 +318,23 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 plan.after_step(step)
             epoch, within = divmod(step * opts.accumulation, per_epoch)
             epoch_step = within // opts.accumulation
-            run.log_loss(step, epoch, epoch_step, total_loss, rates[0])
+            if run is not None:
+                run.log_loss(step, epoch, epoch_step, total_loss, rates[0])
             ctx.emit(ev.Progress(step=step, total=opts.steps, loss=total_loss,
                                  learn_rate=rates[0], epoch=epoch, epoch_step=epoch_step,
                                  start_step=start, elapsed=time.perf_counter() - began))
-            if opts.save_every and step % opts.save_every == 0 and step < opts.steps:
+            if main and opts.save_every and step % opts.save_every == 0 and step < opts.steps:
                 copy = run.sub(plan.copies_folder) / f"{plan.name}-{step}{plan.final_path.suffix}"
                 plan.save(copy, step)
                 save("checkpoint")
                 ctx.emit(ev.Saved(step=step, path=str(copy), kind="copy"))
                 if opts.keep_last:
                     _prune(run.sub(plan.copies_folder), plan, opts.keep_last)
-            if opts.preview_every and step % opts.preview_every == 0:
+            if main and opts.preview_every and step % opts.preview_every == 0:
                 preview(model, plan, unet, run, step, last_texts, ctx)
     path = save("final")
     ctx.emit(ev.Finished(step=step, path=str(path),
-                         message=f"Training {'interrupted' if ctx.should_stop() else 'finished'} "
+                         message=f"Training {'interrupted' if stopped or ctx.should_stop() else 'finished'} "
                                  f"at step {step}; saved {path}"))
     return path
 

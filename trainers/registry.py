@@ -29,8 +29,9 @@ TITLES = {"textual_inversion": "textual inversion", "hypernetwork": "hypernetwor
 TARGETS = {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}
 
 
-def job_parts(method: str, cfg) -> tuple[str, str, object, dict]:
-    """(name, kind, fn, spec) for queueing a job; the spec rebuilds it after a restart."""
+def job_parts(method: str, cfg, processes: int = 1) -> tuple[str, str, object, dict]:
+    """(name, kind, fn, spec) for queueing a job; the spec rebuilds it after a restart. With
+    several processes the job runs `accelerate launch` and relays its events (trainers/launch.py)."""
     from dataclasses import asdict
     if method == "preprocess":
         from preprocess.pipeline import run as preprocess
@@ -38,8 +39,13 @@ def job_parts(method: str, cfg) -> tuple[str, str, object, dict]:
         return name, "preprocess", (lambda ctx: preprocess(cfg, ctx)), \
             {"method": method, "name": name, "config": asdict(cfg)}
     target = getattr(cfg, TARGETS.get(method, "output_name"), "")
-    run = runner(method)
     spec = {"method": method, "name": f"{TITLES[method]}: {target}", "config": asdict(cfg)}
+    if processes > 1:
+        from trainers.launch import distributed_job
+        fn = distributed_job(method, cfg, processes)
+        spec.update(processes=processes, name=f"{spec['name']} ({processes} processes)")
+        return spec["name"], "train", fn, spec
+    run = runner(method)
     return spec["name"], "train", (lambda ctx: run(cfg, ctx)), spec
 
 
@@ -51,5 +57,5 @@ def rebuild(spec: dict):
         cfg = from_dict(PreprocessConfig, spec["config"])
     else:
         cfg = from_dict(config_class(spec["method"]), spec["config"]).validate()
-    name, kind, fn, _ = job_parts(spec["method"], cfg)
+    name, kind, fn, _ = job_parts(spec["method"], cfg, int(spec.get("processes", 1)))
     return name, kind, fn, cfg

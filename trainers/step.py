@@ -9,21 +9,27 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
                    generator: torch.Generator, weight: torch.Tensor | None = None,
                    min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
                    added_cond: dict | None = None, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, rows: slice | None = None,
+                   batch_size: int | None = None) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and return the (weighted) MSE.
 
     `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x.
     `device` / `dtype` are the U-Net's; the loop passes them once per run, because diffusers'
-    `unet.device` / `unet.dtype` walk every sub-module on each call."""
+    `unet.device` / `unet.dtype` walk every sub-module on each call.
+    With `rows`, the latents are those rows of a batch of `batch_size` (one process's shard in
+    data-parallel training): noise and timesteps are drawn for the whole batch and sliced, so
+    the processes together draw what one process training the whole batch draws."""
     device = unet.device if device is None else device
     dtype = unet.dtype if dtype is None else dtype
     latents = latents.to(device, dtype)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    rows = rows if rows is not None else slice(0, latents.shape[0])
+    drawn = (batch_size or latents.shape[0],) + tuple(latents.shape[1:])
+    noise = torch.randn(drawn, generator=generator)[rows].to(latents)
     if noise_offset:
-        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(latents)
+        offset = torch.randn(drawn[:2] + (1, 1), generator=generator)[rows].to(latents)
         noise = noise + noise_offset * offset
     total = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator).to(device)
+    timesteps = torch.randint(0, total, drawn[:1], generator=generator)[rows].to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
     extra = {}

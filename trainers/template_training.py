@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from core import events as ev
-from trainers import seeds
+from trainers import distributed, seeds
 from trainers.captions import make_prompt, read_template
 from trainers.configs import TemplateTrainingConfig
-from trainers.data import Dataset, load_dataset
+from trainers.data import Dataset, DatasetError, load_dataset
 from trainers.loop import Batch, LoopOptions
 from trainers.models import BaseModel, load_model
 from trainers.preflight import check_before_queueing
@@ -41,14 +41,25 @@ def prepare(cfg: TemplateTrainingConfig, ctx) -> tuple[BaseModel, Dataset, list[
     check_before_queueing(cfg, paths)
     template_lines = read_template(paths.templates, cfg.template)
     ctx.emit(ev.Status(f"Loading model {cfg.model}"))
-    model = load_model(paths, cfg.model)
+    with distributed.main_first(ctx):  # the main process builds a missing model first
+        model = load_model(paths, cfg.model)
     ctx.emit(ev.Status("Preparing dataset"))
-    dataset = load_dataset(paths.resolve(cfg.data_root, "data_root"), model.vae, cfg.width,
-                           cfg.height, varsize=cfg.varsize, batch_size=cfg.batch_size,
-                           seed=cfg.seed, latent_sampling=cfg.latent_sampling,
-                           use_weight=cfg.use_weight, word_regex=cfg.filename_word_regex,
-                           join_string=cfg.filename_join_string,
-                           report=lambda text: ctx.emit(ev.Status(text)))
+    processes = distributed.processes(ctx)  # data-parallel: each step draws batch x processes
+    if processes > 1 and cfg.varsize:
+        raise DatasetError("varsize: 'do not resize images' trains one image of its own size per "
+                           "step, which cannot be split across processes; train in one process")
+    try:
+        dataset = load_dataset(paths.resolve(cfg.data_root, "data_root"), model.vae, cfg.width,
+                               cfg.height, varsize=cfg.varsize, batch_size=cfg.batch_size * processes,
+                               seed=cfg.seed, latent_sampling=cfg.latent_sampling,
+                               use_weight=cfg.use_weight, word_regex=cfg.filename_word_regex,
+                               join_string=cfg.filename_join_string,
+                               report=lambda text: ctx.emit(ev.Status(text)))
+    except DatasetError as error:
+        if processes == 1 or not str(error).startswith("batch_size"):
+            raise
+        raise DatasetError(f"{error} (batch size {cfg.batch_size} per process x {processes} "
+                           "processes)") from None
     if dataset.skipped:
         listed = "; ".join(f"{file} ({why})" for file, why in dataset.skipped[:10])
         ctx.emit(ev.Status(f"Skipped {len(dataset.skipped)} unreadable files: {listed}"))

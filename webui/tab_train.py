@@ -7,6 +7,7 @@ import gradio as gr
 from core.config import ConfigError, coerce, to_toml
 from core.jobs import Busy, JobRunner
 from core.paths import Paths
+from trainers.launch import process_choices
 from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui import live
@@ -17,6 +18,7 @@ from webui.method_forms import MethodForm, build_section, dropdown_sources, meth
 def build(paths: Paths, runner: JobRunner) -> dict:
     forms = method_forms()
     sources = dropdown_sources(paths)
+    picker = process_choices()  # None: one GPU (or none), no picker
     sections = []
     with gr.Tab("Train", id="train"):
         gr.Markdown("Train on a folder of images. Loss and previews appear on the right while it "
@@ -41,6 +43,11 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
                     export = gr.Button("Export config", elem_id="train-export")
                     memory = gr.Button("Estimate memory", elem_id="train-memory")
+                processes = gr.Dropdown(
+                    picker[1] if picker else [1], value=1, label=picker[0] if picker else "GPUs",
+                    visible=picker is not None, elem_id="train-processes",
+                    info="More than 1 trains data-parallel in `accelerate launch` processes, one "
+                         "per GPU: each step trains batch size x processes images.")
                 message = gr.Markdown(elem_id="train-message")
                 exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
                                    "run.toml)", language=None, visible=False, elem_id="train-toml")
@@ -75,24 +82,24 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             raise ConfigError(f"method: choose one of {', '.join(f.key for f in forms)}")
         return form, to_config(form.config, form.names, split(values)[key])
 
-    def submit(key, values, queue: bool):
+    def submit(key, count, values, queue: bool):
         from trainers.memory_estimate import estimate_for
         from trainers.registry import job_parts
         try:
             _, cfg = config_of(key, values)
             check_before_queueing(cfg, paths)
-            name, kind, fn, spec = job_parts(key, cfg)
+            name, kind, fn, spec = job_parts(key, cfg, int(count or 1))
             job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
         verb = "Queued" if queue else "Started"
         return f"{verb} job {job.id}: {job.name}. {estimate_for(cfg, paths).text()}"
 
-    def start(key, *values):
-        return submit(key, values, queue=False)
+    def start(key, count, *values):
+        return submit(key, count, values, queue=False)
 
-    def add_to_queue(key, *values):
-        return submit(key, values, queue=True), _queue_text(runner)
+    def add_to_queue(key, count, *values):
+        return submit(key, count, values, queue=True), _queue_text(runner)
 
     def move(job_id, offset):
         if job_id is None or job_id == "":
@@ -164,13 +171,13 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return fill(form.key if form else None, cfg)
 
     method.change(show, method, sections)
-    train.click(start, [method] + all_inputs, message)
+    train.click(start, [method, processes] + all_inputs, message)
     interrupt.click(stop, None, message)
     export.click(export_toml, [method] + all_inputs, [message, exported])
     memory.click(estimate_memory, [method] + all_inputs, message)
     timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden")
     quiet = {"show_progress": "hidden"}
-    enqueue.click(add_to_queue, [method] + all_inputs, [message, queue_view], **quiet)
+    enqueue.click(add_to_queue, [method, processes] + all_inputs, [message, queue_view], **quiet)
     up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view], **quiet)
     down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view], **quiet)
     remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view], **quiet)

@@ -9,7 +9,7 @@ import torch
 
 from core import events as ev
 from core.config import ConfigError
-from trainers import kohya_data
+from trainers import distributed, kohya_data
 from trainers import kohya_training as kt
 from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
@@ -34,17 +34,18 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
     class_dir = None
     if cfg.class_data_dir.strip():
         class_dir = paths.resolve(cfg.class_data_dir, "class_data_dir")
-        if cfg.num_class_images:
+        if cfg.num_class_images and distributed.is_main(ctx):  # the others wait below
             made = ensure_class_images(model, class_dir, cfg.class_prompt, cfg.num_class_images,
                                        cfg.resolution, cfg.seed, cfg.sample_sampler, ctx)
             if made:
                 ctx.emit(ev.Status(f"Generated {made} class images in {class_dir}"))
-    configs = _datasets(cfg, paths, class_dir)
-    ctx.emit(ev.Status("Caching latents"))
-    batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
-                                          cache_to_disk=cfg.cache_latents_to_disk,
-                                          prior_loss_weight=cfg.prior_loss_weight,
-                                          report=lambda text: ctx.emit(ev.Status(text)))
+    with distributed.main_first(ctx):  # class images and latent caches: the main process's
+        configs = kt.global_batches(_datasets(cfg, paths, class_dir), ctx)
+        ctx.emit(ev.Status("Caching latents"))
+        batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
+                                              cache_to_disk=cfg.cache_latents_to_disk,
+                                              prior_loss_weight=cfg.prior_loss_weight,
+                                              report=lambda text: ctx.emit(ev.Status(text)))
     return train_full_model(cfg, ctx, model, batches, path, start, base_config, "dreambooth")
 
 
@@ -57,7 +58,8 @@ def load_for_training(cfg, ctx, path: Path):
     place, so the model is taken out of the shared cache."""
     resuming = path.exists() and not cfg.overwrite
     ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
-    model = load_model(ctx.paths, path.name if resuming else cfg.model, exclusive=True)
+    with distributed.main_first(ctx):  # the main process builds a missing model first
+        model = load_model(ctx.paths, path.name if resuming else cfg.model, exclusive=True)
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
     if resuming and restore_master_weights(model, path):
         ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
@@ -181,7 +183,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         unet.requires_grad_(False)
         for module in model.text_encoders:
             module.requires_grad_(False)
-    if cfg.save_diffusers:
+    if cfg.save_diffusers and distributed.is_main(ctx):
         _save_diffusers(model, path.with_suffix(""))
         ctx.emit(ev.Saved(step=steps, path=str(path.with_suffix("")), kind="diffusers folder"))
     return result

@@ -1,0 +1,64 @@
+"""A LoRA trained by two `accelerate launch` processes from the page: the same loss plot,
+previews, interrupt and resume as a one-process run (CPU processes over gloo)."""
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser_support import AppProcess
+from tests.conftest import photo
+from tests.test_browser_textual_inversion import choose, fill
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def two_process_app(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("DANLU_CPU_PROCESSES", "2")  # the picker, on a machine without GPUs
+    server = AppProcess(tmp_path / "data", tiny_model_dir)
+    yield server
+    server.stop()
+
+
+def test_two_process_lora_trains_interrupts_and_resumes(page: Page, two_process_app, tmp_path):
+    from trainers.formats.lora import read_lora_metadata
+    folder = tmp_path / "train" / "2_zxq cat"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        photo(i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("zxq cat, photo")
+    page.goto(two_process_app.url)
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA", exact=True).check()
+    fill(page, "LoraConfig-output_name", "twolora")
+    fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
+    fill(page, "LoraConfig-resolution", "64")
+    fill(page, "LoraConfig-min_bucket_reso", "32")
+    fill(page, "LoraConfig-bucket_reso_steps", "16")
+    fill(page, "LoraConfig-network_dim", "4")
+    page.get_by_text("Samples and saving").filter(visible=True).first.click()
+    fill(page, "LoraConfig-sample_every_n_steps", "2")
+    fill(page, "LoraConfig-sample_prompts", "zxq cat --s 2 --w 64 --h 64")
+    fill(page, "LoraConfig-save_every_n_epochs", "0")
+    expect(page.locator("#train-processes")).to_contain_text("Processes (CPU, for testing)")
+    choose(page, "train-processes", "2")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-message")).to_contain_text("lora: twolora (2 processes)",
+                                                          timeout=30_000)
+    expect(page.locator("#train-previews img").first).to_be_visible(timeout=300_000)
+    expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("step", timeout=30_000)
+    page.locator("#train-interrupt").click()
+    expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=120_000)
+    lora = two_process_app.data_dir / "models" / "Lora" / "twolora.safetensors"
+    first = int(read_lora_metadata(lora)["ss_steps"])
+    assert first >= 2
+
+    page.locator("#train-start").click()  # same settings: the processes continue from the file
+    expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text(f"Resuming at step {first}",
+                                                         timeout=300_000)
+    page.wait_for_timeout(5000)  # a few more steps
+    page.locator("#train-interrupt").click()
+    expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=120_000)
+    assert int(read_lora_metadata(lora)["ss_steps"]) > first
