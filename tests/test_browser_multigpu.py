@@ -1,5 +1,6 @@
 """A LoRA trained by two `accelerate launch` processes from the page: the same loss plot,
-previews, interrupt and resume as a one-process run (CPU processes over gloo)."""
+previews and interrupt as a one-process run (CPU processes over gloo). Resuming a file in
+several processes is tested in test_distributed.py (one launch costs ~a minute here)."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,7 @@ def two_process_app(tmp_path, tiny_model_dir, monkeypatch):
     server.stop()
 
 
-def test_two_process_lora_trains_interrupts_and_resumes(page: Page, two_process_app, tmp_path):
+def test_two_process_lora_trains_and_interrupts(page: Page, two_process_app, tmp_path):
     from trainers.formats.lora import read_lora_metadata
     folder = tmp_path / "train" / "2_zxq cat"
     folder.mkdir(parents=True)
@@ -53,12 +54,4 @@ def test_two_process_lora_trains_interrupts_and_resumes(page: Page, two_process_
     lora = two_process_app.data_dir / "models" / "Lora" / "twolora.safetensors"
     first = int(read_lora_metadata(lora)["ss_steps"])
     assert first >= 2
-
-    page.locator("#train-start").click()  # same settings: the processes continue from the file
-    expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)
-    expect(page.locator("#train-status")).to_contain_text(f"Resuming at step {first}",
-                                                         timeout=300_000)
-    page.wait_for_timeout(5000)  # a few more steps
-    page.locator("#train-interrupt").click()
-    expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=120_000)
-    assert int(read_lora_metadata(lora)["ss_steps"]) > first
+    assert not list((two_process_app.data_dir / ".cache" / "launch").iterdir())  # cleaned up

@@ -104,14 +104,19 @@ SETTINGS = dict(model="tiny-demo", output_name="dp", resolution=64, min_bucket_r
 
 def test_two_processes_repeat_one_process_with_the_doubled_batch(tmp_path, data_paths,
                                                                   mixed_buckets):
+    """One process trains step 1 (batch 2); two processes continue the file to step 4 (batch 1
+    each); the result matches one process training 4 steps with batch 2."""
     from core.config import to_toml
+    from core.paths import Paths
     from trainers.configs import LoraConfig
     from trainers.formats.lora import load_lora
     from trainers.methods.lora import run
     import shutil
 
-    two = tmp_path / "two"
-    shutil.copytree(data_paths.cache / "tiny-demo", two / ".cache" / "tiny-demo")
+    two = Paths(tmp_path / "two").ensure()
+    shutil.copytree(data_paths.cache / "tiny-demo", two.cache / "tiny-demo")
+    run(LoraConfig(**{**SETTINGS, "max_train_steps": 1}, train_data_dir=str(mixed_buckets),
+                   train_batch_size=2).validate(), RecordingContext(two))
     config = tmp_path / "run.toml"
     config.write_text(to_toml(LoraConfig(**SETTINGS, train_data_dir=str(mixed_buckets),
                                          train_batch_size=1)))
@@ -119,33 +124,35 @@ def test_two_processes_repeat_one_process_with_the_doubled_batch(tmp_path, data_
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(textwrap.dedent(WRITES_HOOK))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]),
-               DANLU_AUDIT_ROOT=str(two), DANLU_AUDIT_LOG=str(hook), HF_HUB_OFFLINE="1")
+               DANLU_AUDIT_ROOT=str(two.data_dir), DANLU_AUDIT_LOG=str(hook), HF_HUB_OFFLINE="1")
     out = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(free_port()), "-m", "trainers", "lora", "--config",
-         str(config), "--data-dir", str(two), "--json-events"],
+         str(config), "--data-dir", str(two.data_dir), "--json-events"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     # one process (the main one) printed events and wrote every file
     events = [ev.from_json(line) for line in out.stdout.splitlines()]
     assert None not in events, out.stdout
+    assert "Resuming at step 1 with the saved optimizer state" in [
+        e.text for e in events if isinstance(e, ev.Status)]
     assert (hook / "writes-0.txt").exists() and not (hook / "writes-1.txt").exists()
-    run_dir = next((two / "outputs" / "lora").glob("*/dp"))
-    assert (run_dir / "loss.csv").read_text().count("\n") == 5  # header + 4 steps, once
-    assert json.loads((run_dir / "settings-0.json").read_text())["processes"] == 2
+    run_dir = next((two.outputs / "lora").glob("*/dp"))
+    assert (run_dir / "loss.csv").read_text().count("\n") == 1 + 1 + 3  # steps 1, then 2-4
+    assert json.loads((run_dir / "settings-1.json").read_text())["processes"] == 2
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["dp-2.png", "dp-4.png"]
     assert [e.step for e in events if isinstance(e, ev.Preview)] == [2, 4]
 
-    # the same run in one process with batch 2
+    # one process, batch 2, all four steps
     ctx = RecordingContext(data_paths)
     single = run(LoraConfig(**SETTINGS, train_data_dir=str(mixed_buckets),
                             train_batch_size=2).validate(), ctx)
     losses = [e.loss for e in events if isinstance(e, ev.Progress)]
-    assert len(losses) == 4
-    assert losses == pytest.approx(ctx.losses, rel=1e-4)
-    mine, _ = load_lora(two / "models" / "Lora" / "dp.safetensors")
+    assert [e.step for e in events if isinstance(e, ev.Progress)] == [2, 3, 4]
+    assert losses == pytest.approx(ctx.losses[1:], rel=1e-4)
+    mine, _ = load_lora(two.lora / "dp.safetensors")
     theirs, _ = load_lora(single)
     assert mine.keys() == theirs.keys()
     # Adam divides by the root of tiny second moments, which turns last-bit differences of
