@@ -162,3 +162,12 @@ def test_two_processes_repeat_one_process_with_the_doubled_batch(tmp_path, data_
     for key in theirs:
         assert torch.allclose(mine[key], theirs[key], rtol=1e-3, atol=tolerance), key
     assert max(theirs[k].abs().max() for k in theirs if k.endswith("lora_up.weight")) > 20 * tolerance
+
+
+def test_extract_lora_refuses_several_processes(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    out = subprocess.run([sys.executable, "-m", "trainers", "extract_lora", "--set",
+                          "checkpoint=a", "--set", "model=b", "--set", "output_name=c"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "extract_lora runs in one process" in out.stderr

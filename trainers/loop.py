@@ -248,7 +248,11 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         return (loss * shard.scale if shard else loss), batch.texts
 
     # data-parallel: DDP averages the gradients of the trainable parameters during backward
-    step_loss = parallel.wrap(parameters, micro_loss) if parallel is not None else micro_loss
+    if parallel is not None:
+        step_loss = parallel.wrap(parameters, micro_loss)
+        began = time.perf_counter()  # after waiting for the other processes (it/s, ETA)
+    else:
+        step_loss = micro_loss
 
     def stopping() -> bool:  # every process stops at the same step
         asked = ctx.should_stop()
