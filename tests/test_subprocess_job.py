@@ -116,6 +116,10 @@ def test_launch_command_and_methods(tmp_path):
         job_parts("extract_lora", ExtractLoraConfig(checkpoint="a", model="b", output_name="c"), 2)
     with pytest.raises(ConfigError, match="processes: must be at least 1"):
         check_processes("lora", 0)
+    from trainers.configs import TextualInversionConfig
+    whole_images = TextualInversionConfig(model="m", embedding="e", data_root="d", varsize=True)
+    with pytest.raises(ConfigError, match="processes: 'do not resize images'"):
+        job_parts("textual_inversion", whole_images, 2)
     cfg = LoraConfig(model="tiny-demo", output_name="x", train_data_dir="t").validate()
     name, _, _, spec = job_parts("lora", cfg, 2)
     assert name == "lora: x (2 processes)" and spec["processes"] == 2

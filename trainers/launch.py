@@ -57,11 +57,14 @@ def process_choices() -> tuple[str, list[int]] | None:
     return None
 
 
-def check_processes(method: str, processes: int) -> None:
+def check_processes(method: str, processes: int, cfg=None) -> None:
     if processes < 1:
         raise ConfigError(f"processes: must be at least 1, got {processes}")
     if processes > 1 and method not in PARALLEL_METHODS:
         raise ConfigError(f"processes: {method} runs in one process; choose 1")
+    if processes > 1 and getattr(cfg, "varsize", False):
+        raise ConfigError("processes: 'do not resize images' trains one image of its own size "
+                          "per step, which cannot be split across processes; choose 1")
 
 
 def _free_port() -> int:
@@ -86,7 +89,7 @@ def accelerate_command(method: str, config: Path, processes: int, paths: Paths,
 def distributed_job(method: str, cfg, processes: int):
     """A job function that trains `cfg` on `processes` processes and relays their progress."""
     from core.subprocess_job import relay_process
-    check_processes(method, processes)
+    check_processes(method, processes, cfg)
 
     def job(ctx) -> None:
         folder = ctx.paths.cache / "launch"
