@@ -88,12 +88,25 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         try:
             _, cfg = config_of(key, values)
             check_before_queueing(cfg, paths)
-            name, kind, fn, spec = job_parts(key, cfg, int(count or 1))
+            name, kind, fn, spec = job_parts(key, cfg, process_count(count))
             job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
         verb = "Queued" if queue else "Started"
         return f"{verb} job {job.id}: {job.name}. {estimate_for(cfg, paths).text()}"
+
+    def process_count(value) -> int:
+        allowed = picker[1] if picker else [1]
+        if value in (None, ""):
+            return 1
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = None
+        if number not in allowed:
+            raise ConfigError(f"processes: choose one of {', '.join(map(str, allowed))}, got "
+                              f"{str(value)[:40]!r}")
+        return number
 
     def start(key, count, *values):
         return submit(key, count, values, queue=False)
