@@ -205,3 +205,61 @@ def test_the_gate_lets_only_the_login_page_through():
         with client.websocket_connect("/ws") as ws:
             ws.receive_text()
     assert is_public("GET", "/assets/index.js") and not is_public("GET", "/assets/../config")
+
+
+def test_two_users_pressing_train_at_once_start_one_job(shared_app):
+    """Double clicks and several users: the start requests race through gradio's queue (4 run
+    at once) and the runner, and exactly one job starts; the rest are told it is running."""
+    import threading
+    app, runner, url, data = shared_app
+    before = runner.latest()
+    assert before is None or runner.wait(before, 120)
+    with httpx.Client(base_url=url, timeout=30) as member:
+        assert member.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+        body = start_request(member.get("/config").json())
+        cookies = dict(member.cookies)
+    barrier, answers = threading.Barrier(8), []
+
+    def press():
+        with httpx.Client(base_url=url, timeout=60, cookies=cookies) as client:
+            barrier.wait()
+            answers.append(client.post("/gradio_api/run/start", json={"data": body["data"]}))
+
+    threads = [threading.Thread(target=press) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    texts = [a.json()["data"][0] for a in answers]
+    assert len(texts) == 8 and all(a.status_code == 200 for a in answers)
+    assert sum(t.startswith("Started job") for t in texts) == 1, texts
+    assert all(t.startswith("Started job") or "already running" in t for t in texts), texts
+    job = runner.latest()
+    assert job is not before and runner.queued() == []
+    assert runner.wait(job, 120)  # (the embedding may already be at its last step: any end)
+
+
+def test_concurrent_submits_to_the_runner_start_one_job(tmp_path):
+    import threading
+
+    from core.jobs import Busy, JobRunner
+    from core.paths import Paths
+    runner = JobRunner(Paths(tmp_path).ensure())
+    release = threading.Event()
+    barrier, started, refused = threading.Barrier(16), [], []
+
+    def submit():
+        barrier.wait()
+        try:
+            started.append(runner.submit("ti", "train", lambda ctx: release.wait(30)))
+        except Busy:
+            refused.append(1)
+
+    threads = [threading.Thread(target=submit) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(started) == 1 and len(refused) == 15
+    release.set()
+    assert runner.wait(started[0], 30)
