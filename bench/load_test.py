@@ -187,6 +187,15 @@ class Page(threading.Thread):
 
 # ---------------------------------------------------------------- the measurement
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -224,7 +233,7 @@ def measure(clients: int, seconds: float, baseline: float, warmup: float, work: 
         def window(length: float, pages: int) -> dict:
             stop = threading.Event()
             threads = [Page(app.url, poll, stop) for _ in range(pages)]
-            cpu0 = time.process_time()
+            cpu0, app0 = time.process_time(), process_cpu(app.proc.pid)
             step0, t0 = job_step(app.url, poll)
             for thread in threads:
                 thread.start()
@@ -234,6 +243,7 @@ def measure(clients: int, seconds: float, baseline: float, warmup: float, work: 
             for thread in threads:
                 thread.join(timeout=60)
             return {"steps": step1 - step0, "seconds": t1 - t0,
+                    "app_cpu_s": process_cpu(app.proc.pid) - app0,
                     "steps_per_s": (step1 - step0) / (t1 - t0),
                     "client_cpu_s": time.process_time() - cpu0,
                     "latencies": [x for t in threads for x in t.latencies],
@@ -262,6 +272,9 @@ def measure(clients: int, seconds: float, baseline: float, warmup: float, work: 
         "steps_per_s_loaded": loaded["steps_per_s"],
         "speed_change_pct": 100.0 * (loaded["steps_per_s"] / quiet - 1.0) if quiet else None,
         "client_cpu_s_per_s": loaded["client_cpu_s"] / loaded["seconds"],
+        "app_cpu_s_per_s_quiet": (quiet_before["app_cpu_s"] + quiet_after["app_cpu_s"]) /
+        (quiet_before["seconds"] + quiet_after["seconds"]),
+        "app_cpu_s_per_s_loaded": loaded["app_cpu_s"] / loaded["seconds"],
         "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -271,6 +284,16 @@ def measure(clients: int, seconds: float, baseline: float, warmup: float, work: 
 
 def _f(value, digits: int = 3, unit: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}g}{unit}"
+
+
+def poll_cpu_ms(r: dict) -> float | None:
+    """App CPU per poll (ms): the loaded window's app CPU minus what its training steps cost
+    at the quiet windows' CPU per step, over the polls answered."""
+    rate = r["polls_per_client_per_s"] * r["clients"]
+    if not rate or not r["steps_per_s_quiet"] or "app_cpu_s_per_s_quiet" not in r:
+        return None
+    per_step = r["app_cpu_s_per_s_quiet"] / r["steps_per_s_quiet"]
+    return 1000.0 * (r["app_cpu_s_per_s_loaded"] - per_step * r["steps_per_s_loaded"]) / rate
 
 
 def render(result: dict) -> str:
@@ -291,10 +314,27 @@ def render(result: dict) -> str:
              f"steps/s ({r['steps_per_s_before']:.2f}, {r['steps_per_s_after']:.2f}) |",
              f"| training speed, {r['clients']} clients | {r['steps_per_s_loaded']:.2f} steps/s "
              f"(**{_f(r['speed_change_pct'], 3)} %**) |",
+             f"| CPU used by the app (training + server), quiet / {r['clients']} clients | "
+             f"{r['app_cpu_s_per_s_quiet']:.2f} / {r['app_cpu_s_per_s_loaded']:.2f} "
+             f"core-seconds per second |",
+             f"| app CPU per poll (estimate: loaded minus its steps' quiet cost) | "
+             f"{_f(poll_cpu_ms(r), 2, ' ms')} |",
              f"| CPU used by the clients themselves | {r['client_cpu_s_per_s']:.2f} "
              f"core-seconds per second |",
              f"| machine | {r['cpus']} CPUs, load average {r['load_average'][0]:.1f} at the end; "
              f"{r['when']} |", ""]
+    met = r["speed_change_pct"] is not None and r["speed_change_pct"] >= -5.0
+    lines += [f"Target (training speed within a few percent, -5 % at most): "
+              f"**{'met' if met else 'not met'}**. Each poll costs the app about "
+              f"{_f(poll_cpu_ms(r), 2, ' ms')} of CPU, in the same process as training and "
+              "under the same GIL: the Train tab's poll handler itself takes a few ms (UI "
+              "overhead above), the rest is gradio's queue, HTTP, event stream and session "
+              "state per event.", ""]
+    if r["load_average"][0] > r["cpus"]:
+        lines += [f"The machine was oversubscribed during this run (load average "
+                  f"{r['load_average'][0]:.1f} on {r['cpus']} CPUs, from other work): the app "
+                  "got only part of a CPU, so both speeds are far below an idle machine's and "
+                  "every poll's CPU cost weighs more.", ""]
     if r["error_examples"]:
         lines += ["Errors: " + "; ".join(f"`{e}`" for e in r["error_examples"]), ""]
     lines += ["The clients run on the same CPUs as the app, so the change in training speed "

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"clients", "seconds", "polls", "errors", "latency_median_s", "latency_p95_s",
           "latency_max_s", "steps_per_s_quiet", "steps_per_s_loaded", "speed_change_pct",
-          "client_cpu_s_per_s", "cpus", "load_average"}
+          "client_cpu_s_per_s", "app_cpu_s_per_s_quiet", "app_cpu_s_per_s_loaded", "cpus",
+          "load_average"}
 
 
 def test_three_clients_for_a_few_seconds_report_every_field(tmp_path):
@@ -38,6 +39,7 @@ def test_the_report_section_replaces_only_its_own(tmp_path):
               "latency_median_s": 0.05, "latency_p95_s": 0.2, "latency_max_s": 0.9,
               "steps_per_s_quiet": 10.0, "steps_per_s_before": 9.8, "steps_per_s_after": 10.2,
               "steps_per_s_loaded": 9.5, "speed_change_pct": -5.0, "client_cpu_s_per_s": 0.3,
+              "app_cpu_s_per_s_quiet": 1.0, "app_cpu_s_per_s_loaded": 1.4,
               "cpus": 2, "load_average": [1.0, 1.0, 1.0], "when": "today"}
     load_test.write(result, path)
     load_test.write({**result, "polls": 1234}, path)  # again: replaced, not added twice
@@ -45,3 +47,4 @@ def test_the_report_section_replaces_only_its_own(tmp_path):
     assert "kept text" in text and "also kept" in text
     assert text.count("### Load: 20 clients") == 1 and "1234 / 0" in text and "1100" not in text
     assert "(**-5 %**)" in text and "0.05 s / 0.2 s / 0.9 s" in text
+    assert "**met**" in text and "oversubscribed" not in text
