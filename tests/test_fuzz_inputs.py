@@ -343,3 +343,40 @@ def test_every_handler_of_every_tab_answers_malformed_input_without_a_traceback(
     for field in dataclasses.fields(PreprocessConfig):
         assert ("PreprocessConfig", field.name) in fuzzed_fields, field.name
     assert runner.submitted and all(cfg is not None for cfg in runner.submitted)
+
+
+def test_numbers_gradio_cannot_read_reach_the_validation_through_gradio(layout):
+    """Through gradio's own preprocessing (what an API call goes through), text in a number
+    field is not a bare gradio "Error" but the form's message naming the field: every number
+    control of a config field hands what it cannot read on, and one end-to-end call per form
+    button shows the message."""
+    import asyncio
+
+    import gradio as gr
+
+    from webui.app import build_app
+    from webui.method_forms import method_forms
+    blocks = build_app(layout, RecordingRunner(layout))
+    classes = {cls.__name__ for cls in config_classes()}
+    method_of = {form.config.__name__: form.key for form in method_forms()}
+    numbers = 0
+    for block_fn in blocks.fns.values():
+        ids = [getattr(c, "elem_id", None) or "" for c in block_fn.inputs]
+        fields = [(i, c) for i, c in enumerate(block_fn.inputs) if isinstance(c, gr.Number)
+                  and ids[i].partition("-")[0] in classes]
+        for _, component in fields:
+            for junk in ["abc", "nan", float("inf"), {"a": 1}]:
+                assert component.preprocess(junk) is junk or component.preprocess(junk) == junk
+            numbers += 1
+        if block_fn.name not in ("start", "create") or not fields:
+            continue
+        index, component = fields[-1]
+        values = [c.value for c in block_fn.inputs]
+        values[index] = "abc"
+        if "train-method" in ids:  # the form this field belongs to
+            values[ids.index("train-method")] = method_of[ids[index].partition("-")[0]]
+        out = asyncio.run(blocks.process_api(block_fn=block_fn, inputs=values, state=None))
+        field = ids[index].partition("-")[2]
+        shown = texts(out["data"])
+        assert "Please fix" in shown and f"{field}: expected" in shown, (block_fn.name, shown)
+    assert numbers > 50

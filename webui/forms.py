@@ -31,10 +31,25 @@ def control(cls, name: str, **overrides):
     # no minimum/maximum on Number: Gradio would reject out-of-range input with a bare "Error"
     # before our validation can name the field and the limit
     if kind is int:
-        return gr.Number(value=default, precision=0, **common)
+        return _lenient(gr.Number(value=default, precision=0, **common))
     if kind is float:
-        return gr.Number(value=default, **common)
+        return _lenient(gr.Number(value=default, **common))
     return gr.Textbox(value=default, **common)
+
+
+def _lenient(number: gr.Number) -> gr.Number:
+    """A value gradio cannot round ('abc', inf: only an API call sends one) goes on to the
+    handler, whose validation names the field, instead of failing inside gradio with a bare
+    "Error"."""
+    strict = number.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except (TypeError, ValueError, OverflowError):
+            return payload
+    number.preprocess = preprocess
+    return number
 
 
 def to_config(cls, names: list[str], values) -> typing.Any:
