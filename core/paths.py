@@ -40,6 +40,10 @@ class Paths:
         return self.models / "VAE"
 
     @property
+    def aesthetic_embeddings(self) -> Path:
+        return self.models / "aesthetic_embeddings"
+
+    @property
     def embeddings(self) -> Path:
         return self.data_dir / "embeddings"
 

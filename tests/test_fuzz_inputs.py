@@ -32,7 +32,8 @@ NAMES_OUT = ["../evil", "/etc/evil", "a/b", ".hidden", "a\x00b"]
 VALID = {"model": "tiny-demo", "embedding": "fuzzemb", "hypernetwork": "fuzzhn",
          "data_root": "datasets/cats", "train_data_dir": "datasets/cats", "name": "fuzzname",
          "output_name": "fuzzout", "checkpoint": "other-model", "source": "datasets/cats",
-         "destination": "datasets/out", "in_json": "datasets/cats.json"}
+         "destination": "datasets/out", "in_json": "datasets/cats.json",
+         "aesthetic_embedding": "fuzzlook"}
 
 
 def config_classes() -> list[type]:

@@ -487,6 +487,64 @@ class ExtractLoraConfig:
         return accept(self, problems)
 
 
+@dataclass
+class AestheticEmbeddingConfig:
+    name: str = option("", "File name in models/aesthetic_embeddings (A1111's aesthetic-gradients "
+                       "extension reads the same .pt).", label="Name")
+    data_root: str = option("", "Folder of images whose look the embedding captures.",
+                            label="Source images", path="data")
+    clip_model: str = option("models/CLIP/clip-vit-large-patch14", "Local CLIP model folder "
+                             "(CLIPModel, or a CLIPVisionModelWithProjection); SD1 pairs with "
+                             "ViT-L/14.", label="CLIP model folder", path="data")
+    batch_size: int = option(8, "Images per CLIP forward pass.", label="Batch size", min=1,
+                             max=256)
+    overwrite: bool = option(False, "Replace an existing aesthetic embedding of this name.",
+                             label="Overwrite")
+
+    def validate(self) -> "AestheticEmbeddingConfig":
+        problems = check_limits(self) + check_name("name", self.name)
+        if not self.data_root.strip():
+            problems.append("data_root: choose a folder of images")
+        if not self.clip_model.strip():
+            problems.append("clip_model: choose a local CLIP model folder")
+        return accept(self, problems)
+
+
+@dataclass
+class AestheticPreviewConfig:
+    model: str = option("", "Base model to render with.", label="Base model", path="model")
+    aesthetic_embedding: str = option("", "From models/aesthetic_embeddings.",
+                                      label="Aesthetic embedding")
+    clip_model: str = option("models/CLIP/clip-vit-large-patch14", "The CLIP model (with its text "
+                             "tower) the embedding was made with.", label="CLIP model folder",
+                             path="data")
+    prompt: str = option("", "Prompt to render.", label="Prompt")
+    negative: str = option("", "Negative prompt.", label="Negative prompt")
+    aesthetic_steps: int = option(5, "Adam steps on a copy of the CLIP text tower per prompt "
+                                  "(the cost grows with them).", label="Aesthetic steps", min=0,
+                                  max=50)
+    aesthetic_lr: float = option(1e-4, "Learning rate of those steps.",
+                                 label="Aesthetic learning rate", min=0.0, max=1.0)
+    aesthetic_weight: float = option(0.9, "How much of the steered conditioning is mixed in.",
+                                     label="Aesthetic weight", min=0.0, max=1.0)
+    seed: int = option(42, "Seed of both images (plain and steered).", label="Seed", min=0)
+    steps: int = option(20, "Sampling steps.", label="Sampling steps", min=1, max=150)
+    cfg_scale: float = option(7.0, "Classifier-free guidance scale.", label="CFG scale", min=1.0,
+                              max=30.0)
+    sampler: str = option("Euler a", "Sampler.", label="Sampler", choices=SAMPLERS)
+    width: int = option(512, "Width in pixels.", label="Width", min=8, max=2048, multiple_of=8)
+    height: int = option(512, "Height in pixels.", label="Height", min=8, max=2048, multiple_of=8)
+    clip_skip: int = option(1, "Use the text encoder's N-th layer from the end.",
+                            label="CLIP skip", min=1, max=12)
+
+    def validate(self) -> "AestheticPreviewConfig":
+        problems = check_limits(self)
+        for name in ("model", "aesthetic_embedding", "clip_model"):
+            if not getattr(self, name).strip():
+                problems.append(f"{name}: required")
+        return accept(self, problems)
+
+
 METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
                   "hypernetwork": HypernetworkTrainingConfig,
                   "lora": LoraConfig,

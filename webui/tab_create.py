@@ -91,4 +91,7 @@ def build_hypernetwork(paths: Paths):
 
 
 def build(paths: Paths) -> dict:
-    return {"created": [build_embedding(paths), build_hypernetwork(paths)]}
+    from webui import tab_aesthetic
+    created = [build_embedding(paths), build_hypernetwork(paths)]
+    tab_aesthetic.build(paths)
+    return {"created": created}

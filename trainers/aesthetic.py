@@ -1,0 +1,287 @@
+"""Aesthetic embeddings and aesthetic-gradient steering (A1111's aesthetic-gradients extension).
+
+The embedding: the mean of the CLIP image embeddings (`get_image_features`, the projected
+pooled output of the vision tower) of a folder of images, normalized to unit length, saved as
+a plain float32 tensor of shape [1, projection_dim] with torch.save in `models/aesthetic_embeddings/
+<name>.pt` (the extension torch.loads such a tensor and normalizes it again; the legacy
+serialization keeps A1111's safe unpickler happy).
+
+The CLIP model comes from a local folder (no hub): a full CLIPModel (vision + text, e.g.
+openai/clip-vit-large-patch14, which the extension uses) or a CLIPVisionModelWithProjection;
+images are prepared by the folder's CLIP image processor (preprocessor_config.json), or with
+CLIP's standard resize / centre crop / normalization at the vision tower's image size.
+
+Steering (the extension's semantics): for each prompt, a copy of the CLIP text tower is
+fine-tuned for `steps` Adam steps at `lr` to raise the cosine similarity between the prompt's
+projected text embedding and the aesthetic embedding; the copy's hidden states (clip skip
+honoured) are mixed into the prompt's conditioning, `z * (1 - weight) + z_steered * weight`.
+That needs the text tower (a CLIPModel) whose width matches the Stable Diffusion text encoder's
+(true of SD1 and the ViT-L/14 CLIP). Applied to every prompt encoded, negative ones included,
+as the extension does."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainers.formats.safe_load import save_torch_legacy
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".tiff", ".webp", ".bmp")
+
+
+class AestheticError(ValueError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.user_message = message
+
+
+# ---------------------------------------------------------------------------- the CLIP model
+
+@dataclass
+class ClipModels:
+    vision: torch.nn.Module  # get_image_features(pixel_values) or image_embeds
+    full: torch.nn.Module | None  # the CLIPModel when the folder has the text tower too
+    processor: object
+    folder: Path
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.full is not None:
+            out = self.full.get_image_features(pixel_values=pixel_values)
+        else:
+            out = self.vision(pixel_values=pixel_values).image_embeds
+        return getattr(out, "pooler_output", out)  # transformers may wrap it
+
+
+def _processor(folder: Path, image_size: int):
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # no torchvision needed
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as Processor
+    if (folder / "preprocessor_config.json").is_file():
+        return Processor.from_pretrained(str(folder))
+    return Processor(size={"shortest_edge": image_size},
+                     crop_size={"height": image_size, "width": image_size})
+
+
+def load_clip(folder: Path | str) -> ClipModels:
+    """A local CLIPModel or CLIPVisionModelWithProjection folder (config.json + weights)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise AestheticError(f"clip_model: {folder} is not a CLIP model folder (no config.json)")
+    try:
+        kind = json.loads(config_path.read_text()).get("model_type")
+    except (OSError, ValueError) as error:
+        raise AestheticError(f"clip_model: {config_path} is not readable JSON ({error})") from None
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+    try:
+        if kind == "clip":
+            full = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+            vision, image_size = full.vision_model, full.config.vision_config.image_size
+        elif kind == "clip_vision_model":
+            full = None
+            vision = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+            image_size = vision.config.image_size
+        else:
+            raise AestheticError(f"clip_model: {folder} holds a {kind!r} model; choose a CLIP "
+                                 "model (CLIPModel or CLIPVisionModelWithProjection)")
+    except AestheticError:
+        raise
+    except Exception as error:  # missing or broken weights
+        raise AestheticError(f"clip_model: could not load {folder}: {type(error).__name__}: "
+                             f"{error}"[:400]) from None
+    for module in (full, vision):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return ClipModels(vision=vision, full=full, processor=_processor(folder, image_size),
+                      folder=folder)
+
+
+# ---------------------------------------------------------------------------- the embedding
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def image_embeddings(clip: ClipModels, images: list[Path], batch_size: int = 8,
+                     report: Callable[[str], None] = lambda text: None) -> torch.Tensor:
+    """[n, projection_dim] CLIP image embeddings (not normalized)."""
+    from PIL import Image, UnidentifiedImageError
+    rows = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pictures = []
+        for path in chunk:
+            try:
+                with Image.open(path) as image:
+                    pictures.append(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as error:
+                raise AestheticError(f"data_root: {path.name} is not a readable image ({error})") from None
+        pixels = clip.processor(images=pictures, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            rows.append(clip.image_features(pixels).float())
+        report(f"Embedding images: {min(start + batch_size, len(images))}/{len(images)}")
+    return torch.cat(rows)
+
+
+def aesthetic_embedding(features: torch.Tensor) -> torch.Tensor:
+    """The normalized mean: [1, dim]."""
+    mean = features.float().mean(dim=0, keepdim=True)
+    return mean / mean.norm(dim=-1, keepdim=True)
+
+
+def create_aesthetic_embedding(cfg, paths, report: Callable[[str], None] = lambda text: None) -> Path:
+    """AestheticEmbeddingConfig -> models/aesthetic_embeddings/<name>.pt"""
+    from core.paths import PathError
+    cfg.validate()
+    target = paths.aesthetic_embeddings / f"{cfg.name.strip()}.pt"
+    if target.exists() and not cfg.overwrite:
+        raise AestheticError(f"name: {target.name} already exists in {target.parent}; tick "
+                             "'Overwrite' or pick another name")
+    try:
+        folder = paths.resolve(cfg.data_root, "data_root")
+        clip_folder = paths.resolve(cfg.clip_model, "clip_model")
+    except PathError as error:
+        raise AestheticError(str(error)) from None
+    if not folder.is_dir():
+        raise AestheticError(f"data_root: {folder} is not a folder")
+    images = list_images(folder)
+    if not images:
+        raise AestheticError(f"data_root: {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    clip = load_clip(clip_folder)
+    embedding = aesthetic_embedding(image_embeddings(clip, images, cfg.batch_size, report))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_legacy(embedding.contiguous(), target)
+    return target
+
+
+def load_aesthetic_embedding(path: Path | str) -> torch.Tensor:
+    """[1, dim], normalized (as the extension loads it)."""
+    from trainers.formats.safe_load import safe_torch_load
+    value = safe_torch_load(Path(path))
+    if not torch.is_tensor(value) or value.dim() != 2 or value.shape[0] != 1:
+        raise AestheticError(f"aesthetic embedding {Path(path).name}: expected a [1, dim] tensor, "
+                             f"got {getattr(value, 'shape', type(value).__name__)}")
+    value = value.float()
+    return value / value.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------- steering
+
+@dataclass
+class Steering:
+    embedding: torch.Tensor  # [1, projection_dim], normalized
+    steps: int = 5
+    lr: float = 1e-4
+    weight: float = 0.9
+
+
+class SteeredEncoder:
+    """A PromptEncoder whose outputs are steered toward an aesthetic embedding."""
+
+    def __init__(self, base, clip: ClipModels, steering: Steering):
+        if clip.full is None:
+            raise AestheticError(f"clip_model: steering needs the CLIP text tower too; "
+                                 f"{clip.folder} holds only a vision model (use a full CLIP "
+                                 "model folder, e.g. clip-vit-large-patch14)")
+        width = clip.full.config.text_config.hidden_size
+        context = base.text_encoder.config.hidden_size
+        if width != context:
+            raise AestheticError(f"clip_model: its text tower is {width} wide, the model's text "
+                                 f"encoder {context}; steering needs the same width (ViT-L/14 "
+                                 "for SD1)")
+        if clip.full.config.projection_dim != steering.embedding.shape[-1]:
+            raise AestheticError(f"aesthetic embedding: {steering.embedding.shape[-1]} values, "
+                                 f"this CLIP model's embeddings have "
+                                 f"{clip.full.config.projection_dim}; make it with this model")
+        self.base, self.clip, self.steering = base, clip, steering
+        self.tokenizer, self.text_encoder = base.tokenizer, base.text_encoder
+        self.seconds = 0.0  # time spent steering, for the cost shown to the user
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        z = self.base.encode(texts)
+        s = self.steering
+        if not (s.steps and s.lr and s.weight):
+            return z
+        began = time.perf_counter()
+        ids = torch.tensor([self.base.tokenize(t)[0] for t in texts], dtype=torch.long)
+        steered = self._steer(ids).to(z.device, z.dtype)
+        self.seconds += time.perf_counter() - began
+        return z * (1 - s.weight) + steered * s.weight
+
+    def _steer(self, ids: torch.Tensor) -> torch.Tensor:
+        model = copy.deepcopy(self.clip.full)
+        target = self.steering.embedding.to(next(model.parameters()).dtype)
+        model.text_model.requires_grad_(True)
+        optimizer = torch.optim.Adam(model.text_model.parameters(), lr=self.steering.lr)
+        with torch.enable_grad():
+            for _ in range(self.steering.steps):
+                features = model.get_text_features(input_ids=ids)
+                features = getattr(features, "pooler_output", features)
+                features = features / features.norm(dim=-1, keepdim=True)
+                loss = -(features @ target.T).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            skip = self.base.clip_skip
+            out = model.text_model(input_ids=ids, output_hidden_states=skip > 1)
+            if skip > 1:
+                return model.text_model.final_layer_norm(out.hidden_states[-skip])
+            return out.last_hidden_state
+
+
+def preview(model, clip: ClipModels, embedding: torch.Tensor, settings, steps: int, lr: float,
+            weight: float, clip_skip: int = 1):
+    """(plain image, steered image, cost line) with the same seed."""
+    from trainers.prompts import PromptEncoder
+    from trainers.sampling import render
+    base = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
+    began = time.perf_counter()
+    plain, seed = render(model, base, settings)
+    plain_seconds = time.perf_counter() - began
+    steered_encoder = SteeredEncoder(base, clip, Steering(embedding, steps, lr, weight))
+    began = time.perf_counter()
+    steered, _ = render(model, steered_encoder, settings.__class__(**{**settings.__dict__, "seed": seed}))
+    total = time.perf_counter() - began
+    cost = (f"Aesthetic steering: {steps} steps at lr {lr:g}, weight {weight:g}, cost "
+            f"{steered_encoder.seconds:.2f} s (the image took {total:.2f} s with it, "
+            f"{plain_seconds:.2f} s without), seed {seed}")
+    return plain, steered, cost
+
+
+def preview_from_config(cfg, paths) -> tuple[Path, Path, str]:
+    """AestheticPreviewConfig -> (plain image, steered image, cost line); the images go to
+    outputs/aesthetic/<embedding>-<seed>-{plain,steered}.png."""
+    from core.paths import PathError
+    from trainers.models import load_model
+    from trainers.sampling import PreviewSettings
+    cfg.validate()
+    source = paths.aesthetic_embeddings / f"{cfg.aesthetic_embedding.strip()}.pt"
+    if not source.is_file():
+        raise AestheticError(f"aesthetic_embedding: no {source.name} in {source.parent}")
+    try:
+        clip_folder = paths.resolve(cfg.clip_model, "clip_model")
+    except PathError as error:
+        raise AestheticError(str(error)) from None
+    embedding = load_aesthetic_embedding(source)
+    clip = load_clip(clip_folder)
+    model = load_model(paths, cfg.model)
+    settings = PreviewSettings(prompt=cfg.prompt, negative=cfg.negative, seed=cfg.seed,
+                               steps=cfg.steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
+                               width=cfg.width, height=cfg.height)
+    plain, steered, cost = preview(model, clip, embedding, settings, cfg.aesthetic_steps,
+                                   cfg.aesthetic_lr, cfg.aesthetic_weight, cfg.clip_skip)
+    folder = paths.outputs / "aesthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{source.stem}-{cfg.seed}"
+    plain_path, steered_path = folder / f"{stem}-plain.png", folder / f"{stem}-steered.png"
+    plain.save(plain_path)
+    steered.save(steered_path)
+    return plain_path, steered_path, cost
