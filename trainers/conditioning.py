@@ -71,11 +71,17 @@ class SdxlPromptEncoder:
         return SdxlCondition(context=context, pooled=second.text_embeds)
 
 
-def prompt_encoder(model, embeddings: dict | None = None, clip_skip: int = 1):
-    """The prompt encoder of the model's family (see PromptEncoder / SdxlPromptEncoder)."""
+def prompt_encoder(model, embeddings: dict | None = None, clip_skip: int = 1,
+                   max_tokens: int = 75, chunking: str = "a1111"):
+    """The prompt encoder of the model's family (see PromptEncoder / SdxlPromptEncoder);
+    captions of more than 75 tokens (trainers/prompt_chunks.py) are SD1/SD2 only for now."""
     if getattr(model, "family", "sd1") == "sdxl":
+        if max_tokens != 75:
+            raise ValueError(f"max_token_length: {max_tokens} is not supported for SDXL models "
+                             "yet; use 75")
         return SdxlPromptEncoder(model, embeddings, clip_skip)
-    return PromptEncoder(model.tokenizer, model.text_encoder, embeddings, clip_skip=clip_skip)
+    return PromptEncoder(model.tokenizer, model.text_encoder, embeddings, clip_skip=clip_skip,
+                         max_tokens=max_tokens, chunking=chunking)
 
 
 def time_ids(sizes: Sequence[SizeInfo] | None, latents: torch.Tensor,

@@ -14,6 +14,7 @@ SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", 
 LATENT_SAMPLING = ["once", "deterministic", "random"]
 CLIP_GRAD_MODES = ["disabled", "value", "norm"]
 NAN_POLICIES = ["stop", "skip"]
+MAX_TOKEN_LENGTHS = [75, 150, 225]  # trainers/prompt_chunks.py
 NAME_PATTERN = re.compile(r"^[^\\/:*?\"<>|\x00-\x1f]+$")
 
 
@@ -119,6 +120,10 @@ class TemplateTrainingConfig:
                                       "the words this regex finds.", label="Filename word regex")
     filename_join_string: str = option(" ", "Joins the words found by the regex.",
                                        label="Filename join string")
+    max_token_length: int = option(75, "Longest caption in tokens: 150 or 225 encode it as "
+                                   "75-token chunks side by side, as A1111 does for long "
+                                   "prompts; tokens past the limit are dropped.",
+                                   label="Max token length", choices=MAX_TOKEN_LENGTHS)
 
     def common_problems(self) -> list[str]:
         from trainers.schedule import ScheduleError, parse_schedule
@@ -268,6 +273,10 @@ class KohyaTrainingConfig:
     caption_tag_dropout_rate: float = option(0.0, "Chance of dropping each tag.",
                                              label="Tag dropout rate", min=0.0, max=1.0)
     flip_aug: bool = option(False, "Also train on mirrored images.", label="Flip augmentation")
+    max_token_length: int = option(75, "Longest caption in tokens: 150 or 225 encode it in "
+                                   "75-token chunks, as kohya's --max_token_length does; tokens "
+                                   "past the limit are dropped.", label="Max token length",
+                                   choices=MAX_TOKEN_LENGTHS)
     learning_rate: float = option(1e-4, "Base learning rate.", label="Learning rate", min=0.0)
     optimizer_type: str = option("AdamW", "Optimizer.", label="Optimizer", choices=OPTIMIZERS)
     lr_scheduler: str = option("constant", "How the learning rate changes over the run.",

@@ -145,7 +145,8 @@ def rates(cfg: KohyaTrainingConfig, base_lrs: list[float], steps: int):
 
 def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
     """captions -> context; frozen text encoders run without grad, optionally memoized."""
-    encoder = prompt_encoder(model, clip_skip=cfg.clip_skip)
+    encoder = prompt_encoder(model, clip_skip=cfg.clip_skip, max_tokens=cfg.max_token_length,
+                             chunking="kohya")
     if trains_text_encoder:
         return encoder, encoder.encode
     varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate

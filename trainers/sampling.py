@@ -56,15 +56,15 @@ def _pipeline(model, unet, scheduler):
 
 
 def _embeds(encoder, settings: PreviewSettings) -> dict:
-    """Prompt and negative prompt as the pipeline's *_embeds arguments (SDXL: + pooled)."""
+    """Prompt and negative prompt as the pipeline's *_embeds arguments (SDXL: + pooled),
+    encoded as one batch so a long prompt and a short negative get as many chunks."""
     from trainers.conditioning import SdxlCondition
-    positive = encoder.encode([settings.prompt])
-    negative = encoder.encode([settings.negative])
-    if isinstance(positive, SdxlCondition):
-        return {"prompt_embeds": positive.context, "negative_prompt_embeds": negative.context,
-                "pooled_prompt_embeds": positive.pooled,
-                "negative_pooled_prompt_embeds": negative.pooled}
-    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+    both = encoder.encode([settings.prompt, settings.negative])
+    if isinstance(both, SdxlCondition):
+        return {"prompt_embeds": both.context[:1], "negative_prompt_embeds": both.context[1:],
+                "pooled_prompt_embeds": both.pooled[:1],
+                "negative_pooled_prompt_embeds": both.pooled[1:]}
+    return {"prompt_embeds": both[:1], "negative_prompt_embeds": both[1:]}
 
 
 def render(model, encoder, settings: PreviewSettings, unet=None):

@@ -33,7 +33,7 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=0.0)  # A1111: torch's default weight decay
-    encoder = prompt_encoder(model)
+    encoder = prompt_encoder(model, max_tokens=cfg.max_token_length)
     start = int(net.step or 0)
 
     def save(target: Path, step: int) -> None:

@@ -91,7 +91,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
         sdxl=model.is_sdxl,
-        title=path.stem)
+        title=path.stem, extra={"ss_max_token_length": cfg.max_token_length})
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()

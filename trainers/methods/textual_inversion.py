@@ -24,6 +24,9 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
     _check_fits(stored, model, path, cfg.model)
     device = model.unet.device
     if model.is_sdxl:
+        if cfg.max_token_length != 75:
+            raise TrainingError(f"max_token_length: {cfg.max_token_length} is not supported for "
+                                "SDXL models yet; use 75")
         halves = {k: torch.nn.Parameter(v.detach().float().clone().to(device))
                   for k, v in stored.vectors.items()}
         encoder = SdxlPromptEncoder(model, {name: halves})
@@ -31,7 +34,8 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
         current = lambda: {k: v.detach().cpu().clone() for k, v in halves.items()}  # noqa: E731
     else:
         vectors = torch.nn.Parameter(stored.vectors.detach().float().clone().to(device))
-        encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors})
+        encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors},
+                                max_tokens=cfg.max_token_length)
         trained = [vectors]
         current = lambda: vectors.detach().cpu().clone()  # noqa: E731
     optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0)
