@@ -21,6 +21,7 @@ from trainers.runs import Checkpoint, Run, final_folder
 
 SAME_NAME_SUFFIXES = {
     "textual_inversion": (".pt", ".safetensors", ".bin"),
+    "apt": (".pt", ".safetensors", ".bin"),
     "hypernetwork": (".pt",),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "dreambooth": (".safetensors", ".ckpt"),

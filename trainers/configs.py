@@ -167,6 +167,42 @@ class TextualInversionConfig(TemplateTrainingConfig):
         return accept(self, problems)
 
 
+@dataclass
+class AptConfig(TextualInversionConfig):
+    """Advanced prompt tuning (DreamArtist): a positive embedding and its '-neg' partner trained
+    together, with classifier-free guidance inside the loss."""
+    log_directory: str = option("outputs/apt", "Where checkpoints, previews, the loss CSV and "
+                                "settings go: <dir>/<date>/<name>/.", label="Log directory",
+                                path="data")
+    cfg_scale: float = option(5.0, "Guidance scale inside the loss: the prediction compared with "
+                              "the noise is negative + scale × (positive − negative). Above 1, "
+                              "else the negative embedding learns nothing.",
+                              label="CFG scale (training)", min=1.0, max=30.0)
+    negative_lr_weight: float = option(1.0, "The negative embedding's learning rate is the "
+                                       "rate times this.", label="Negative learning-rate weight",
+                                       min=0.0, max=100.0)
+    reconstruction_weight: float = option(0.0, "Weight of an L1 loss between the training image "
+                                          "and the image decoded from the predicted latents "
+                                          "(DreamArtist's 'reconstruction'; slower, more "
+                                          "memory); 0 turns it off.",
+                                          label="Reconstruction loss weight", min=0.0, max=100.0)
+    ema_decay: float = option(0.0, "Save an exponential moving average of the embeddings "
+                              "(e.g. 0.99) instead of the latest values; 0 turns it off.",
+                              label="EMA decay", min=0.0, max=0.99999)
+
+    def validate(self) -> "AptConfig":
+        problems = self.common_problems()
+        if not self.embedding.strip():
+            problems.append("embedding: choose the positive embedding (create one first)")
+        elif self.embedding.strip().endswith("-neg"):
+            problems.append("embedding: choose the positive embedding; its '-neg' partner is "
+                            "found (or made) by name")
+        if self.cfg_scale <= 1.0:
+            problems.append(f"cfg_scale: must be above 1 (got {self.cfg_scale}); at 1 the "
+                            "negative embedding gets no gradient")
+        return accept(self, problems)
+
+
 HYPERNETWORK_SIZES = [768, 320, 640, 1024, 1280]
 MAX_HYPERNETWORK_WIDTH = 4096  # SDXL's widest attention is 2048
 HYPERNETWORK_ACTIVATIONS = ["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
@@ -555,6 +591,7 @@ class AestheticPreviewConfig:
 
 
 METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
+                  "apt": AptConfig,
                   "hypernetwork": HypernetworkTrainingConfig,
                   "lora": LoraConfig,
                   "dreambooth": DreamBoothConfig,

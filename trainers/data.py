@@ -30,6 +30,7 @@ class Example:
     std: torch.Tensor | None  # scaled latent std, kept only for 'random' sampling
     latent: torch.Tensor  # the latent used when sampling is 'once' or 'deterministic'
     weight: torch.Tensor | None = None  # [1, h, w] loss weight from the alpha channel
+    pixels: torch.Tensor | None = None  # [3, H, W] in [-1, 1], kept for a reconstruction loss
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Dataset:
             return None
         return torch.stack([self.examples[i].weight for i in chosen])
 
+    def pixels(self, chosen: list[int]) -> torch.Tensor | None:
+        if self.examples[chosen[0]].pixels is None:
+            return None
+        return torch.stack([self.examples[i].pixels for i in chosen])
+
 
 def list_images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IGNORED_SUFFIXES
@@ -86,7 +92,8 @@ def open_training_image(path: Path, keep_alpha: bool) -> Image.Image:
 
 def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, batch_size: int,
                  seed: int, latent_sampling: str, use_weight: bool, word_regex: str = "",
-                 join_string: str = " ", report: Callable[[str], None] = lambda text: None) -> Dataset:
+                 join_string: str = " ", report: Callable[[str], None] = lambda text: None,
+                 keep_pixels: bool = False) -> Dataset:
     if not folder.exists():
         raise DatasetError(f"data_root: {folder} does not exist")
     if not folder.is_dir():
@@ -127,7 +134,8 @@ def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, b
             weight = weight / weight.mean().clamp(min=1e-6)
         examples.append(Example(path=path, filewords=filewords_for(path, word_regex, join_string),
                                 mean=mean, std=std if latent_sampling == "random" else None,
-                                latent=latent, weight=weight))
+                                latent=latent, weight=weight,
+                                pixels=pixels[0].float().cpu() if keep_pixels else None))
         report(f"Preparing dataset: {number}/{len(files)} images")
     if not examples:
         detail = f" ({len(skipped)} files could not be read)" if skipped else ""

@@ -41,7 +41,8 @@ def take(batch, rows: slice):
     """The rows of a loop Batch."""
     return replace(batch, latents=batch.latents[rows], texts=batch.texts[rows],
                    weights=None if batch.weights is None else batch.weights[rows],
-                   sizes=None if batch.sizes is None else batch.sizes[rows])
+                   sizes=None if batch.sizes is None else batch.sizes[rows],
+                   pixels=None if batch.pixels is None else batch.pixels[rows])
 
 
 def launched_processes() -> int:

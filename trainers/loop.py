@@ -37,6 +37,7 @@ class Batch:
     texts: list[str]
     weights: torch.Tensor | None = None
     sizes: list | None = None  # SDXL: per image (original (h, w), crop (top, left), target (h, w))
+    pixels: torch.Tensor | None = None  # [-1, 1] images, for a reconstruction loss
 
 
 class BatchSource(Protocol):
@@ -87,6 +88,7 @@ class TrainingPlan:
     sidecar_extra: Callable[[], dict] | None = None  # more to keep in .optim (e.g. fp32 weights)
     resume_optimizer: bool = True  # False when the user starts over on an existing file
     after_step: Callable[[int], None] | None = None  # e.g. an EMA update, after each step
+    x0_loss: Callable[[Batch], Callable | None] | None = None  # a batch's loss on predicted x0
 
 
 def _check_state_shapes(optimizer) -> None:
@@ -244,7 +246,8 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                   noise_offset=opts.noise_offset, added_cond=added,
                                   device=device, dtype=dtype,
                                   rows=shard.rows if shard else None,
-                                  batch_size=shard.size if shard else None)
+                                  batch_size=shard.size if shard else None,
+                                  x0_loss=plan.x0_loss(batch) if plan.x0_loss else None)
         return (loss * shard.scale if shard else loss), batch.texts
 
     # data-parallel: DDP averages the gradients of the trainable parameters during backward

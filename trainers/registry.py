@@ -6,6 +6,7 @@ import importlib
 from trainers.configs import METHOD_CONFIGS
 
 RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
+           "apt": "trainers.methods.apt",
            "hypernetwork": "trainers.methods.hypernetwork",
            "lora": "trainers.methods.lora",
            "dreambooth": "trainers.methods.dreambooth",
@@ -24,9 +25,9 @@ def runner(method: str):
     return importlib.import_module(RUNNERS[method]).run
 
 
-TITLES = {"textual_inversion": "textual inversion", "hypernetwork": "hypernetwork",
+TITLES = {"textual_inversion": "textual inversion", "apt": "apt", "hypernetwork": "hypernetwork",
           "lora": "lora", "dreambooth": "dreambooth", "fine_tune": "fine-tune", "extract_lora": "extract lora"}
-TARGETS = {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}
+TARGETS = {"textual_inversion": "embedding", "apt": "embedding", "hypernetwork": "hypernetwork"}
 
 
 def job_parts(method: str, cfg, processes: int = 1) -> tuple[str, str, object, dict]:

@@ -32,10 +32,12 @@ class TemplateBatches:
         texts = [make_prompt(self.template_lines, self.name, self.dataset.examples[i].filewords,
                              seeds.rng(self.cfg.seed, "prompt", micro, i), self.cfg.shuffle_tags,
                              self.cfg.tag_drop_out) for i in chosen]
-        return Batch(self.dataset.latents(micro, chosen), texts, self.dataset.weights(chosen))
+        return Batch(self.dataset.latents(micro, chosen), texts, self.dataset.weights(chosen),
+                     pixels=self.dataset.pixels(chosen))
 
 
-def prepare(cfg: TemplateTrainingConfig, ctx) -> tuple[BaseModel, Dataset, list[str]]:
+def prepare(cfg: TemplateTrainingConfig, ctx,
+            keep_pixels: bool = False) -> tuple[BaseModel, Dataset, list[str]]:
     cfg.validate()
     paths = ctx.paths
     check_before_queueing(cfg, paths)
@@ -54,7 +56,8 @@ def prepare(cfg: TemplateTrainingConfig, ctx) -> tuple[BaseModel, Dataset, list[
                                seed=cfg.seed, latent_sampling=cfg.latent_sampling,
                                use_weight=cfg.use_weight, word_regex=cfg.filename_word_regex,
                                join_string=cfg.filename_join_string,
-                               report=lambda text: ctx.emit(ev.Status(text)))
+                               report=lambda text: ctx.emit(ev.Status(text)),
+                               keep_pixels=keep_pixels)
     except DatasetError as error:
         if processes == 1 or not str(error).startswith("batch_size"):
             raise

@@ -9,7 +9,7 @@ import gradio as gr
 
 from core.paths import Paths
 from trainers.captions import list_templates
-from trainers.configs import (DreamBoothConfig, ExtractLoraConfig, FineTuneConfig,
+from trainers.configs import (AptConfig, DreamBoothConfig, ExtractLoraConfig, FineTuneConfig,
                               HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig)
 from trainers.embeddings import list_embeddings
 from trainers.models import list_models
@@ -115,6 +115,15 @@ def method_forms() -> list[MethodForm]:
                          ("Optimization", TEMPLATE_OPTIM, True),
                          ("Saving and previews", TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
                         top=["embedding", "model"])]
+    forms.append(MethodForm("apt", "APT / DreamArtist", AptConfig, "embedding",
+                            [("Positive and negative (DreamArtist)",
+                              ["cfg_scale", "negative_lr_weight", "reconstruction_weight",
+                               "ema_decay"], True),
+                             ("Dataset and prompts", TEMPLATE_DATA, True),
+                             ("Optimization", TEMPLATE_OPTIM, False),
+                             ("Saving and previews",
+                              TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
+                            top=["embedding", "model"]))
     forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
                             "hypernetwork",
                             [("Dataset and prompts", TEMPLATE_DATA, True),

@@ -78,3 +78,13 @@ def _check_fits(stored: EmbeddingFile, model, path: Path, model_name: str) -> No
             raise TrainingError(f"embedding: {path.name}{which} has vectors of width "
                                 f"{vectors.shape[1]}, but {model_name}'s text encoder uses "
                                 f"{width}; it was made for another model")
+
+
+def load_trainable(path: Path, model, model_name: str) -> EmbeddingFile:
+    """An SD 1.x/2.x embedding file whose vectors fit this model's text encoder (for APT)."""
+    if model.is_sdxl:
+        raise TrainingError(f"model: {model_name} is an SDXL model; APT trains SD 1.x/2.x "
+                            "embeddings")
+    stored = load_embedding(path)
+    _check_fits(stored, model, path, model_name)
+    return stored
