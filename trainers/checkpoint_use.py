@@ -22,6 +22,7 @@ from trainers.runs import Checkpoint, Run, final_folder
 SAME_NAME_SUFFIXES = {
     "textual_inversion": (".pt", ".safetensors", ".bin"),
     "apt": (".pt", ".safetensors", ".bin"),
+    "xti": (".safetensors", ".pt"),
     "hypernetwork": (".pt",),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "dreambooth": (".safetensors", ".ckpt"),

@@ -203,6 +203,30 @@ class AptConfig(TextualInversionConfig):
         return accept(self, problems)
 
 
+@dataclass
+class XtiConfig(TemplateTrainingConfig):
+    """Extended textual inversion (XTI, "P+"): one set of vectors per U-Net cross-attention
+    layer, saved in kohya's XTI layout in models/xti/."""
+    output_name: str = option("", "File name in models/xti and the word you type in prompts; "
+                              "an existing file of this name is trained further.",
+                              label="Name")
+    init_text: str = option("*", "Words whose token vectors start every layer's vectors.",
+                            label="Initialization text")
+    num_vectors_per_token: int = option(1, "How many token vectors each layer has.",
+                                        label="Number of vectors per token", min=1, max=75)
+    file_format: str = option("safetensors", "kohya's XTI file: .safetensors or .pt.",
+                              label="File format", choices=["safetensors", "pt"])
+    overwrite: bool = option(False, "Start over even if a file of this name exists; otherwise "
+                             "training continues from it.", label="Start over")
+    log_directory: str = option("outputs/xti", "Where checkpoints, previews, the loss CSV and "
+                                "settings go: <dir>/<date>/<name>/.", label="Log directory",
+                                path="data")
+
+    def validate(self) -> "XtiConfig":
+        problems = self.common_problems() + check_name("output_name", self.output_name)
+        return accept(self, problems)
+
+
 HYPERNETWORK_SIZES = [768, 320, 640, 1024, 1280]
 MAX_HYPERNETWORK_WIDTH = 4096  # SDXL's widest attention is 2048
 HYPERNETWORK_ACTIVATIONS = ["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid",
@@ -592,6 +616,7 @@ class AestheticPreviewConfig:
 
 METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
                   "apt": AptConfig,
+                  "xti": XtiConfig,
                   "hypernetwork": HypernetworkTrainingConfig,
                   "lora": LoraConfig,
                   "dreambooth": DreamBoothConfig,

@@ -7,6 +7,7 @@ from trainers.configs import METHOD_CONFIGS
 
 RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
            "apt": "trainers.methods.apt",
+           "xti": "trainers.methods.xti",
            "hypernetwork": "trainers.methods.hypernetwork",
            "lora": "trainers.methods.lora",
            "dreambooth": "trainers.methods.dreambooth",
@@ -25,7 +26,7 @@ def runner(method: str):
     return importlib.import_module(RUNNERS[method]).run
 
 
-TITLES = {"textual_inversion": "textual inversion", "apt": "apt", "hypernetwork": "hypernetwork",
+TITLES = {"textual_inversion": "textual inversion", "apt": "apt", "xti": "xti", "hypernetwork": "hypernetwork",
           "lora": "lora", "dreambooth": "dreambooth", "fine_tune": "fine-tune", "extract_lora": "extract lora"}
 TARGETS = {"textual_inversion": "embedding", "apt": "embedding", "hypernetwork": "hypernetwork"}
 

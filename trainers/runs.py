@@ -41,7 +41,7 @@ FINISHED, INTERRUPTED, FAILED, RUNNING, UNKNOWN = (
     "finished", "interrupted", "failed", "running", "unknown")
 METHOD_TITLES = {"textual_inversion": "Embedding", "hypernetwork": "Hypernetwork",
                  "lora": "LoRA", "dreambooth": "DreamBooth",
-                 "fine_tune": "Fine-tune", "apt": "APT embedding"}
+                 "fine_tune": "Fine-tune", "apt": "APT embedding", "xti": "XTI embedding"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,8 @@ def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | 
     return None
 
 
-FINAL_FOLDER_NAMES = {"textual_inversion": "embeddings", "apt": "embeddings", "hypernetwork": "models/hypernetworks",
+FINAL_FOLDER_NAMES = {"textual_inversion": "embeddings", "apt": "embeddings", "xti": "models/xti",
+                      "hypernetwork": "models/hypernetworks",
                       "lora": "models/Lora", "dreambooth": "models/Stable-diffusion",
                       "fine_tune": "models/Stable-diffusion"}
 
@@ -298,7 +299,8 @@ def final_folder_name(method: str) -> str:
 
 def final_folder(paths: Paths, method: str) -> Path:
     """Where a method's finished files live (A1111's folders)."""
-    return {"textual_inversion": paths.embeddings, "apt": paths.embeddings, "hypernetwork": paths.hypernetworks,
+    return {"textual_inversion": paths.embeddings, "apt": paths.embeddings,
+            "xti": paths.models / "xti", "hypernetwork": paths.hypernetworks,
             "lora": paths.lora, "dreambooth": paths.stable_diffusion,
             "fine_tune": paths.stable_diffusion}.get(method, paths.lora)
 
@@ -351,7 +353,7 @@ def loss_around(losses: list[tuple[int, float, float]], step: int, half: int
 
 def _target_steps(run: Run) -> int | None:
     cfg = run.config
-    if run.method in ("textual_inversion", "hypernetwork", "apt"):
+    if run.method in ("textual_inversion", "hypernetwork", "apt", "xti"):
         steps = cfg.get("steps")
         if not isinstance(steps, int):
             return None

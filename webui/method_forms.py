@@ -10,7 +10,8 @@ import gradio as gr
 from core.paths import Paths
 from trainers.captions import list_templates
 from trainers.configs import (AptConfig, DreamBoothConfig, ExtractLoraConfig, FineTuneConfig,
-                              HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig)
+                              HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig,
+                              XtiConfig)
 from trainers.embeddings import list_embeddings
 from trainers.models import list_models
 from webui.forms import control
@@ -124,6 +125,13 @@ def method_forms() -> list[MethodForm]:
                              ("Saving and previews",
                               TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
                             top=["embedding", "model"]))
+    forms.append(MethodForm("xti", "XTI (P+)", XtiConfig, "output_name",
+                            [("Per-layer embedding", ["init_text", "num_vectors_per_token",
+                                                      "file_format", "overwrite"], True),
+                             ("Dataset and prompts", TEMPLATE_DATA, True),
+                             ("Optimization", TEMPLATE_OPTIM, False),
+                             ("Saving and previews", TEMPLATE_OUTPUT, False)],
+                            top=["output_name", "model"]))
     forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
                             "hypernetwork",
                             [("Dataset and prompts", TEMPLATE_DATA, True),
