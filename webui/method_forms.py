@@ -121,7 +121,7 @@ def method_forms() -> list[MethodForm]:
                               ["cfg_scale", "negative_lr_weight", "reconstruction_weight",
                                "ema_decay"], True),
                              ("Dataset and prompts", TEMPLATE_DATA, True),
-                             ("Optimization", TEMPLATE_OPTIM, False),
+                             ("Optimization", TEMPLATE_OPTIM, True),
                              ("Saving and previews",
                               TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
                             top=["embedding", "model"]))
@@ -129,7 +129,7 @@ def method_forms() -> list[MethodForm]:
                             [("Per-layer embedding", ["init_text", "num_vectors_per_token",
                                                       "file_format", "overwrite"], True),
                              ("Dataset and prompts", TEMPLATE_DATA, True),
-                             ("Optimization", TEMPLATE_OPTIM, False),
+                             ("Optimization", TEMPLATE_OPTIM, True),
                              ("Saving and previews", TEMPLATE_OUTPUT, False)],
                             top=["output_name", "model"]))
     forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
