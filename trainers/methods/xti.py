@@ -24,6 +24,9 @@ def xti_folder(paths) -> Path:
 
 def run(cfg: XtiConfig, ctx) -> Path:
     model, dataset, template_lines = tt.prepare(cfg, ctx)
+    if getattr(model, "is_sdxl", False):
+        raise TrainingError(f"model: {cfg.model} is an SDXL model; XTI trains SD 1.x/2.x "
+                            "per-layer embeddings")
     name = cfg.output_name.strip()
     path = xti_folder(ctx.paths) / f"{name}.{cfg.file_format}"
     layers = layer_names(model.unet)
