@@ -352,6 +352,7 @@ def test_numbers_gradio_cannot_read_reach_the_validation_through_gradio(layout):
     control of a config field hands what it cannot read on, and one end-to-end call per form
     button shows the message."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import gradio as gr
 
@@ -376,7 +377,11 @@ def test_numbers_gradio_cannot_read_reach_the_validation_through_gradio(layout):
         values[index] = "abc"
         if "train-method" in ids:  # the form this field belongs to
             values[ids.index("train-method")] = method_of[ids[index].partition("-")[0]]
-        out = asyncio.run(blocks.process_api(block_fn=block_fn, inputs=values, state=None))
+        # in a thread of its own: after a browser test, playwright's sync API keeps an event
+        # loop running in this one, where asyncio.run refuses to start
+        with ThreadPoolExecutor(1) as pool:
+            out = pool.submit(lambda: asyncio.run(blocks.process_api(
+                block_fn=block_fn, inputs=values, state=None))).result()
         field = ids[index].partition("-")[2]
         shown = texts(out["data"])
         assert "Please fix" in shown and f"{field}: expected" in shown, (block_fn.name, shown)
