@@ -313,14 +313,55 @@ def _method_order(keys):
                                        order.index(k[1]) if k[1] in order else 99))
 
 
+def _paired_sides(results: dict) -> list[dict]:
+    """Both sides of every paired run as plain runs (for time to first step and RSS)."""
+    out = []
+    for pair in results.get("paired", []):
+        for side in ("danlu", "baseline"):
+            if pair.get(side):
+                out.append(dict(pair[side], side=side, method=pair["method"], kind=pair["kind"],
+                                round=pair["round"], paired=True))
+    return out
+
+
 def render(results: dict) -> str:
     summary = summarize(results)
+    # time to first step and RSS also come from the paired runs' sides
+    every = summarize({**results, "runs": results.get("runs", []) + _paired_sides(results)})
+    paired_only = not any(not r.get("alone") for r in results.get("runs", []))
     models = results.get("models", {})
     matmul = results.get("matmul") or []
     peak = max((m.get("best_gflops") or 0 for m in matmul), default=0) or None
     lines = [results["heading"], ""]
     command = results.get("command", "python3 -m bench")
     steps = results.get("steps", {})
+    if paired_only and results.get("paired"):
+        lines += [
+            f"`{command}` — paired mode only: Danlu and the diffusers example script run at the "
+            "same time, each pinned to its own CPU with 1 thread (see *Paired runs*); "
+            + ", ".join(f"{models.get(k, {}).get('label', k)}: {n} steps per run"
+                        for k, n in steps.items())
+            + ". Ratios are Danlu / script: below 1 means Danlu is faster or smaller."
+            + (f" Took {results['seconds'] / 60:.0f} min." if results.get("seconds") else ""),
+            ""]
+        if summary:
+            lines += ["Runs without a script to pair with (1 thread, pinned):", "",
+                      "| model | method | Danlu s/step (range over runs) | peak RSS (MiB) |",
+                      "|---|---|---:|---:|"]
+            for kind, method in _method_order(summary):
+                d = summary[(kind, method)].get("danlu", {})
+                lines.append(f"| {models.get(kind, {}).get('label', kind)} | "
+                             f"{METHOD_LABELS.get(method, method)} | {_cell(d)} | "
+                             f"{_mib(d.get('rss_last_step'))} |")
+            lines.append("")
+    else:
+        lines += _ab_lines(results, summary, models, command, steps)
+    lines += _rest_lines(results, summary, every, models, peak, matmul)
+    return "\n".join(lines)
+
+
+def _ab_lines(results, summary, models, command, steps) -> list[str]:
+    lines = []
     lines.append(
         f"`{command}` — {results.get('rounds', '?')} rounds, Danlu and the diffusers example "
         "script alternating (A B, then B A, ...), each run in its own process; "
@@ -383,7 +424,11 @@ def render(results: dict) -> str:
                      f" / {_mib(summary[(k, m)].get('baseline', {}).get('rss_exit'))} MiB"
                      for k, m in _method_order(summary)) + ".")
     lines.append("")
+    return lines
 
+
+def _rest_lines(results, summary, every, models, peak, matmul) -> list[str]:
+    lines = []
     # --- paired runs
     paired = paired_summary(results)
     if paired:
@@ -418,7 +463,8 @@ def render(results: dict) -> str:
                    if entry["rss_danlu"] and entry["rss_baseline"] else "—") + " |")
         lines.append("")
 
-    # --- time to first step
+    # --- time to first step (A/B runs and both sides of paired runs)
+    summary = every
     lines += ["### Time to first step", "",
               "| model | method | Danlu, first Train click in a running app | same, diffusers "
               "already imported | same, model already loaded | Danlu CLI from process start | "
@@ -467,8 +513,9 @@ def render(results: dict) -> str:
                       + f" ({'met' if v < TTFS_TARGET_S else '**not met**'})"
                       for m, v, c in loaded) + ".", ""]
 
-    # --- FLOPs and fraction of peak
-    if peak:
+    # --- FLOPs and fraction of peak (paired runs count none)
+    if peak and any(row.get(side, {}).get("flops") for row in summary.values()
+                    for side in ("danlu", "baseline")):
         lines += ["### FLOPs per step and fraction of the CPU's matmul peak", "",
                   f"Peak: {peak:.0f} GFLOP/s (best of a 2048² fp32 matmul, "
                   f"{results.get('threads', 2)} threads; median under the run's load "
@@ -489,6 +536,8 @@ def render(results: dict) -> str:
                 if side and side.get("flops") and side.get("best"):
                     return f"{100 * side['flops'] / side['best'] / (peak * 1e9):.0f}%"
                 return "—"
+            if not d.get("flops") and not b.get("flops"):
+                continue  # paired runs count no FLOPs
             extra = ""
             if b.get("flops_by_module"):
                 mods = b["flops_by_module"]
@@ -575,7 +624,7 @@ def render(results: dict) -> str:
     for name, text in (results.get("commands") or {}).items():
         lines.append(f"- {name}: `{text}`")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------- file

@@ -173,3 +173,23 @@ def test_cached_lora_variant_settings_on_both_sides(tmp_path):
     cfg, _ = danlu_run.make_config(dict(spec, method="lora"), preview=False)
     assert cfg.cache_text_encoder_outputs is False
     assert danlu_run.engine_method("lora_cached") == "lora"
+
+
+def test_paired_only_results_render_pairs_and_the_paired_sides_time_to_first_step():
+    from bench import report
+
+    results = fake_results()
+    results["runs"] = [dict(_run("danlu", "hypernetwork", 0, 1.0, 500), alone=True)]
+    results["paired"][0]["danlu"].update(ttfs_call_s=7.0, ttfs_spawn_s=9.0, ttfs_cached_s=0.4,
+                                         rss_at_last_step_mib=4000)
+    results["paired"][0]["baseline"].update(ttfs_spawn_s=12.0, rss_at_last_step_mib=5000)
+    text = report.render(results)
+    assert "paired mode only" in text and "alternating (A B" not in text
+    assert "| SD1.5-shaped | Hypernetwork | 1.06 (1.06–1.06) | 500 |" in text
+    pair = next(line for line in text.splitlines() if line.startswith("| SD1.5-shaped | LoRA"))
+    assert "**0.60×**" in pair and "4,000 / 5,000" in pair and "0.80×" in pair
+    ttfs = next(line for line in text.splitlines()
+                if line.startswith("| SD1.5-shaped | LoRA") and "9.00 s" in line)
+    assert "7.00 s" in ttfs and "12.0 s" in ttfs and "| 0.4 s |" in ttfs
+    assert not any(line.startswith("| SD1.5-shaped | LoRA") and line.endswith("| — | — |  |")
+                   for line in text.splitlines())  # no FLOP row without counted FLOPs
