@@ -118,10 +118,12 @@ def run_page(spec: dict, folder: Path, tick) -> tuple[float, float, list[float]]
     done = threading.Event()
 
     def poller():
+        fresh = True  # each run is watched by a new page (job ids restart with each runner)
         while not done.wait(1.0):
             started = time.perf_counter()
-            tick(jobs)
+            tick(jobs, fresh=fresh)
             polls.append(time.perf_counter() - started)
+            fresh = False
 
     watcher = threading.Thread(target=poller, daemon=True)
     watcher.start()

@@ -101,3 +101,12 @@ def test_a_reloaded_page_gets_the_whole_history_and_a_new_job_starts_a_new_serie
     switched = live.refresh(other, attached)
     assert other.asked == [0] and len(switched["plot"]) == 6
     assert attached.series.job_id == 8 and attached.series.count == 3
+
+
+def test_a_job_with_fewer_points_under_the_same_id_starts_over():
+    """After an app restart job ids start again at 1; a page must not skip the new job's points."""
+    page = live.Watch()
+    live.refresh(_Runner(_job(40)), page)
+    restarted = _Runner(_job(5))  # same id 7, fewer points
+    again = live.refresh(restarted, page)
+    assert restarted.asked == [0] and len(again["plot"]) == 10 and page.series.count == 5

@@ -97,7 +97,8 @@ def refresh(runner, watch: Watch) -> dict:
     waiting = tuple(j.id for j in runner.queued())
     if (job.id, *job.changes(), waiting) == watch.key:
         return {}
-    new_job = job.id != watch.key[0]
+    # another job (or, after an app restart, another job with a reused id: fewer points)
+    new_job = job.id != watch.key[0] or job.changes()[0] < watch.series.count
     if new_job or watch.series.job_id != job.id:
         watch.series = LossSeries(job.id, watch.series.limit, watch.series.window)
     snap = job.snapshot(losses_from=watch.series.count)
