@@ -436,8 +436,8 @@ def _rest_lines(results, summary, every, models, peak, matmul) -> list[str]:
                   "Each pair runs both sides at once, each pinned to one CPU with 1 thread "
                   "(`taskset`, OMP_NUM_THREADS=1; the CPUs swap every pair), so a burst of other "
                   "load slows both alike. Only steps after the warm-up that ran while the other "
-                  "side was also stepping count. Seconds per step are single-thread figures, not "
-                  "comparable with the 2-thread table above; the ratio is what matters.", "",
+                  "side was also stepping count. Seconds per step are single-thread figures (stretched by other "
+                  "load), not comparable with 2-thread ones; the ratio is what matters.", "",
                   "| model | method | pairs | Danlu s/step | script s/step | ratio (range over "
                   "pairs) | target | peak RSS Danlu / script (MiB) | RSS ratio |",
                   "|---|---|---:|---:|---:|---:|---|---:|---:|"]
