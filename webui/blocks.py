@@ -33,7 +33,10 @@ class Blocks(gr.Blocks):
             return answer
         narrowed = copy.copy(block_fn)  # the shared one stays untouched for concurrent calls
         narrowed.outputs = [outputs[i] for i in kept]
-        done = await super().postprocess_data(narrowed, [predictions[i] for i in kept], state)
+        values = [predictions[i] for i in kept]
+        if len(kept) == 1 and not block_fn.batch:
+            values = values[0]  # gradio wraps the value of a single output itself
+        done = await super().postprocess_data(narrowed, values, state)
         for i, value in zip(kept, done):
             answer[i] = value
         return answer
