@@ -18,7 +18,10 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
     page.goto(app_server.url)
     page.get_by_role("tab", name="Create hypernetwork").click()
     fill(page, "CreateHypernetworkConfig-name", "browserhn")
-    page.locator("#create-hypernetwork-button").click()  # default sizes don't fit the demo model
+    sizes = page.locator("#CreateHypernetworkConfig-sizes textarea, #CreateHypernetworkConfig-sizes input")
+    expect(sizes.first).to_have_value("32, 64")  # the demo model's widths, offered for it
+    fill(page, "CreateHypernetworkConfig-sizes", "768, 320")
+    page.locator("#create-hypernetwork-button").click()  # SD1 sizes don't fit the demo model
     expect(page.locator("#create-hypernetwork-message")).to_contain_text("none of 768", timeout=60_000)
     fill(page, "CreateHypernetworkConfig-sizes", "32, 64")
     fill(page, "CreateHypernetworkConfig-layer_structure", "1, 3")

@@ -214,3 +214,65 @@ def test_sdxl_dreambooth_writes_an_sdxl_single_file(family_paths, pictures):
         str(path), config=str(family_paths.cache / SDXL), local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     assert not np.allclose(image(sdxl_pipeline(family_paths.cache / SDXL)), image(loaded))
+
+
+def test_hypernetwork_sizes_follow_the_model(family_paths):
+    """The sizes Create hypernetwork offers are the attention widths of the built models (text
+    context first), and the real families' from their shipped U-Net configs."""
+    import json
+    from pathlib import Path
+    from trainers.hypernetwork_attention import attention_widths
+    from trainers.hypernetwork_sizes import FAMILY_SIZES, model_sizes, unet_config_sizes
+    for name in ("tiny-demo", "tiny-demo-sd2", SDXL):
+        sizes = model_sizes(family_paths, name)
+        model = load_model(family_paths, name)
+        assert set(sizes) == attention_widths(model.unet)
+        assert sizes[0] == model.unet.config.cross_attention_dim
+    configs = Path(__file__).resolve().parent.parent / "trainers/model_configs"
+    for family, sizes in FAMILY_SIZES.items():
+        assert unet_config_sizes(json.loads((configs / family / "unet/config.json").read_text())) == sizes
+    assert FAMILY_SIZES["sdxl"] == [2048, 640, 1280]
+    assert model_sizes(family_paths, "missing.ckpt") is None
+
+
+def test_sdxl_hypernetwork_trains_previews_with_the_sdxl_pipeline_and_changes_the_output(
+        family_paths, pictures, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+    from trainers.configs import CreateHypernetworkConfig, HypernetworkTrainingConfig
+    from trainers.formats.hypernetwork import load_hypernetwork
+    from trainers.hypernetwork_sizes import model_sizes
+    from trainers.hypernetworks import create_hypernetwork
+    from trainers.loop import TrainingError
+    from trainers.methods.hypernetwork import render_with, run
+    from trainers.sampling import PreviewSettings
+    calls = []
+    original = StableDiffusionXLPipeline.__call__
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    sizes = model_sizes(family_paths, SDXL)  # 80 = 32 + 48, the tiny SDXL's 2048; 64 a block width
+    path = create_hypernetwork(CreateHypernetworkConfig(name="hnxl", sizes=sizes, model=SDXL,
+                                                        layer_structure="1, 2, 1").validate(),
+                               family_paths)
+    before = [p.detach().clone() for p in load_hypernetwork(path).parameters()]
+    cfg = HypernetworkTrainingConfig(model=SDXL, hypernetwork="hnxl", data_root=str(pictures / "2_zxq cat"),
+                                     width=64, height=64, steps=3, save_every=0, preview_every=3,
+                                     preview_steps=2, learn_rate="0.01", seed=5).validate()
+    ctx = RecordingContext(family_paths)
+    run(cfg, ctx)
+    assert [p.step for p in ctx.of(Preview)] == [3] and calls  # previewed through the SDXL pipeline
+    net = load_hypernetwork(path)
+    assert net.step == 3 and sorted(net.layers) == [64, 80]
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()) if a.dim() == 2)
+    model = load_model(family_paths, SDXL)
+    settings = PreviewSettings(prompt="zxq cat", steps=2, width=64, height=64, seed=1)
+    with_net = np.asarray(render_with(model, net, 1.0, settings)[0], dtype=float)
+    without = np.asarray(render_with(model, net, 0.0, settings)[0], dtype=float)
+    assert np.abs(with_net - without).max() > 0
+    # an SD1-width hypernetwork is refused on SDXL, naming the widths
+    with pytest.raises(Exception, match="80"):
+        create_hypernetwork(CreateHypernetworkConfig(name="hn768", sizes=[768, 320], model=SDXL)
+                            .validate(), family_paths)
+    create_hypernetwork(CreateHypernetworkConfig(name="hn32", sizes=[32]).validate(), family_paths)
+    with pytest.raises(TrainingError, match="hn32.*80"):
+        run(HypernetworkTrainingConfig(**{**cfg.__dict__, "hypernetwork": "hn32"}).validate(),
+            RecordingContext(family_paths))

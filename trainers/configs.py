@@ -240,9 +240,10 @@ WEIGHT_INITS = ["Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "X
 class CreateHypernetworkConfig:
     name: str = option("", "File name of the new hypernetwork in models/hypernetworks.",
                        label="Name")
-    sizes: list[int] = option([768, 320, 640, 1280], "Attention widths it applies to: 768 (SD1) "
-                              "or 1024 (SD2) is the text context of cross-attention; 320, 640, "
-                              "1280 are the U-Net's self-attention widths.", label="Modules")
+    sizes: list[int] = option([768, 320, 640, 1280], "Attention widths it applies to: 768 (SD1), "
+                              "1024 (SD2) or 2048 (SDXL) is the text context of cross-attention; "
+                              "320, 640, 1280 are the U-Net's self-attention widths (SDXL: 640, "
+                              "1280).", label="Modules")
     layer_structure: str = option("1, 2, 1", "Width of each layer as a multiple of the module "
                                   "width; starts and ends with 1.", label="Layer structure")
     activation_func: str = option("linear", "Activation after each hidden layer. 'swish' is "

@@ -32,8 +32,9 @@ from core.config import ConfigError
 
 DEFAULT_SIZES = [768, 320, 640, 1280]
 # Context widths of the SD families: 320/640/1280 are U-Net block widths (self-attention),
-# 768 (SD1) and 1024 (SD2) are text-encoder widths (cross-attention). A1111 offers these.
-KNOWN_SIZES = (320, 640, 768, 1024, 1280)
+# 768 (SD1), 1024 (SD2) and 2048 (SDXL) text-context widths (cross-attention). A1111's page
+# offers all but 2048; see trainers/hypernetwork_sizes.py.
+KNOWN_SIZES = (320, 640, 768, 1024, 1280, 2048)
 WEIGHT_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
 
 

@@ -6,6 +6,7 @@ import gradio as gr
 from core.config import ConfigError
 from core.paths import Paths
 from trainers.configs import CreateEmbeddingConfig, CreateHypernetworkConfig
+from trainers.hypernetwork_sizes import model_sizes, sizes_text
 from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui.forms import control, error_text, to_config
@@ -53,6 +54,13 @@ def build_embedding(paths: Paths):
     return button.click(create, [name, init_text, vectors, overwrite, file_format, model], message)
 
 
+def _sizes_for(paths: Paths, model: str | None, current: str | None = None) -> str:
+    """The module sizes of the chosen model (SD1 768, 320, 640, 1280; SD2 1024, ...; SDXL 2048,
+    640, 1280); what is typed stays when the model's sizes cannot be told without loading it."""
+    sizes = model_sizes(paths, model or "")
+    return sizes_text(sizes) if sizes else (current or "768, 320, 640, 1280")
+
+
 def build_hypernetwork(paths: Paths):
     cls = CreateHypernetworkConfig
     with gr.Tab("Create hypernetwork", id="create-hypernetwork"):
@@ -60,11 +68,14 @@ def build_hypernetwork(paths: Paths):
                     "changes the attention layers whose width is one of its modules.")
         model = _model_row(cls, paths)
         controls = {"name": control(cls, "name"),
-                    "sizes": control(cls, "sizes", value="768, 320, 640, 1280",
-                                     info="Comma-separated widths: 768 (SD1) or 1024 (SD2) for "
+                    "sizes": control(cls, "sizes", value=_sizes_for(paths, ch.default_model(paths)),
+                                     info="Comma-separated widths, set from the chosen model: "
+                                          "768 (SD1), 1024 (SD2) or 2048 (SDXL) for "
                                           "cross-attention, 320/640/1280 for the U-Net's "
-                                          "self-attention. The demo model uses 32 and 64."),
+                                          "self-attention (SDXL has 640 and 1280)."),
                     "layer_structure": control(cls, "layer_structure")}
+        model.change(lambda chosen, typed: _sizes_for(paths, chosen, typed),
+                     [model, controls["sizes"]], controls["sizes"])
         with gr.Row():
             controls["activation_func"] = control(cls, "activation_func")
             controls["weight_initialization"] = control(cls, "weight_initialization")
