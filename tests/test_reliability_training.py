@@ -136,6 +136,60 @@ def test_skip_mode_still_stops_when_every_step_is_bad(data_paths, photo_dataset,
     assert path.read_bytes() == before and not optim_path(path).exists()  # never a good step
 
 
+def poison_one_gradient(monkeypatch, at_call: int, value: float):
+    """On the `at_call`-th check, one element of one gradient (of many) becomes `value`."""
+    import trainers.grad_check
+    real = trainers.grad_check.gauge
+    calls, poisoned = [], []
+
+    def patched(parameters, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            with_grads = [p for p in parameters if p.grad is not None]
+            victim = with_grads[len(with_grads) // 2]
+            victim.grad.view(-1)[victim.grad.numel() // 2] = value
+            poisoned.append(len(with_grads))
+        return real(parameters, *args, **kwargs)
+    monkeypatch.setattr(trainers.grad_check, "gauge", patched)
+    return poisoned
+
+
+def test_one_inf_element_in_one_lora_gradient_of_many_skips_that_step(data_paths, tmp_path,
+                                                                       monkeypatch):
+    from tests.conftest import photo
+    from tests.test_lora_training import lora_config
+    from trainers.formats.lora import load_lora
+    from trainers.methods.lora import run as run_lora
+    folder = tmp_path / "train" / "2_zxq cat"
+    folder.mkdir(parents=True)
+    for index in range(2):
+        photo(index, 64).save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"zxq cat, photo {index}")
+    poisoned = poison_one_gradient(monkeypatch, 3, float("inf"))
+    ctx = RecordingContext(data_paths)
+    path = run_lora(lora_config(folder.parent, max_train_steps=5, on_nan="skip"), ctx)
+    assert poisoned and poisoned[0] > 50  # one element of one of many gradients
+    assert [e.step for e in ctx.of(ev.Progress)] == [1, 2, 4, 5]
+    assert any(e.text.startswith("Skipped step 3: gradients became NaN/inf")
+               for e in ctx.of(ev.Status))
+    assert all(torch.isfinite(t).all() for t in load_lora(path)[0].values())
+
+
+def test_one_nan_element_with_norm_clipping_stops_a_hypernetwork_run(data_paths, photo_dataset,
+                                                                      monkeypatch):
+    from tests.test_hypernetwork_training import hn_config, make
+    from trainers.methods.hypernetwork import run as run_hn
+    make(data_paths)
+    poisoned = poison_one_gradient(monkeypatch, 2, float("nan"))
+    ctx = RecordingContext(data_paths)
+    with pytest.raises(TrainingError, match="gradients became NaN/inf at step 2"):
+        run_hn(hn_config(photo_dataset, steps=4, clip_grad_mode="norm", clip_grad_value="1.0"),
+               ctx)
+    assert poisoned and poisoned[0] > 4
+    assert [e.step for e in ctx.of(ev.Progress)] == [1]
+    assert [e.kind for e in ctx.of(ev.Saved)] == ["last good state"]
+
+
 def _out_of_memory(real, unet, *args, **kwargs):
     real(unet, *args, **kwargs).backward()  # gradients left behind, as an OOM in backward leaves
     for module in (unet, unet.up_blocks):  # and on the shared base model (a full fine-tune)

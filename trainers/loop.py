@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from core import events as ev
-from trainers import distributed, seeds
+from trainers import distributed, grad_check, seeds
 from trainers.formats.optim_sidecar import load_optim, save_optim
 from trainers.conditioning import unet_inputs
 from trainers.run_folder import RunFolder
@@ -130,18 +129,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # "skip" mode stops after this many bad steps in a row
-
-
-def _non_finite(total_loss: float, parameters, scaler) -> str | None:
-    """What went NaN/inf in this step ("loss became nan", "gradients became NaN/inf"), or None.
-    With fp16 loss scaling, overflowing gradients are normal: the scaler skips those steps."""
-    if not math.isfinite(total_loss):
-        return f"loss became {total_loss}"
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if scaler is None and grads and not bool(torch.stack([torch.isfinite(g).all()
-                                                          for g in grads]).all()):
-        return "gradients became NaN/inf"
-    return None
 
 
 def _release_memory(model, plan: TrainingPlan) -> None:
@@ -287,11 +274,15 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                     scaled = loss / opts.accumulation
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 summed = scaled.detach() if summed is None else summed + scaled.detach()
-            # one host sync per optimizer step, shared by the non-finite guard and the log line
-            total_loss = summed.item()
+            # one host sync per optimizer step, shared by the non-finite guard and the log line;
+            # with fp16 loss scaling overflowing gradients are normal: the scaler skips those
+            gauge, clipped = (grad_check.gauge(parameters, opts.clip_mode, opts.clip_value(step))
+                              if scaler is None else (None, False))
+            total_loss, grad_gauge = grad_check.read(summed, gauge)
             if parallel is not None:
                 total_loss = parallel.mean(total_loss)  # the whole batch's loss, on every process
-            bad = _non_finite(total_loss, parameters, scaler)  # the same on every process
+            # the same on every process: DDP averaged the gradients
+            bad = grad_check.verdict(total_loss, grad_gauge)
             if bad is not None:
                 plan.optimizer.zero_grad(set_to_none=True)
                 skipped = skipped + 1 if opts.on_nan == "skip" else MAX_SKIPPED_IN_A_ROW
@@ -309,7 +300,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                     f"state of step {step if stepped else start}. Try a lower "
                                     "learning rate.")
             skipped = 0
-            if opts.clip_mode != "disabled":
+            if opts.clip_mode != "disabled" and not clipped:
                 if scaler is not None:
                     scaler.unscale_(plan.optimizer)
                 _clip(parameters, opts.clip_mode, opts.clip_value(step))
