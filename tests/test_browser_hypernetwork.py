@@ -20,6 +20,12 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
     fill(page, "CreateHypernetworkConfig-name", "browserhn")
     sizes = page.locator("#CreateHypernetworkConfig-sizes textarea, #CreateHypernetworkConfig-sizes input")
     expect(sizes.first).to_have_value("32, 64")  # the demo model's widths, offered for it
+    # the SD2 and SDXL demo models are offered, labelled; choosing one sets its module sizes
+    choose(page, "CreateHypernetworkConfig-model", "tiny-demo-sdxl (built-in SDXL demo, random weights)")
+    expect(sizes.first).to_have_value("80, 64", timeout=30_000)
+    expect(page.get_by_text("built-in SDXL-shaped demo model")).to_be_visible()
+    choose(page, "CreateHypernetworkConfig-model", "tiny-demo (built-in SD 1.x demo, random weights)")
+    expect(sizes.first).to_have_value("32, 64", timeout=30_000)
     fill(page, "CreateHypernetworkConfig-sizes", "768, 320")
     page.locator("#create-hypernetwork-button").click()  # SD1 sizes don't fit the demo model
     expect(page.locator("#create-hypernetwork-message")).to_contain_text("none of 768", timeout=60_000)
@@ -34,6 +40,12 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
 
     page.get_by_role("tab", name="Train").click()
     page.get_by_label("Hypernetwork", exact=True).check()
+    page.locator("#HypernetworkTrainingConfig-model input").click()
+    for label in ("tiny-demo (built-in SD 1.x demo, random weights)",
+                  "tiny-demo-sd2 (built-in SD 2.x v-prediction demo, random weights)",
+                  "tiny-demo-sdxl (built-in SDXL demo, random weights)"):
+        expect(page.get_by_role("option", name=label, exact=True)).to_be_visible()
+    page.get_by_role("option", name="tiny-demo (built-in SD 1.x demo, random weights)", exact=True).click()
     choose(page, "HypernetworkTrainingConfig-hypernetwork", "browserhn")
     fill(page, "HypernetworkTrainingConfig-data_root", str(dataset))
     fill(page, "HypernetworkTrainingConfig-width", "64")

@@ -13,7 +13,7 @@ from typing import Any
 from core.paths import REPO_DIR, Paths
 from trainers.families import FamilyError, file_family, folder_family, pipeline_class, \
     sd2_prediction_type
-from trainers.tiny_model import DEMO_MODELS, DEMO_NAME, build_tiny_model
+from trainers.tiny_model import DEMO_MODELS, build_tiny_model
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SKELETONS = REPO_DIR / "trainers" / "model_configs"
@@ -65,7 +65,7 @@ class BaseModel:
 
 
 def list_models(paths: Paths) -> list[str]:
-    """Names for the model dropdown: what is on disk, then the demo model."""
+    """Names for the model dropdowns: what is on disk, then the demo models (SD1, SD2, SDXL)."""
     names = []
     root = paths.stable_diffusion
     if root.is_dir():
@@ -76,7 +76,7 @@ def list_models(paths: Paths) -> list[str]:
                 names.append(entry.name)
             elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
                 names.append(entry.name)
-    return names + [DEMO_NAME]
+    return names + list(DEMO_MODELS)
 
 
 def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:

@@ -11,6 +11,10 @@ from pathlib import Path
 DEMO_NAME = "tiny-demo"
 # name -> family; the SD1 one is the app's default demo model
 DEMO_MODELS = {DEMO_NAME: "sd1", "tiny-demo-sd2": "sd2", "tiny-demo-sdxl": "sdxl"}
+# what the model dropdowns say about each
+DEMO_LABELS = {DEMO_NAME: "built-in SD 1.x demo, random weights",
+               "tiny-demo-sd2": "built-in SD 2.x v-prediction demo, random weights",
+               "tiny-demo-sdxl": "built-in SDXL demo, random weights"}
 
 SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,

@@ -6,33 +6,53 @@ import gradio as gr
 from core.paths import Paths
 from trainers.captions import list_templates
 from trainers.embeddings import list_embeddings
+from trainers.families import LABELS
 from trainers.models import list_models
-from trainers.tiny_model import DEMO_NAME
+from trainers.tiny_model import DEMO_LABELS, DEMO_MODELS
 
 REFRESH = "Refresh"
 
 
-def model_choices(paths: Paths) -> list[str]:
-    return list_models(paths)
+def labelled(name: str) -> tuple[str, str]:
+    """(shown label, value) of a model name: the demo models say what they are."""
+    if name in DEMO_LABELS:
+        return f"{name} ({DEMO_LABELS[name]})", name
+    return name, name
+
+
+def model_choices(paths: Paths) -> list[tuple[str, str]]:
+    """What is in models/Stable-diffusion, then the built-in SD1, SD2 and SDXL demo models."""
+    return [labelled(name) for name in list_models(paths)]
+
+
+def checkpoint_choices(paths: Paths) -> list[tuple[str, str]]:
+    """Models that can be fine-tuned results (the demo models cannot)."""
+    return [labelled(name) for name in list_models(paths) if name not in DEMO_MODELS]
+
+
+def value_of(choice) -> str:
+    return choice[1] if isinstance(choice, (tuple, list)) else choice
 
 
 def default_model(paths: Paths) -> str:
-    return model_choices(paths)[0]
+    return value_of(model_choices(paths)[0])
 
 
-def refreshed(choices: list[str], current: str | None):
-    value = current if current in choices else (choices[0] if choices else None)
+def refreshed(choices: list, current: str | None):
+    values = [value_of(c) for c in choices]
+    value = current if current in values else (values[0] if values else None)
     return gr.update(choices=choices, value=value)
 
 
 def demo_note(model: str | None) -> str:
-    if model == DEMO_NAME:
-        return ("ℹ️ **tiny-demo** is Danlu's built-in demo model: random weights, built on this "
-                "machine, so every tab works without a download. Its images are noise. Put a real "
-                "model (a .safetensors file or a diffusers folder) in `models/Stable-diffusion` "
-                "and press Refresh.")
+    if model in DEMO_MODELS:
+        family = LABELS[DEMO_MODELS[model]]
+        return (f"ℹ️ **{model}** is Danlu's built-in {family}-shaped demo model: random weights, "
+                "built on this machine, so every tab works without a download. Its images are "
+                "noise. Put a real model (a .safetensors file or a diffusers folder) in "
+                "`models/Stable-diffusion` and press Refresh.")
     return ""
 
 
-__all__ = ["model_choices", "default_model", "refreshed", "demo_note", "list_embeddings",
-           "list_templates", "REFRESH"]
+__all__ = ["model_choices", "checkpoint_choices", "default_model", "refreshed", "demo_note",
+           "labelled", "value_of", "list_embeddings", "list_templates", "REFRESH"]

@@ -13,7 +13,7 @@ from trainers.configs import (AptConfig, DreamBoothConfig, ExtractLoraConfig, Fi
                               HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig,
                               XtiConfig)
 from trainers.embeddings import list_embeddings
-from trainers.models import list_models
+from webui import choices as ch
 from webui.forms import control
 
 
@@ -39,11 +39,11 @@ def dropdown_sources(paths: Paths) -> dict[str, Callable[[], list[str]]]:
     """Fields whose choices come from disk, by field name."""
     from trainers.hypernetworks import list_hypernetworks
     return {
-        "model": lambda: list_models(paths),
+        "model": lambda: ch.model_choices(paths),
         "embedding": lambda: list_embeddings(paths),
         "hypernetwork": lambda: list_hypernetworks(paths),
         "template": lambda: list_templates(paths.templates),
-        "checkpoint": lambda: [m for m in list_models(paths) if m != "tiny-demo"],
+        "checkpoint": lambda: ch.checkpoint_choices(paths),
     }
 
 
@@ -165,8 +165,9 @@ def build_section(form: MethodForm, sources: dict, per_row: int = 2) -> None:
         assert name in cls_fields, f"{form.config.__name__} has no field {name}"
         if name in sources:
             options = sources[name]()
+            values = [ch.value_of(option) for option in options]
             default = getattr(form.config(), name)
-            value = default if default in options else (options[0] if options and name != form.target_field else None)
+            value = default if default in values else (values[0] if values and name != form.target_field else None)
             return control(form.config, name, choices=options, value=value)
         return control(form.config, name, **form.overrides.get(name, {}))
 
