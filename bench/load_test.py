@@ -5,10 +5,11 @@
 
 The app runs in its own process (`app.py` on 127.0.0.1, a free port, a fresh data folder with
 the tiny model) and trains a textual-inversion embedding (64 px) for the whole measurement.
-Each client is what an open Train tab does once a second: its gr.Timer joins gradio's queue
-with the tab's poll handler (`/gradio_api/queue/join`, its own session, so the page state is
-kept between ticks as in a browser) and reads the answer from `/gradio_api/queue/data`. The
-poll latency is the time from the join to the `process_completed` message.
+Each client is what an open Train tab does once a second: one call of the tab's timer poll in
+its own session (so the page state is kept between ticks as in a browser), the way the page
+makes it: a POST to `/gradio_api/run/<name>` for an event with queue=False (the Train tab's
+poll since issue #9), else joining gradio's queue (`/gradio_api/queue/join`) and reading the
+answer from `/gradio_api/queue/data`. The poll latency is the time from the request to the answer.
 
 Training speed is read from the job's own step counter (one poll of a fresh session at each
 window edge): `baseline` seconds with no client, `seconds` with all clients, `baseline` seconds
@@ -112,22 +113,37 @@ def form_values(config: dict, api_name: str, changes: dict) -> list:
     return values
 
 
-def train_poll(config: dict) -> tuple[int, int, int]:
-    """(fn_index, trigger id, number of inputs) of the Train tab's timer poll."""
+def train_poll(config: dict) -> tuple[int, int, int, str | None]:
+    """(fn_index, trigger id, number of inputs, route) of the Train tab's timer poll; route is
+    None when the poll goes through gradio's queue, else the `/gradio_api/run/...` path a
+    browser posts to for an event with queue=False."""
     components = {c["id"]: c for c in config["components"]}
     for dependency in config["dependencies"]:
         outputs = {components[i]["props"].get("elem_id") for i in dependency["outputs"]}
         ticks = [t for t in dependency.get("targets", []) if t[1] == "tick"]
         if "train-status" in outputs and ticks:
-            return dependency["id"], ticks[0][0], len(dependency["inputs"])
+            route = None
+            if dependency.get("queue") is False:
+                route = "/gradio_api/run/" + str(dependency.get("api_name") or "predict").lstrip("/")
+            return dependency["id"], ticks[0][0], len(dependency["inputs"]), route
     raise RuntimeError("the Train tab has no timer poll")
 
 
 # ---------------------------------------------------------------- one page's poll
 
-def poll_once(client, fn_index: int, trigger: int, inputs: int, session: str,
-              timeout: float = 30.0) -> tuple[float, list | None]:
-    """One timer tick of one page: (seconds from join to the answer, output data)."""
+def poll_once(client, fn_index: int, trigger: int, inputs: int, route: str | None,
+              session: str, timeout: float = 30.0) -> tuple[float, list | None]:
+    """One timer tick of one page: (seconds from the request to the answer, output data).
+    Through the queue (join, then read the event stream) or, for an event with queue=False,
+    one POST as the browser does."""
+    if route is not None:
+        started = time.perf_counter()
+        answer = client.post(route, json={
+            "data": [None] * inputs, "event_data": None, "fn_index": fn_index,
+            "trigger_id": trigger, "session_hash": session}, timeout=timeout)
+        if answer.status_code != 200:
+            raise RuntimeError(f"poll failed: HTTP {answer.status_code} {answer.text[:300]}")
+        return time.perf_counter() - started, answer.json().get("data")
     started = time.perf_counter()
     joined = client.post("/gradio_api/queue/join", json={
         "data": [None] * inputs, "event_data": None, "fn_index": fn_index,
@@ -147,7 +163,7 @@ def poll_once(client, fn_index: int, trigger: int, inputs: int, session: str,
     raise RuntimeError("the queue stream closed without an answer")
 
 
-def job_step(url: str, poll: tuple[int, int, int], started: bool = True) -> tuple[int, float]:
+def job_step(url: str, poll: tuple, started: bool = True) -> tuple[int, float]:
     """The running job's step now, from the status a fresh page gets (0 while it loads, unless
     it must have `started`)."""
     import httpx
@@ -163,7 +179,7 @@ def job_step(url: str, poll: tuple[int, int, int], started: bool = True) -> tupl
 class Page(threading.Thread):
     """A client that polls once a second (like an open Train tab) until told to stop."""
 
-    def __init__(self, url: str, poll: tuple[int, int, int], stop: threading.Event,
+    def __init__(self, url: str, poll: tuple, stop: threading.Event,
                  period: float = 1.0):
         super().__init__(daemon=True)
         self.url, self.poll, self.stop_event, self.period = url, poll, stop, period
@@ -301,7 +317,7 @@ def render(result: dict) -> str:
     lines = [HEADING, "",
              "The real app (`app.py` on 127.0.0.1) trains a textual-inversion embedding on the "
              "tiny model (64 px) while browser-like clients poll the Train tab's progress once a "
-             "second, each in its own session, through gradio's queue (`bench/load_test.py`).",
+             "second, each in its own session, as the page does (`bench/load_test.py`).",
              "", SUBHEADING.format(clients=r["clients"]), "",
              "| | value |", "|---|---|",
              f"| clients × duration | {r['clients']} × {r['seconds']:.0f} s "
@@ -327,9 +343,7 @@ def render(result: dict) -> str:
     lines += [f"Target (training speed within a few percent, -5 % at most): "
               f"**{'met' if met else 'not met'}**. Each poll costs the app about "
               f"{_f(poll_cpu_ms(r), 2, ' ms')} of CPU, in the same process as training and "
-              "under the same GIL: the Train tab's poll handler itself takes a few ms (UI "
-              "overhead above), the rest is gradio's queue, HTTP, event stream and session "
-              "state per event.", ""]
+              "under the same GIL.", ""]
     if r["load_average"][0] > r["cpus"]:
         lines += [f"The machine was oversubscribed during this run (load average "
                   f"{r['load_average'][0]:.1f} on {r['cpus']} CPUs, from other work): the app "

@@ -263,3 +263,40 @@ def test_concurrent_submits_to_the_runner_start_one_job(tmp_path):
     assert len(started) == 1 and len(refused) == 15
     release.set()
     assert runner.wait(started[0], 30)
+
+
+def test_the_train_tabs_direct_poll_needs_the_login_and_keeps_the_page_state(shared_app):
+    """The timer polls skip gradio's queue (queue=False): a browser POSTs them to
+    /gradio_api/run/<name>. The gate refuses that to a visitor; a member gets the status, and
+    the session's Watch state makes a second poll with nothing new skip every output."""
+    app, runner, url, data = shared_app
+    with httpx.Client(base_url=url, timeout=30) as member:
+        assert member.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+        config = member.get("/config").json()
+        components = {c["id"]: c for c in config["components"]}
+        polls = [d for d in config["dependencies"]
+                 if any(t[1] == "tick" for t in d.get("targets", []))]
+        assert len(polls) == 3 and all(d["queue"] is False for d in polls), polls
+        train = next(d for d in polls if any(components[i]["props"].get("elem_id") ==
+                                             "train-status" for i in d["outputs"]))
+        route = "/gradio_api/run/" + train["api_name"]
+        body = {"data": [None] * len(train["inputs"]), "event_data": None,
+                "fn_index": train["id"], "trigger_id": train["targets"][0][0],
+                "session_hash": "member-page"}
+        with httpx.Client(base_url=url, timeout=10) as visitor:
+            refused = visitor.post(route, json=body)
+            assert refused.status_code == 401 and "Not authenticated" in refused.text
+        job = runner.latest("train")
+        if job is None:  # this test alone: run a short job first
+            assert member.post("/gradio_api/run/start", json={
+                "data": start_request(config)["data"]}).status_code == 200
+            job = runner.latest("train")
+        assert runner.wait(job, 120), job.snapshot()  # ended (done, or failed: a name reused)
+        first = member.post(route, json=body)
+        assert first.status_code == 200, first.text
+        status = first.json()["data"][0]
+        assert job.name in str(status) and f"— {job.state}" in str(status), status
+        again = member.post(route, json=body)  # same page, nothing new: every output skipped
+        assert again.status_code == 200, again.text
+        assert all(isinstance(v, dict) and v.get("__type__") == "update" and "value" not in v
+                   for v in again.json()["data"][:4]), again.json()["data"]

@@ -6,10 +6,11 @@ import gradio as gr
 from core.jobs import JobRunner
 from core.paths import Paths
 from webui import tab_checkpoints, tab_create, tab_preprocess, tab_train
+from webui.blocks import Blocks
 
 
 def build_app(paths: Paths, runner: JobRunner) -> gr.Blocks:
-    with gr.Blocks(title="Danlu") as app:
+    with Blocks(title="Danlu") as app:
         gr.Markdown("# 丹炉 Danlu\nTrain Stable Diffusion embeddings, hypernetworks, LoRA and DreamBooth on your own machine.")
         with gr.Tabs() as tabs:
             created = tab_create.build(paths)

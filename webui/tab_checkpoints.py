@@ -252,7 +252,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                   [compare_status, compare_job])
     stop.click(stop_compare, compare_job, compare_status)
     resume.click(resume_run, shown, resume_message)
-    timer.tick(tick, [shown, compare_job, pick, seen], tick_outputs, show_progress="hidden")
+    timer.tick(tick, [shown, compare_job, pick, seen], tick_outputs, show_progress="hidden",
+               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
 
     def restore():
         """A fresh page: the history as it is now, and the last comparison's job."""

@@ -466,7 +466,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     start_button.click(start, inputs, message)
     enqueue.click(add_to_queue, inputs, message)
     interrupt.click(stop, None, message)
-    timer.tick(poll, seen, [status, gallery, summary, seen], show_progress="hidden")
+    timer.tick(poll, seen, [status, gallery, summary, seen], show_progress="hidden",
+               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
     controls["captioners"].change(show_captioner_options, controls["captioners"],
                                   list(captioner_groups.values()))
     gr.on(None, restore_form, None, inputs + list(captioner_groups.values()))

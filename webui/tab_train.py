@@ -145,8 +145,11 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return error_text(error)
         return estimate_for(cfg, paths).text()
 
-    def poll(watch: live.Watch):
-        """The timer's tick: only what changed, and only the loss points this page lacks."""
+    async def poll(watch: live.Watch):
+        """The timer's tick: only what changed, and only the loss points this page lacks. A
+        coroutine, so gradio runs it on its event loop (it takes well under a millisecond when
+        nothing changed) instead of handing each of many pages' polls to a worker thread that
+        fights the training thread for the GIL."""
         changed = live.refresh(runner, watch)
         return (changed.get("status", gr.skip()),
                 changed["plot"] if "plot" in changed else gr.skip(),
@@ -188,7 +191,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     interrupt.click(stop, None, message)
     export.click(export_toml, [method] + all_inputs, [message, exported])
     memory.click(estimate_memory, [method] + all_inputs, message)
-    timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden")
+    timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden",
+               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
     quiet = {"show_progress": "hidden"}
     enqueue.click(add_to_queue, [method, processes] + all_inputs, [message, queue_view], **quiet)
     up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view], **quiet)
