@@ -8,6 +8,7 @@ name (with any model suffix, since A1111 lists them by name) is never replaced u
 caller says so; without that, a file that appears during the copy is not replaced either."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -48,40 +49,171 @@ def existing_files(paths: Paths, method: str, name: str) -> list[Path]:
     return [folder / f"{name.strip()}{s}" for s in suffixes if (folder / f"{name.strip()}{s}").exists()]
 
 
+EMBEDDING_METHODS = ("textual_inversion", "apt")
+NEGATIVE_SUFFIX = "-neg"  # an APT embedding's partner (trainers/methods/apt.py)
+
+
 def use_checkpoint(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,
                    overwrite: bool = False) -> Path:
-    """Copy `checkpoint` of `run` to its final folder as `<name><suffix>`; returns the new path.
+    """Copy `checkpoint` of `run` to its final folder as `<name><suffix>`; returns the new path
+    (see use_checkpoint_files)."""
+    return use_checkpoint_files(paths, run, checkpoint, name, overwrite)[0]
 
-    Raises ConfigError for a bad name, CheckpointExists when the name is taken and `overwrite`
-    is False, FileNotFoundError when the checkpoint file is gone."""
+
+def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,
+                         overwrite: bool = False) -> list[Path]:
+    """Copy `checkpoint` of `run` to its final folder as `<name><suffix>`; returns the new
+    paths. An APT checkpoint is a pair: `<name>.pt` and `<name>-neg.pt` appear together or not at all.
+    Embeddings get `name` as their stored name too (A1111 saves the file's name in it).
+
+    Raises ConfigError for a bad name, CheckpointExists when a name is taken and `overwrite`
+    is False, FileNotFoundError when a checkpoint file is gone."""
     problems = check_name("name", name)
+    if not problems and run.method == "apt" and name.strip().endswith(NEGATIVE_SUFFIX):
+        problems = [f"name: an APT checkpoint is a pair (<name> and <name>{NEGATIVE_SUFFIX}); "
+                    f"give the positive name, without '{NEGATIVE_SUFFIX}'"]
     if problems:
         raise ConfigError(problems)
     if checkpoint not in run.checkpoints:
         raise ValueError(f"step {checkpoint.step} is not a checkpoint of run {run.id}")
-    source = checkpoint.path
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is gone (deleted, or pruned by 'keep last N')")
-    target = destination(paths, run.method, name, source.suffix)
-    if target.resolve() == source.resolve():
-        raise CheckpointExists(f"name: {target.name} is this checkpoint itself; pick another name")
-    taken = existing_files(paths, run.method, name)
+    name = name.strip()
+    names = [name] + [name + NEGATIVE_SUFFIX for _ in checkpoint.partners]
+    sources = [checkpoint.path, *checkpoint.partners]
+    for source in sources:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is gone (deleted, or pruned by 'keep last N'); "
+                                    "nothing was copied")
+    targets = [destination(paths, run.method, n, s.suffix) for n, s in zip(names, sources)]
+    for source, target in zip(sources, targets):
+        if target.resolve() == source.resolve():
+            raise CheckpointExists(f"name: {target.name} is this checkpoint itself; pick "
+                                   "another name")
+    taken = [p for n in names for p in existing_files(paths, run.method, n)]
     if taken and not overwrite:
         listed = ", ".join(p.name for p in taken)
-        raise CheckpointExists(f"name: {listed} already exists in {target.parent}; tick "
-                               "'Overwrite' to replace it, or pick another name")
-    copy_atomic(source, target, overwrite=overwrite)
-    sidecar = source.with_name(source.name + SIDECAR)
+        raise CheckpointExists(f"name: {listed} already exists in {targets[0].parent}; tick "
+                               "'Overwrite' to replace "
+                               f"{'them' if len(taken) > 1 else 'it'}, or pick another name")
+    rename = run.method in EMBEDDING_METHODS
+    staged = [_stage(source, target, n if rename else None)
+              for source, target, n in zip(sources, targets, names)]
+    _commit(staged, targets, overwrite)
+    main, target = sources[0], targets[0]
+    sidecar = main.with_name(main.name + SIDECAR)
     target_sidecar = target.with_name(target.name + SIDECAR)
     if checkpoint.final and sidecar.is_file():
         copy_atomic(sidecar, target_sidecar, overwrite=True)  # so training can continue from it
     else:
         target_sidecar.unlink(missing_ok=True)  # the old file's optimizer state does not fit
     for other in taken:
-        if other != target:  # overwrite was confirmed; two files of one name clash in A1111
+        if other not in targets:  # overwrite was confirmed; two files of one name clash in A1111
             other.unlink(missing_ok=True)
             other.with_name(other.name + SIDECAR).unlink(missing_ok=True)
-    return target
+    for partner in targets[1:]:
+        partner.with_name(partner.name + SIDECAR).unlink(missing_ok=True)
+    return targets
+
+
+def _stage(source: Path, target: Path, rename: str | None) -> Path:
+    """A complete, flushed hidden copy of `source` beside `target` (with the embedding's stored
+    name set to `rename`, where the format keeps one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temp = Path(temp_name)
+    try:
+        payload = _renamed_embedding(source, rename) if rename else None
+        with os.fdopen(fd, "wb") as out:
+            if payload is not None:
+                out.write(payload)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                if out.tell() != source.stat().st_size:
+                    raise OSError(f"copying {source.name} wrote {out.tell()} of "
+                                  f"{source.stat().st_size} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o666 & ~_umask())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def _renamed_embedding(source: Path, name: str) -> bytes | None:
+    """The file's bytes with its stored name replaced by `name`, or None when it stores no name
+    (SDXL pairs, kohya files without metadata) and a plain copy is right."""
+    import io
+
+    import torch
+
+    from trainers.formats.embedding import TORCH_SUFFIXES
+    from trainers.formats.safe_load import check_plain, safe_torch_load
+    suffix = source.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        data = safe_torch_load(source)
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return None
+        data = dict(data, name=name)
+        check_plain(data, source.name)
+        buffer = io.BytesIO()  # the legacy format, as Danlu writes .pt files (A1111 needs it)
+        torch.save(data, buffer, _use_new_zipfile_serialization=False)
+        return buffer.getvalue()
+    if suffix == ".safetensors":
+        import safetensors
+        import safetensors.torch
+        with safetensors.safe_open(source, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            if "name" not in metadata:
+                return None
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        return safetensors.torch.save(tensors, metadata=dict(metadata, name=name))
+    return None
+
+
+def _commit(staged: list[Path], targets: list[Path], overwrite: bool) -> None:
+    """Give each staged file its target name: all of them or (after an error) none. Without
+    `overwrite` no existing file is replaced; with it, a replaced file comes back if a later
+    one fails."""
+    done: list[tuple[Path, Path | None]] = []  # (target, backup of what it replaced)
+    try:
+        for temp, target in zip(staged, targets):
+            if overwrite:
+                backup = _backup(target)
+                done.append((target, backup))
+                os.replace(temp, target)
+            else:
+                _link_new(temp, target)
+                done.append((target, None))
+    except BaseException:
+        for target, backup in reversed(done):
+            with contextlib.suppress(OSError):  # undo as much as can be undone
+                if backup is not None:
+                    os.replace(backup, target)
+                    backup.unlink(missing_ok=True)  # rename between two links of one file is a no-op
+                else:
+                    target.unlink(missing_ok=True)
+        for temp in staged:
+            temp.unlink(missing_ok=True)
+        raise
+    for _, backup in done:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+    _fsync_dir(targets[0].parent)
+
+
+def _backup(target: Path) -> Path | None:
+    """A hidden second name for an existing `target` (it stays in place), or None."""
+    if not target.exists():
+        return None
+    backup = target.with_name(f".{target.name}.{os.getpid()}.backup")
+    backup.unlink(missing_ok=True)
+    try:
+        os.link(target, backup)
+    except OSError:  # no hard links here
+        shutil.copy2(target, backup)
+    return backup
 
 
 def copy_atomic(source: Path, target: Path, overwrite: bool = False) -> None:

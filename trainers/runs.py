@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 from core.paths import Paths
 
-COPY_FOLDERS = ("embeddings", "hypernetworks", "checkpoints")
+COPY_FOLDERS = ("embeddings", "hypernetworks", "checkpoints", "xti")
 CSV_NAMES = ("textual_inversion_loss.csv", "hypernetwork_loss.csv", "loss.csv")
 MODEL_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt")
 FINAL_KEYS = ("embedding", "hypernetwork", "output", "final")
@@ -71,6 +71,7 @@ class Checkpoint:
     preview_step: int | None = None  # step of `previews` (an earlier one when none at `step`)
     size: int = 0
     modified: float = 0.0
+    partners: tuple[Path, ...] = ()  # files saved with it that belong to it (APT: the '-neg')
 
     @property
     def key(self) -> str:
@@ -418,6 +419,9 @@ def _finish(run: Run, is_running: bool) -> None:
     if owns and _final_is_ours(run, is_running) and run.final_step not in steps:
         checkpoints.append(Checkpoint(step=run.final_step, path=run.final_path, final=True))
     checkpoints.sort(key=lambda c: (c.step, c.final))
+    if run.method == "apt":
+        for checkpoint in checkpoints:
+            checkpoint.partners = (apt_negative_file(run, checkpoint),)
     if run.target_steps is None:
         run.target_steps = _steps_from_metadata([c.path for c in checkpoints] +
                                                 ([run.final_path] if owns else []))
@@ -445,6 +449,21 @@ def _finish(run: Run, is_running: bool) -> None:
     run.checkpoints = checkpoints
     _times(run, is_running)
     run.status, run.status_note = _status(run, is_running, owns)
+
+
+def apt_negative_file(run: Run, checkpoint: Checkpoint) -> Path:
+    """The '-neg' embedding an APT run saved with this checkpoint (it may be gone): beside a
+    periodic copy `<name>-<step>.pt` it is `<name>-neg-<step>.pt`; beside the final file, the
+    one the settings name (only its file name is trusted), else `<stem>-neg<suffix>`."""
+    path = checkpoint.path
+    if not checkpoint.final:
+        return path.with_name(f"{run.name}-neg-{checkpoint.step}{path.suffix}")
+    named = run.settings.get("negative_embedding")
+    if isinstance(named, str) and named.strip():
+        candidate = path.with_name(Path(named).name)
+        if candidate.is_file():
+            return candidate
+    return path.with_name(f"{path.stem}-neg{path.suffix}")
 
 
 def _final_is_ours(run: Run, is_running: bool) -> bool:

@@ -157,15 +157,20 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                 f"{run.name}-{checkpoint.step}", key, "")
 
     def use_checkpoint(run_id, key, name, overwrite):
-        from trainers.checkpoint_use import use_checkpoint as copy
+        from trainers.checkpoint_use import use_checkpoint_files as copy
         run = _load(paths, runner, run_id)
         checkpoint = run.checkpoint(key) if run is not None and key else None
         if checkpoint is None:
             return "**Error:** click a checkpoint card first.", gr.skip()
         try:
-            target = copy(paths, run, checkpoint, name or "", overwrite=bool(overwrite))
+            targets = copy(paths, run, checkpoint, name or "", overwrite=bool(overwrite))
         except (ConfigError, OSError, ValueError) as error:
             return error_text(error), gr.skip()
+        target = targets[0]
+        if len(targets) > 1:  # APT: the prompt's embedding and the negative prompt's
+            return (f"Copied {checkpoint.label} to `{target}` and `{targets[1]}`. Use "
+                    f"**{target.stem}** in the prompt and **{targets[1].stem}** in the "
+                    "negative prompt.", False)
         return (f"Copied {checkpoint.label} to `{target}`. It is listed under "
                 f"`{target.parent.name}/` as **{target.stem}**.", False)
 
@@ -470,7 +475,8 @@ def _details(run: rn.Run, checkpoint: rn.Checkpoint) -> str:
     return (f"**{checkpoint.label}** of {run.name} · {loss}{preview}\n\n"
             f"`{checkpoint.path}` · {size} · saved {_when(checkpoint.modified)}\n\n"
             f"*Use this checkpoint* copies it to `{rn.final_folder_name(run.method)}/` "
-            "under the name below.")
+            "under the name below" + (" (with its `-neg` partner as `<name>-neg`)."
+                                      if checkpoint.partners else "."))
 
 
 def _settings_toml(run: rn.Run) -> str:
