@@ -14,7 +14,6 @@ a later run continued the file; *failed* when the final file lags behind the log
 without its final save) or a session logged no step at all; *running* when the page says so."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core.paths import Paths
+from trainers.loss_log import read_losses
 
 COPY_FOLDERS = ("embeddings", "hypernetworks", "checkpoints", "xti")
 CSV_NAMES = ("textual_inversion_loss.csv", "hypernetwork_loss.csv", "loss.csv")
@@ -256,7 +256,7 @@ def _read_run(folder: Path, root: Path, paths: Paths) -> Run | None:
     settings = sessions[-1].settings
     method = str(settings.get("method") or _guess_method(folder))
     csv_path = next((folder / n for n in CSV_NAMES if (folder / n).is_file()), None)
-    losses = _read_losses(csv_path) if csv_path else []
+    losses = read_losses(csv_path) if csv_path else []
     run = Run(id=folder.relative_to(root).as_posix(), root=folder, name=folder.name,
               method=method, sessions=sessions, losses=losses)
     run.final_path = _final_path(settings, method, folder.name, paths)
@@ -307,42 +307,6 @@ def final_folder(paths: Paths, method: str) -> Path:
 
 
 # ---- the loss log ----------------------------------------------------------------------------
-_csv_cache: dict[Path, tuple[tuple[int, int], list]] = {}
-_cache_lock = threading.Lock()
-
-
-def _read_losses(path: Path) -> list[tuple[int, float, float]]:
-    """(step, loss, learn rate) rows. A run that was started over in the same folder restarts
-    its step count; only the rows of the newest start are kept."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return []
-    key = (stat.st_size, stat.st_mtime_ns)
-    with _cache_lock:
-        cached = _csv_cache.get(path)
-        if cached and cached[0] == key:
-            return cached[1]
-    rows: list[tuple[int, float, float]] = []
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            for record in csv.DictReader(handle):
-                try:
-                    step = int(record["step"])
-                    loss = float(record["loss"])
-                    rate = float(record.get("learn_rate") or "nan")
-                except (KeyError, TypeError, ValueError):
-                    continue  # a half-written last line
-                if rows and step <= rows[-1][0]:
-                    rows = [r for r in rows if r[0] < step]
-                rows.append((step, loss, rate))
-    except OSError:
-        return []
-    with _cache_lock:
-        _csv_cache[path] = (key, rows)
-    return rows
-
-
 def loss_around(losses: list[tuple[int, float, float]], step: int, half: int
                 ) -> tuple[float | None, tuple[int, int] | None]:
     """Mean loss of the logged steps within `half` steps of `step`."""
@@ -538,6 +502,7 @@ def _steps_from_metadata(files: list[Path]) -> int | None:
 
 # ---- reading a step count without torch ---------------------------------------------------------
 _step_cache: dict[Path, tuple[tuple[int, int], int | None]] = {}
+_cache_lock = threading.Lock()
 
 
 def file_step(path: Path) -> int | None:
