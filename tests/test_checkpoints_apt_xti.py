@@ -154,3 +154,46 @@ def test_use_refuses_a_pair_with_a_missing_partner_or_a_neg_name(trained):
         assert not list(trained.embeddings.glob("lonely*"))
     finally:
         partner.write_bytes(saved)
+
+
+def cells(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_compare_renders_apt_pairs_with_the_negative_in_the_negative_prompt(trained, tmp_path):
+    from trainers.compare import CompareSpec, render_grid, spec_for_run
+    apt = by_method(trained)["apt"]
+    spec = spec_for_run(apt, ["1", "3-final"], "1", "a photo of zxq", "3", steps=2)
+    assert spec.columns() == [("a photo of zxq", "a photo of zxq-neg", 3)]
+    assert spec_for_run(apt, ["1"], "1", "zxq --n blurry", "3").columns()[0][1] == "zxq-neg, blurry"
+    assert spec_for_run(apt, ["1"], "1", "zxq --n zxq-neg", "3").columns()[0][1] == "zxq-neg"
+    result = render_grid(spec, trained, cache_dir=tmp_path / "grid")
+    assert result.row_labels == ["step 1", "step 3 (final)"] and result.rendered == 2
+    rendered = cells(tmp_path / "grid")
+    assert len({c.tobytes() for c in rendered.values()}) == 2  # the checkpoints differ
+
+    # the '-neg' embedding is used: another negative alone changes the image (and the cache key)
+    other = tmp_path / "other-neg.pt"
+    save_embedding(other, EmbeddingFile(name="zxq-neg", vectors=torch.randn(2, 32), step=1))
+    swapped = CompareSpec(**{**spec.__dict__, "checkpoints": spec.checkpoints[:1],
+                             "partners": [[str(other)]]}).validate()
+    render_grid(swapped, trained, cache_dir=tmp_path / "grid")
+    after = cells(tmp_path / "grid")
+    assert len(after) == 3 and len({c.tobytes() for c in after.values()}) == 3
+
+    with pytest.raises(ConfigError, match="needs its '-neg' embedding"):
+        CompareSpec(**{**spec.__dict__, "partners": []}).validate()
+
+
+def test_compare_renders_xti_checkpoints_per_layer(trained, tmp_path):
+    from trainers.compare import render_grid, spec_for_run
+    from trainers.models import load_model
+    xti = by_method(trained)["xti"]
+    assert [(c.step, c.final) for c in xti.checkpoints] == [(1, False), (2, True)]
+    spec = spec_for_run(xti, ["1", "2-final"], "1", "a photo of xtok", "3, 4", steps=2)
+    result = render_grid(spec, trained, cache_dir=tmp_path / "grid")
+    assert result.rendered == 4
+    rendered = list(cells(tmp_path / "grid").values())
+    assert len({c.tobytes() for c in rendered}) == 4
+    unet = load_model(trained, "tiny-demo").unet
+    assert not any(m._forward_pre_hooks for m in unet.modules())  # the per-layer hooks are gone

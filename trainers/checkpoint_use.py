@@ -17,6 +17,7 @@ from pathlib import Path
 from core.atomic import _fsync_dir, _umask
 from core.config import ConfigError
 from core.paths import Paths
+from trainers.apt_prompts import NEGATIVE_SUFFIX
 from trainers.configs import check_name
 from trainers.runs import Checkpoint, Run, final_folder
 
@@ -50,7 +51,6 @@ def existing_files(paths: Paths, method: str, name: str) -> list[Path]:
 
 
 EMBEDDING_METHODS = ("textual_inversion", "apt")
-NEGATIVE_SUFFIX = "-neg"  # an APT embedding's partner (trainers/methods/apt.py)
 
 
 def use_checkpoint(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,

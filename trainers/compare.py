@@ -23,19 +23,21 @@ from core import events as ev
 from core.atomic import atomic_write
 from core.config import ConfigError
 from core.paths import Paths
+from trainers.apt_prompts import negative_name, pair_negative
 from trainers.configs import SAMPLERS
 
 CACHE_VERSION = 1
 MAX_CELLS = 400
 STRENGTH_METHODS = ("lora", "hypernetwork")
-SUPPORTED = ("textual_inversion", "hypernetwork", "lora", "dreambooth", "fine_tune")
+SUPPORTED = ("textual_inversion", "apt", "xti", "hypernetwork", "lora", "dreambooth", "fine_tune")
+TOKEN_METHODS = ("textual_inversion", "apt", "xti")  # prompts name the embedding
 FULL_MODEL_METHODS = ("dreambooth", "fine_tune")  # their checkpoints are whole models
 FLAG = re.compile(r"\s--([a-z]+)\s+")
 
 
 @dataclass
 class CompareSpec:
-    method: str  # textual_inversion | hypernetwork | lora | dreambooth
+    method: str  # one of SUPPORTED
     model: str  # the base model, as the run named it (DreamBooth checkpoints are models)
     token: str  # the word an embedding stands for in prompts (the run's name)
     checkpoints: list[tuple[str, str]]  # (row label, file)
@@ -50,6 +52,7 @@ class CompareSpec:
     height: int = 512
     clip_skip: int = 1
     title: str = ""
+    partners: list[list[str]] = field(default_factory=list)  # per checkpoint (APT: its '-neg')
 
     @property
     def uses_strength(self) -> bool:
@@ -61,12 +64,18 @@ class CompareSpec:
                 for strength in strengths]
 
     def columns(self) -> list[tuple[str, str, int]]:
-        """(prompt, negative, seed) per column; a prompt line may carry `--n negative`."""
+        """(prompt, negative, seed) per column; a prompt line may carry `--n negative`. APT:
+        the '-neg' embedding joins the negative prompt, as in its training previews."""
         out = []
         for line in self.prompts:
             prompt, negative = split_prompt(line, self.negative)
+            if self.method == "apt":
+                negative = pair_negative(prompt, self.token, negative)
             out += [(prompt, negative, seed) for seed in self.seeds]
         return out
+
+    def partner_files(self, index: int) -> list[str]:
+        return list(self.partners[index]) if index < len(self.partners) else []
 
     def row_labels(self) -> list[str]:
         labels = []
@@ -84,6 +93,9 @@ class CompareSpec:
             problems.append(f"method: comparing {self.method} checkpoints is not supported yet")
         if not self.checkpoints:
             problems.append("checkpoints: choose at least one checkpoint")
+        if self.method == "apt" and (len(self.partners) != len(self.checkpoints)
+                                     or any(len(p) != 1 for p in self.partners)):
+            problems.append("checkpoints: each APT checkpoint needs its '-neg' embedding")
         if not self.prompts:
             problems.append("prompts: give at least one prompt")
         if not self.seeds:
@@ -173,7 +185,7 @@ def default_prompt(run) -> str:
         parts = FLAG.split(" " + line + " ")
         negative = dict(zip(parts[1::2], (p.strip() for p in parts[2::2]))).get("n")
         return parts[0].strip() + (f" --n {negative}" if negative else "")
-    return run.name if run.method == "textual_inversion" else f"a photo of {run.name}"
+    return run.name if run.method in TOKEN_METHODS else f"a photo of {run.name}"
 
 
 def preview_defaults(run) -> dict:
@@ -201,6 +213,7 @@ def spec_for_run(run, keys: list[str], strengths: str, prompts: str, seeds: str,
     spec = CompareSpec(
         method=run.method, model=run.model, token=run.name,
         checkpoints=[(c.label, str(c.path)) for c in chosen],
+        partners=[[str(p) for p in c.partners] for c in chosen],
         prompts=parse_prompts(prompts), seeds=parse_numbers(seeds, "seeds", int),
         strengths=parse_numbers(strengths, "strengths") if run.method in STRENGTH_METHODS
         else [1.0],
@@ -250,7 +263,7 @@ def cell_key(spec: CompareSpec, model_id: str, checkpoint_hash: str, strength: f
     parts = [CACHE_VERSION, model_id, spec.method, checkpoint_hash,
              None if strength is None else float(strength), prompt, negative, int(seed),
              spec.steps, float(spec.cfg), spec.width, spec.height, spec.sampler, spec.clip_skip,
-             spec.token if spec.method == "textual_inversion" else ""]
+             spec.token if spec.method in TOKEN_METHODS else ""]
     return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
 
@@ -272,7 +285,8 @@ def render_grid(spec: CompareSpec, paths: Paths, ctx=None, cache_dir: Path | Non
     cache.mkdir(parents=True, exist_ok=True)
     emit = ctx.emit if ctx is not None else (lambda event: None)
     emit(ev.Status("Hashing checkpoints"))
-    hashes = [file_hash(path) for _, path in spec.checkpoints]
+    hashes = ["+".join(file_hash(p) for p in [path, *spec.partner_files(index)])
+              for index, (_, path) in enumerate(spec.checkpoints)]
     model_id = model_identity(paths, spec.model)
     rows, columns = spec.rows(), spec.columns()
     keys = {(r, c): cell_key(spec, model_id, hashes[rows[r][0]], rows[r][1], *columns[c])
@@ -318,7 +332,8 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
     for index, cells in sorted(by_checkpoint.items()):
         label, path = spec.checkpoints[index]
         emit(ev.Status(f"Rendering {label}"))
-        with _applied(spec, paths, base, Path(path)) as (model, set_strength, encoder):
+        partners = [Path(p) for p in spec.partner_files(index)]
+        with _applied(spec, paths, base, Path(path), partners) as (model, set_strength, encoder):
             for r, c in sorted(cells):
                 if ctx is not None and ctx.should_stop():
                     emit(ev.Status(f"Stopped after {done} of {total} images"))
@@ -339,25 +354,37 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
 
 
 @contextlib.contextmanager
-def _applied(spec: CompareSpec, paths: Paths, model, path: Path):
+def _applied(spec: CompareSpec, paths: Paths, model, path: Path, partners: list[Path] = ()):
     """Yield (model, set_strength, prompt encoder) with the checkpoint applied to the cached
-    base model (which is as before afterwards), or a DreamBooth checkpoint loaded as a model."""
+    base model (which is as before afterwards), or a DreamBooth checkpoint loaded as a model.
+    `partners` are the files that go with it (APT: the '-neg' embedding)."""
     from trainers.conditioning import prompt_encoder
 
     if spec.method in FULL_MODEL_METHODS:
         from trainers.models import load_model
         own = load_model(paths, str(path), exclusive=True)  # not cached: one per checkpoint
         yield own, (lambda strength: None), prompt_encoder(own, clip_skip=spec.clip_skip)
-    elif spec.method == "textual_inversion":
-        from trainers.formats.embedding import load_embedding
-        vectors = load_embedding(path).vectors
-        if isinstance(vectors, dict) != model.is_sdxl:
-            raise ValueError(f"{path.name} is {'an SDXL' if isinstance(vectors, dict) else 'an SD 1.x/2.x'} "
-                             f"embedding; the base model is {'SDXL' if model.is_sdxl else 'not SDXL'}")
-        vectors = ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
-                   else vectors.float())
-        encoder = prompt_encoder(model, {spec.token: vectors}, clip_skip=spec.clip_skip)
+    elif spec.method in ("textual_inversion", "apt"):
+        embeddings = {spec.token: _embedding_vectors(path, model)}
+        if spec.method == "apt":
+            if len(partners) != 1 or not partners[0].is_file():
+                raise FileNotFoundError(f"{path.name}: its '-neg' embedding "
+                                        f"{partners[0].name if partners else ''} is gone")
+            embeddings[negative_name(spec.token)] = _embedding_vectors(partners[0], model)
+        encoder = prompt_encoder(model, embeddings, clip_skip=spec.clip_skip)
         yield model, (lambda strength: None), encoder
+    elif spec.method == "xti":
+        from trainers.formats.xti import load_xti
+        from trainers.xti_layers import XtiEncoder, layer_names, per_layer
+        layers = load_xti(path).layers
+        expected = layer_names(model.unet) if not model.is_sdxl else []
+        if list(layers) != expected:
+            raise ValueError(f"{path.name} has layers {', '.join(layers)}; {spec.model} has "
+                             f"{', '.join(expected) or 'no XTI layers (SDXL)'}")
+        encoder = XtiEncoder(prompt_encoder(model, clip_skip=spec.clip_skip), spec.token,
+                             {k: v.float().to(model.unet.device) for k, v in layers.items()})
+        with per_layer(model.unet):  # as XTI's training previews: each layer its own vectors
+            yield model, (lambda strength: None), encoder
     elif spec.method == "hypernetwork":
         from trainers.formats.hypernetwork import load_hypernetwork
         from trainers.hypernetwork_attention import applied
@@ -386,6 +413,16 @@ def _applied(spec: CompareSpec, paths: Paths, model, path: Path):
             network.remove()
     else:
         raise ValueError(f"comparing {spec.method} checkpoints is not supported")
+
+
+def _embedding_vectors(path: Path, model):
+    from trainers.formats.embedding import load_embedding
+    vectors = load_embedding(path).vectors
+    if isinstance(vectors, dict) != model.is_sdxl:
+        raise ValueError(f"{path.name} is {'an SDXL' if isinstance(vectors, dict) else 'an SD 1.x/2.x'} "
+                         f"embedding; the base model is {'SDXL' if model.is_sdxl else 'not SDXL'}")
+    return ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
+            else vectors.float())
 
 
 def spec_from_state(state):

@@ -518,7 +518,8 @@ def file_step(path: Path) -> int | None:
             return cached[1]
     if path.suffix.lower() == ".safetensors":
         meta = safetensors_metadata(path)
-        value = meta.get("ss_steps", meta.get("danlu.steps", meta.get("step")))
+        value = next((meta[k] for k in ("ss_steps", "danlu.steps", "danlu.step", "step")
+                      if k in meta), None)  # kohya, DreamBooth, XTI, embeddings
     else:
         value = pickled_fields(path, ("step",)).get("step")
     try:

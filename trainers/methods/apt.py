@@ -7,7 +7,6 @@ ordinary embeddings."""
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from core import events as ev
 from trainers import seeds
 from trainers import template_training as tt
+from trainers.apt_prompts import negative_name, negative_prompt, pair_negative
 from trainers.configs import AptConfig
 from trainers.embeddings import find_embedding
 from trainers.formats.embedding import EmbeddingFile, embedding_checksum, save_embedding
@@ -26,18 +26,6 @@ from trainers.methods.textual_inversion import load_trainable
 from trainers.prompts import PromptEncoder
 from trainers.sampling import PreviewSettings
 from trainers.step import Guided
-
-NEGATIVE_SUFFIX = "-neg"
-
-
-def negative_name(name: str) -> str:
-    return name + NEGATIVE_SUFFIX
-
-
-def negative_prompt(text: str, name: str) -> str:
-    """The caption with the embedding's name swapped for its negative partner."""
-    return re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", negative_name(name), text)
-
 
 def run(cfg: AptConfig, ctx) -> Path:
     model, dataset, template_lines = tt.prepare(cfg, ctx, keep_pixels=cfg.reconstruction_weight > 0)
@@ -167,11 +155,7 @@ def _previews(cfg: AptConfig, name: str):
     with '<name>-neg' (DreamArtist's previews), plus any negative prompt given."""
     def settings(step: int, texts: list[str]) -> list[PreviewSettings]:
         prompt = cfg.preview_prompt or (texts[0] if texts else name)
-        negative = negative_prompt(prompt, name)
-        if negative == prompt:  # a preview prompt without the name: use the pair as it is
-            negative = negative_name(name)
-        if cfg.preview_negative.strip():
-            negative = f"{negative}, {cfg.preview_negative.strip()}"
+        negative = pair_negative(prompt, name, cfg.preview_negative)
         return [PreviewSettings(prompt=prompt, negative=negative, seed=cfg.preview_seed,
                                 steps=cfg.preview_steps, cfg=cfg.preview_cfg,
                                 sampler=cfg.preview_sampler, width=cfg.width, height=cfg.height)]
