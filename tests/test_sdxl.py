@@ -276,3 +276,47 @@ def test_sdxl_hypernetwork_trains_previews_with_the_sdxl_pipeline_and_changes_th
     with pytest.raises(TrainingError, match="hn32.*80"):
         run(HypernetworkTrainingConfig(**{**cfg.__dict__, "hypernetwork": "hn32"}).validate(),
             RecordingContext(family_paths))
+
+
+def test_lora_extracted_from_an_sdxl_dreambooth_run_loads_and_approximates_it(family_paths, pictures):
+    """Both text encoders and the U-Net, kohya's SDXL names and metadata; diffusers' SDXL
+    pipeline loads it and moves toward the fine-tuned output."""
+    from diffusers import StableDiffusionXLPipeline
+    from trainers.configs import DreamBoothConfig, ExtractLoraConfig
+    from trainers.extract_lora import run as extract
+    from trainers.formats.lora import load_lora
+    from trainers.lora_network import lora_names
+    from trainers.methods.dreambooth import run
+    run(DreamBoothConfig(model=SDXL, output_name="dbx", train_data_dir=str(pictures),
+                         instance_prompt="a photo of zxq cat", max_train_steps=4, learning_rate=3e-3,
+                         sample_at_first=False, save_precision="fp32", seed=3,
+                         train_text_encoder=True, **KOHYA).validate(), RecordingContext(family_paths))
+    path = extract(ExtractLoraConfig(checkpoint="dbx.safetensors", model=SDXL, output_name="fromdbx",
+                                     rank=64, conv_rank=64, save_precision="fp32").validate(),
+                   RecordingContext(family_paths))
+    state, meta = load_lora(path)
+    names = lora_names(state)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.resolution"] == "1024x1024"
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k" in names
+    assert not any("down_blocks" in n or "text_projection" in n for n in names)
+
+    def picture(pipe):
+        return image(pipe, "a photo of zxq cat")
+    base = sdxl_pipeline(family_paths.cache / SDXL)
+    tuned = StableDiffusionXLPipeline.from_single_file(
+        str(family_paths.stable_diffusion / "dbx.safetensors"), config=str(family_paths.cache / SDXL),
+        local_files_only=True)
+    tuned.set_progress_bar_config(disable=True)
+    base_image, tuned_image = picture(base), picture(tuned)
+    base.load_lora_weights(str(path))
+    adapted = [m for m in base.unet.modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert len(adapted) == sum(n.startswith("lora_unet_") for n in names)  # every U-Net key found
+    for encoder, prefix in ((base.text_encoder, "lora_te1_"), (base.text_encoder_2, "lora_te2_")):
+        found = [m for m in encoder.modules() if hasattr(m, "lora_A") and m.lora_A]
+        assert len(found) == sum(n.startswith(prefix) for n in names)
+    with_lora = picture(base)
+    assert np.abs(with_lora - tuned_image).mean() < 0.5 * np.abs(base_image - tuned_image).mean()

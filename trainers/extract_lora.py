@@ -1,5 +1,6 @@
 """Extract a LoRA from a fine-tuned checkpoint: a truncated SVD of each targeted layer's
-weight difference to the base model, written in kohya's format."""
+weight difference to the base model, written in kohya's format (SD 1.x, SD 2.x, and SDXL with
+both text encoders)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from core import events as ev
 from trainers.configs import ExtractLoraConfig
 from trainers.formats.lora import lora_metadata, save_lora
-from trainers.lora_network import find_targets
+from trainers.lora_network import find_targets, text_encoder_prefixes
 from trainers.models import load_model
 
 
@@ -22,11 +23,18 @@ def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def extract_state(base_unet, tuned_unet, base_te, tuned_te, rank: int, conv_rank: int = 0,
-                  min_change: float = 1e-8) -> dict[str, torch.Tensor]:
-    """Layers LoRA targets (plus ResNet/sampler layers, LoCon-style, when conv_rank > 0)."""
+                  min_change: float = 1e-8, base_te2=None, tuned_te2=None) -> dict[str, torch.Tensor]:
+    """Layers LoRA targets (plus ResNet/sampler layers, LoCon-style, when conv_rank > 0).
+    With SDXL's second text encoders (`base_te2`, `tuned_te2`) the encoders are named
+    `lora_te1_` / `lora_te2_` and the U-Net by its original layout, as kohya names them."""
     state: dict[str, torch.Tensor] = {}
-    for part, base, tuned in (("unet", base_unet, tuned_unet), ("text_encoder", base_te, tuned_te)):
-        for target in find_targets(base, part, conv=part == "unet" and conv_rank > 0):
+    prefixes = text_encoder_prefixes(base_te2)
+    parts = [("unet", base_unet, tuned_unet), ("text_encoder", base_te, tuned_te)]
+    if base_te2 is not None:
+        parts.append(("text_encoder_2", base_te2, tuned_te2))
+    for part, base, tuned in parts:
+        for target in find_targets(base, part, conv=part == "unet" and conv_rank > 0,
+                                   prefix=prefixes.get(part)):
             before = base.get_submodule(target.path).weight.detach().float().cpu()
             after = tuned.get_submodule(target.path).weight.detach().float().cpu()
             diff = (after - before).reshape(before.shape[0], -1)
@@ -40,6 +48,13 @@ def extract_state(base_unet, tuned_unet, base_te, tuned_te, rank: int, conv_rank
             state[f"{target.name}.lora_up.weight"] = up.contiguous()
             state[f"{target.name}.alpha"] = torch.tensor(float(r))  # scale alpha/r = 1
     return state
+
+
+def _resolution(base) -> int:
+    """kohya's modelspec resolution of the family: SDXL 1024, SD 2.x 768-v 768, else 512."""
+    if base.is_sdxl:
+        return 1024
+    return 768 if base.family == "sd2" and base.prediction_type == "v_prediction" else 512
 
 
 def run(cfg: ExtractLoraConfig, ctx) -> Path:
@@ -56,12 +71,10 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
     if tuned.family != base.family:
         raise ValueError(f"checkpoint: {cfg.checkpoint} is {tuned.family.upper()}, but {cfg.model} "
                          f"is {base.family.upper()}; extract from the model it was trained from")
-    if base.is_sdxl:
-        raise ValueError("model: extracting a LoRA from an SDXL checkpoint is not supported yet "
-                         "(its second text encoder would be left out)")
     ctx.emit(ev.Status("Computing the low-rank differences"))
     state = extract_state(base.unet, tuned.unet, base.text_encoder, tuned.text_encoder, cfg.rank,
-                          cfg.conv_rank)
+                          cfg.conv_rank, base_te2=base.text_encoder_2,
+                          tuned_te2=tuned.text_encoder_2)
     if not state:
         raise ValueError(f"checkpoint: {cfg.checkpoint} has the same weights as {cfg.model}; "
                          "there is nothing to extract")
@@ -71,6 +84,7 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
                              sd_model_name=Path(base.name).stem, title=target.stem,
                              v2=base.family == "sd2",
                              v_parameterization=base.prediction_type == "v_prediction",
+                             sdxl=base.is_sdxl, resolution=_resolution(base),
                              extra={"ss_training_comment": f"extracted from {cfg.checkpoint}"})
     save_lora(target, state, metadata, precision=cfg.save_precision)
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
