@@ -513,6 +513,10 @@ class FineTuneConfig(FullModelConfig):
     clean_captions: bool = option(True, "When making the JSON: tidy captions and tags (underscores "
                                   "to spaces, rating tags and duplicates removed).",
                                   label="Clean captions and tags")
+    anime_caption_rules: bool = option(False, "When making the JSON: kohya's caption "
+                                       "replacements for captions of anime pictures ('anime "
+                                       "girl', 'woman', 'person', 'lady' ... become 'girl', "
+                                       "'young' is dropped).", label="Anime caption rules")
 
     def validate(self) -> "FineTuneConfig":
         problems = self.kohya_problems()

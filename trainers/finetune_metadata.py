@@ -6,11 +6,15 @@ may live in several folders). Captions come from `<stem>.caption` files, tags (W
 DeepDanbooru output) from `<stem>.txt`; merging updates an existing JSON's entries and keeps
 the rest. The trained caption is `caption, tags` (the tags alone when there is no caption).
 
-Cleaning (the idea of kohya's clean_captions_and_tags, written here from its description):
-tags get underscores turned into spaces (emoticons such as `^_^` kept), DeepDanbooru's trailing
-`rating:*` tags dropped, duplicates dropped, and a tag dropped when a more specific tag ends with
-it (`shirt` beside `white shirt`); captions get whitespace collapsed and immediately repeated
-words merged (`a girl girl` -> `a girl`). Torch-free."""
+Cleaning (the rules of kohya's clean_captions_and_tags, written here): tags get underscores
+turned into spaces (emoticons such as `^_^` kept), DeepDanbooru's `rating:*` tags dropped,
+duplicates dropped, and a tag dropped when a more specific tag ends with it (`shirt` beside
+`white shirt`); with several people in the image (`2girls`, `multiple boys`, ...) every kind of
+tag that cannot say who it belongs to — eye colours, hair colours, hair lengths, hair cuts,
+sleeves, hairstyles — is dropped when more than one of that kind is present. Captions get
+whitespace collapsed and immediately repeated words merged (`a girl girl` -> `a girl`); with
+`anime_rules`, also kohya's replacements for BLIP captions of anime pictures (`anime girl`,
+`woman`, `person` ... -> `girl`, `young` dropped), on whole words only. Torch-free."""
 from __future__ import annotations
 
 import json
@@ -181,6 +185,21 @@ def merge_sidecars(image_dir: Path, metadata: dict[str, dict], caption_extension
     return report
 
 
+# Several people in one image: tags of one kind (eye colours, hair colours, ...) cannot say who
+# has which, so when more than one of a kind is present, that kind is dropped (kohya's rule).
+CROWD = re.compile(r"(?<![a-z])\d*\+?(girls|boys)\b|multiple (girls|boys)")
+HAIR_LENGTH = re.compile(r"^(long|short|medium) hair$")
+HAIR_COLOUR = re.compile(r"^[\w-]+ hair$")
+AMBIGUOUS_IN_CROWD = {
+    "hair length": HAIR_LENGTH,
+    "hair cut": re.compile(r"^(bob|hime) cut$"),
+    "eye colour": re.compile(r"^[\w-]+ eyes$"),
+    "sleeves": re.compile(r"^([\w-]+ sleeves|sleeveless)$"),
+    "hairstyle": re.compile(r"^(ponytail|braid|ahoge|twintails|[\w-]+ bun|single hair bun|"
+                            r"single side bun|two side up|two tails|[\w-]+ braid|sidelocks)$"),
+}
+
+
 def clean_tags(tags: str) -> str:
     found = []
     for tag in (t.strip() for t in tags.split(",")):
@@ -190,17 +209,56 @@ def clean_tags(tags: str) -> str:
             tag = " ".join(tag.replace("_", " ").split())
         if tag not in found:
             found.append(tag)
+    if any(CROWD.search(t) for t in found):
+        found = _drop_ambiguous(found)
     return ", ".join(t for t in found
                      if not any(o != t and o.endswith(" " + t) for o in found))
 
 
-def clean_caption(caption: str) -> str:
+def _drop_ambiguous(tags: list[str]) -> list[str]:
+    """With several people: each kind of AMBIGUOUS_IN_CROWD, and hair colours (`X hair`, a
+    remaining hair length not counted), kept only when a single tag of that kind is present."""
+    for pattern in AMBIGUOUS_IN_CROWD.values():
+        if sum(bool(pattern.match(t)) for t in tags) > 1:
+            tags = [t for t in tags if not pattern.match(t)]
+    colours = [t for t in tags if HAIR_COLOUR.match(t) and not HAIR_LENGTH.match(t)]
+    if len(colours) > 1:
+        tags = [t for t in tags if t not in colours]
+    return tags
+
+
+# kohya's caption replacements for BLIP captions of anime pictures, in order, each repeated
+# until nothing changes; whole words only here (kohya's also hit 'ladybug', 'personal').
+ANIME_CAPTION_REPLACEMENTS = [
+    ("anime anime", "anime"), ("young", ""), ("anime girl", "girl"),
+    ("cartoon female", "girl"), ("cartoon lady", "girl"), ("cartoon character", "girl"),
+    ("cartoon woman", "girl"), ("cartoon women", "girls"), ("cartoon girl", "girl"),
+    ("anime female", "girl"), ("anime lady", "girl"), ("anime character", "girl"),
+    ("anime woman", "girl"), ("anime women", "girls"), ("lady", "girl"), ("female", "girl"),
+    ("woman", "girl"), ("women", "girls"), ("people", "girls"), ("person", "girl"),
+    ("a cartoon figure", "a figure"), ("a cartoon image", "an image"),
+    ("a cartoon picture", "a picture"), ("an anime cartoon image", "an image"),
+    ("a cartoon anime drawing", "a drawing"), ("a cartoon drawing", "a drawing"),
+    ("girl girl", "girl"),
+]
+_REPLACEMENTS = [(re.compile(rf"\b{re.escape(old)}\b\s*" if not new else rf"\b{re.escape(old)}\b"),
+                  new) for old, new in ANIME_CAPTION_REPLACEMENTS]
+
+
+def clean_caption(caption: str, anime_rules: bool = False) -> str:
+    if anime_rules:
+        for pattern, new in _REPLACEMENTS:
+            while True:
+                changed = pattern.sub(new, caption)
+                if changed == caption:
+                    break
+                caption = changed
     words = caption.split()
     kept = [w for i, w in enumerate(words) if i == 0 or w.lower() != words[i - 1].lower()]
     return " ".join(kept)
 
 
-def clean_metadata(metadata: dict[str, dict]) -> int:
+def clean_metadata(metadata: dict[str, dict], anime_rules: bool = False) -> int:
     """Clean every caption and tag list in place; returns how many entries changed."""
     changed = 0
     for entry in metadata.values():
@@ -208,14 +266,14 @@ def clean_metadata(metadata: dict[str, dict]) -> int:
         if isinstance(entry.get("tags"), str):
             entry["tags"] = clean_tags(entry["tags"])
         if isinstance(entry.get("caption"), str):
-            entry["caption"] = clean_caption(entry["caption"])
+            entry["caption"] = clean_caption(entry["caption"], anime_rules)
         changed += entry != before
     return changed
 
 
 def make_metadata(image_dir: Path, out_json: Path, caption_extension: str = ".caption",
                   tag_extension: str = ".txt", clean: bool = True, full_path: bool = False,
-                  recursive: bool = False) -> MergeReport:
+                  recursive: bool = False, anime_rules: bool = False) -> MergeReport:
     """Merge the folder's caption and tag files into `out_json` (updating it when it exists),
     optionally clean, and write it atomically."""
     image_dir, out_json = Path(image_dir), Path(out_json)
@@ -227,7 +285,7 @@ def make_metadata(image_dir: Path, out_json: Path, caption_extension: str = ".ca
     report = merge_sidecars(image_dir, metadata, caption_extension, tag_extension, full_path,
                             recursive)
     if clean:
-        report.cleaned = clean_metadata(metadata)
+        report.cleaned = clean_metadata(metadata, anime_rules)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     save_metadata(out_json, metadata)
     return report
@@ -250,7 +308,7 @@ def make_for_config(cfg, paths) -> str:
         image_dir = paths.resolve(cfg.train_data_dir, "train_data_dir")
         out_json = paths.resolve(cfg.in_json, "in_json")
         report = make_metadata(image_dir, out_json, cfg.caption_extension, cfg.tag_extension,
-                               clean=cfg.clean_captions)
+                               clean=cfg.clean_captions, anime_rules=cfg.anime_caption_rules)
     except (PathError, MetadataError) as error:
         raise ConfigError(str(error)) from None
     return report.text(out_json)
@@ -270,10 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-clean", action="store_true", help="keep captions and tags as they are")
     parser.add_argument("--full-path", action="store_true", help="full paths as image keys")
     parser.add_argument("--recursive", action="store_true", help="also sub-folders (needs --full-path)")
+    parser.add_argument("--anime-caption-rules", action="store_true",
+                        help="kohya's caption replacements for anime pictures ('woman' -> 'girl', ...)")
     args = parser.parse_args(argv)
     try:
         report = make_metadata(Path(args.image_dir), Path(args.out_json), args.caption_extension,
-                               args.tag_extension, not args.no_clean, args.full_path, args.recursive)
+                               args.tag_extension, not args.no_clean, args.full_path, args.recursive,
+                               args.anime_caption_rules)
     except MetadataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ def metadata_button(form, paths) -> None:
         button = gr.Button("Make metadata JSON", elem_id="finetune-make-json", scale=0,
                            min_width=200)
         result = gr.Markdown(elem_id="finetune-json-result")
-    names = ["train_data_dir", "in_json", "caption_extension", "tag_extension", "clean_captions"]
+    names = ["train_data_dir", "in_json", "caption_extension", "tag_extension", "clean_captions",
+             "anime_caption_rules"]
 
     def make(*values):
         from trainers.finetune_metadata import make_for_config

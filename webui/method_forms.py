@@ -96,7 +96,7 @@ DREAMBOOTH_GROUPS = [("Instance and class images",
 
 FINE_TUNE_GROUPS = [("Images and metadata JSON",
                      ["train_data_dir", "in_json", "caption_extension", "tag_extension",
-                      "clean_captions", "dataset_repeats"], True),
+                      "clean_captions", "anime_caption_rules", "dataset_repeats"], True),
                     ("Dataset", ["resolution", "enable_bucket", "min_bucket_reso",
                                  "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
                                  "shuffle_caption", "keep_tokens", "caption_dropout_rate",
