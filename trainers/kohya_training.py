@@ -12,7 +12,7 @@ import torch
 from core import events as ev
 from core.config import ConfigError
 from core.paths import PathError
-from trainers import distributed, kohya_data
+from trainers import distributed, kohya_data, resident
 from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions
 from trainers.lr_schedulers import schedule_rates
@@ -108,6 +108,7 @@ def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
                                               cache_to_disk=cfg.cache_latents_to_disk,
                                               prior_loss_weight=prior_loss_weight,
                                               report=lambda text: ctx.emit(ev.Status(text)))
+    resident.page_out(model.vae)  # latents are cached: the steps never read the VAE
     for dataset in batches.datasets:
         for note in dataset.notes:
             ctx.emit(ev.Status(note))

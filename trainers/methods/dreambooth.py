@@ -9,7 +9,7 @@ import torch
 
 from core import events as ev
 from core.config import ConfigError
-from trainers import distributed, kohya_data
+from trainers import distributed, kohya_data, resident
 from trainers import kohya_training as kt
 from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
@@ -46,6 +46,7 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
                                               cache_to_disk=cfg.cache_latents_to_disk,
                                               prior_loss_weight=cfg.prior_loss_weight,
                                               report=lambda text: ctx.emit(ev.Status(text)))
+    resident.page_out(model.vae)  # latents are cached: the steps never read the VAE
     return train_full_model(cfg, ctx, model, batches, path, start, base_config, "dreambooth")
 
 
