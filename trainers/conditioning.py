@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from trainers.prompt_chunks import join
 from trainers.prompts import PromptEncoder, _spliced
 
 # (original (h, w), crop top-left (top, left), target (h, w)) of one training image
@@ -31,32 +32,37 @@ class SdxlCondition:
         return SdxlCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
 
-def _hidden_states(encoder: PromptEncoder, texts: list[str]):
-    """The text model's outputs with every layer's hidden states, embeddings spliced in."""
+def _hidden_states(encoder: PromptEncoder, rows):
+    """The text model's outputs for chunk rows (PromptEncoder.chunk_rows), with every layer's
+    hidden states, embeddings spliced in."""
+    input_ids, splices, _ = rows
     model = encoder.text_encoder
-    rows, all_splices = [], []
-    for b, text in enumerate(texts):
-        ids, splices = encoder.tokenize(text)
-        rows.append(ids)
-        all_splices.extend((b, pos, vec) for pos, vec in splices)
-    input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
-    with _spliced(model.get_input_embeddings(), all_splices):
+    with _spliced(model.get_input_embeddings(), splices):
         return model(input_ids, output_hidden_states=True)
 
 
 class SdxlPromptEncoder:
     """SDXL's two CLIP encoders. `embeddings` maps a name to {"clip_l": [n, 768], "clip_g":
     [n, 1280]} (the SDXL embedding file's two halves); each half is spliced into its encoder.
-    `clip_skip` 1 uses the penultimate layer (SDXL's own choice), 2 the one before, and so on."""
+    `clip_skip` 1 uses the penultimate layer (SDXL's own choice), 2 the one before, and so on.
+
+    Captions longer than 75 tokens (`max_tokens` 150 / 225) are encoded in 75-token chunks by
+    each encoder, and each encoder's chunk states are joined as `chunking` says (A1111: whole
+    77-position chunks; kohya's sdxl trainers: the first BOS, every chunk's 75 inner states, the
+    last position) before the two are put side by side; the pooled projection is the first
+    chunk's, as both kohya and A1111 take it."""
 
     def __init__(self, model, embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
-                 clip_skip: int = 1):
+                 clip_skip: int = 1, max_tokens: int = 75, chunking: str = "a1111"):
         embeddings = dict(embeddings or {})
         self.one = PromptEncoder(model.tokenizer, model.text_encoder,
-                                 {k: v["clip_l"] for k, v in embeddings.items()})
+                                 {k: v["clip_l"] for k, v in embeddings.items()},
+                                 max_tokens=max_tokens, chunking=chunking)
         self.two = PromptEncoder(model.tokenizer_2, model.text_encoder_2,
-                                 {k: v["clip_g"] for k, v in embeddings.items()})
+                                 {k: v["clip_g"] for k, v in embeddings.items()},
+                                 max_tokens=max_tokens, chunking=chunking)
         self.clip_skip = max(1, int(clip_skip))
+        self.chunking = chunking
 
     @property
     def text_encoder(self):  # what previews and checks look at first
@@ -64,22 +70,28 @@ class SdxlPromptEncoder:
 
     def encode(self, texts: list[str]) -> SdxlCondition:
         layer = -1 - self.clip_skip
-        first = _hidden_states(self.one, texts)
-        second = _hidden_states(self.two, texts)
-        context = torch.cat([first.hidden_states[layer],
-                             second.hidden_states[layer].to(first.hidden_states[layer])], dim=-1)
-        return SdxlCondition(context=context, pooled=second.text_embeds)
+        rows_one = self.one.chunk_rows(texts)
+        rows_two = self.two.chunk_rows(texts, rows_one[2])
+        if rows_two[2] > rows_one[2]:  # both encoders get as many chunks
+            rows_one = self.one.chunk_rows(texts, rows_two[2])
+        count = rows_two[2]
+        first = _hidden_states(self.one, rows_one)
+        second = _hidden_states(self.two, rows_two)
+        joined = [join(states.hidden_states[layer].reshape(len(texts), count, -1,
+                                                           states.hidden_states[layer].shape[-1]),
+                       self.chunking) for states in (first, second)]
+        context = torch.cat([joined[0], joined[1].to(joined[0])], dim=-1)
+        pooled = second.text_embeds.reshape(len(texts), count, -1)[:, 0]
+        return SdxlCondition(context=context, pooled=pooled)
 
 
 def prompt_encoder(model, embeddings: dict | None = None, clip_skip: int = 1,
                    max_tokens: int = 75, chunking: str = "a1111"):
     """The prompt encoder of the model's family (see PromptEncoder / SdxlPromptEncoder);
-    captions of more than 75 tokens (trainers/prompt_chunks.py) are SD1/SD2 only for now."""
+    captions of more than 75 tokens are chunked (trainers/prompt_chunks.py)."""
     if getattr(model, "family", "sd1") == "sdxl":
-        if max_tokens != 75:
-            raise ValueError(f"max_token_length: {max_tokens} is not supported for SDXL models "
-                             "yet; use 75")
-        return SdxlPromptEncoder(model, embeddings, clip_skip)
+        return SdxlPromptEncoder(model, embeddings, clip_skip, max_tokens=max_tokens,
+                                 chunking=chunking)
     return PromptEncoder(model.tokenizer, model.text_encoder, embeddings, clip_skip=clip_skip,
                          max_tokens=max_tokens, chunking=chunking)
 

@@ -53,12 +53,12 @@ class PromptEncoder:
             self._comma_id = self.tokenizer.convert_tokens_to_ids(",</w>")
         return self._comma_id
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """[batch, positions, dim] hidden states; differentiable w.r.t. the embedding vectors.
-        Prompts of one batch get the same number of chunks (empty ones pad the shorter)."""
-        device = self.text_encoder.device
+    def chunk_rows(self, texts: list[str], count: int = 0):
+        """(input ids [batch * chunks, 77], splices (row, position, vectors), chunks per prompt):
+        every prompt of the batch gets as many chunks as the longest (at least `count`), empty
+        ones pad the shorter."""
         tokenized = [self.tokenize(text) for text in texts]
-        count = max(len(ids) for ids, _ in tokenized) // self.length
+        count = max([count] + [len(ids) // self.length for ids, _ in tokenized])
         empty = self.tokenize("")[0][:self.length]
         rows, all_splices = [], []
         for b, (ids, splices) in enumerate(tokenized):
@@ -66,7 +66,13 @@ class PromptEncoder:
             rows += [ids[k * self.length:(k + 1) * self.length] for k in range(count)]
             all_splices += [(b * count + pos // self.length, pos % self.length, vec)
                             for pos, vec in splices]
-        input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.text_encoder.device)
+        return input_ids, all_splices, count
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """[batch, positions, dim] hidden states; differentiable w.r.t. the embedding vectors.
+        Prompts of one batch get the same number of chunks (empty ones pad the shorter)."""
+        input_ids, all_splices, count = self.chunk_rows(texts)
         with _spliced(self.text_encoder.get_input_embeddings(), all_splices):
             if self.clip_skip <= 1:
                 hidden = self.text_encoder(input_ids)[0]

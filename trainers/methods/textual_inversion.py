@@ -24,12 +24,9 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
     _check_fits(stored, model, path, cfg.model)
     device = model.unet.device
     if model.is_sdxl:
-        if cfg.max_token_length != 75:
-            raise TrainingError(f"max_token_length: {cfg.max_token_length} is not supported for "
-                                "SDXL models yet; use 75")
         halves = {k: torch.nn.Parameter(v.detach().float().clone().to(device))
                   for k, v in stored.vectors.items()}
-        encoder = SdxlPromptEncoder(model, {name: halves})
+        encoder = SdxlPromptEncoder(model, {name: halves}, max_tokens=cfg.max_token_length)
         trained = [halves["clip_l"], halves["clip_g"]]
         current = lambda: {k: v.detach().cpu().clone() for k, v in halves.items()}  # noqa: E731
     else:
