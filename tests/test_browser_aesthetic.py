@@ -1,6 +1,6 @@
 """The aesthetic-embedding flow in the page with the demo model (headless Chromium): create the
 embedding from a folder with a tiny local CLIP model, refuse an existing name, preview a prompt
-with and without steering, see the cost."""
+with and without steering, see the cost; again with an aesthetic text and slerp mixing."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +51,10 @@ def test_aesthetic_embedding_flow(page: Page, app_server, tmp_path, tiny_model_d
     expect(page.locator("#aesthetic-cost")).to_contain_text("Aesthetic steering: 3 steps", timeout=120_000)
     expect(page.locator("#aesthetic-images img")).to_have_count(2, timeout=30_000)
     assert len(list((app_server.data_dir / "outputs" / "aesthetic").glob("mylook-*.png"))) == 2
+
+    # the extension's other options: an aesthetic text mixed in by the slerp angle, slerp mixing
+    fill(page, "aesthetic-preview-aesthetic_text", "a red car")
+    page.locator("#aesthetic-preview-aesthetic_slerp input[type=checkbox]").check()
+    page.locator("#aesthetic-preview").click()
+    expect(page.locator("#aesthetic-cost")).to_contain_text(
+        "slerp, toward text 'a red car' at angle 0.1", timeout=120_000)

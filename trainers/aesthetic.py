@@ -17,7 +17,17 @@ projected text embedding and the aesthetic embedding; the copy's hidden states (
 honoured) are mixed into the prompt's conditioning, `z * (1 - weight) + z_steered * weight`.
 That needs the text tower (a CLIPModel) whose width matches the Stable Diffusion text encoder's
 (true of SD1 and the ViT-L/14 CLIP). Applied to every prompt encoded, negative ones included,
-as the extension does."""
+as the extension does.
+
+The extension's other options, with its semantics:
+- "Aesthetic text for imgs": the text's projected CLIP text embedding (from the untuned text
+  tower, not normalized) is mixed into the target: target = slerp(image embedding, text
+  embedding, slerp angle). "Is negative text" uses normalize(image embedding - text embedding)
+  instead, steering away from the text.
+- "Slerp interpolation": the final mix is slerp(z, z_steered, weight) instead of the linear one.
+  The extension's slerp normalizes along dim 1, which for a [batch, tokens, width] conditioning
+  is the token axis: each width channel's column of token values is one vector. Kept as is, so
+  images match the extension's."""
 from __future__ import annotations
 
 import copy
@@ -174,12 +184,32 @@ def load_aesthetic_embedding(path: Path | str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- steering
 
+def slerp(low: torch.Tensor, high: torch.Tensor, val: float) -> torch.Tensor:
+    """Spherical interpolation along dim 1 (the extension's): val 0 gives `low`, 1 gives `high`;
+    the magnitudes are interpolated with the angle's weights. Where the two directions agree
+    (no angle) it falls back to the linear mix, which the extension would turn into NaN."""
+    low_f, high_f = low.float(), high.float()
+    cos = ((low_f / low_f.norm(dim=1, keepdim=True)) *
+           (high_f / high_f.norm(dim=1, keepdim=True))).sum(1).clamp(-1.0, 1.0)
+    omega = torch.acos(cos)
+    so = torch.sin(omega)
+    flat = so.abs() < 1e-6
+    safe = torch.where(flat, torch.ones_like(so), so)
+    a = torch.where(flat, torch.full_like(so, 1.0 - val), torch.sin((1.0 - val) * omega) / safe)
+    b = torch.where(flat, torch.full_like(so, float(val)), torch.sin(val * omega) / safe)
+    return (a.unsqueeze(1) * low_f + b.unsqueeze(1) * high_f).to(low.dtype)
+
+
 @dataclass
 class Steering:
     embedding: torch.Tensor  # [1, projection_dim], normalized
     steps: int = 5
     lr: float = 1e-4
     weight: float = 0.9
+    text: str = ""  # "aesthetic text for imgs": mixed into the target by slerp_angle
+    text_negative: bool = False  # steer away from the text instead
+    slerp: bool = False  # mix the steered conditioning in by slerp instead of linearly
+    slerp_angle: float = 0.1
 
 
 class SteeredEncoder:
@@ -210,14 +240,33 @@ class SteeredEncoder:
         if not (s.steps and s.lr and s.weight):
             return z
         began = time.perf_counter()
-        ids = torch.tensor([self.base.tokenize(t)[0] for t in texts], dtype=torch.long)
+        ids = self._ids(texts)
         steered = self._steer(ids).to(z.device, z.dtype)
         self.seconds += time.perf_counter() - began
+        if s.slerp:
+            return slerp(z, steered, s.weight)
         return z * (1 - s.weight) + steered * s.weight
+
+    def _ids(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.base.tokenize(t)[0] for t in texts], dtype=torch.long)
+
+    def target(self) -> torch.Tensor:
+        """[1, projection_dim]: the aesthetic embedding, turned toward (or away from) the
+        aesthetic text by the slerp angle when there is one."""
+        s, image = self.steering, self.steering.embedding.float()
+        if not s.text.strip():
+            return image
+        with torch.no_grad():
+            text = self.clip.full.get_text_features(input_ids=self._ids([s.text]))
+            text = getattr(text, "pooler_output", text).float()
+        if s.text_negative:
+            text = image - text
+            text = text / text.norm(dim=-1, keepdim=True)
+        return slerp(image, text, s.slerp_angle)
 
     def _steer(self, ids: torch.Tensor) -> torch.Tensor:
         model = copy.deepcopy(self.clip.full)
-        target = self.steering.embedding.to(next(model.parameters()).dtype)
+        target = self.target().to(next(model.parameters()).dtype)
         model.text_model.requires_grad_(True)
         optimizer = torch.optim.Adam(model.text_model.parameters(), lr=self.steering.lr)
         with torch.enable_grad():
@@ -238,19 +287,25 @@ class SteeredEncoder:
 
 
 def preview(model, clip: ClipModels, embedding: torch.Tensor, settings, steps: int, lr: float,
-            weight: float, clip_skip: int = 1):
-    """(plain image, steered image, cost line) with the same seed."""
+            weight: float, clip_skip: int = 1, **options):
+    """(plain image, steered image, cost line) with the same seed; `options` are Steering's
+    text, text_negative, slerp and slerp_angle."""
     from trainers.prompts import PromptEncoder
     from trainers.sampling import render
     base = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
     began = time.perf_counter()
     plain, seed = render(model, base, settings)
     plain_seconds = time.perf_counter() - began
-    steered_encoder = SteeredEncoder(base, clip, Steering(embedding, steps, lr, weight))
+    steering = Steering(embedding, steps, lr, weight, **options)
+    steered_encoder = SteeredEncoder(base, clip, steering)
     began = time.perf_counter()
     steered, _ = render(model, steered_encoder, settings.__class__(**{**settings.__dict__, "seed": seed}))
     total = time.perf_counter() - began
-    cost = (f"Aesthetic steering: {steps} steps at lr {lr:g}, weight {weight:g}, cost "
+    how = ", slerp" if steering.slerp else ""
+    if steering.text.strip():
+        how += (f", {'away from' if steering.text_negative else 'toward'} text "
+                f"{steering.text.strip()!r} at angle {steering.slerp_angle:g}")
+    cost = (f"Aesthetic steering: {steps} steps at lr {lr:g}, weight {weight:g}{how}, cost "
             f"{steered_encoder.seconds:.2f} s (the image took {total:.2f} s with it, "
             f"{plain_seconds:.2f} s without), seed {seed}")
     return plain, steered, cost
@@ -277,7 +332,11 @@ def preview_from_config(cfg, paths) -> tuple[Path, Path, str]:
                                steps=cfg.steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
                                width=cfg.width, height=cfg.height)
     plain, steered, cost = preview(model, clip, embedding, settings, cfg.aesthetic_steps,
-                                   cfg.aesthetic_lr, cfg.aesthetic_weight, cfg.clip_skip)
+                                   cfg.aesthetic_lr, cfg.aesthetic_weight, cfg.clip_skip,
+                                   text=cfg.aesthetic_text,
+                                   text_negative=cfg.aesthetic_text_negative,
+                                   slerp=cfg.aesthetic_slerp,
+                                   slerp_angle=cfg.aesthetic_slerp_angle)
     folder = paths.outputs / "aesthetic"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{source.stem}-{cfg.seed}"

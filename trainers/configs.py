@@ -601,6 +601,17 @@ class AestheticPreviewConfig:
                                  label="Aesthetic learning rate", min=0.0, max=1.0)
     aesthetic_weight: float = option(0.9, "How much of the steered conditioning is mixed in.",
                                      label="Aesthetic weight", min=0.0, max=1.0)
+    aesthetic_slerp: bool = option(False, "Mix the steered conditioning in by spherical "
+                                   "interpolation (by the weight) instead of linearly.",
+                                   label="Slerp interpolation")
+    aesthetic_text: str = option("", "A text whose CLIP embedding turns the aesthetic "
+                                 "embedding toward it (by the slerp angle) before steering.",
+                                 label="Aesthetic text for imgs")
+    aesthetic_slerp_angle: float = option(0.1, "How far toward the aesthetic text: 0 keeps the "
+                                          "images' embedding, 1 is the text's.",
+                                          label="Slerp angle", min=0.0, max=1.0)
+    aesthetic_text_negative: bool = option(False, "Steer away from the aesthetic text instead.",
+                                           label="Is negative text")
     seed: int = option(42, "Seed of both images (plain and steered).", label="Seed", min=0)
     steps: int = option(20, "Sampling steps.", label="Sampling steps", min=1, max=150)
     cfg_scale: float = option(7.0, "Classifier-free guidance scale.", label="CFG scale", min=1.0,

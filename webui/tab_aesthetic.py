@@ -12,8 +12,9 @@ from webui.forms import control, error_text, to_config
 
 CREATE_FIELDS = ["name", "data_root", "clip_model", "batch_size", "overwrite"]
 PREVIEW_FIELDS = ["model", "aesthetic_embedding", "clip_model", "prompt", "negative",
-                  "aesthetic_steps", "aesthetic_lr", "aesthetic_weight", "seed", "steps",
-                  "cfg_scale", "sampler", "width", "height", "clip_skip"]
+                  "aesthetic_steps", "aesthetic_lr", "aesthetic_weight", "aesthetic_slerp",
+                  "aesthetic_text", "aesthetic_slerp_angle", "aesthetic_text_negative", "seed",
+                  "steps", "cfg_scale", "sampler", "width", "height", "clip_skip"]
 
 
 def _embeddings(paths: Paths) -> list[str]:
@@ -27,7 +28,9 @@ def build(paths: Paths):
         gr.Markdown("The normalized mean CLIP image embedding of a folder of images, saved in "
                     "`models/aesthetic_embeddings/` as A1111's aesthetic-gradients extension "
                     "expects. At generation time it steers a prompt: a copy of the CLIP text "
-                    "encoder is tuned a few steps toward it, then mixed in by the weight.")
+                    "encoder is tuned a few steps toward it, then mixed in by the weight "
+                    "(linearly, or by slerp). An aesthetic text turns the target toward (or "
+                    "away from) that text by the slerp angle first.")
         created = {n: control(make, n, elem_id=f"aesthetic-{n}") for n in CREATE_FIELDS}
         create_button = gr.Button("Create aesthetic embedding", variant="primary",
                                   elem_id="aesthetic-create")
