@@ -69,7 +69,11 @@ def test_sdxl_trains_on_150_token_captions_without_truncation(family_paths, long
     from trainers.hypernetworks import create_hypernetwork
     from trainers.methods import hypernetwork, lora, textual_inversion
     model = load_model(family_paths, SDXL)
-    (family_paths.templates / "long.txt").write_text("[name] [filewords]\n")
+    import shutil
+    from core.paths import REPO_DIR
+    own = family_paths.data_dir / "textual_inversion_templates"  # never the repository's
+    shutil.copytree(REPO_DIR / "textual_inversion_templates", own)
+    (own / "long.txt").write_text("[name] [filewords]\n")
     create_embedding(CreateEmbeddingConfig(name="zxqlong", init_text="cat", model=SDXL,
                                            file_format="safetensors").validate(), family_paths)
     ctx = RecordingContext(family_paths)
