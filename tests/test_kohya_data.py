@@ -365,6 +365,51 @@ def test_disk_cache_writes_npz_and_reuses_it(bucket_dataset, vae):
     assert counting.calls > 0
 
 
+def test_the_same_images_skip_the_vae_in_the_next_run_with_the_same_vae(bucket_dataset, vae,
+                                                                         monkeypatch):
+    import copy
+    import os
+    fresh_vae = copy.deepcopy(vae)  # another VAE object: nothing kept for it
+    calls = []
+    real = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda pixels: calls.append(len(pixels)) or real(pixels))
+
+    def latents(dataset):
+        return [(e.latents, e.latents_flipped) for e in dataset.entries]
+
+    first = scan_dataset(bucket_dataset)
+    assert cache_latents(first, vae, seed=0) == 6 and sum(calls) == 12  # and the mirror images
+    calls.clear()
+    second = scan_dataset(bucket_dataset)
+    assert cache_latents(second, vae, seed=0) == 0 and calls == []
+    for (a, fa), (b, fb) in zip(latents(first), latents(second)):
+        assert torch.equal(a, b) and torch.equal(fa, fb)
+
+    # another seed samples other latents from the kept distributions, exactly as encoding would
+    reseeded, encoded = scan_dataset(bucket_dataset), scan_dataset(bucket_dataset)
+    assert cache_latents(reseeded, vae, seed=3) == 0 and calls == []
+    assert cache_latents(encoded, fresh_vae, seed=3) == 6
+    for (a, fa), (b, fb) in zip(latents(reseeded), latents(encoded)):
+        assert torch.equal(a, b) and torch.equal(fa, fb)
+    assert not torch.equal(latents(reseeded)[0][0], latents(first)[0][0])
+
+    # a changed image is encoded again, and only that one
+    changed = first.entries[0].path
+    photo(5, 64).save(changed)
+    stamp = os.stat(changed).st_mtime_ns + 10**9
+    os.utime(changed, ns=(stamp, stamp))
+    assert cache_latents(scan_dataset(bucket_dataset), vae, seed=0) == 1
+
+    # changed weights (in place) make everything kept stale
+    with torch.no_grad():
+        next(vae.parameters()).mul_(1.0)
+    assert cache_latents(scan_dataset(bucket_dataset), vae, seed=0) == 6
+    # several images per VAE call are not reused (a batch may round differently)
+    calls.clear()
+    assert cache_latents(scan_dataset(bucket_dataset), vae, seed=0, vae_batch_size=2) == 6
+    assert calls
+
+
 def test_regularization_images_are_kept_apart_balanced_and_weighted(tmp_path, vae):
     train, reg = tmp_path / "train", tmp_path / "reg"
     _folder(train, "3_sks dog", [(64, 64), (64, 64)])

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.atomic import atomic_write
 from core.config import ConfigError
-from trainers import seeds
+from trainers import latent_memo, seeds
 from trainers.buckets import BucketBatcher, BucketError, Placement, assign, kohya_crop_ltrb, make_buckets
 from trainers.data import DatasetError, open_training_image
 from trainers.loop import Batch
@@ -696,19 +696,38 @@ def _pixels(entry: ImageEntry, subset: SubsetConfig) -> tuple[torch.Tensor, torc
     return pixels, alpha
 
 
-def _encode(vae, pixels: torch.Tensor, names: list[tuple], seed: int) -> list[torch.Tensor]:
-    """Sample each image's latent (unscaled) with its own counter-based noise."""
+def _distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-    out = []
-    for i, name in enumerate(names):
-        noise = torch.randn(mean[i].shape, generator=seeds.generator(seed, "latent", *name))
-        latent = mean[i] + std[i] * noise
-        if not torch.isfinite(latent).all():
-            raise DatasetError(f"the VAE produced NaN/inf latents for {name[1]}")
-        out.append(latent)
-    return out
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def _sample(mean: torch.Tensor, std: torch.Tensor, name: tuple, seed: int) -> torch.Tensor:
+    """One image's latent (unscaled), with its own counter-based noise."""
+    noise = torch.randn(mean.shape, generator=seeds.generator(seed, "latent", *name))
+    latent = mean + std * noise
+    if not torch.isfinite(latent).all():
+        raise DatasetError(f"the VAE produced NaN/inf latents for {name[1]}")
+    return latent
+
+
+def _memo_key(entry: ImageEntry, subset) -> tuple | None:
+    return latent_memo.image_key(entry.path, entry.size, entry.placement, subset.flip_aug,
+                                 subset.alpha_mask, subset.resize_interpolation)
+
+
+def _from_memo(vae, entry: ImageEntry, subset, seed: int) -> bool:
+    """Fill an entry's latents from distributions kept from an earlier run; False if none."""
+    kept = latent_memo.get(vae, _memo_key(entry, subset))
+    if kept is None:
+        return False
+    mean, std, mirror_mean, mirror_std, alpha = kept
+    name = (entry.path.parent.name, entry.path.name)
+    entry.latents = _sample(mean, std, name + (False,), seed)
+    entry.latents_flipped = (_sample(mirror_mean, mirror_std, name + (True,), seed)
+                             if mirror_mean is not None else None)
+    entry.alpha = alpha
+    return True
 
 
 def _save_npz(path: Path, latents, original_size, crop_ltrb, flipped, alpha) -> None:
@@ -734,6 +753,8 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
     scale = _vae_scale(vae)
     todo: dict[tuple[int, int], list[ImageEntry]] = {}
     entries = dataset.entries
+    # one image per VAE call gives the same numbers in every run, so earlier ones can be reused
+    memo = not cache_to_disk and vae_batch_size <= 1
     for entry in entries:
         subset = dataset.config.subsets[entry.subset]
         bw, bh = entry.placement.bucket
@@ -746,6 +767,8 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
                 continue
         elif entry.latents is not None:
             continue
+        elif memo and _from_memo(vae, entry, subset, seed):
+            continue
         todo.setdefault(entry.placement.bucket, []).append(entry)
     total = sum(len(group) for group in todo.values())
     done = 0
@@ -757,14 +780,20 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
             prepared = [_pixels(e, s) for e, s in zip(chunk, subsets)]
             pixels = torch.stack([p for p, _ in prepared])
             names = [(e.path.parent.name, e.path.name) for e in chunk]
-            latents = _encode(vae, pixels, [n + (False,) for n in names], seed)
+            mean, std = _distribution(vae, pixels)
+            latents = [_sample(mean[i], std[i], n + (False,), seed) for i, n in enumerate(names)]
             flipped: list = [None] * len(chunk)
+            mirror: list = [(None, None)] * len(chunk)
             flip_rows = [i for i, s in enumerate(subsets) if s.flip_aug]
             if flip_rows:
-                mirrored = _encode(vae, torch.flip(pixels[flip_rows], dims=[3]),
-                                   [names[i] + (True,) for i in flip_rows], seed)
-                for i, latent in zip(flip_rows, mirrored):
-                    flipped[i] = latent
+                m_mean, m_std = _distribution(vae, torch.flip(pixels[flip_rows], dims=[3]))
+                for row, i in enumerate(flip_rows):
+                    mirror[i] = (m_mean[row], m_std[row])
+                    flipped[i] = _sample(m_mean[row], m_std[row], names[i] + (True,), seed)
+            if memo:
+                for i, (entry, subset) in enumerate(zip(chunk, subsets)):
+                    latent_memo.put(vae, _memo_key(entry, subset),
+                                    (mean[i], std[i], *mirror[i], prepared[i][1]))
             for entry, (_, alpha), latent, mirror in zip(chunk, prepared, latents, flipped):
                 if cache_to_disk:
                     _save_npz(entry.npz, latent, entry.size,
