@@ -83,3 +83,32 @@ def test_corrupt_single_file_gives_a_clear_error(tmp_path):
     (paths.stable_diffusion / "broken.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(models.ModelError, match="could not load 'broken.safetensors'"):
         models.load_model(paths, "broken.safetensors")
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_an_exclusive_job_gives_back_what_it_did_not_change(single_file, data_paths, layout):
+    paths, name = single_file[:2] if layout == "file" else (data_paths, "tiny-demo")
+    name = name.name if layout == "file" else name
+    model = models.load_model(paths, name, exclusive=True)
+    pristine = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with torch.no_grad():  # what DreamBooth does to the U-Net and the text encoder
+        for module in (model.unet, model.text_encoder):
+            next(module.parameters()).add_(1.0)
+    models.give_back(model, {"unet", "text_encoder"})
+    again = models.load_model(paths, name)
+    assert again.vae is model.vae and again.tokenizer is model.tokenizer  # reused
+    assert again.unet is not model.unet and again.text_encoder is not model.text_encoder
+    for key, tensor in again.unet.state_dict().items():  # read again from disk
+        assert torch.allclose(tensor, pristine[key], atol=1e-6), key
+    assert not next(again.vae.parameters()).requires_grad
+    assert models.load_model(paths, name) is again  # a whole model is cached again
+
+
+def test_nothing_is_given_back_after_another_model_was_loaded(single_file, data_paths):
+    paths, path, _ = single_file
+    model = models.load_model(paths, path.name, exclusive=True)
+    other = models.load_model(paths, "tiny-demo")  # the one model in memory now
+    models.give_back(model, {"unet"})
+    assert models.load_model(paths, "tiny-demo") is other
+    again = models.load_model(paths, path.name)
+    assert again.vae is not model.vae

@@ -37,6 +37,7 @@ class BaseModel:
     family: str = "sd1"  # sd1 | sd2 | sdxl
     tokenizer_2: Any = None  # SDXL's second (OpenCLIP bigG) tokenizer and text encoder
     text_encoder_2: Any = None
+    cache_key: tuple | None = None  # load_model's key, for give_back
 
     @property
     def is_sdxl(self) -> bool:
@@ -168,28 +169,51 @@ def single_file_config(paths: Paths, path: Path, family: str | None = None) -> P
     return config_skeleton(paths, family or file_family(path))
 
 
+@dataclass
+class _Parts:
+    """What a job that changed some weights gave back: the modules it left as loaded."""
+    components: dict[str, Any]
+
+
 _cache_lock = threading.Lock()
-_cache: dict[tuple, BaseModel] = {}
+_cache: dict[tuple, BaseModel | _Parts] = {}
+REUSABLE = ("tokenizer", "tokenizer_2", "vae", "text_encoder", "text_encoder_2")
 
 
 def load_model(paths: Paths, name: str, exclusive: bool = False) -> BaseModel:
     """Load (or return the cached) base model; only one model is kept in memory.
 
     `exclusive` hands the model over and drops it from the cache, for a job that changes its
-    weights (DreamBooth); the next caller loads a fresh copy."""
+    weights (DreamBooth); the next caller loads a fresh copy of what that job changed and
+    reuses what it gave back (`give_back`)."""
     kind, location = resolve_model(paths, name)
     key_extra = ()
     if kind in ("folder", "file"):
         key_extra = (Path(location).stat().st_mtime_ns,)
     key = (kind, str(location)) + key_extra
     with _cache_lock:
-        if key in _cache:
-            return _cache.pop(key) if exclusive else _cache[key]
-        model = _load(paths, name, kind, location)
+        entry = _cache.get(key)
+        if isinstance(entry, BaseModel):
+            return _cache.pop(key) if exclusive else entry
+        model = _load(paths, name, kind, location,
+                      reuse=entry.components if isinstance(entry, _Parts) else {})
+        model.cache_key = key
         _cache.clear()
         if not exclusive:
             _cache[key] = model
         return model
+
+
+def give_back(model: BaseModel, changed: set[str]) -> None:
+    """After an exclusive job: keep the modules it did not change (tokenizers, the VAE, frozen
+    text encoders), so the next load of the same model reads only the changed ones from disk.
+    Nothing is kept when another model was loaded meanwhile (one model in memory)."""
+    parts = {name: getattr(model, name) for name in REUSABLE
+             if name not in changed and getattr(model, name) is not None}
+    with _cache_lock:
+        if model.cache_key is None or _cache:
+            return
+        _cache[model.cache_key] = _Parts(parts)
 
 
 def _quiet_libraries() -> None:
@@ -201,8 +225,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
+def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = None) -> BaseModel:
+    """`reuse`: components already in memory, handed to diffusers instead of loading them."""
     _quiet_libraries()
+    reuse = dict(reuse or {})
 
     short_hash = None
     prediction_type = None
@@ -217,7 +243,7 @@ def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
         else:
             family = None
         if kind in ("demo", "folder"):
-            pipe = _pretrained(family, location, local_files_only=True)
+            pipe = _pretrained(family, location, local_files_only=True, **reuse)
         elif kind == "file":
             path = Path(location)
             if path.suffix.lower() == ".ckpt":
@@ -226,13 +252,13 @@ def _load(paths: Paths, name: str, kind: str, location) -> BaseModel:
             config = single_file_config(paths, path, family)
             extra = {} if family == "sdxl" else {"safety_checker": None}
             pipe = pipeline_class(family).from_single_file(
-                str(path), config=str(config), local_files_only=True, **extra)
+                str(path), config=str(config), local_files_only=True, **extra, **reuse)
             if family == "sd2":
                 prediction_type = sd2_prediction_type(path)
             short_hash = file_short_hash(path, paths.cache)
         else:
             from diffusers import DiffusionPipeline
-            pipe = DiffusionPipeline.from_pretrained(location, safety_checker=None)
+            pipe = DiffusionPipeline.from_pretrained(location, safety_checker=None, **reuse)
             family = "sdxl" if hasattr(pipe, "text_encoder_2") else (
                 "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1")
     except ModelError:

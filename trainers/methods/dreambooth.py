@@ -15,7 +15,7 @@ from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
 from trainers.formats.sd_checkpoint import save_single_file
 from trainers.loop import TrainingPlan, train
-from trainers.models import load_model
+from trainers.models import give_back, load_model
 from trainers.optimizers import create_optimizer
 
 PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -184,6 +184,9 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         unet.requires_grad_(False)
         for module in model.text_encoders:
             module.requires_grad_(False)
+        # the next run of this model reloads only what trained (the VAE keeps its latents memo)
+        give_back(model, {"unet"} | ({"text_encoder", "text_encoder_2"}
+                                     if cfg.train_text_encoder else set()))
     if cfg.save_diffusers and distributed.is_main(ctx):
         _save_diffusers(model, path.with_suffix(""))
         ctx.emit(ev.Saved(step=steps, path=str(path.with_suffix("")), kind="diffusers folder"))
