@@ -42,3 +42,20 @@ def test_apt_trains_the_pair_from_the_page(page: Page, app_server, tmp_path):
     negative = load_embedding(embeddings / "pagetok-neg.pt")
     assert positive.step == negative.step == 3
     assert positive.vectors.abs().sum() > 0  # trained away from the zeros it started at
+
+    # The Checkpoints tab copies the pair under a new name, and refuses it a second time
+    page.get_by_role("tab", name="Checkpoints").click()
+    history = page.locator("#ckpt-history")
+    expect(history).to_contain_text("pagetok", timeout=30_000)
+    history.get_by_text("pagetok", exact=True).filter(visible=True).first.click()
+    expect(page.locator("#ckpt-summary")).to_contain_text("APT embedding", timeout=30_000)
+    page.locator("#ckpt-gallery img").first.click()
+    expect(page.locator("#ckpt-details")).to_contain_text("-neg", timeout=30_000)
+    fill(page, "ckpt-use-name", "pagepair")
+    page.locator("#ckpt-use").click()
+    expect(page.locator("#ckpt-use-message")).to_contain_text("pagepair-neg", timeout=30_000)
+    copied = load_embedding(embeddings / "pagepair-neg.pt")
+    assert copied.name == "pagepair-neg" and torch.equal(copied.vectors, negative.vectors)
+    assert torch.equal(load_embedding(embeddings / "pagepair.pt").vectors, positive.vectors)
+    page.locator("#ckpt-use").click()
+    expect(page.locator("#ckpt-use-message")).to_contain_text("already exists", timeout=30_000)
