@@ -250,7 +250,10 @@ def start(args: argparse.Namespace):
         auth=LoginGuard(login).check if login is not None else None,
         allowed_paths=[str(paths.outputs)], show_error=False, prevent_thread_lock=True,
         run_history=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
-        app_kwargs=app_kwargs)
+        app_kwargs=app_kwargs,
+        # gradio's start-up probe of its own URL gives up after one 3 s timeout and refuses
+        # to start on a busy machine; the server is already listening when it runs
+        _frontend=False)
     return app, runner
 
 
