@@ -1,7 +1,9 @@
 """JobRunner: one job at a time on a worker thread, a queue behind it, a stop flag each.
 
 The engine sees only a JobContext; watchers read a Job's snapshot, which survives page reloads
-because it lives here and not in any browser session."""
+because it lives here and not in any browser session. With `worker_process`, a job whose work is
+a ProcessTask (training) runs in a long-lived worker process (core/worker_process.py) and its
+events are relayed into the same Job; other jobs run on the thread as before."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 from core import events as ev
 from core.paths import Paths
+from core.worker_process import ProcessTask, WorkerProcess
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
@@ -98,8 +101,10 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, paths: Paths, history: int = 20, queue_file: Path | None = None):
+    def __init__(self, paths: Paths, history: int = 20, queue_file: Path | None = None,
+                 worker_process: bool = False):
         self.paths = paths
+        self.process = WorkerProcess() if worker_process else None
         self.queue_file = queue_file
         self._ids = itertools.count(1)
         self._queue: deque[Job] = deque()
@@ -203,6 +208,8 @@ class JobRunner:
             self._cond.notify_all()
         if job is not None:
             self.wait(job, timeout)
+        if self.process is not None:  # a job still saving there finishes before it exits
+            self.process.close(timeout=0 if job is not None and job.active else 10)
         return job
 
     def current(self) -> Job | None:
@@ -257,13 +264,16 @@ class JobRunner:
     def _run(self, job: Job) -> None:
         ctx = JobContext(job, self.paths)
         try:
-            job.fn(ctx)
+            if self.process is not None and isinstance(job.fn, ProcessTask):
+                self.process.run(job.fn, ctx, job.id)
+            else:
+                job.fn(ctx)
             if job.result is None:
                 job.record(ev.Finished(step=job.last_progress.step if job.last_progress else 0,
                                        message="finished"))
             job.state = STOPPED if job.stop_event.is_set() else DONE
         except Exception as error:  # the worker must survive any job
-            details = traceback.format_exc()
+            details = getattr(error, "details", None) or traceback.format_exc()
             message = getattr(error, "user_message", None) or f"{type(error).__name__}: {error}"
             job.record(ev.Failed(message=message, details=details))
             job.state = FAILED

@@ -32,8 +32,10 @@ TARGETS = {"textual_inversion": "embedding", "apt": "embedding", "hypernetwork":
 
 
 def job_parts(method: str, cfg, processes: int = 1) -> tuple[str, str, object, dict]:
-    """(name, kind, fn, spec) for queueing a job; the spec rebuilds it after a restart. With
-    several processes the job runs `accelerate launch` and relays its events (trainers/launch.py)."""
+    """(name, kind, fn, spec) for queueing a job; the spec rebuilds it after a restart. A
+    training job's fn is a ProcessTask, which the app's JobRunner runs in its training worker
+    process. With several processes the job runs `accelerate launch` and relays its events
+    (trainers/launch.py)."""
     from dataclasses import asdict
     if method == "preprocess":
         from preprocess.pipeline import run as preprocess
@@ -47,8 +49,17 @@ def job_parts(method: str, cfg, processes: int = 1) -> tuple[str, str, object, d
         fn = distributed_job(method, cfg, processes)
         spec.update(processes=processes, name=f"{spec['name']} ({processes} processes)")
         return spec["name"], "train", fn, spec
-    run = runner(method)
-    return spec["name"], "train", (lambda ctx: run(cfg, ctx)), spec
+    from core.worker_process import ProcessTask
+    runner(method)  # an unknown method fails here, not in the worker
+    return spec["name"], "train", ProcessTask("trainers.registry:run_config",
+                                              (method, spec["config"])), spec
+
+
+def run_config(ctx, method: str, config: dict):
+    """A training job's work, in the app's training worker process (or on its thread): the
+    method's run() with the config rebuilt from its plain form."""
+    from core.config import from_dict
+    return runner(method)(from_dict(config_class(method), config).validate(), ctx)
 
 
 def rebuild(spec: dict):
