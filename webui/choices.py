@@ -45,7 +45,7 @@ def refreshed(choices: list, current: str | None):
 
 
 def demo_note(model: str | None) -> str:
-    if model in DEMO_MODELS:
+    if isinstance(model, str) and model in DEMO_MODELS:
         family = LABELS[DEMO_MODELS[model]]
         return (f"ℹ️ **{model}** is Danlu's built-in {family}-shaped demo model: random weights, "
                 "built on this machine, so every tab works without a download. Its images are "

@@ -57,7 +57,7 @@ def build_embedding(paths: Paths):
 def _sizes_for(paths: Paths, model: str | None, current: str | None = None) -> str:
     """The module sizes of the chosen model (SD1 768, 320, 640, 1280; SD2 1024, ...; SDXL 2048,
     640, 1280); what is typed stays when the model's sizes cannot be told without loading it."""
-    sizes = model_sizes(paths, model or "")
+    sizes = model_sizes(paths, model if isinstance(model, str) else "")
     return sizes_text(sizes) if sizes else (current or "768, 320, 640, 1280")
 
 
