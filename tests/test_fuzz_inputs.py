@@ -386,3 +386,41 @@ def test_numbers_gradio_cannot_read_reach_the_validation_through_gradio(layout):
         shown = texts(out["data"])
         assert "Please fix" in shown and f"{field}: expected" in shown, (block_fn.name, shown)
     assert numbers > 50
+
+
+def test_a_value_outside_a_dropdowns_choices_is_refused_naming_the_field(layout):
+    """Through gradio's own preprocessing: a value that is not one of a dropdown's (radio's,
+    checkbox group's) choices, which only an API call or a stale page sends, is refused with a
+    message naming the field by its label, for every such input of every handler."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gradio as gr
+
+    from webui.app import build_app
+    blocks = build_app(layout, RecordingRunner(layout))
+    checked, wrong, seen = 0, [], set()
+    for block_fn in blocks.fns.values():
+        for index, component in enumerate(block_fn.inputs):
+            if getattr(component, "choices", None) is None or component.stateful or \
+                    getattr(component, "allow_custom_value", False) or \
+                    not block_fn.preprocess or component._id in seen:
+                continue
+            seen.add(component._id)  # once per control: a form's buttons share them
+            for junk in ["not-a-choice-名前", 12345][checked % 2:][:1]:
+                values = [c.value for c in block_fn.inputs]
+                values[index] = [junk] if isinstance(component, gr.CheckboxGroup) else junk
+                with ThreadPoolExecutor(1) as pool:  # playwright's loop may run in this thread
+                    future = pool.submit(lambda: asyncio.run(blocks.process_api(
+                        block_fn=block_fn, inputs=values, state=None)))
+                    try:
+                        future.result()
+                    except gr.Error as error:
+                        if not error.message.startswith(f"{component.label}: ") or \
+                                repr(junk) not in error.message:
+                            wrong.append((block_fn.name, component.label, error.message[:200]))
+                    else:
+                        wrong.append((block_fn.name, component.label, "accepted"))
+                checked += 1
+    assert not wrong, "\n".join(map(repr, wrong))
+    assert checked >= 20, checked
