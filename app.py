@@ -226,9 +226,7 @@ def start(args: argparse.Namespace):
         from trainers.models import load_model
         from trainers.tiny_model import DEMO_NAME
         load_model(paths, DEMO_NAME)
-    from core.worker_process import wanted
-    # training runs in a worker process (DANLU_TRAIN_IN_PROCESS=1: on a thread of this one)
-    runner = JobRunner(paths, queue_file=paths.cache / "queue.json", worker_process=wanted())
+    runner = JobRunner(paths, queue_file=paths.cache / "queue.json")
     from trainers.registry import rebuild
     restored = runner.restore(rebuild)
     if restored:

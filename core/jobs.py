@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from core import events as ev
 from core.paths import Paths
-from core.worker_process import ProcessTask, WorkerProcess
+from core.worker_process import ProcessTask, WorkerProcess, wanted
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
@@ -102,8 +102,12 @@ class Job:
 
 class JobRunner:
     def __init__(self, paths: Paths, history: int = 20, queue_file: Path | None = None,
-                 worker_process: bool = False):
+                 worker_process: bool | None = None):
+        """`worker_process`: run ProcessTask jobs (training) in the worker process; None
+        (the app's default) unless DANLU_TRAIN_IN_PROCESS=1 asks to train on this thread."""
         self.paths = paths
+        if worker_process is None:
+            worker_process = wanted()
         self.process = WorkerProcess() if worker_process else None
         self.queue_file = queue_file
         self._ids = itertools.count(1)

@@ -48,8 +48,10 @@ def test_a_task_runs_in_another_process_and_its_events_stream(runner, tmp_path):
     assert runner.wait(again, 60) and pid_of(again) == pid_of(job)  # one worker, kept
 
 
-def test_in_thread_mode_runs_the_same_task_in_this_process(tmp_path):
-    runner = JobRunner(Paths(tmp_path))
+def test_in_thread_mode_runs_the_same_task_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("DANLU_TRAIN_IN_PROCESS", "1")
+    assert JobRunner(Paths(tmp_path)).process is None
+    runner = JobRunner(Paths(tmp_path), worker_process=False)
     job = runner.submit("t", "train", ProcessTask("tests.worker_tasks:report", (2, "/p.png")))
     assert runner.wait(job, 30) and job.state == DONE and pid_of(job) == os.getpid()
     assert runner.process is None
