@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,13 +339,12 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
 
 
 def _prune(folder: Path, plan: TrainingPlan, keep: int) -> None:
-    """Delete all but the newest `keep` periodic copies of this run."""
-    def step_of(path: Path) -> int:
-        tail = path.stem.rsplit("-", 1)[-1]
-        return int(tail) if tail.isdigit() else -1
-    copies = sorted((p for p in folder.glob(f"{plan.name}-*{plan.final_path.suffix}") if step_of(p) >= 0),
-                    key=step_of)
-    for old in copies[:-keep]:
+    """Delete all but the newest `keep` periodic copies of this run: exactly `<name>-<step>`,
+    never another run's `<name>-<more>-<step>` (or APT's `<name>-neg-<step>`) in the folder."""
+    pattern = re.compile(re.escape(plan.name) + r"-(\d+)" + re.escape(plan.final_path.suffix))
+    steps = {p: int(m.group(1)) for p in folder.glob(f"{plan.name}-*{plan.final_path.suffix}")
+             if (m := pattern.fullmatch(p.name))}
+    for old in sorted(steps, key=steps.get)[:-keep]:
         old.unlink(missing_ok=True)
 
 
