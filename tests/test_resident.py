@@ -37,6 +37,15 @@ def test_mapped_weights_leave_the_resident_set_and_read_back_the_same(tmp_path):
     assert torch.equal(layer.weight, values["weight"])  # read back from the file, unchanged
     assert torch.equal(layer.bias, values["bias"])
 
+    # a weight written since it was mapped keeps what was written (a private copy, not the file)
+    with torch.no_grad():
+        layer.weight[0, :1024] = 7.0
+        layer.weight[2000, 5] = -3.0
+    page_out(layer)
+    expected = values["weight"].clone()
+    expected[0, :1024], expected[2000, 5] = 7.0, -3.0
+    assert torch.equal(layer.weight, expected)
+
 
 def test_anonymous_and_odd_tensors_are_left_alone():
     layer = torch.nn.Linear(300, 200)

@@ -2,19 +2,22 @@
 cached, a frozen text encoder once its outputs are cached).
 
 Base models load from .safetensors memory-mapped: the weights are pages of the file, resident
-(and counted in the process's RSS) once read. `page_out` asks the kernel to reclaim those pages
-(madvise MADV_PAGEOUT, Linux 5.4+). It never changes what the tensors hold: a page read again
-later (a preview decoding through the VAE) comes back from the file or the page cache. Memory that
-is not file-backed (weights converted at load, CUDA tensors) has no file to come back from and
-stays as it is; on other systems this does nothing."""
+(and counted in the process's RSS) once read. `page_out` drops those pages from the process
+(madvise MADV_DONTNEED, only when every resident page of the tensor is still the file's own,
+never a written copy) or else asks the kernel to reclaim them (MADV_PAGEOUT, a hint). It never
+changes what the tensors hold: a page read again later (a preview decoding through the VAE) comes
+back from the page cache or the file. Memory that is not file-backed (weights converted at load,
+CUDA tensors) stays as it is; on other systems this does nothing."""
 from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 import sys
 
 import torch
 
+MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
 _libc = None
 
@@ -52,6 +55,29 @@ def page_out(*modules) -> int:
             seen.add(start)
             low = -(-start // page) * page
             high = (start + tensor.numel() * tensor.element_size()) // page * page
-            if high > low and madvise(low, high - low, MADV_PAGEOUT) == 0:
+            if high <= low:
+                continue
+            # pages only mapped from the file can be dropped outright (they read back the same);
+            # another process mapping the same file (e.g. a second trainer) keeps its own copy.
+            # Anything written since (copy-on-write) or unknown only gets the reclaim hint.
+            advice = MADV_DONTNEED if _file_pages_only(low, high, page) else MADV_PAGEOUT
+            if madvise(low, high - low, advice) == 0:
                 asked += high - low
     return asked
+
+
+def _file_pages_only(low: int, high: int, page: int) -> bool:
+    """Every resident page in [low, high) is a file page (bit 61 of /proc/self/pagemap), none
+    a private copy."""
+    try:
+        with open("/proc/self/pagemap", "rb") as handle:
+            handle.seek(low // page * 8)
+            data = handle.read((high - low) // page * 8)
+    except OSError:
+        return False
+    if len(data) != (high - low) // page * 8:
+        return False
+    for (entry,) in struct.iter_unpack("<Q", data):
+        if entry >> 63 & 1 and not entry >> 61 & 1:  # present, but not a file page
+            return False
+    return True
