@@ -102,5 +102,7 @@ def test_preview_with_the_options_and_bad_values(data_paths, images, full_clip):
     with_options = pixels(steered)
     _, linear, _ = preview_from_config(preview_config(), data_paths)
     assert np.abs(with_options - pixels(linear)).max() > 1
+    assert linear != steered and steered.is_file() and plain.is_file()  # the first kept
+    assert np.array_equal(pixels(steered), with_options)
     with pytest.raises(ConfigError, match="aesthetic_slerp_angle"):
         preview_config(aesthetic_slerp_angle=1.5).validate()

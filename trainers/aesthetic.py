@@ -313,7 +313,8 @@ def preview(model, clip: ClipModels, embedding: torch.Tensor, settings, steps: i
 
 def preview_from_config(cfg, paths) -> tuple[Path, Path, str]:
     """AestheticPreviewConfig -> (plain image, steered image, cost line); the images go to
-    outputs/aesthetic/<embedding>-<seed>-{plain,steered}.png."""
+    outputs/aesthetic/<embedding>-<seed>-<n>-{plain,steered}.png, n the next free number (an
+    earlier preview is never replaced)."""
     from core.paths import PathError
     from trainers.models import load_model
     from trainers.sampling import PreviewSettings
@@ -339,7 +340,10 @@ def preview_from_config(cfg, paths) -> tuple[Path, Path, str]:
                                    slerp_angle=cfg.aesthetic_slerp_angle)
     folder = paths.outputs / "aesthetic"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{source.stem}-{cfg.seed}"
+    number = 1
+    while (folder / f"{source.stem}-{cfg.seed}-{number:04}-plain.png").exists():
+        number += 1
+    stem = f"{source.stem}-{cfg.seed}-{number:04}"
     plain_path, steered_path = folder / f"{stem}-plain.png", folder / f"{stem}-steered.png"
     plain.save(plain_path)
     steered.save(steered_path)
