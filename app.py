@@ -227,6 +227,8 @@ def start(args: argparse.Namespace):
         from trainers.tiny_model import DEMO_NAME
         load_model(paths, DEMO_NAME)
     runner = JobRunner(paths, queue_file=paths.cache / "queue.json")
+    if runner.process is not None:
+        runner.process.start()  # importing torch there overlaps with the page loading
     from trainers.registry import rebuild
     restored = runner.restore(rebuild)
     if restored:

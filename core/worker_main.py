@@ -81,6 +81,16 @@ def run_one(command: dict, output: Output, stopped: set, closing) -> None:
     output.line(json.dumps(done))
 
 
+def _warm_imports() -> None:
+    """What every training job imports first; a job arriving meanwhile waits on the import lock."""
+    try:
+        import torch  # noqa: F401
+        import diffusers  # noqa: F401
+        from trainers import models  # noqa: F401
+    except Exception:  # noqa: BLE001 - the job itself will report a broken install
+        pass
+
+
 def main() -> int:
     output = Output()
     commands: queue.Queue = queue.Queue()
@@ -89,6 +99,7 @@ def main() -> int:
     threading.Thread(target=_read_commands, args=(commands, stopped, closing), daemon=True,
                      name="danlu-worker-commands").start()
     output.line(json.dumps({"worker": "ready", "pid": os.getpid()}))
+    threading.Thread(target=_warm_imports, daemon=True, name="danlu-worker-warm").start()
     while True:
         command = commands.get()
         if command is None:

@@ -81,6 +81,12 @@ class WorkerProcess:
         child = self._child
         return child.process.pid if child is not None and child.process.poll() is None else None
 
+    def start(self) -> None:
+        """Start the worker now (it imports the training libraries while the user fills in the
+        form), so the first Train click does not wait for that."""
+        with self._lock:
+            self._ensure()
+
     def run(self, task: ProcessTask, ctx, job_id: int, poll: float = 0.2):
         """Run `task` in the worker, relay its events into `ctx` (and a stop request from
         `ctx.should_stop()` to it) until it is done. Raises TaskFailed if it failed or the

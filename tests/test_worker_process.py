@@ -208,3 +208,14 @@ def test_when_the_app_dies_the_worker_saves_the_job_and_exits(runner, tmp_path):
     process.stdin.close()  # what the worker sees when the app is killed: its stdin ends
     assert process.wait(timeout=30) == 0
     assert int(marker.read_text()) >= 2
+
+
+def test_the_worker_can_start_before_the_first_job_and_that_job_uses_it(runner, tmp_path):
+    runner.process.start()  # as app.py does at start
+    early = runner.process.pid
+    assert early is not None and early != os.getpid()
+    runner.process.start()  # a second call keeps the same process
+    assert runner.process.pid == early
+    job = runner.submit("pid", "train", ProcessTask("tests.worker_tasks:report", (1, "/p.png")))
+    assert runner.wait(job, 120) and job.state == DONE, job.result
+    assert pid_of(job) == early
