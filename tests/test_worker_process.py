@@ -219,3 +219,26 @@ def test_the_worker_can_start_before_the_first_job_and_that_job_uses_it(runner, 
     job = runner.submit("pid", "train", ProcessTask("tests.worker_tasks:report", (1, "/p.png")))
     assert runner.wait(job, 120) and job.state == DONE, job.result
     assert pid_of(job) == early
+
+
+def test_the_worker_leaves_one_cpu_to_the_server_unless_told_otherwise(monkeypatch):
+    from core.worker_process import worker_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert worker_threads({}) == 3
+    assert worker_threads({"DANLU_WORKER_THREADS": "4"}) == 4
+    assert worker_threads({"DANLU_WORKER_THREADS": "zero"}) == 3  # not a count: the default
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert worker_threads({}) == 1
+
+
+def test_the_worker_process_runs_with_that_many_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the app's own setting...
+    monkeypatch.setenv("DANLU_WORKER_THREADS", "1")  # ...which the worker's overrides
+    runner = JobRunner(Paths(tmp_path).ensure(), worker_process=True)
+    try:
+        job = runner.submit("threads", "train",
+                            ProcessTask("tests.worker_tasks:report_threads", ()))
+        assert runner.wait(job, 120) and job.state == DONE, job.result
+        assert "torch threads 1" in job.log
+    finally:
+        runner.shutdown(timeout=30)

@@ -71,3 +71,8 @@ def with_failing_step(ctx, kind: str, call: int, method: str, config: dict) -> N
         run_config(ctx, method, config)
     finally:
         trainers.loop.diffusion_loss = real
+
+
+def report_threads(ctx) -> None:
+    import torch
+    ctx.emit(ev.Status(f"torch threads {torch.get_num_threads()}"))
