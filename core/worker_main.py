@@ -92,6 +92,8 @@ def _warm_imports() -> None:
 
 
 def main() -> int:
+    from core.malloc_tuning import tune_malloc
+    tune_malloc()  # before the model's loading grows the heap
     output = Output()
     commands: queue.Queue = queue.Queue()
     stopped: set = set()

@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from core import events as ev
+from core.malloc_tuning import tune_malloc
 from trainers import distributed, grad_check, seeds
 from trainers.formats.optim_sidecar import load_optim, save_optim
 from trainers.conditioning import unet_inputs
@@ -151,6 +152,7 @@ def _release_memory(model, plan: TrainingPlan) -> None:
 
 def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) -> Path:
     """Run the loop; running out of memory ends the run with advice and saves nothing new."""
+    tune_malloc()
     try:
         return _train(model, data, plan, opts, ctx)
     except Exception as error:
