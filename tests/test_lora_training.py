@@ -169,3 +169,25 @@ def test_toml_dataset_config_with_unknown_key_names_it(data_paths, kohya_folder,
                     'num_repeat = 3\n')
     with pytest.raises(ConfigError, match="num_repeat"):
         run(lora_config(kohya_folder, dataset_config=str(toml)), RecordingContext(data_paths))
+
+
+def test_max_grad_norm_clips_the_total_gradient_norm(data_paths, kohya_folder):
+    """kohya's and diffusers' default clips at 1.0; with SGD the first step moves lora_up (zero
+    at start) by exactly lr x the clipped gradient, so the step scales with the clip norm."""
+    def first_step_norm(max_grad_norm: float, name: str) -> tuple[float, dict]:
+        path = run(lora_config(kohya_folder, output_name=name, max_train_steps=1,
+                               optimizer_type="SGDNesterov", learning_rate=0.5,
+                               max_grad_norm=max_grad_norm), RecordingContext(data_paths))
+        state, meta = load_lora(path)
+        ups = [t.float() for k, t in state.items() if "lora_up" in k]
+        return float(torch.sqrt(sum((t ** 2).sum() for t in ups))), meta
+
+    free, free_meta = first_step_norm(0.0, "free")
+    small, small_meta = first_step_norm(1e-6, "small")
+    double, _ = first_step_norm(2e-6, "double")
+    assert free_meta["ss_max_grad_norm"] == "None" and small_meta["ss_max_grad_norm"] == "1e-06"
+    assert 0 < small < free / 100
+    assert double / small == pytest.approx(2.0, rel=1e-3)
+    assert LoraConfig().max_grad_norm == 1.0
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        lora_config(kohya_folder, max_grad_norm=-1.0)

@@ -357,6 +357,9 @@ class KohyaTrainingConfig:
                                   label="Min SNR gamma", min=0.0, max=100.0)
     noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).",
                                  label="Noise offset", min=0.0, max=1.0)
+    max_grad_norm: float = option(1.0, "Clip the gradients' total norm to this before each "
+                                  "optimizer step (kohya's and diffusers' default 1.0); 0 does "
+                                  "not clip.", label="Max grad norm", min=0.0, max=1e6)
     clip_skip: int = option(1, "Use the text encoder's N-th layer from the end.",
                             label="CLIP skip", min=1, max=12)
     mixed_precision: str = option("no", "Compute precision (bf16 also works on CPUs).",

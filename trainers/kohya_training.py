@@ -215,6 +215,8 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         csv_name="loss.csv", min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
         autocast=AUTOCAST[cfg.mixed_precision], optimizer_name=cfg.optimizer_type,
         preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n, on_nan=cfg.on_nan,
+        clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
+        clip_value=lambda step: cfg.max_grad_norm,
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

@@ -66,7 +66,7 @@ KOHYA_OPTIM = ["learning_rate", "optimizer_type", "lr_scheduler", "lr_warmup_ste
                "lr_scheduler_num_cycles", "lr_scheduler_power", "train_batch_size",
                "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed",
                "on_nan"]
-KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip"]
+KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip", "max_grad_norm"]
 KOHYA_MEMORY = ["mixed_precision", "gradient_checkpointing", "attention", "cache_latents_to_disk",
                 "cache_text_encoder_outputs"]
 KOHYA_OUTPUT = ["sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",

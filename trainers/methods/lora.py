@@ -87,6 +87,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         num_epochs=-(-steps // per_epoch), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision, clip_skip=cfg.clip_skip,
         min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset or None,
+        max_grad_norm=cfg.max_grad_norm or None,
         sd_model_name=Path(model.name).stem,
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
