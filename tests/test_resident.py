@@ -53,3 +53,13 @@ def test_anonymous_and_odd_tensors_are_left_alone():
     before = [t.clone() for t in layer.parameters()]
     page_out(layer, torch.nn.Identity())
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+def test_only_file_pages_and_untouched_pages_may_be_dropped():
+    from trainers.resident import _droppable
+    present, swapped, file_page = 1 << 63, 1 << 62, 1 << 61
+    assert _droppable(present | file_page | 1234)
+    assert _droppable(0)  # never touched: reads back as zeros either way
+    assert not _droppable(present | 1234)  # a private (written or anonymous) page
+    assert not _droppable(swapped | 77)  # swapped out: perhaps the only copy of the data
+    assert not _droppable(swapped | file_page)

@@ -67,8 +67,8 @@ def page_out(*modules) -> int:
 
 
 def _file_pages_only(low: int, high: int, page: int) -> bool:
-    """Every resident page in [low, high) is a file page (bit 61 of /proc/self/pagemap), none
-    a private copy."""
+    """Every page in [low, high) is a resident file page (bit 61 of /proc/self/pagemap) or was
+    never touched: none a private copy, none swapped out."""
     try:
         with open("/proc/self/pagemap", "rb") as handle:
             handle.seek(low // page * 8)
@@ -77,7 +77,15 @@ def _file_pages_only(low: int, high: int, page: int) -> bool:
         return False
     if len(data) != (high - low) // page * 8:
         return False
-    for (entry,) in struct.iter_unpack("<Q", data):
-        if entry >> 63 & 1 and not entry >> 61 & 1:  # present, but not a file page
-            return False
-    return True
+    return all(_droppable(entry) for (entry,) in struct.iter_unpack("<Q", data))
+
+
+def _droppable(entry: int) -> bool:
+    """A pagemap entry MADV_DONTNEED may drop without changing what the memory holds: a present
+    file page, or a page never touched. A swapped-out page (bit 62) may be the only copy of
+    anonymous data (weights converted at load, on a machine with swap): dropping it would read
+    back zeros."""
+    present, swapped, file_page = entry >> 63 & 1, entry >> 62 & 1, entry >> 61 & 1
+    if swapped:
+        return False
+    return bool(file_page) if present else True
