@@ -216,6 +216,8 @@ def start(args: argparse.Namespace):
     login = credentials(args)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(data_dir / ".cache" / "gradio"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from core.malloc_tuning import prefer_huge_pages
+    prefer_huge_pages()  # before torch loads, here and in the training worker
 
     from core.jobs import JobRunner
     from core.paths import Paths

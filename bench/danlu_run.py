@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from core.malloc_tuning import prefer_huge_pages
+    prefer_huge_pages()  # as the CLI and the worker do, before torch is imported
     out: dict = {"side": "danlu", "method": spec["method"], "kind": spec["kind"],
                  "steps": spec["steps"]}
     try:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from core.config import ConfigError, load_toml, to_toml
+from core.malloc_tuning import prefer_huge_pages
 from core.paths import REPO_DIR, Paths
 from trainers.configs import METHOD_CONFIGS
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confine-paths", action="store_true",
                         help="refuse typed paths outside the data folder (as a shared app does)")
     args = parser.parse_args(argv)
+    prefer_huge_pages()  # before torch is imported
     cls = METHOD_CONFIGS[args.method]
     try:
         cfg = load_toml(cls, args.config, args.set)
