@@ -162,7 +162,8 @@ def notes(kind: str, methods: list[str]) -> list[str]:
         f"Same on both sides: model folder, the 4 photos (scikit-image samples, square at {res} px), "
         f"resolution {res}, batch 1, fp32 (no mixed precision), constant learning rate without "
         "warm-up (TI 5e-3, LoRA 1e-4, DreamBooth 5e-6), AdamW, seed 0, LoRA rank 4 with alpha = "
-        "rank, torch's default 2 threads, no validation, no intermediate checkpoints.",
+        "rank, torch's default 2 threads (1 in paired runs), no validation, no intermediate "
+        "checkpoints.",
         "Latents: Danlu encodes every image once before the first step (A1111's 'once' for TI and "
         "hypernetworks, kohya's cache_latents for LoRA/DreamBooth); the scripts run the VAE "
         "encoder on every step and have no option to cache. This is most of their extra FLOPs.",
@@ -174,8 +175,8 @@ def notes(kind: str, methods: list[str]) -> list[str]:
         "LoRA: the script adapts the attention projections only (to_q, to_k, to_v, to_out.0); Danlu "
         "uses kohya's module set (also the feed-forward layers and proj_in/proj_out), which is what "
         "A1111/ComfyUI files contain, so it trains ~2× the adapter parameters (still <1% of the "
-        "U-Net's FLOPs). The script clips the gradient norm to 1.0 every step. U-Net only on both "
-        "sides.",
+        "U-Net's FLOPs). Both clip the gradients' norm at 1.0 every step (Danlu's max_grad_norm "
+        "default, since session 3). U-Net only on both sides.",
         "Caching (issue 5's rows): Danlu always encodes latents once (kohya's cache_latents; it "
         "has no switch to encode every step, so there is no 'latents not cached' Danlu row); "
         "diffusers' train_dreambooth_lora.py has no latent cache and runs the VAE encoder every "
@@ -189,9 +190,10 @@ def notes(kind: str, methods: list[str]) -> list[str]:
         "Different random streams: both seed 0, but the sequence of timesteps and noise differs; a "
         "step's cost does not depend on its timestep.",
         "Time to first step counts Python imports: 'first Train click in a running app' is timed "
-        "from the call of the method's `run(cfg, ctx)` in a process where `trainers` is imported "
-        "(the Train tab imports it) but no model is loaded yet, so it includes diffusers' pipeline "
-        "import in `load_model`, the model load and encoding the dataset; 'model already loaded' is "
+        "from the call of the method's `run(cfg, ctx)` in a process that has done what the app's "
+        "training worker does while the page loads (torch, diffusers, transformers and the SD / "
+        "SDXL pipeline code imported; since session 4) but has no model loaded, so it includes the "
+        "model load and encoding the dataset; 'model already loaded' is "
         "a second run in the same process (Danlu keeps one model cached); 'CLI' and 'script' are "
         "from process spawn.",
     ]
@@ -279,7 +281,9 @@ def main(argv=None) -> int:
         previous["command"] = f"{previous.get('command')}, then {command} --append"
         previous["machine"]["load_start"] = (f"{previous['machine'].get('load_start')}; "
                                              f"{results['machine']['load_start']}")
-        previous["versions"], previous["notes"] = results["versions"], results["notes"]
+        measured = ({run["method"] for run in previous.get("runs", [])}
+                    | {pair["method"] for pair in previous.get("paired", [])} | set(training))
+        previous["versions"], previous["notes"] = results["versions"], notes(kind, sorted(measured))
         started -= previous.get("seconds", 0)
         results = previous
     try:

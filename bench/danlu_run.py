@@ -133,7 +133,9 @@ class TimingContext:
         self.last_step = 0
         self.result = None
         self.losses: list[float] = []
-        self.rss_phases: list[tuple[str, float]] = []  # peak RSS so far at each Status event
+        # (text, peak RSS so far, seconds since the context was made) per Status event
+        self.rss_phases: list[tuple[str, float, float]] = []
+        self.began = time.perf_counter()
 
     def should_stop(self) -> bool:
         return False
@@ -144,13 +146,14 @@ class TimingContext:
         if isinstance(event, ev.Progress):
             if self.first_progress is None:
                 self.first_progress = (now, time.time(), time.process_time())
-                self.rss_phases.append(("first step done", peak_rss_mib()))
+                self.rss_phases.append(("first step done", peak_rss_mib(),
+                                        round(now - self.began, 2)))
             self.last_step = event.step
             self.losses.append(event.loss)
             self.recorder.step_done(event.step)
         elif isinstance(event, ev.Status):
             self.statuses.append((now, event.text))
-            self.rss_phases.append((event.text[:60], peak_rss_mib()))
+            self.rss_phases.append((event.text[:60], peak_rss_mib(), round(now - self.began, 2)))
         elif isinstance(event, (ev.Preview, ev.Saved)) and self.recorder.step_ends:
             self.recorder.other("preview" if isinstance(event, ev.Preview) else f"save:{event.kind}",
                                 self.recorder.boundaries[-1], now)
@@ -207,6 +210,7 @@ def main(argv=None) -> int:
         import trainers.registry
         trainers.registry.runner  # noqa: B018
         from trainers import loop, models  # noqa: F401
+        models.warm_imports()  # what the app's worker does while the page loads
         ready = time.time()
         out["import_s"] = ready - T_SPAWN
         if spec["method"] not in available_methods():
