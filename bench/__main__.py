@@ -375,8 +375,8 @@ def main(argv=None) -> int:
             log(f"work folder kept: {work}")
     results["machine"]["load"] = machine_info().get("load")
     results["seconds"] = time.time() - started
-    results.setdefault("commands", {})
-    results["commands"] = {
+    results["commands"] = {  # saved entries first: this run's command replaces the saved one
+        **results.get("commands", {}),
         "this benchmark": results["command"],
         "one Danlu run": "python3 -m bench.danlu_run SPEC.json  (SPEC written by the runner)",
         "one script run": "DANLU_BENCH_STANDIN=<folder> python3 bench/script_timer.py "
@@ -387,7 +387,6 @@ def main(argv=None) -> int:
                           "--rank 4 --seed 0 --mixed_precision no --checkpointing_steps 1000000 "
                           "(see `bench/baselines.py::script_args` for all three)",
         "baseline scripts": "python3 -m bench.baselines extract --git-dir <diffusers clone>/.git",
-        **results["commands"],
     }
     return _finish(results, args, results_file, save=True)
 
