@@ -93,6 +93,32 @@ def test_interrupted_then_resumed_lora_repeats_the_uninterrupted_run(data_paths,
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
+@pytest.mark.parametrize("optimizer", ["PagedAdamW8bit", "Adafactor"])
+def test_optimizers_with_state_of_other_shapes_resume_exactly(data_paths, kohya_folder, optimizer):
+    """State that is not shaped like its parameter — bitsandbytes' quantization maps and block
+    maxima (rank 64 makes the 64x64 down-projections big enough for 8-bit state), Adafactor's
+    factored rows and columns — is saved and restored exactly, not refused."""
+    from trainers.optimizers import available_optimizers
+    reason = available_optimizers()[optimizer]
+    if reason is not None:
+        pytest.skip(reason)
+    cfg = lora_config(kohya_folder, max_train_steps=4, network_dim=64, network_alpha=32.0,
+                      optimizer_type=optimizer, network_train_unet_only=True)
+    whole = RecordingContext(data_paths)
+    path = run(cfg, whole)
+    final = load_lora(path)[0]
+    assert load_lora(path)[1]["ss_optimizer"] == optimizer
+    for leftover in data_paths.lora.iterdir():
+        leftover.unlink()
+    first = RecordingContext(data_paths, stop_after=2)
+    run(cfg, first)
+    second = RecordingContext(data_paths)
+    run(cfg, second)
+    assert first.losses + second.losses == whole.losses
+    resumed = load_lora(path)[0]
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
 def test_training_lowers_the_loss(data_paths, kohya_folder):
     from trainers.kohya_data import folder_dataset, prepare_datasets
     from trainers.lora_network import LoraNetwork, LoraSpec
@@ -191,3 +217,18 @@ def test_max_grad_norm_clips_the_total_gradient_norm(data_paths, kohya_folder):
     assert LoraConfig().max_grad_norm == 1.0
     with pytest.raises(ConfigError, match="max_grad_norm"):
         lora_config(kohya_folder, max_grad_norm=-1.0)
+
+
+def test_state_shape_check_for_sidecars_with_and_without_recorded_shapes():
+    from trainers.loop import _check_state_shapes
+    weight = torch.nn.Parameter(torch.zeros(8, 4))
+    optimizer = torch.optim.AdamW([weight])
+    optimizer.state[weight] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(8, 4),
+                               "exp_avg_sq": torch.zeros(8, 4), "qmap1": torch.zeros(256)}
+    _check_state_shapes(optimizer)  # an older sidecar: only the mirrored entries are compared
+    _check_state_shapes(optimizer, [[8, 4]])
+    with pytest.raises(ValueError, match=r"\[8, 2\] for parameter 0 of shape \[8, 4\]"):
+        _check_state_shapes(optimizer, [[8, 2]])
+    optimizer.state[weight]["exp_avg"] = torch.zeros(8, 2)
+    with pytest.raises(ValueError, match=r"state of shape \[8, 2\]"):
+        _check_state_shapes(optimizer)

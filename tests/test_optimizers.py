@@ -14,8 +14,11 @@ from trainers.lr_schedulers import (SCHEDULERS, ScheduleError, rate_factor, sche
 from trainers.optimizers import (OPTIMIZERS, OptimizerError, advice, available_optimizers,
                                  create_optimizer, parse_optimizer_args)
 
-RATES = {"AdamW": 0.1, "AdamW8bit": 0.1, "Lion": 0.03, "Prodigy": 1.0, "Adafactor": 0.1,
-         "SGDNesterov": 0.05}
+RATES = {"AdamW": 0.1, "AdamW8bit": 0.1, "PagedAdamW8bit": 0.1, "PagedAdamW": 0.1,
+         "PagedAdamW32bit": 0.1, "Lion": 0.03, "Lion8bit": 0.03, "PagedLion8bit": 0.03,
+         "Prodigy": 1.0, "Adafactor": 0.1, "SGDNesterov": 0.05, "SGDNesterov8bit": 0.05}
+BITSANDBYTES = ["AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion8bit",
+                "PagedLion8bit", "SGDNesterov8bit"]
 
 
 def _quadratic_run(name: str, steps: int = 15) -> tuple[float, float]:
@@ -33,8 +36,35 @@ def _quadratic_run(name: str, steps: int = 15) -> tuple[float, float]:
 
 
 def test_registry_has_kohyas_names():
+    from trainers.configs import OPTIMIZERS as FORM_CHOICES
+    from trainers.memory_estimate import OPTIMIZER_BYTES
     assert set(OPTIMIZERS) == set(RATES)
     assert set(available_optimizers()) == set(RATES)
+    assert sorted(FORM_CHOICES) == sorted(OPTIMIZERS) and set(OPTIMIZER_BYTES) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", BITSANDBYTES)
+def test_bitsandbytes_optimizers_keep_their_state_small_and_learn(name):
+    """The 8-bit ones keep 8-bit state for tensors of 4096+ elements (bitsandbytes' rule); the
+    32-bit paged ones keep float32 state; all of them train."""
+    reason = available_optimizers()[name]
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = create_optimizer(name, [weight], RATES[name])
+    first = None
+    for _ in range(20):
+        loss = (weight ** 2).sum()
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (weight ** 2).sum().item() < 0.9 * first
+    state = optimizer.state[weight]["state1"]
+    assert state.dtype == (torch.uint8 if name.endswith("8bit") else torch.float32), state.dtype
+    if name == "SGDNesterov8bit":  # kohya's momentum default (bitsandbytes keeps it in betas)
+        assert optimizer.param_groups[0]["betas"][0] == 0.9
 
 
 @pytest.mark.parametrize("name", sorted(RATES))

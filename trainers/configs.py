@@ -289,7 +289,8 @@ class HypernetworkTrainingConfig(TemplateTrainingConfig):
         return accept(self, problems)
 
 
-OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov"]
+OPTIMIZERS = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion",
+              "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGDNesterov", "SGDNesterov8bit"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial"]
 PRECISIONS = ["no", "fp16", "bf16"]

@@ -92,12 +92,30 @@ class TrainingPlan:
     x0_loss: Callable[[Batch], Callable | None] | None = None  # a batch's loss on predicted x0
 
 
-def _check_state_shapes(optimizer) -> None:
-    """torch loads optimizer state of the wrong shapes silently; refuse it here instead."""
+# optimizer state entries shaped like their parameter (torch's and bitsandbytes' names); others,
+# such as bitsandbytes' quantization maps or Adafactor's factored rows, have shapes of their own
+MIRRORED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
+                  "acc_delta", "state1", "state2")
+
+
+def _param_shapes(optimizer) -> list[list[int]]:
+    return [list(param.shape) for group in optimizer.param_groups for param in group["params"]]
+
+
+def _check_state_shapes(optimizer, saved_shapes: list | None = None) -> None:
+    """torch loads optimizer state of the wrong shapes silently; refuse it here instead. The
+    sidecar records the parameters' shapes (since session 4); older ones are checked by the
+    state entries that mirror their parameter."""
+    if saved_shapes is not None:
+        for index, (saved, now) in enumerate(zip(saved_shapes, _param_shapes(optimizer))):
+            if list(saved) != now:
+                raise ValueError(f"state of shape {list(saved)} for parameter {index} of shape {now}")
+        return
     for group in optimizer.param_groups:
         for param in group["params"]:
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+            for key, value in optimizer.state.get(param, {}).items():
+                if (key in MIRRORED_STATE and torch.is_tensor(value) and value.dim()
+                        and value.shape != param.shape):
                     raise ValueError(f"state of shape {list(value.shape)} for a parameter of "
                                      f"shape {list(param.shape)}")
 
@@ -175,7 +193,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     if state is not None:
         try:
             plan.optimizer.load_state_dict(state["optimizer_state_dict"])
-            _check_state_shapes(plan.optimizer)
+            _check_state_shapes(plan.optimizer, (state.get("danlu") or {}).get("param_shapes"))
         except (ValueError, KeyError, RuntimeError) as error:
             raise TrainingError(f"resume: the saved optimizer state in {plan.final_path.name}.optim "
                                 f"does not fit this network ({error}); delete the .optim file "
@@ -212,7 +230,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         if not main:
             return plan.final_path
         plan.save(plan.final_path, step)
-        extra = {"seed": opts.seed, "step": step}
+        extra = {"seed": opts.seed, "step": step, "param_shapes": _param_shapes(plan.optimizer)}
         if plan.sidecar_extra is not None:
             extra.update(plan.sidecar_extra())
         save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,

@@ -9,8 +9,10 @@ GB = 1024 ** 3
 FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "sd2": (865.9e6, 340.4e6, 83.7e6),
             "sdxl": (2567.5e6, 817.8e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6),
             "tiny-demo-sd2": (0.80e6, 2.41e6, 0.26e6), "tiny-demo-sdxl": (1.38e6, 4.02e6, 0.26e6)}
-OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Prodigy": 16, "Adafactor": 1,
-                   "SGDNesterov": 4}
+# bytes of optimizer state per trained parameter (paged state counts where it is at its peak)
+OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "PagedAdamW": 8,
+                   "PagedAdamW32bit": 8, "Lion": 4, "Lion8bit": 1, "PagedLion8bit": 1,
+                   "Prodigy": 16, "Adafactor": 1, "SGDNesterov": 4, "SGDNesterov8bit": 1}
 # activation memory for one 256 px image through an SD1 U-Net with backward, fp32 (measured
 # order of magnitude on the CPU); it grows with pixels and batch
 ACTIVATIONS_256 = 0.9 * GB

@@ -4,7 +4,11 @@ names the package.
 
 - AdamW: torch.optim.AdamW(params, lr, **args), with torch's fused kernel unless the args say
   `fused` or `foreach`.
-- AdamW8bit: bitsandbytes.optim.AdamW8bit (optional; needs a usable bitsandbytes build).
+- AdamW8bit, PagedAdamW8bit, PagedAdamW, PagedAdamW32bit, Lion8bit, PagedLion8bit, SGDNesterov8bit:
+  bitsandbytes' classes of those names (SGDNesterov8bit is SGD8bit with nesterov=True and
+  momentum 0.9 unless given, as kohya passes them; bitsandbytes ignores nesterov). Optional: they need a usable bitsandbytes
+  build. Paged state lives in CUDA unified memory and moves to CPU RAM under GPU memory
+  pressure; without a GPU it is an ordinary buffer.
 - Lion: lion_pytorch.Lion (kohya's choice of Lion implementation).
 - Prodigy: prodigyopt.Prodigy; like kohya, warns when lr <= 0.1 (Prodigy wants about 1.0).
 - Adafactor: transformers.optimization.Adafactor. With relative_step=False (Danlu's default,
@@ -59,9 +63,18 @@ def _adamw(params, lr, **args):
     return torch.optim.AdamW(params, lr=lr, **args)
 
 
-def _adamw8bit(params, lr, **args):
-    bnb = _require("AdamW8bit")
-    return bnb.optim.AdamW8bit(params, lr=lr, **args)
+def _bitsandbytes(name: str, class_name: str, **defaults):
+    """A factory for bitsandbytes' `class_name` under kohya's optimizer `name`; `defaults` are
+    kohya's (the user's optimizer_args win)."""
+    def build(params, lr, **args):
+        bnb = _require(name)
+        return getattr(bnb.optim, class_name)(params, lr=lr, **{**defaults, **args})
+    return build
+
+
+def _sgd_nesterov8bit(params, lr, **args):
+    args.setdefault("momentum", 0.9)
+    return _bitsandbytes("SGDNesterov8bit", "SGD8bit", nesterov=True)(params, lr, **args)
 
 
 def _lion(params, lr, **args):
@@ -94,8 +107,24 @@ def _adafactor(params, lr, **args):
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("AdamW", _adamw, None, None, "torch AdamW"),
-    OptimizerSpec("AdamW8bit", _adamw8bit, "bitsandbytes", "bitsandbytes",
-                  "8-bit AdamW from bitsandbytes: less memory for optimizer state"),
+    OptimizerSpec("AdamW8bit", _bitsandbytes("AdamW8bit", "AdamW8bit"), "bitsandbytes",
+                  "bitsandbytes", "8-bit AdamW from bitsandbytes: less memory for optimizer state"),
+    OptimizerSpec("PagedAdamW8bit", _bitsandbytes("PagedAdamW8bit", "PagedAdamW8bit"),
+                  "bitsandbytes", "bitsandbytes", "8-bit AdamW whose state pages out to CPU RAM "
+                  "when the GPU runs short (bitsandbytes)"),
+    OptimizerSpec("PagedAdamW", _bitsandbytes("PagedAdamW", "PagedAdamW"), "bitsandbytes",
+                  "bitsandbytes", "AdamW (32-bit state) that pages out to CPU RAM when the GPU "
+                  "runs short (bitsandbytes)"),
+    OptimizerSpec("PagedAdamW32bit", _bitsandbytes("PagedAdamW32bit", "PagedAdamW32bit"),
+                  "bitsandbytes", "bitsandbytes", "the same as PagedAdamW (kohya's other name)"),
+    OptimizerSpec("Lion8bit", _bitsandbytes("Lion8bit", "Lion8bit"), "bitsandbytes",
+                  "bitsandbytes", "8-bit Lion from bitsandbytes"),
+    OptimizerSpec("PagedLion8bit", _bitsandbytes("PagedLion8bit", "PagedLion8bit"),
+                  "bitsandbytes", "bitsandbytes", "8-bit Lion that pages out to CPU RAM when "
+                  "the GPU runs short (bitsandbytes)"),
+    OptimizerSpec("SGDNesterov8bit", _sgd_nesterov8bit, "bitsandbytes", "bitsandbytes",
+                  "8-bit SGD with momentum 0.9 unless momentum= is given (bitsandbytes takes "
+                  "kohya's nesterov=True but runs plain momentum)"),
     OptimizerSpec("Lion", _lion, "lion_pytorch", "lion-pytorch",
                   "Lion (sign momentum); use a learning rate 3-10x lower than AdamW's"),
     OptimizerSpec("Prodigy", _prodigy, "prodigyopt", "prodigyopt",
