@@ -66,6 +66,36 @@ class RecordingContext:
         return [e.loss for e in self.of(Progress)]
 
 
+def _same(a, b) -> bool:
+    import torch
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def repeat_with_interruption(run, cfg, paths, *, load, reset, stop_after: int = 2,
+                             after_first=None):
+    """Train `cfg` through, `reset()` its files to the start, train again stopped after
+    `stop_after` steps (`after_first(path)` may check that state), then resume. Asserts that the
+    losses and the final weights (`load(path)`: tensors in a dict or list) repeat the
+    uninterrupted run; returns the three runs' contexts."""
+    whole = RecordingContext(paths)
+    path = run(cfg, whole)
+    final = load(path)
+    reset()
+    first = RecordingContext(paths, stop_after=stop_after)
+    run(cfg, first)
+    if after_first is not None:
+        after_first(path)
+    second = RecordingContext(paths)
+    run(cfg, second)
+    assert first.losses + second.losses == whole.losses
+    assert _same(final, load(path)), "the resumed run's weights differ"
+    return whole, first, second
+
+
 @pytest.fixture
 def data_paths(tmp_path, tiny_model_dir):
     """A data folder whose tiny-demo model is the session's prebuilt one."""

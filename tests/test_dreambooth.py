@@ -8,7 +8,7 @@ import torch
 
 from core.config import ConfigError
 from core.events import Status
-from tests.conftest import RecordingContext, photo
+from tests.conftest import RecordingContext, photo, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers import models
 from trainers.class_images import ensure_class_images
@@ -71,20 +71,16 @@ def test_interrupted_then_resumed_run_repeats_the_uninterrupted_one_when_saving_
         data_paths, instance_dir, changes):
     from safetensors.torch import load_file
     cfg = db_config(instance_dir, max_train_steps=5, **changes)
-    whole = RecordingContext(data_paths)
-    path = run(cfg, whole)
-    final = load_file(path)
-    assert final["model.diffusion_model.out.2.weight"].dtype != torch.float32  # a rounded file
-    for leftover in data_paths.stable_diffusion.iterdir():
-        leftover.unlink()
-    first = RecordingContext(data_paths, stop_after=2)
-    run(cfg, first)
-    second = RecordingContext(data_paths)
-    run(cfg, second)
-    assert first.losses + second.losses == whole.losses
+    def load(path):
+        weights = load_file(path)
+        assert weights["model.diffusion_model.out.2.weight"].dtype != torch.float32  # rounded
+        return weights
+
+    def reset():
+        for leftover in data_paths.stable_diffusion.iterdir():
+            leftover.unlink()
+    _, _, second = repeat_with_interruption(run, cfg, data_paths, load=load, reset=reset)
     assert any("exact fp32 weights of step 2" in e.text for e in second.of(Status))
-    resumed = load_file(path)
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
 def test_text_encoder_trains_when_asked(data_paths, instance_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from tests.conftest import RecordingContext
+from tests.conftest import RecordingContext, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers.configs import CreateHypernetworkConfig, HypernetworkTrainingConfig
 from trainers.formats.hypernetwork import load_hypernetwork
@@ -88,17 +88,12 @@ def test_resume_repeats_the_uninterrupted_run(data_paths, photo_dataset, tmp_pat
     pristine = tmp_path / "hn.pt"
     shutil.copy(path, pristine)
     cfg = hn_config(photo_dataset, steps=6, learn_rate="0.002:3, 0.001")
-    whole = RecordingContext(data_paths)
-    run(cfg, whole)
-    final = weights(load_hypernetwork(path))
-    shutil.copy(pristine, path)
-    path.with_name("hn.pt.optim").unlink()
-    first = RecordingContext(data_paths, stop_after=2)
-    run(cfg, first)
-    second = RecordingContext(data_paths)
-    run(cfg, second)
-    assert first.losses + second.losses == whole.losses
-    assert all(torch.equal(a, b) for a, b in zip(final, weights(load_hypernetwork(path))))
+
+    def reset():
+        shutil.copy(pristine, path)
+        path.with_name("hn.pt.optim").unlink()
+    repeat_with_interruption(run, cfg, data_paths, load=lambda p: weights(load_hypernetwork(p)),
+                             reset=reset)
 
 
 def test_strength_zero_renders_the_base_image(data_paths):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from core.config import ConfigError
 from core.events import Preview
-from tests.conftest import RecordingContext, photo
+from tests.conftest import RecordingContext, photo, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers.configs import LoraConfig
 from trainers.formats.lora import load_lora
@@ -28,6 +27,11 @@ def kohya_folder(tmp_path):
         photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
         (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
     return root
+
+
+def clear(folder):
+    for leftover in folder.iterdir():
+        leftover.unlink()
 
 
 def lora_config(folder, **changes):
@@ -78,19 +82,10 @@ def test_lora_file_loads_in_diffusers_and_changes_output(data_paths, kohya_folde
 def test_interrupted_then_resumed_lora_repeats_the_uninterrupted_run(data_paths, kohya_folder):
     cfg = lora_config(kohya_folder, max_train_steps=6, lr_scheduler="cosine", lr_warmup_steps=2,
                       flip_aug=True, shuffle_caption=True, train_batch_size=2)
-    whole = RecordingContext(data_paths)
-    path = run(cfg, whole)
-    final = load_lora(path)[0]
-    for leftover in data_paths.lora.iterdir():
-        leftover.unlink()
-    first = RecordingContext(data_paths, stop_after=2)
-    run(cfg, first)
-    assert load_lora(path)[1]["ss_steps"] == "2"
-    second = RecordingContext(data_paths)
-    run(cfg, second)
-    assert first.losses + second.losses == whole.losses
-    resumed = load_lora(path)[0]
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    def after_first(path):
+        assert load_lora(path)[1]["ss_steps"] == "2"
+    repeat_with_interruption(run, cfg, data_paths, load=lambda path: load_lora(path)[0],
+                             reset=lambda: clear(data_paths.lora), after_first=after_first)
 
 
 @pytest.mark.parametrize("optimizer", ["PagedAdamW8bit", "Adafactor"])
@@ -104,19 +99,11 @@ def test_optimizers_with_state_of_other_shapes_resume_exactly(data_paths, kohya_
         pytest.skip(reason)
     cfg = lora_config(kohya_folder, max_train_steps=4, network_dim=64, network_alpha=32.0,
                       optimizer_type=optimizer, network_train_unet_only=True)
-    whole = RecordingContext(data_paths)
-    path = run(cfg, whole)
-    final = load_lora(path)[0]
-    assert load_lora(path)[1]["ss_optimizer"] == optimizer
-    for leftover in data_paths.lora.iterdir():
-        leftover.unlink()
-    first = RecordingContext(data_paths, stop_after=2)
-    run(cfg, first)
-    second = RecordingContext(data_paths)
-    run(cfg, second)
-    assert first.losses + second.losses == whole.losses
-    resumed = load_lora(path)[0]
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    def load(path):
+        weights, metadata = load_lora(path)
+        assert metadata["ss_optimizer"] == optimizer
+        return weights
+    repeat_with_interruption(run, cfg, data_paths, load=load, reset=lambda: clear(data_paths.lora))
 
 
 def test_training_lowers_the_loss(data_paths, kohya_folder):

@@ -10,7 +10,7 @@ import torch
 
 from core.config import ConfigError
 from core.events import Finished, Preview, Saved, Status
-from tests.conftest import RecordingContext
+from tests.conftest import RecordingContext, repeat_with_interruption
 from trainers.configs import CreateEmbeddingConfig, TextualInversionConfig
 from trainers.embeddings import create_embedding
 from trainers.formats.embedding import load_embedding
@@ -126,20 +126,16 @@ def test_interrupted_then_resumed_run_repeats_the_uninterrupted_run(data_paths, 
     cfg = ti_config(photo_dataset, steps=8, batch_size=2, gradient_accumulation=2,
                     learn_rate="0.01:5, 0.003", latent_sampling="random", shuffle_tags=True)
 
-    whole = RecordingContext(data_paths)
-    run(cfg, whole)
-    whole_vectors = load_embedding(path).vectors.clone()
+    def reset():
+        shutil.copy(pristine, path)
+        path.with_name(path.name + ".optim").unlink()
 
-    shutil.copy(pristine, path)
-    path.with_name(path.name + ".optim").unlink()
-    first = RecordingContext(data_paths, stop_after=3)
-    run(cfg, first)
-    assert load_embedding(path).step == 3
-    second = RecordingContext(data_paths)
-    run(cfg, second)
+    def after_first(path):
+        assert load_embedding(path).step == 3
+    _, _, second = repeat_with_interruption(
+        run, cfg, data_paths, load=lambda p: [load_embedding(p).vectors.clone()], reset=reset,
+        stop_after=3, after_first=after_first)
     assert any("saved optimizer state" in s.text for s in second.of(Status))
-    assert first.losses + second.losses == whole.losses
-    assert torch.equal(load_embedding(path).vectors, whole_vectors)
 
 
 def test_schedule_end_stops_training(data_paths, photo_dataset):
