@@ -36,8 +36,13 @@ def find_embedding(paths: Paths, name: str) -> Path | None:
 
 def initial_vectors(tokenizer, text_encoder, init_text: str, count: int):
     """A1111's rule: spread the init text's token vectors over `count` rows (zeros if none)."""
+    return table_vectors(tokenizer, text_encoder.get_input_embeddings().weight, init_text, count)
+
+
+def table_vectors(tokenizer, table, init_text: str, count: int):
+    """initial_vectors from the token-embedding table itself ([vocab, width])."""
     import torch
-    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    table = table.detach().float().cpu()
     ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
     vectors = torch.zeros(count, table.shape[1])
     if ids:
@@ -50,7 +55,7 @@ def initial_vectors(tokenizer, text_encoder, init_text: str, count: int):
 def create_embedding(cfg, paths: Paths) -> Path:
     """Write embeddings/<name>.<format> from a validated CreateEmbeddingConfig."""
     from trainers.formats.embedding import EmbeddingFile, save_embedding
-    from trainers.models import load_model
+    from trainers.text_tables import text_tables
 
     name = cfg.name.strip()
     target = paths.embeddings / f"{name}.{cfg.file_format}"
@@ -58,12 +63,11 @@ def create_embedding(cfg, paths: Paths) -> Path:
     if existing is not None and not cfg.overwrite:
         raise EmbeddingExists(f"name: an embedding named {name!r} already exists "
                               f"({existing.name}); tick 'Overwrite' to replace it")
-    model = load_model(paths, cfg.model)
-    vectors = initial_vectors(model.tokenizer, model.text_encoder, cfg.init_text, cfg.vectors_per_token)
-    if model.is_sdxl:  # one half per text encoder, as A1111 and kohya save SDXL embeddings
-        vectors = {"clip_l": vectors,
-                   "clip_g": initial_vectors(model.tokenizer_2, model.text_encoder_2,
-                                             cfg.init_text, cfg.vectors_per_token)}
+    model = text_tables(paths, cfg.model)  # not the whole pipeline: this runs in the app
+    halves = [table_vectors(tokenizer, table, cfg.init_text, cfg.vectors_per_token)
+              for tokenizer, table in zip(model.tokenizers, model.tables)]
+    # SDXL: one half per text encoder, as A1111 and kohya save SDXL embeddings
+    vectors = dict(zip(("clip_l", "clip_g"), halves)) if model.is_sdxl else halves[0]
     save_embedding(target, EmbeddingFile(name=name, vectors=vectors, step=0,
                                          sd_checkpoint=model.short_hash,
                                          sd_checkpoint_name=Path(model.name).stem))

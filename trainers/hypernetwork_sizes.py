@@ -32,6 +32,17 @@ def unet_config_sizes(config: dict) -> list[int]:
     return context + sorted(w for w in widths if w not in context)
 
 
+def checkpoint_sizes(shapes: dict) -> list[int]:
+    """[context width, self-attention widths ascending] from an original-layout file's key ->
+    shape: the input width of each U-Net attention's to_k (attn2 reads the text context)."""
+    context, own = set(), set()
+    for key, shape in shapes.items():
+        if key.startswith("model.diffusion_model.") and key.endswith(".to_k.weight") \
+                and len(shape) == 2:
+            (context if ".attn2." in key else own).add(int(shape[1]))
+    return sorted(context) + sorted(own - context)
+
+
 def model_sizes(paths, name: str) -> list[int] | None:
     """The module sizes of the base model named in a model dropdown; None when they cannot be
     told without loading it (a .ckpt, a hub id, a missing file)."""
@@ -44,6 +55,14 @@ def model_sizes(paths, name: str) -> list[int] | None:
     if name and config.is_file():
         try:
             sizes = unet_config_sizes(json.loads(config.read_text()))
+        except (OSError, ValueError):
+            sizes = []
+        if sizes:
+            return sizes
+    if name and folder.suffix.lower() == ".safetensors" and folder.is_file():
+        from trainers.families import safetensors_shapes
+        try:  # the file's own widths: a fine-tune of a demo model is not SD-sized
+            sizes = checkpoint_sizes(safetensors_shapes(folder))
         except (OSError, ValueError):
             sizes = []
         if sizes:

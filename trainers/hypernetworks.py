@@ -47,18 +47,30 @@ def create_hypernetwork(cfg, paths: Paths) -> Path:
         add_layer_norm=cfg.add_layer_norm, use_dropout=cfg.use_dropout,
         dropout_structure=parse_floats(cfg.dropout_structure, "dropout_structure")
         if cfg.use_dropout else None).validate()
-    short_hash = None
     if cfg.model.strip():
-        from trainers.models import load_model
-        from trainers.hypernetwork_attention import attention_widths
-        model = load_model(paths, cfg.model)
-        widths = set(attention_widths(model.unet))
+        widths, short_hash = _model_widths(paths, cfg.model)
         if not widths & set(spec.sizes):
             raise ConfigError(f"sizes: none of {', '.join(map(str, spec.sizes))} is an attention "
                               f"width of {cfg.model} ({', '.join(map(str, sorted(widths)))}), so "
                               "the hypernetwork would change nothing")
-        short_hash = model.short_hash
-        spec.sd_checkpoint, spec.sd_checkpoint_name = short_hash, Path(model.name).stem
+        spec.sd_checkpoint, spec.sd_checkpoint_name = short_hash, Path(cfg.model).stem
     save_hypernetwork(target, Hypernetwork(spec))
     target.with_name(target.name + ".optim").unlink(missing_ok=True)
     return target
+
+
+def _model_widths(paths: Paths, name: str) -> tuple[set[int], str | None]:
+    """The base model's attention widths and short hash, read from its files when they tell
+    (this runs in the app process, where a loaded pipeline would sit beside the worker's);
+    the model is loaded only when they do not (a .ckpt, a hub id)."""
+    from trainers.hypernetwork_sizes import model_sizes
+    from trainers.models import file_short_hash, resolve_model
+
+    kind, location = resolve_model(paths, name)  # a name that is no model fails here, naming it
+    sizes = model_sizes(paths, name) if kind != "hub" else None
+    if sizes:
+        return set(sizes), file_short_hash(Path(location), paths.cache) if kind == "file" else None
+    from trainers.hypernetwork_attention import attention_widths
+    from trainers.models import load_model
+    model = load_model(paths, name)
+    return set(attention_widths(model.unet)), model.short_hash

@@ -187,10 +187,7 @@ def load_model(paths: Paths, name: str, exclusive: bool = False) -> BaseModel:
     weights (DreamBooth); the next caller loads a fresh copy of what that job changed and
     reuses what it gave back (`give_back`)."""
     kind, location = resolve_model(paths, name)
-    key_extra = ()
-    if kind in ("folder", "file"):
-        key_extra = (Path(location).stat().st_mtime_ns,)
-    key = (kind, str(location)) + key_extra
+    key = _cache_key(kind, location)
     with _cache_lock:
         entry = _cache.get(key)
         if isinstance(entry, BaseModel):
@@ -202,6 +199,22 @@ def load_model(paths: Paths, name: str, exclusive: bool = False) -> BaseModel:
         if not exclusive:
             _cache[key] = model
         return model
+
+
+def _cache_key(kind: str, location) -> tuple:
+    key_extra = ()
+    if kind in ("folder", "file"):
+        key_extra = (Path(location).stat().st_mtime_ns,)
+    return (kind, str(location)) + key_extra
+
+
+def cached_model(paths: Paths, name: str) -> BaseModel | None:
+    """The model load_model would return without loading anything, or None when it is not
+    in this process's cache."""
+    kind, location = resolve_model(paths, name)
+    with _cache_lock:
+        entry = _cache.get(_cache_key(kind, location))
+    return entry if isinstance(entry, BaseModel) else None
 
 
 def give_back(model: BaseModel, changed: set[str]) -> None:
