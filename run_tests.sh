@@ -9,4 +9,6 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-exec python3 -m pytest "$@"
+# one test process per CPU, each test module kept in one process (its module fixtures are built
+# once); DANLU_TEST_PROCESSES=0 runs everything in this process
+exec python3 -m pytest -n "${DANLU_TEST_PROCESSES:-auto}" --dist loadscope "$@"
