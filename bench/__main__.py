@@ -190,10 +190,10 @@ def notes(kind: str, methods: list[str]) -> list[str]:
         "Different random streams: both seed 0, but the sequence of timesteps and noise differs; a "
         "step's cost does not depend on its timestep.",
         "Time to first step counts Python imports: 'first Train click in a running app' is timed "
-        "from the call of the method's `run(cfg, ctx)` in a process that has done what the app's "
-        "training worker does while the page loads (torch, diffusers, transformers and the SD / "
-        "SDXL pipeline code imported; since session 4) but has no model loaded, so it includes the "
-        "model load and encoding the dataset; 'model already loaded' is "
+        "from the call of the method's `run(cfg, ctx)` in a process where `trainers` is imported "
+        "(as the app's training worker has it) but no model is loaded yet, so it includes diffusers' "
+        "pipeline import in `load_model`, the model load and encoding the dataset; 'model already "
+        "loaded' is "
         "a second run in the same process (Danlu keeps one model cached); 'CLI' and 'script' are "
         "from process spawn.",
     ]

@@ -210,7 +210,6 @@ def main(argv=None) -> int:
         import trainers.registry
         trainers.registry.runner  # noqa: B018
         from trainers import loop, models  # noqa: F401
-        models.warm_imports()  # what the app's worker does while the page loads
         ready = time.time()
         out["import_s"] = ready - T_SPAWN
         if spec["method"] not in available_methods():

@@ -85,9 +85,8 @@ def _warm_imports() -> None:
     """What every training job imports first; a job arriving meanwhile waits on the import lock."""
     try:
         import torch  # noqa: F401
-
-        from trainers import models
-        models.warm_imports()
+        import diffusers  # noqa: F401
+        from trainers import models  # noqa: F401
     except Exception:  # noqa: BLE001 - the job itself will report a broken install
         pass
 

@@ -229,15 +229,6 @@ def give_back(model: BaseModel, changed: set[str]) -> None:
         _cache[model.cache_key] = _Parts(parts)
 
 
-def warm_imports() -> None:
-    """Import what the first model load needs (diffusers, transformers and the SD / SDXL
-    pipelines: ~4 s on 2 CPUs beyond diffusers itself), so a worker that calls this while the
-    page loads saves the first Train click that time."""
-    _quiet_libraries()
-    for family in ("sd1", "sdxl"):
-        pipeline_class(family)
-
-
 def _quiet_libraries() -> None:
     import diffusers
     import transformers
