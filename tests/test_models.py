@@ -112,4 +112,3 @@ def test_nothing_is_given_back_after_another_model_was_loaded(single_file, data_
     assert models.load_model(paths, "tiny-demo") is other
     again = models.load_model(paths, path.name)
     assert again.vae is not model.vae
-
