@@ -39,15 +39,17 @@ def accept(cfg, problems: list[str]):
 INT_CEILING = 2**32 - 1
 FLOAT_CEILING = 1e9
 # What a `path` field is relative to (`Paths` attribute); a shared app confines all of them.
-PATH_BASES = {"data": "data_dir", "model": "stable_diffusion", "models": "models"}
+PATH_BASES = {"data": "data_dir", "model": "stable_diffusion", "models": "models",
+              "aesthetic": "aesthetic_embeddings"}
 
 
 def option(default: Any, help: str, label: str | None = None, choices: list | None = None,
            min: float | None = None, max: float | None = None, multiple_of: int | None = None,
            path: str | None = None):
     """A config field with its label, help and limits. `path` marks a field that names a file
-    or folder: "data" (relative to the data folder), "model" (a base-model name or path) or
-    "models" (a name or path under models/)."""
+    or folder: "data" (relative to the data folder), "model" (a base-model name or path),
+    "models" (a name or path under models/) or "aesthetic" (a name under
+    models/aesthetic_embeddings, or a path)."""
     assert path in (None, *PATH_BASES), path
     meta = {"help": help, "label": label, "choices": choices, "min": min, "max": max,
             "multiple_of": multiple_of, "path": path}

@@ -150,6 +150,7 @@ def create_aesthetic_embedding(cfg, paths, report: Callable[[str], None] = lambd
     """AestheticEmbeddingConfig -> models/aesthetic_embeddings/<name>.pt"""
     from core.paths import PathError
     cfg.validate()
+    _check_paths(cfg, paths)
     target = paths.aesthetic_embeddings / f"{cfg.name.strip()}.pt"
     if target.exists() and not cfg.overwrite:
         raise AestheticError(f"name: {target.name} already exists in {target.parent}; tick "
@@ -169,6 +170,14 @@ def create_aesthetic_embedding(cfg, paths, report: Callable[[str], None] = lambd
     target.parent.mkdir(parents=True, exist_ok=True)
     save_torch_legacy(embedding.contiguous(), target)
     return target
+
+
+def _check_paths(cfg, paths) -> None:
+    """Every field the config marks as a path, through the one resolver (confined when shared)."""
+    from core.config import ConfigError, path_problems
+    problems = path_problems(cfg, paths)
+    if problems:
+        raise ConfigError(problems)
 
 
 def load_aesthetic_embedding(path: Path | str) -> torch.Tensor:
@@ -316,15 +325,15 @@ def preview_from_config(cfg, paths) -> tuple[Path, Path, str]:
     outputs/aesthetic/<embedding>-<seed>-<n>-{plain,steered}.png, n the next free number (an
     earlier preview is never replaced)."""
     from core.paths import PathError
+    from trainers.aesthetic_files import find_aesthetic_embedding
     from trainers.models import load_model
     from trainers.sampling import PreviewSettings
     cfg.validate()
-    source = paths.aesthetic_embeddings / f"{cfg.aesthetic_embedding.strip()}.pt"
-    if not source.is_file():
-        raise AestheticError(f"aesthetic_embedding: no {source.name} in {source.parent}")
+    _check_paths(cfg, paths)
     try:
+        source = find_aesthetic_embedding(paths, cfg.aesthetic_embedding)
         clip_folder = paths.resolve(cfg.clip_model, "clip_model")
-    except PathError as error:
+    except (PathError, FileNotFoundError) as error:
         raise AestheticError(str(error)) from None
     embedding = load_aesthetic_embedding(source)
     clip = load_clip(clip_folder)

@@ -592,7 +592,7 @@ class AestheticEmbeddingConfig:
 class AestheticPreviewConfig:
     model: str = option("", "Base model to render with.", label="Base model", path="model")
     aesthetic_embedding: str = option("", "From models/aesthetic_embeddings.",
-                                      label="Aesthetic embedding")
+                                      label="Aesthetic embedding", path="aesthetic")
     clip_model: str = option("models/CLIP/clip-vit-large-patch14", "The CLIP model (with its text "
                              "tower) the embedding was made with.", label="CLIP model folder",
                              path="data")
