@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
+from core.images import IMAGE_EXTENSIONS
+
 CAPTION_EXT = ".txt"
 SEPARATOR = ", "
 ACTIONS = ["add", "add_front", "remove", "replace", "move_front", "dedupe"]

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError, check_limits, option, path_problems
+from core.images import WARNING_PIXELS
 
 CAPTION_ACTIONS = ["ignore", "copy", "prepend", "append"]
 OBJECTIVES = ["Maximize area", "Minimize error"]
 ALPHA_MODES = ["white", "keep"]
 FACE_DETECTORS = ["auto", "opencv", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
-PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning limit
+PIL_MAX_PIXELS = WARNING_PIXELS  # Pillow's own decompression-bomb warning limit
 
 
 @dataclass

@@ -21,7 +21,7 @@ from PIL import Image
 from core import events as ev
 from preprocess import transforms as tf
 from preprocess.config import PreprocessConfig
-from preprocess.images import ImageError, flatten, open_image
+from core.images import IMAGE_EXTENSIONS, ImageError, flatten, not_an_image_reason, open_image
 
 CAPTION_EXT = ".txt"
 MAX_STEM_BYTES = 180
@@ -233,7 +233,10 @@ def run(cfg: PreprocessConfig, ctx=None) -> Summary:
             summary.stopped = True
             break
         try:
-            image = open_image(file, max_pixels=cfg.max_pixels, alpha=cfg.alpha)
+            if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ImageError(not_an_image_reason(file))
+            image = open_image(file, max_pixels=cfg.max_pixels,
+                               alpha="keep" if cfg.alpha == "keep" else "flatten")
         except ImageError as error:
             summary.skipped.append((file.name, str(error)))
             ctx.emit(ev.Status(f"Skipped {file.name}: {error}"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.images import ImageError, open_image
+from core.images import ImageError, open_image
 from tests.conftest import photo
 
 

@@ -39,9 +39,9 @@ from typing import Callable
 
 import torch
 
+from core.images import (BOMB_PIXELS, IMAGE_EXTENSIONS, ImageError, describe_skipped, open_image,
+                         scan_folder)
 from trainers.formats.safe_load import save_torch_legacy
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".tiff", ".webp", ".bmp")
 
 
 class AestheticError(ValueError):
@@ -114,24 +114,17 @@ def load_clip(folder: Path | str) -> ClipModels:
 
 # ---------------------------------------------------------------------------- the embedding
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def image_embeddings(clip: ClipModels, images: list[Path], batch_size: int = 8,
                      report: Callable[[str], None] = lambda text: None) -> torch.Tensor:
     """[n, projection_dim] CLIP image embeddings (not normalized)."""
-    from PIL import Image, UnidentifiedImageError
     rows = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pictures = []
         for path in chunk:
-            try:
-                with Image.open(path) as image:
-                    pictures.append(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as error:
+            try:  # transparency dropped, as the extension's convert("RGB") drops it
+                pictures.append(open_image(path, max_pixels=BOMB_PIXELS, alpha="drop"))
+            except ImageError as error:
                 raise AestheticError(f"data_root: {path.name} is not a readable image ({error})") from None
         pixels = clip.processor(images=pictures, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
@@ -162,9 +155,12 @@ def create_aesthetic_embedding(cfg, paths, report: Callable[[str], None] = lambd
         raise AestheticError(str(error)) from None
     if not folder.is_dir():
         raise AestheticError(f"data_root: {folder} is not a folder")
-    images = list_images(folder)
+    scan = scan_folder(folder)
+    images = scan.images
     if not images:
         raise AestheticError(f"data_root: {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if scan.skipped:
+        report(describe_skipped(scan.skipped))
     clip = load_clip(clip_folder)
     embedding = aesthetic_embedding(image_embeddings(clip, images, cfg.batch_size, report))
     target.parent.mkdir(parents=True, exist_ok=True)

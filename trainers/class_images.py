@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core import events as ev
-from trainers.data import list_images
+from core.images import list_images
 from trainers.conditioning import prompt_encoder
 from trainers.sampling import PreviewSettings, render
 from trainers.seeds import derive_seed

@@ -10,12 +10,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from core.images import BOMB_PIXELS, ImageError, describe_skipped, open_image, scan_folder
 from trainers import seeds
 from trainers.captions import filewords_for
-
-IGNORED_SUFFIXES = {".txt", ".json", ".npz", ".toml", ".csv", ".caption", ".md"}
 
 
 class DatasetError(ValueError):
@@ -72,22 +71,11 @@ class Dataset:
         return torch.stack([self.examples[i].pixels for i in chosen])
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IGNORED_SUFFIXES
-                   and not p.name.startswith(".")), key=lambda p: p.name)
-
-
 def open_training_image(path: Path, keep_alpha: bool) -> Image.Image:
-    with Image.open(path) as image:
-        image.seek(0)
-        image = ImageOps.exif_transpose(image)
-        if keep_alpha:
-            return image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
+    """An upright training image: RGBA with keep_alpha (alpha 255 where the file has none), else
+    RGB with any transparency over white. Raises core.images.ImageError naming the problem."""
+    # Pillow's own refusal limit, as the trainers have always used (preprocessing is stricter)
+    return open_image(path, max_pixels=BOMB_PIXELS, alpha="rgba" if keep_alpha else "flatten")
 
 
 def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, batch_size: int,
@@ -98,15 +86,16 @@ def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, b
         raise DatasetError(f"data_root: {folder} does not exist")
     if not folder.is_dir():
         raise DatasetError(f"data_root: {folder} is not a folder")
-    files = list_images(folder)
+    scan = scan_folder(folder)
+    files = scan.images
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     factor = vae.config.scaling_factor
-    examples, skipped = [], []
+    examples, skipped = [], list(scan.skipped)
     for number, path in enumerate(files, 1):
         try:
             image = open_training_image(path, keep_alpha=use_weight)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            skipped.append((path.name, f"{type(error).__name__}: {error}"[:200]))
+        except ImageError as error:
+            skipped.append((path.name, str(error)[:200]))
             continue
         if not varsize:
             image = image.resize((width, height), Image.BICUBIC)
@@ -138,7 +127,7 @@ def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, b
                                 pixels=pixels[0].float().cpu() if keep_pixels else None))
         report(f"Preparing dataset: {number}/{len(files)} images")
     if not examples:
-        detail = f" ({len(skipped)} files could not be read)" if skipped else ""
+        detail = f" ({describe_skipped(skipped)})" if skipped else ""
         raise DatasetError(f"data_root: no usable images in {folder}{detail}")
     if len(examples) < batch_size:
         raise DatasetError(f"batch_size: {batch_size} is larger than the {len(examples)} "

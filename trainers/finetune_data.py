@@ -11,6 +11,7 @@ from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
+from core.images import describe_skipped, list_images
 from trainers.buckets import BucketError, assign
 from trainers.data import DatasetError
 from trainers.finetune_metadata import caption_of, find_image
@@ -58,6 +59,11 @@ def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaData
         shown = ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DatasetError(f"in_json: {len(missing)} listed image(s) not found in {image_dir}: "
                            f"{shown}")
+    used = {e.path.resolve() for e in entries}
+    unlisted = [(p.name, "not in the metadata JSON") for p in list_images(image_dir)
+                if p.resolve() not in used]
+    if unlisted:
+        notes.append(f"{image_dir.name}: {describe_skipped(unlisted)}")
     return KohyaDataset(config=config, train_images=entries, reg_images=[],
                         img_counts=[len(entries)], buckets=buckets, notes=notes)
 

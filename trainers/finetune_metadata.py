@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import atomic_write
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from core.images import IMAGE_EXTENSIONS, list_images
 KEYS = {"caption": "a string", "tags": "a string", "train_resolution": "[width, height]"}
 EMOTICON = re.compile(r"^[\W_]+$")  # tags like ^_^ or >_< keep their underscores
 
@@ -98,12 +97,6 @@ def caption_of(entry: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- images
-
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
-
 
 def find_image(key: str, image_dir: Path) -> Path | None:
     """The image a key names: a full path that exists, else `<image_dir>/<key><ext>`."""

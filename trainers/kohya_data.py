@@ -35,12 +35,12 @@ from PIL import Image, UnidentifiedImageError
 
 from core.atomic import atomic_write
 from core.config import ConfigError
+from core.images import IMAGE_EXTENSIONS, ImageError, describe_skipped, list_images, scan_folder
 from trainers import latent_memo, seeds
 from trainers.buckets import BucketBatcher, BucketError, Placement, assign, kohya_crop_ltrb, make_buckets
 from trainers.data import DatasetError, open_training_image
 from trainers.loop import Batch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # kohya's list (any case)
 FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 INTERPOLATIONS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
                   "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
@@ -369,8 +369,12 @@ def folder_subsets(folder: Path | str, is_reg: bool, field_name: str, notes: lis
             continue
         subsets.append(SubsetConfig(image_dir=sub, **{**options, "num_repeats": repeats,
                                                       "class_tokens": tokens, "is_reg": is_reg}))
-    if not subsets and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           for p in folder.iterdir()):
+    loose = list_images(folder)
+    if subsets and loose:
+        shown = describe_skipped([(p.name, "an image beside <repeats>_<tokens> sub-folders")
+                                  for p in loose])
+        notes.append(f"{field_name}: {shown}; only the sub-folders' images are used")
+    if not subsets and loose:
         subsets.append(SubsetConfig(image_dir=folder, **{**options, "num_repeats": 1,
                                                          "class_tokens": plain_tokens or None,
                                                          "is_reg": is_reg}))
@@ -538,11 +542,6 @@ class KohyaDataset:
         return sum(self.config.subsets[e.subset].num_repeats for e in self.reg_images)
 
 
-def list_kohya_images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
-
-
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as the image will be trained: after its EXIF rotation."""
     with Image.open(path) as image:
@@ -575,14 +574,15 @@ def scan_dataset(config: DatasetConfig) -> KohyaDataset:
         folder = subset.image_dir
         if not folder.is_dir():
             raise DatasetError(f"image_dir: {folder} is not a folder")
-        files = list_kohya_images(folder)
+        scan = scan_folder(folder)
+        files, skipped = scan.images, list(scan.skipped)
         entries, missing = [], 0
         for path in files:
             try:
                 size = image_size(path)
                 placement = _place(config, buckets, size)
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-                notes.append(f"skipped {path.name} in {folder.name}: {error}"[:300])
+                skipped.append((path.name, f"{error}"[:200]))
                 continue
             caption = read_caption(path, subset.caption_extension, subset.enable_wildcard)
             if caption is None:
@@ -591,9 +591,11 @@ def scan_dataset(config: DatasetConfig) -> KohyaDataset:
             entries.append(ImageEntry(path=path, subset=index, caption=caption, size=size,
                                       placement=placement, is_reg=subset.is_reg,
                                       repeats=subset.num_repeats))
+        if skipped:
+            notes.append(f"{folder.name}: {describe_skipped(skipped)}")
         if not entries:
             kind = "regularization folder" if subset.is_reg else "image folder"
-            detail = f" ({len(files)} could not be read)" if files else ""
+            detail = f" ({describe_skipped(skipped)})" if skipped else ""
             raise DatasetError(f"image_dir: the {kind} {folder} has no usable images{detail} "
                                f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
         if missing:
@@ -677,7 +679,10 @@ def npz_matches(path: Path, entry: ImageEntry, scale: int, flip: bool, alpha: bo
 
 def _pixels(entry: ImageEntry, subset: SubsetConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image resized and centre-cropped to its bucket: ([3, H, W] in -1..1, alpha [H, W])."""
-    image = open_training_image(entry.path, keep_alpha=subset.alpha_mask)
+    try:
+        image = open_training_image(entry.path, keep_alpha=subset.alpha_mask)
+    except ImageError as error:  # a header that reads but pixels that do not (e.g. truncated)
+        raise DatasetError(f"{entry.path}: {error}; remove or replace this file") from None
     if image.size != tuple(entry.size):
         raise DatasetError(f"{entry.path} changed while preparing the dataset "
                            f"({entry.size} -> {image.size})")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from core.config import ConfigError, path_problems
+from core.images import IMAGE_EXTENSIONS, list_images
 from core.paths import Paths, PathError
 from trainers.captions import list_templates
 from trainers.embeddings import find_embedding
 from trainers.hypernetworks import find_hypernetwork
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 
 
 def check_dataset(paths: Paths, typed: str, field: str = "data_root") -> list[str]:
@@ -19,9 +18,14 @@ def check_dataset(paths: Paths, typed: str, field: str = "data_root") -> list[st
         return [f"{field}: {folder} does not exist"]
     if not folder.is_dir():
         return [f"{field}: {folder} is not a folder"]
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file()):
-        return [f"{field}: {folder} contains no images"]
+    if count_images(folder) == 0:
+        return [f"{field}: {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})"]
     return []
+
+
+def count_images(folder) -> int:
+    """The images a run will try to load from a folder (the loaders' own list)."""
+    return len(list_images(folder))
 
 
 def check_before_queueing(cfg, paths: Paths) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from core import events as ev
+from core.images import describe_skipped
 from trainers import distributed, seeds
 from trainers.captions import make_prompt, read_template
 from trainers.configs import TemplateTrainingConfig
@@ -64,8 +65,7 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
         raise DatasetError(f"{error} (batch size {cfg.batch_size} per process x {processes} "
                            "processes)") from None
     if dataset.skipped:
-        listed = "; ".join(f"{file} ({why})" for file, why in dataset.skipped[:10])
-        ctx.emit(ev.Status(f"Skipped {len(dataset.skipped)} unreadable files: {listed}"))
+        ctx.emit(ev.Status(describe_skipped(dataset.skipped)))
     return model, dataset, template_lines
 
 

@@ -56,11 +56,14 @@ def build(paths: Paths):
 
     def create(*values):
         from trainers.aesthetic import create_aesthetic_embedding
+        notes: list[str] = []
         try:
-            path = create_aesthetic_embedding(to_config(make, CREATE_FIELDS, values), paths)
+            path = create_aesthetic_embedding(to_config(make, CREATE_FIELDS, values), paths,
+                                              report=notes.append)
         except (ConfigError, ValueError, OSError) as error:
             return error_text(error), gr.skip()
-        return f"Created `{path}`.", ch.refreshed(_embeddings(paths), path.stem)
+        skipped = "".join(f"\n\n{note}" for note in notes if note.startswith("Skipped"))
+        return f"Created `{path}`.{skipped}", ch.refreshed(_embeddings(paths), path.stem)
 
     def render(*values):
         from trainers.aesthetic import preview_from_config

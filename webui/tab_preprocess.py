@@ -105,7 +105,7 @@ def _save_atomic(image, path: Path, fmt: str, mtime_ns: int | None = None) -> No
 def thumbnail(image: str | Path, root: Path) -> Path:
     """A JPEG copy (at most THUMB_SIZE px) of `image` under `root`, remade when the image's
     modification time changes; a placeholder for files that cannot be read."""
-    from PIL import Image, ImageOps
+    from core.images import open_image
     image = Path(image)
     try:
         stat = image.stat()
@@ -118,17 +118,8 @@ def thumbnail(image: str | Path, root: Path) -> Path:
     except OSError:
         pass
     try:
-        with Image.open(image) as opened:
-            if opened.width * opened.height > PIL_MAX_PIXELS:
-                return _placeholder(root)
-            opened.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
-            picture = ImageOps.exif_transpose(opened)
-            picture.thumbnail((THUMB_SIZE, THUMB_SIZE))
-            if picture.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = picture.convert("RGBA")
-                picture = Image.new("RGB", rgba.size, (255, 255, 255))
-                picture.paste(rgba, mask=rgba.getchannel("A"))
-            picture = picture.convert("RGB")
+        picture = open_image(image, max_pixels=PIL_MAX_PIXELS, draft=(THUMB_SIZE, THUMB_SIZE))
+        picture.thumbnail((THUMB_SIZE, THUMB_SIZE))
     except Exception:  # any unreadable or odd file: show a placeholder, never fail the page
         return _placeholder(root)
     thumb.parent.mkdir(parents=True, exist_ok=True)

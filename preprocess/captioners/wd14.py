@@ -79,7 +79,7 @@ def load_model(model_file: Path, tags_file: Path, device: str = "cpu"):
 def prepare(image: Image.Image, size: int) -> np.ndarray:
     """1 x size x size x 3 float32, BGR, 0..255, padded to a white square."""
     if image.mode in ("RGBA", "LA", "P"):
-        from preprocess.images import flatten
+        from core.images import flatten
         image = flatten(image.convert("RGBA"))
     image = image.convert("RGB")
     side = max(image.size)
