@@ -3,6 +3,7 @@ for a program that runs the CLI (the app's multi-process runs), or only errors (
 processes of a multi-process run)."""
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -10,6 +11,27 @@ from pathlib import Path
 
 from core import events as ev
 from core.paths import Paths
+
+
+OWN_PACKAGES = ("core", "trainers", "preprocess")  # whose exceptions carry messages for users
+
+
+def failure_message(error: BaseException, what: str) -> str:
+    """One line saying what failed and why, for any exception: the message of one of our own
+    errors (they name the field or file), else `what` and the exception's type and text."""
+    known = getattr(error, "user_message", None)
+    if known:
+        return str(known)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return (f"{what} failed: the disk is full{where}; free some space and run the same "
+                "command again (files saved before are kept)")
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return (f"{what} failed: out of memory ({type(error).__name__}); lower the batch size "
+                "or the image size")
+    if type(error).__module__.split(".")[0] in OWN_PACKAGES and str(error):
+        return str(error)
+    return f"{what} failed: {type(error).__name__}: {error}"
 
 
 class ConsoleContext:
@@ -20,20 +42,36 @@ class ConsoleContext:
         self._stop = threading.Event()
         self._bar = None
         self.result: ev.Finished | ev.Failed | None = None
+        self.stop_signal: int | None = None  # the signal that asked to stop, for the exit code
+        self._previous_handlers: dict = {}
 
     def install_signal_handlers(self, repeat_aborts: bool = True) -> None:
         """Ctrl-C or SIGTERM asks the loop to save and stop instead of killing it mid-step; a
         second one aborts unless `repeat_aborts` is False (processes of `accelerate launch`,
         whose launcher forwards the signal it got: their save must not be cut short)."""
         def ask_stop(signum, frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
             if self._stop.is_set():
                 if not repeat_aborts:
                     return
                 raise KeyboardInterrupt
             self._stop.set()
             print("\nStopping after this step and saving (press again to abort)...", file=self.stream)
-        signal.signal(signal.SIGINT, ask_stop)
-        signal.signal(signal.SIGTERM, ask_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, ask_stop)
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def exit_code(self) -> int:
+        """What the process should exit with: 1 after a failure, 128 + the signal number after a
+        stop asked for by SIGINT (130) or SIGTERM (143), else 0 (a stop file's stop included)."""
+        if isinstance(self.result, ev.Failed):
+            return 1
+        return 128 + self.stop_signal if self.stop_signal else 0
 
     def should_stop(self) -> bool:
         if self.stop_file is not None and not self._stop.is_set() and self.stop_file.exists():

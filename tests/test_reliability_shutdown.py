@@ -49,7 +49,7 @@ def test_sigterm_to_the_cli_saves_a_resumable_state(tmp_path, tiny_model_dir, ph
         if proc.poll() is None:
             proc.kill()
     output = (seen + rest).decode(errors="replace")
-    assert proc.returncode == 0, output
+    assert proc.returncode == 143, output  # 128 + SIGTERM, after saving: scripts can tell
     assert "Stopping after this step and saving" in output
     assert "Traceback" not in output
     saved = load_embedding(path)

@@ -1,5 +1,13 @@
 """python -m trainers METHOD --config run.toml [--set key=value ...] [--print-config]
 
+METHOD is a training method (textual_inversion, lora, ...) or a create verb (create_embedding,
+create_hypernetwork, aesthetic_embedding: trainers/create_commands.py).
+
+Exit codes: 0 done (also after a --stop-file stop), 1 failed, 2 bad settings or files they name,
+130 / 143 stopped by SIGINT / SIGTERM after saving (or aborted by a second one). Every failure
+ends with one `error: ...` line on stderr (and a Failed event with --json-events); --debug or
+DANLU_DEBUG=1 prints the traceback before it.
+
 Under `accelerate launch` with several processes it trains data-parallel (trainers/distributed.py):
 the main process prints progress and writes every file; the others print only their errors."""
 from __future__ import annotations
@@ -7,19 +15,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from core.config import ConfigError, load_toml, to_toml
 from core.malloc_tuning import prefer_huge_pages
 from core.paths import REPO_DIR, Paths
 from trainers.configs import METHOD_CONFIGS
+from trainers.create_commands import CREATE_COMMANDS
+
+BAD_SETTINGS = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers",
                                      description="Train an embedding, hypernetwork, LoRA or "
-                                                 "DreamBooth model headless, with the app's code.")
-    parser.add_argument("method", choices=sorted(METHOD_CONFIGS))
+                                                 "DreamBooth model headless, with the app's code, "
+                                                 "or create an embedding, hypernetwork or "
+                                                 "aesthetic embedding as the Create tabs do.")
+    parser.add_argument("method", choices=sorted(METHOD_CONFIGS) + sorted(CREATE_COMMANDS))
     parser.add_argument("--config", help="TOML file of settings (see --print-config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting; repeatable")
@@ -32,27 +46,68 @@ def main(argv: list[str] | None = None) -> int:
                         help="print progress as JSON lines on stdout (core/events.py), for "
                              "programs that run training, such as the app")
     parser.add_argument("--stop-file", metavar="PATH",
-                        help="save and stop when this file appears (as Ctrl-C does)")
+                        help="save and stop when this file appears (as Ctrl-C does, but the "
+                             "exit code stays 0)")
     parser.add_argument("--confine-paths", action="store_true",
                         help="refuse typed paths outside the data folder (as a shared app does)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a failure (as DANLU_DEBUG=1 does)")
     args = parser.parse_args(argv)
-    prefer_huge_pages()  # before torch is imported
-    cls = METHOD_CONFIGS[args.method]
+    debug = args.debug or os.environ.get("DANLU_DEBUG", "").strip() not in ("", "0")
+    made: list = []  # the command's console context once there is one
     try:
-        cfg = load_toml(cls, args.config, args.set)
-        if args.print_config:
-            sys.stdout.write(to_toml(cfg))
-            return 0
-        cfg.validate()
-    except ConfigError as error:
-        print(f"error: {error.user_message}", file=sys.stderr)
-        return 2
+        return _run(args, made)
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM, or one before training began
+        ctx = made[0] if made else None
+        signum = getattr(ctx, "stop_signal", None) or 2  # SIGINT unless a handler saw another
+        if debug:
+            traceback.print_exc()
+        return _fail(args, ctx, f"{args.method} aborted by {_signal_name(signum)} before it "
+                                "finished; files saved before are kept", 128 + signum)
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        from core.console import failure_message
+        code = BAD_SETTINGS if isinstance(error, ConfigError) else 1
+        return _fail(args, made[0] if made else None, failure_message(error, args.method), code)
+    finally:
+        if made:
+            made[0].restore_signal_handlers()
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
+
+
+def _fail(args, ctx, message: str, code: int) -> int:
+    """The failure's one line on stderr, and its Failed event on stdout with --json-events."""
+    from core import events as ev
+    from core.console import JsonEventsContext
+    event = ev.Failed(message=f"error: {message}")
+    if ctx is not None and not isinstance(ctx, JsonEventsContext):
+        ctx.emit(event)  # prints the line (after clearing a progress bar)
+        return code
+    print(event.message, file=sys.stderr, flush=True)
+    if args.json_events:
+        target = ctx if ctx is not None else JsonEventsContext(None, out=sys.stdout)
+        target.emit(event)
+    return code
+
+
+def _run(args, made: list) -> int:
+    prefer_huge_pages()  # before torch is imported
+    cls = METHOD_CONFIGS.get(args.method) or CREATE_COMMANDS[args.method]
+    cfg = load_toml(cls, args.config, args.set)
+    if args.print_config:
+        sys.stdout.write(to_toml(cfg))
+        return 0
+    cfg.validate()
 
     from trainers.launch import PARALLEL_METHODS
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.method not in PARALLEL_METHODS:
-        print(f"error: {args.method} runs in one process; start it without accelerate launch "
-              f"(or with --num_processes 1)", file=sys.stderr)
-        return 2
+        return _fail(args, None, f"{args.method} runs in one process; start it without "
+                                 "accelerate launch (or with --num_processes 1)", BAD_SETTINGS)
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
             and "WORLD_SIZE" not in os.environ:
@@ -60,33 +115,31 @@ def main(argv: list[str] | None = None) -> int:
               "MPI there); use --multi_gpu --num_processes N, which trains on the CPU when "
               "there is no GPU", file=sys.stderr)
 
-    from core import events as ev
     from core.console import ConsoleContext, JsonEventsContext, QuietContext
     from trainers.distributed import DataParallel
-    from trainers.registry import runner
 
-    parallel = DataParallel.from_environment()
+    parallel = DataParallel.from_environment() if args.method in METHOD_CONFIGS else None
     paths = Paths(Path(args.data_dir).resolve(), confine=args.confine_paths).ensure()
     stop_file = Path(args.stop_file) if args.stop_file else None
     if parallel is not None and not parallel.is_main:
-        ctx = QuietContext(paths, f"process {parallel.index}", stop_file=stop_file)
+        ctx = QuietContext(paths, f"process {parallel.index}", stream=sys.stderr,
+                           stop_file=stop_file)
     elif args.json_events:
-        ctx = JsonEventsContext(paths, stop_file=stop_file)
+        ctx = JsonEventsContext(paths, out=sys.stdout, stop_file=stop_file)
     else:
-        ctx = ConsoleContext(paths, stop_file=stop_file)
+        ctx = ConsoleContext(paths, stream=sys.stderr, stop_file=stop_file)
+    made.append(ctx)
     ctx.parallel = parallel
     ctx.install_signal_handlers(repeat_aborts=parallel is None)
-    try:
-        runner(args.method)(cfg, ctx)
-    except Exception as error:  # one clear line, not a traceback, for known failures
-        message = getattr(error, "user_message", None) or str(error)
-        if not isinstance(error, (ValueError, RuntimeError, OSError)):
-            raise
-        ctx.emit(ev.Failed(message=f"error: {message}"))
-        return 1  # the launcher ends the other processes of a failed run
+    if args.method in CREATE_COMMANDS:
+        from trainers.create_commands import run_create
+        run_create(args.method, cfg, ctx)
+    else:
+        from trainers.registry import runner
+        runner(args.method)(cfg, ctx)  # a failure's exit ends the other processes of a run
     if parallel is not None:
         parallel.close()
-    return 0
+    return ctx.exit_code()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def create_embedding(cfg, paths: Paths) -> Path:
     existing = find_embedding(paths, name)
     if existing is not None and not cfg.overwrite:
         raise EmbeddingExists(f"name: an embedding named {name!r} already exists "
-                              f"({existing.name}); tick 'Overwrite' to replace it")
+                              f"({existing.name}); tick 'Overwrite' (overwrite = true) to "
+                              "replace it")
     model = text_tables(paths, cfg.model)  # not the whole pipeline: this runs in the app
     halves = [table_vectors(tokenizer, table, cfg.init_text, cfg.vectors_per_token)
               for tokenizer, table in zip(model.tokenizers, model.tables)]

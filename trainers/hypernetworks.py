@@ -39,7 +39,8 @@ def create_hypernetwork(cfg, paths: Paths) -> Path:
     existing = find_hypernetwork(paths, name)
     if existing is not None and not cfg.overwrite:
         raise HypernetworkExists(f"name: a hypernetwork named {name!r} already exists "
-                                 f"({existing.name}); tick 'Overwrite' to replace it")
+                                 f"({existing.name}); tick 'Overwrite' (overwrite = true) to "
+                                 "replace it")
     spec = HypernetworkSpec(
         name=name, sizes=list(cfg.sizes),
         layer_structure=parse_floats(cfg.layer_structure, "layer_structure"),
