@@ -3,7 +3,7 @@
 METHOD is a training method (textual_inversion, lora, ...) or a create verb (create_embedding,
 create_hypernetwork, aesthetic_embedding: trainers/create_commands.py).
 
-Exit codes: 0 done (also after a --stop-file stop), 1 failed, 2 bad settings or files they name,
+Exit codes: 0 done (also after a --stop-file stop), 1 failed, 2 invalid settings (ConfigError),
 130 / 143 stopped by SIGINT / SIGTERM after saving (or aborted by a second one). Every failure
 ends with one `error: ...` line on stderr (and a Failed event with --json-events); --debug or
 DANLU_DEBUG=1 prints the traceback before it.
