@@ -131,6 +131,16 @@ def test_bad_settings_give_a_failed_event_too(tmp_path, capsys):
     assert "width: must be a multiple of 8, got 100" in err
 
 
+def test_a_usage_error_gives_a_failed_event_too(capsys):
+    from trainers.__main__ import main
+    with pytest.raises(SystemExit) as exit:
+        main(["textual_inversoin", "--json-events"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2
+    assert "invalid choice: 'textual_inversoin'" in failed_events(out)[0]["message"]
+    assert "invalid choice: 'textual_inversoin'" in err
+
+
 def test_a_missing_file_named_in_the_settings_exits_2_naming_the_field(ti_setup, capsys):
     from trainers.__main__ import main
     assert main(cli(ti_setup, "--set", 'embedding="nothere"')) == 2

@@ -27,8 +27,19 @@ from trainers.create_commands import CREATE_COMMANDS
 BAD_SETTINGS = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors (exit 2) also as a Failed event when --json-events is asked for."""
+    json_events = False
+
+    def error(self, message):
+        if self.json_events:
+            from core import events as ev
+            print(ev.to_json(ev.Failed(message=f"error: {message}")), flush=True)
+        super().error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers",
+    parser = _Parser(prog="python -m trainers",
                                      description="Train an embedding, hypernetwork, LoRA or "
                                                  "DreamBooth model headless, with the app's code, "
                                                  "or create an embedding, hypernetwork or "
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="refuse typed paths outside the data folder (as a shared app does)")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of a failure (as DANLU_DEBUG=1 does)")
+    parser.json_events = "--json-events" in (sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("DANLU_DEBUG", "").strip() not in ("", "0")
     made: list = []  # the command's console context once there is one
