@@ -103,8 +103,10 @@ def load_clip(folder: Path | str) -> ClipModels:
     except AestheticError:
         raise
     except Exception as error:  # missing or broken weights
-        raise AestheticError(f"clip_model: could not load {folder}: {type(error).__name__}: "
-                             f"{error}"[:400]) from None
+        from trainers.formats.safe_load import explain_refusal
+        refused = explain_refusal(error, folder)  # which file, and why; never torch's advice
+        raise AestheticError(f"clip_model: could not load {folder}: "
+                             f"{refused or f'{type(error).__name__}: {error}'[:400]}") from None
     for module in (full, vision):
         if module is not None:
             module.requires_grad_(False).eval()

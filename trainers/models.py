@@ -279,7 +279,10 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
     except FamilyError as error:
         raise ModelError(str(error)) from error
     except Exception as error:
-        raise ModelError(f"model: could not load {name!r}: {type(error).__name__}: {error}") from error
+        from trainers.formats.safe_load import explain_refusal  # says which file, and why
+        refused = explain_refusal(error, Path(location) if kind in ("demo", "folder") else None)
+        raise ModelError(f"model: could not load {name!r}: "
+                         f"{refused or f'{type(error).__name__}: {error}'}") from error
     pipe.to(training_device())
     scheduler_config = dict(pipe.scheduler.config)
     if prediction_type:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.unpickle_errors import refused_message, weights_only_refusal
 from preprocess.captioners import CaptionerError, cached, find_model
 
 HUB_DEFAULT = "Salesforce/blip-image-captioning-large"
@@ -38,6 +39,12 @@ def _normalisation(location) -> tuple[tuple, tuple]:
     return CLIP_MEAN, CLIP_STD
 
 
+def _pickled_weights(location) -> str:
+    """The name of the folder's one pickled weights file, for a refusal's message."""
+    found = sorted(p.name for p in Path(location).glob("*.bin")) if Path(location).is_dir() else []
+    return found[0] if len(found) == 1 else "a weights file"
+
+
 def load_model(location, device: str = "cpu"):
     try:
         from transformers import AutoTokenizer, BlipForConditionalGeneration
@@ -46,7 +53,9 @@ def load_model(location, device: str = "cpu"):
     except Exception as error:
         if hasattr(location, "not_found"):
             raise location.not_found("blip_model", error) from None
-        raise CaptionerError(f"blip_model: cannot load BLIP from {location}: {error}") from None
+        refusal = weights_only_refusal(error)  # say why, never torch's advice to load unsafely
+        reason = refused_message(_pickled_weights(location), str(refusal)) if refusal else error
+        raise CaptionerError(f"blip_model: cannot load BLIP from {location}: {reason}") from None
     mean, std = _normalisation(location)
     return model.eval().to(device), tokenizer, mean, std
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.unpickle_errors import refused_message, weights_only_refusal
 from preprocess.captioners import (CaptionerError, cached, find_model, format_tags,
                                    parse_tag_list)
 
@@ -50,6 +51,10 @@ def load_model(weights: Path, device: str = "cpu"):
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:
+        refusal = weights_only_refusal(error)  # say why, never torch's advice to load unsafely
+        if refusal is not None:
+            raise CaptionerError(f"deepbooru_model: {refused_message(weights.name, str(refusal))}") \
+                from None
         raise CaptionerError(f"deepbooru_model: cannot read {weights}: {error}") from None
     tags_file = weights.with_name("tags.txt")
     if "tags" not in state and tags_file.is_file():

@@ -17,6 +17,8 @@ from typing import IO, Any
 import torch
 
 from core.atomic import atomic_write
+from core.unpickle_errors import (refused_globals, refused_message, weights_only_refusal,
+                                  without_unsafe_advice)
 
 # Storage types A1111's safe unpickler accepts in a legacy file.
 SAVABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32,
@@ -28,12 +30,13 @@ _CONTAINER_TYPES = (list, tuple, dict, OrderedDict)
 class UnsafeFileError(ValueError):
     """The file holds pickled Python objects that could run code; it was not loaded."""
 
-    def __init__(self, path: Path, found: list[str]):
+    def __init__(self, path: Path, found: list[str], shown: str | None = None):
         self.path = path
         self.found = found
         detail = ", ".join(found) if found else "unknown objects"
-        super().__init__(f"{path.name}: refused to load: it contains Python objects other than "
-                         f"tensors and plain containers ({detail})")
+        super().__init__(f"{shown or path.name}: refused to load: it contains Python objects other than "
+                         f"tensors and plain containers (it wants {detail}; nothing in it was "
+                         "run)")
 
 
 class NotATorchFileError(ValueError):
@@ -45,13 +48,50 @@ class NotATorchFileError(ValueError):
                          f"different format?): {detail}")
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load on the CPU with weights_only=True, with errors that say what is wrong."""
+class NotASafetensorsFileError(ValueError):
+    """A .safetensors file whose header does not describe its contents."""
+
+    def __init__(self, path: Path, detail: str):
+        self.path = path
+        super().__init__(f"{path.name}: not a readable safetensors file (is it truncated, or a "
+                         f"different format?): {detail}")
+
+
+# suffixes of files that hold a pickle (`.optim`: Danlu's optimizer sidecar)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".optim")
+
+
+def check_loadable(path: str | Path) -> None:
+    """Raise unless `path` is a .safetensors file whose header is sound (no tensor is read) or
+    a pickle that the restricted loader reads: UnsafeFileError (naming the globals it wanted),
+    NotATorchFileError, NotASafetensorsFileError, or ValueError for any other kind of file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        import safetensors
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+                handle.keys()
+                handle.metadata()
+        except OSError:
+            raise
+        except Exception as error:  # SafetensorError: a bad header, offsets past the end, ...
+            raise NotASafetensorsFileError(path, _first_line(error)) from None
+    elif suffix in PICKLE_SUFFIXES:
+        safe_torch_load(path, mmap=zipfile.is_zipfile(path))  # a zip file is mapped, not read
+    else:
+        raise ValueError(f"{path.name}: not a file type Danlu can check ({suffix or 'no suffix'}; "
+                         "expected .safetensors or a torch pickle)")
+
+
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load on the CPU with weights_only=True, with errors that say what is wrong.
+    `mmap` maps a zip-format file instead of reading it (not for the legacy format)."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        found = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+        found = refused_globals(str(error))
         if not found:
             found = _pickle_globals(path) or []
         if found:
@@ -63,11 +103,41 @@ def safe_torch_load(path: str | Path) -> Any:
         raise NotATorchFileError(path, f"{type(error).__name__}: {_first_line(error)}") from None
 
 
+def explain_refusal(error: BaseException, where: Path | None = None) -> str | None:
+    """For an error a library raised while loading weights (diffusers, transformers): when it
+    is a weights-only refusal, '<file>: refused to load: ... (it wants <global>; ...)' naming the
+    refused pickle (looked for in the error's text, then under the folder `where`, relative to
+    it); None for any other error. torch's advice to load with weights_only=False never shows."""
+    refusal = weights_only_refusal(error)
+    if refusal is None:
+        return None
+    texts, link = [], error
+    while link is not None and len(texts) < 10:
+        texts.append(str(link))
+        link = link.__cause__ or link.__context__
+    named = [Path(p) for p in re.findall(r"'([^']+\.(?:bin|pt|pth|ckpt))'", "\n".join(texts))]
+    under = []
+    if where is not None and Path(where).is_dir():
+        under = sorted(p for p in Path(where).rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES
+                       and p.is_file())
+    root = Path(where) if where is not None and Path(where).is_dir() else None
+    for candidate in dict.fromkeys(named + under):
+        if not candidate.is_file():
+            continue
+        try:
+            safe_torch_load(candidate, mmap=zipfile.is_zipfile(candidate))
+        except UnsafeFileError as refused:
+            shown = candidate.relative_to(root).as_posix() if root and root in candidate.parents \
+                else candidate.name
+            return str(UnsafeFileError(candidate, refused.found, shown))
+        except (NotATorchFileError, OSError):
+            continue
+    return refused_message("a weights file", str(refusal))
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1].strip()
+    """The first line of the error's reason (torch's advice to load unsafely left out)."""
+    text = without_unsafe_advice(str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
