@@ -67,7 +67,9 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
     Embeddings get `name` as their stored name too (A1111 saves the file's name in it).
 
     Raises ConfigError for a bad name, CheckpointExists when a name is taken and `overwrite`
-    is False, FileNotFoundError when a checkpoint file is gone."""
+    is False, FileNotFoundError when a checkpoint file is gone, RefusedCheckpoint when a file
+    (or the sidecar that would go with it) does not pass the restricted loader; nothing is
+    written then."""
     problems = check_name("name", name)
     if not problems and run.method == "apt" and name.strip().endswith(NEGATIVE_SUFFIX):
         problems = [f"name: an APT checkpoint is a pair (<name> and <name>{NEGATIVE_SUFFIX}); "
@@ -88,6 +90,11 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
         if target.resolve() == source.resolve():
             raise CheckpointExists(f"name: {target.name} is this checkpoint itself; pick "
                                    "another name")
+    main = sources[0]
+    sidecar = main.with_name(main.name + SIDECAR)
+    copy_sidecar = checkpoint.final and sidecar.is_file()
+    for source in sources + ([sidecar] if copy_sidecar else []):
+        check_before_copy(source)
     taken = [p for n in names for p in existing_files(paths, run.method, n)]
     if taken and not overwrite:
         listed = ", ".join(p.name for p in taken)
@@ -98,10 +105,9 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
     staged = [_stage(source, target, n if rename else None)
               for source, target, n in zip(sources, targets, names)]
     _commit(staged, targets, overwrite)
-    main, target = sources[0], targets[0]
-    sidecar = main.with_name(main.name + SIDECAR)
+    target = targets[0]
     target_sidecar = target.with_name(target.name + SIDECAR)
-    if checkpoint.final and sidecar.is_file():
+    if copy_sidecar:
         copy_atomic(sidecar, target_sidecar, overwrite=True)  # so training can continue from it
     else:
         target_sidecar.unlink(missing_ok=True)  # the old file's optimizer state does not fit
@@ -112,6 +118,25 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
     for partner in targets[1:]:
         partner.with_name(partner.name + SIDECAR).unlink(missing_ok=True)
     return targets
+
+
+class RefusedCheckpoint(ValueError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.user_message = message
+
+
+def check_before_copy(source: Path) -> None:
+    """A file is copied only when it loads as Danlu would load it: a pickle through the
+    restricted loader (a .pt, .ckpt or .bin that holds code would run it in A1111 or ComfyUI
+    later), a .safetensors with a sound header. RefusedCheckpoint says which file and why."""
+    from trainers.formats.safe_load import check_loadable
+    try:
+        check_loadable(source)
+    except OSError:
+        raise
+    except ValueError as error:
+        raise RefusedCheckpoint(f"{error}; nothing was copied") from None
 
 
 def _stage(source: Path, target: Path, rename: str | None) -> Path:
