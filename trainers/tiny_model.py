@@ -31,6 +31,16 @@ SDXL_SCHEDULER = {
     "interpolation_type": "linear", "steps_offset": 1, "timestep_spacing": "leading",
     "use_karras_sigmas": False,
 }
+# The training size (px) the Train tab's forms take when a demo model is chosen: its images are
+# noise whatever the size, and a first run at 512 px took minutes (BENCHMARKS.md, "First run").
+DEMO_TRAINING_SIZE = 64
+
+
+def demo_size(name: str | None) -> int | None:
+    """The training size for model `name` if it is a demo model, else None."""
+    return DEMO_TRAINING_SIZE if name in DEMO_MODELS else None
+
+
 # SDXL's size/crop conditioning: 6 numbers, each embedded in this many channels (real: 256)
 SDXL_TIME_EMBED_DIM = 8
 

@@ -13,6 +13,7 @@ from trainers.configs import (AptConfig, DreamBoothConfig, ExtractLoraConfig, Fi
                               HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig,
                               XtiConfig)
 from trainers.embeddings import list_embeddings
+from trainers.tiny_model import DEMO_NAME, demo_size
 from webui import choices as ch
 from webui.forms import control
 
@@ -158,18 +159,57 @@ def method_forms() -> list[MethodForm]:
     return forms
 
 
+def fallback_choice(form: MethodForm, name: str, values: list[str]):
+    """What dropdown `name` shows when it has no (valid) value: the field's default if it is a
+    choice, else the first choice; nothing for the field naming what is trained."""
+    default = getattr(form.config(), name)
+    if default in values:
+        return default
+    return values[0] if values and name != form.target_field else None
+
+
+# size fields -> how a demo model's size sets them (kohya's smallest bucket must fit the size)
+SIZE_RULES = {"width": lambda size, default: size, "height": lambda size, default: size,
+              "resolution": lambda size, default: size,
+              "min_bucket_reso": lambda size, default: min(size, default)}
+
+
+def size_fields(form: MethodForm) -> list[str]:
+    names = {f.name for f in dataclasses.fields(form.config)}
+    return [name for name in SIZE_RULES if name in names and name not in form.hidden]
+
+
+def size_values(form: MethodForm, model) -> dict[str, int]:
+    """The form's size fields for base model `model`: the demo size for a demo model, else the
+    config's defaults."""
+    size = demo_size(model) if isinstance(model, str) else None
+    defaults = form.config()
+    return {name: getattr(defaults, name) if size is None
+            else SIZE_RULES[name](size, getattr(defaults, name)) for name in size_fields(form)}
+
+
+def demo_size_values(form: MethodForm) -> dict[str, int]:
+    return size_values(form, DEMO_NAME)
+
+
 def build_section(form: MethodForm, sources: dict, per_row: int = 2) -> None:
-    """Create the form's controls (inside the caller's layout context)."""
+    """Create the form's controls (inside the caller's layout context). With a demo model as
+    the first choice, the size fields start at the demo's size."""
+    models = [ch.value_of(option) for option in sources["model"]()] if "model" in sources else []
+    sizes = size_values(form, fallback_choice(form, "model", models))
+
     def make(name: str):
         cls_fields = {f.name for f in dataclasses.fields(form.config)}
         assert name in cls_fields, f"{form.config.__name__} has no field {name}"
         if name in sources:
             options = sources[name]()
             values = [ch.value_of(option) for option in options]
-            default = getattr(form.config(), name)
-            value = default if default in values else (values[0] if values and name != form.target_field else None)
-            return control(form.config, name, choices=options, value=value)
-        return control(form.config, name, **form.overrides.get(name, {}))
+            return control(form.config, name, choices=options,
+                            value=fallback_choice(form, name, values))
+        extra = dict(form.overrides.get(name, {}))
+        if name in sizes:
+            extra["value"] = sizes[name]
+        return control(form.config, name, **extra)
 
     with gr.Row():
         for name in form.top:

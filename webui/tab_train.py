@@ -2,6 +2,8 @@
 live view of the running job (status, loss plot, previews)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from core.config import ConfigError, coerce, to_toml
@@ -12,7 +14,8 @@ from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui import live
 from webui.forms import error_text, to_config
-from webui.method_forms import MethodForm, build_section, dropdown_sources, method_forms
+from webui.method_forms import (MethodForm, build_section, demo_size_values, dropdown_sources,
+                                fallback_choice, method_forms, size_fields, size_values)
 
 
 def build(paths: Paths, runner: JobRunner) -> dict:
@@ -27,7 +30,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             method = gr.Radio([(f.title, f.key) for f in forms], value=forms[0].key,
                               label="Method", elem_id="train-method", scale=4)
             refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="train-refresh")
-        note = gr.Markdown(ch.demo_note(ch.default_model(paths)))
+        note = gr.Markdown(ch.demo_note(ch.default_model(paths)), elem_id="train-model-note")
         with gr.Row():
             with gr.Column(scale=1):
                 for form in forms:
@@ -37,12 +40,16 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                             form.extras(form, paths)
                     sections.append(section)
             with gr.Column(scale=1):
+                buttons = []  # per form: its own Train / Add to queue / Export / Estimate
                 with gr.Row():
-                    train = gr.Button("Train", variant="primary", elem_id="train-start")
-                    enqueue = gr.Button("Add to queue", elem_id="train-enqueue")
+                    for form in forms:
+                        with gr.Row(visible=form is forms[0]) as row:
+                            buttons.append(FormButtons(
+                                row, gr.Button("Train", variant="primary", elem_id="train-start"),
+                                gr.Button("Add to queue", elem_id="train-enqueue"),
+                                gr.Button("Export config", elem_id="train-export"),
+                                gr.Button("Estimate memory", elem_id="train-memory")))
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
-                    export = gr.Button("Export config", elem_id="train-export")
-                    memory = gr.Button("Estimate memory", elem_id="train-memory")
                 processes = gr.Dropdown(
                     picker[1] if picker else [1], value=1, label=picker[0] if picker else "GPUs",
                     visible=picker is not None, elem_id="train-processes",
@@ -68,27 +75,18 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         timer = gr.Timer(1.0)
 
     all_inputs = [c for form in forms for c in form.controls.values()]
+    panels = sections + [b.row for b in buttons]  # shown together with their method
 
-    def split(values) -> dict[str, list]:
-        out, index = {}, 0
-        for form in forms:
-            out[form.key] = list(values[index:index + len(form.controls)])
-            index += len(form.controls)
-        return out
+    def config_of(form: MethodForm, values):
+        return to_config(form.config, form.names, values)
 
-    def config_of(key: str, values):
-        form = next((f for f in forms if f.key == key), None)
-        if form is None:
-            raise ConfigError(f"method: choose one of {', '.join(f.key for f in forms)}")
-        return form, to_config(form.config, form.names, split(values)[key])
-
-    def submit(key, count, values, queue: bool):
+    def submit(form: MethodForm, count, values, queue: bool):
         from trainers.memory_estimate import estimate_for
         from trainers.registry import job_parts
         try:
-            _, cfg = config_of(key, values)
+            cfg = config_of(form, values)
             check_before_queueing(cfg, paths)
-            name, kind, fn, spec = job_parts(key, cfg, process_count(count))
+            name, kind, fn, spec = job_parts(form.key, cfg, process_count(count))
             job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
@@ -108,12 +106,6 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                               f"{str(value)[:40]!r}")
         return number
 
-    def start(key, count, *values):
-        return submit(key, count, values, queue=False)
-
-    def add_to_queue(key, count, *values):
-        return submit(key, count, values, queue=True), _queue_text(runner)
-
     def move(job_id, offset):
         if job_id is None or job_id == "":
             return "Type a job id from the queue.", _queue_text(runner)
@@ -129,21 +121,6 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     def stop():
         return "Interrupting: the job saves and stops after this step." if runner.stop() \
             else "Nothing is running."
-
-    def export_toml(key, *values):
-        try:
-            _, cfg = config_of(key, values)
-        except ConfigError as error:
-            return error_text(error), gr.update(visible=False)
-        return "", gr.update(value=to_toml(cfg), visible=True)
-
-    def estimate_memory(key, *values):
-        from trainers.memory_estimate import estimate_for
-        try:
-            _, cfg = config_of(key, values)
-        except ConfigError as error:
-            return error_text(error)
-        return estimate_for(cfg, paths).text()
 
     async def poll(watch: live.Watch):
         """The timer's tick: only what changed, and only the loss points this page lacks. A
@@ -163,47 +140,131 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return [ch.refreshed(sources[name](), value) for (name, _), value in zip(dropdowns, current)]
 
     def show(key):
-        return [gr.update(visible=form.key == key) for form in forms]
+        return [gr.update(visible=form.key == key) for form in forms] * 2
 
-    def fill(key: str | None, cfg) -> list:
-        """Updates that show method `key` with the values of `cfg` (a config or a dict)."""
+    def fill(key: str | None, cfg, page_values: bool = False) -> list:
+        """Updates that show method `key` with the values of `cfg` (a config or a dict), then a
+        note in the message. Every dropdown of that form (of every form with `page_values`,
+        which keeps the others at the values the page was built with) gets its choices read
+        now; a value no longer among them is cleared and named in the note, never an error."""
         form = next((f for f in forms if f.key == key), None)
         if form is None or cfg is None:
-            return [gr.skip()] * (1 + len(sections) + len(all_inputs))
+            if not page_values:
+                return [gr.skip()] * (1 + len(panels) + len(all_inputs) + 1)
+            form, cfg = None, {}
         value = (lambda name: cfg.get(name)) if isinstance(cfg, dict) else (lambda name: getattr(cfg, name))
-        updates = [gr.update(value=form.key)] + show(form.key)
+        updates = ([gr.update(value=form.key)] + show(form.key)) if form else \
+            [gr.skip()] * (1 + len(panels))
+        fresh = {name: read() for name, read in sources.items()}
+        cleared = []
         for other in forms:
-            for name in other.controls:
+            for name, component in other.controls.items():
                 wanted = value(name) if other is form else None
-                updates.append(gr.skip() if other is not form or wanted is None
-                               else gr.update(value=", ".join(map(str, wanted)) if isinstance(wanted, list) else wanted))
-        return updates
+                if name in sources and (other is form or page_values):
+                    if wanted is None:
+                        wanted = component.value
+                    options = fresh[name]
+                    values = [ch.value_of(option) for option in options]
+                    if wanted not in values:
+                        if wanted not in (None, ""):
+                            cleared.append(f"{component.label}: `{wanted}` no longer exists "
+                                           f"(in {other.title}), so it was cleared")
+                        wanted = fallback_choice(other, name, values)
+                    updates.append(gr.update(choices=options, value=wanted))
+                elif other is not form or wanted is None:
+                    updates.append(gr.skip())
+                else:
+                    updates.append(gr.update(value=", ".join(map(str, wanted))
+                                             if isinstance(wanted, list) else wanted))
+        note = "**Note:** " + "; ".join(cleared) + "." if cleared else gr.skip()
+        return updates + [note]
 
     def restore_form():
-        """A fresh page shows the settings of the running (or last) job."""
+        """A fresh page shows the settings of the running (or last) job, with every dropdown's
+        choices read now (the page itself carries those read when the app started)."""
         job = runner.latest("train")
         cfg = getattr(job, "config", None)
         form = next((f for f in forms if type(cfg) is f.config), None)
-        return fill(form.key if form else None, cfg)
+        return fill(form.key if form else None, cfg, page_values=True)
 
-    method.change(show, method, sections)
-    train.click(start, [method, processes] + all_inputs, message)
+    method.change(show, method, panels)
     interrupt.click(stop, None, message)
-    export.click(export_toml, [method] + all_inputs, [message, exported])
-    memory.click(estimate_memory, [method] + all_inputs, message)
     timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden",
                queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
     quiet = {"show_progress": "hidden"}
-    enqueue.click(add_to_queue, [method, processes] + all_inputs, [message, queue_view], **quiet)
+    for form, row in zip(forms, buttons):
+        _wire_form(form, row, processes, message, exported, queue_view, submit, runner, paths,
+                   quiet)
+        _follow_model(form, note)
     up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view], **quiet)
     down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view], **quiet)
     remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view], **quiet)
     refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
-    for form in forms:
-        form.controls["model"].change(ch.demo_note, form.controls["model"], note)
-    return {"forms": forms, "restore": (restore_form, [method] + sections + all_inputs),
-            "fill": fill,
+    return {"forms": forms, "restore": (restore_form, [method] + panels + all_inputs + [message]),
+            "fill": fill, "buttons": buttons,
             "dropdowns": dropdowns, "refresh_all": refresh_all}
+
+
+@dataclass
+class FormButtons:
+    """One method's buttons: each sends only its own form's values."""
+    row: gr.Row
+    train: gr.Button
+    enqueue: gr.Button
+    export: gr.Button
+    memory: gr.Button
+
+
+def _wire_form(form: MethodForm, buttons: FormButtons, processes, message, exported, queue_view,
+               submit, runner: JobRunner, paths: Paths, quiet: dict) -> None:
+    inputs = list(form.controls.values())
+
+    def start(count, *values):
+        return submit(form, count, values, queue=False)
+
+    def add_to_queue(count, *values):
+        return submit(form, count, values, queue=True), _queue_text(runner)
+
+    def export_toml(*values):
+        try:
+            cfg = to_config(form.config, form.names, values)
+        except ConfigError as error:
+            return error_text(error), gr.update(visible=False)
+        return "", gr.update(value=to_toml(cfg), visible=True)
+
+    def estimate_memory(*values):
+        from trainers.memory_estimate import estimate_for
+        try:
+            cfg = to_config(form.config, form.names, values)
+        except ConfigError as error:
+            return error_text(error)
+        return estimate_for(cfg, paths).text()
+
+    buttons.train.click(start, [processes] + inputs, message)
+    buttons.enqueue.click(add_to_queue, [processes] + inputs, [message, queue_view], **quiet)
+    buttons.export.click(export_toml, inputs, [message, exported])
+    buttons.memory.click(estimate_memory, inputs, message)
+
+
+def _follow_model(form: MethodForm, note) -> None:
+    """The demo note follows the form's model; choosing a demo model sets the size fields to its
+    small size, and choosing a real one puts the defaults back where the demo's size still is."""
+    model = form.controls["model"]
+    model.change(ch.demo_note, model, note)
+    names = size_fields(form)
+    if not names:
+        return
+    demo = demo_size_values(form)
+
+    def sizes_for_model(chosen, *current):
+        wanted = size_values(form, chosen)
+        if wanted != demo:  # a real model: leave a size the user typed alone
+            return [gr.update(value=wanted[name]) if value == demo[name] else gr.skip()
+                    for name, value in zip(names, current)]
+        return [gr.update(value=wanted[name]) for name in names]
+
+    sizes = [form.controls[name] for name in names]
+    model.input(sizes_for_model, [model] + sizes, sizes, show_progress="hidden")
 
 
 def _queue_text(runner: JobRunner) -> str:
