@@ -15,3 +15,23 @@ def test_options_that_save_memory_lower_the_estimate():
 
 def test_tiny_demo_is_tiny():
     assert estimate(TextualInversionConfig(model="tiny-demo", width=64, height=64)).total < 0.1 * GB
+
+
+def test_the_demo_models_are_told_in_megabytes():
+    import re
+    for model in ("tiny-demo", "tiny-demo-sd2", "tiny-demo-sdxl"):
+        text = estimate(TextualInversionConfig(model=model, width=64, height=64)).text()
+        assert re.match(r"Estimated peak memory: about \d+(\.\d)? MB \(weights \d+(\.\d)? MB", text), text
+        assert "0.0" not in text and "()" not in text and "( " not in text and "GB (" not in text
+
+
+def test_big_models_are_told_in_gigabytes_with_each_part():
+    text = estimate(DreamBoothConfig(model="sd15.safetensors", resolution=512)).text()
+    assert text.startswith("Estimated peak memory: about 17.2 GB (weights 4.0 GB, gradients 3.2 GB, "
+                           "optimizer 6.4 GB, activations 3.6 GB). Needs a 24 GB card"), text
+
+
+def test_size_text_switches_unit_at_one_gigabyte():
+    from trainers.memory_estimate import MB, size_text
+    assert [size_text(v) for v in (0, 0.2 * MB, 3.46 * MB, 420 * MB, 1023.9 * MB, GB, 2.34 * GB)] == \
+        ["0.0 MB", "0.2 MB", "3.5 MB", "420 MB", "1024 MB", "1.0 GB", "2.3 GB"]

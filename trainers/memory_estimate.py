@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1024 ** 3
+MB = 1024 ** 2
 # parameter counts (U-Net, text encoder(s), VAE); SDXL's text is CLIP-L + OpenCLIP-bigG
 FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "sd2": (865.9e6, 340.4e6, 83.7e6),
             "sdxl": (2567.5e6, 817.8e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6),
@@ -27,8 +28,18 @@ class Estimate:
         return sum(self.parts.values())
 
     def text(self) -> str:
-        listed = ", ".join(f"{name} {value / GB:.1f}" for name, value in self.parts.items() if value >= 0.05 * GB)
-        return f"Estimated peak memory: about {self.total / GB:.1f} GB ({listed} GB). {advice(self.total)}"
+        listed = ", ".join(f"{name} {size_text(value)}" for name, value in self.parts.items()
+                           if value >= 0.01 * self.total and value > 0)
+        return (f"Estimated peak memory: about {size_text(self.total)}"
+                f"{f' ({listed})' if listed else ''}. {advice(self.total)}")
+
+
+def size_text(size: float) -> str:
+    """'2.3 GB' from 1 GB up, else '420 MB' / '3.5 MB' / '0.2 MB' (the demo models are MBs)."""
+    if size >= GB:
+        return f"{size / GB:.1f} GB"
+    megabytes = size / MB
+    return f"{megabytes:.0f} MB" if megabytes >= 10 else f"{megabytes:.1f} MB"
 
 
 def advice(total: float) -> str:
