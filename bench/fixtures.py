@@ -107,10 +107,18 @@ def build_model(kind: str) -> Path:
 
 # ---------------------------------------------------------------- dataset (PIL + skimage only)
 
-def make_dataset(folder: Path, resolution: int) -> dict[str, Path]:
-    """The three layouts of the same photos at `resolution`; returns their folders."""
-    from PIL import Image, ImageOps
+def sample_photos():
+    """(name, image) of scikit-image's sample photos (scikit-image is in requirements-dev.txt)."""
+    from PIL import Image
     from skimage import data
+    for name in PHOTOS:
+        yield name, Image.fromarray(getattr(data, name)())
+
+
+def make_dataset(folder: Path, resolution: int, pictures=None) -> dict[str, Path]:
+    """The three layouts of the same photos at `resolution`; returns their folders.
+    `pictures`: (name, PIL image) pairs to use instead of sample_photos()."""
+    from PIL import Image, ImageOps
 
     folder = Path(folder)
     layouts = {"images": folder / "images", "captioned": folder / "captioned",
@@ -121,9 +129,8 @@ def make_dataset(folder: Path, resolution: int) -> dict[str, Path]:
     shutil.rmtree(folder, ignore_errors=True)
     for key in ("images", "captioned", "kohya_subset"):
         layouts[key].mkdir(parents=True)
-    for index, name in enumerate(PHOTOS):
-        photo = Image.fromarray(getattr(data, name)()).convert("RGB")
-        photo = ImageOps.fit(photo, (resolution, resolution), Image.LANCZOS)
+    for index, (name, photo) in enumerate(sample_photos() if pictures is None else pictures):
+        photo = ImageOps.fit(photo.convert("RGB"), (resolution, resolution), Image.LANCZOS)
         stem = f"{index:02}-{name}"
         for key in ("images", "captioned", "kohya_subset"):
             photo.save(layouts[key] / f"{stem}.png")

@@ -53,6 +53,37 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------- the app
 
+def dataset_pictures() -> tuple[str, list | None]:
+    """(cache folder name, pictures for fixtures.make_dataset): scikit-image's sample photos
+    when it is installed (requirements-dev.txt), else pictures drawn with PIL alone, so the
+    README's command works after `pip install -r requirements.txt`. The load test measures
+    polling, not what the images show; the two sets are cached apart."""
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return "drawn-64", drawn_pictures()
+    return "photos-64", None
+
+
+def drawn_pictures(count: int = 4, size: int = 64) -> list:
+    """(name, image) pairs: distinct colour gradients with a few shapes each, the same every time."""
+    from PIL import Image, ImageDraw
+    pictures = []
+    for index in range(count):
+        red, green = (index * 67) % 256, (index * 131 + 40) % 256
+        image = Image.new("RGB", (size, size))
+        image.putdata([(red, (green + y * 2) % 256, (x * 4 + index * 50) % 256)
+                       for y in range(size) for x in range(size)])
+        draw = ImageDraw.Draw(image)
+        for shape in range(3):
+            box = [(shape * 17 + index * 5) % (size // 2), (shape * 23 + index * 11) % (size // 2)]
+            box += [box[0] + size // 3, box[1] + size // 4]
+            fill = ((shape * 90 + index * 40) % 256, 255 - red, (shape * 60) % 256)
+            (draw.ellipse if shape % 2 else draw.rectangle)(box, fill=fill)
+        pictures.append((f"drawn-{index}", image))
+    return pictures
+
+
 class App:
     """app.py in a child process on loopback, with a fresh data folder."""
 
@@ -60,8 +91,9 @@ class App:
         from bench import fixtures
         model = fixtures.build_model("tiny")
         fixtures.make_pristine_files("tiny")
-        self.dataset = fixtures.make_dataset(fixtures.bench_cache() / "data" / "photos-64",
-                                             64)["captioned"]
+        name, pictures = dataset_pictures()
+        self.dataset = fixtures.make_dataset(fixtures.bench_cache() / "data" / name, 64,
+                                             pictures)["captioned"]
         self.data = fixtures.fresh_data_dir("tiny", work / "data")
         shutil.copytree(model, self.data / ".cache" / "tiny-demo")
         self.port = free_port()
