@@ -187,3 +187,49 @@ def test_aesthetic_embedding_names_the_bad_field(data_paths, tiny_clip, look, ca
                   'clip_model="models/CLIP/tiny-clip"', setting) != 0
     assert f"{named}: " in only_error(capsys.readouterr().err)
     assert not (data_paths.aesthetic_embeddings / "look.pt").exists()
+
+
+# ---------------------------------------------------------------- textual_inversion create_missing
+
+def train(method, paths, dataset, *settings):
+    return create(method, paths, "model=tiny-demo", f'data_root="{dataset}"', "width=64",
+                  "height=64", "steps=2", "preview_every=0", "save_every=0", *settings)
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "apt"])
+def test_training_creates_a_missing_embedding_when_asked_and_says_so(data_paths, photo_dataset,
+                                                                     capsys, method):
+    from trainers.formats.embedding import load_embedding
+    assert train(method, data_paths, photo_dataset, "embedding=newtok", "create_missing=true",
+                 'init_text="a cat"', "vectors_per_token=2") == 0
+    path = data_paths.embeddings / "newtok.pt"
+    err = capsys.readouterr().err
+    assert f"Created the missing embedding 'newtok' from 'a cat' (2 vectors per token): {path}" \
+        in err
+    saved = load_embedding(path)
+    assert saved.step == 2 and saved.num_vectors == 2
+    # a second run finds it and trains it further, creating nothing
+    assert train(method, data_paths, photo_dataset, "embedding=newtok", "create_missing=true",
+                 "vectors_per_token=5", "steps=3") == 0
+    assert "Created the missing embedding" not in capsys.readouterr().err
+    assert load_embedding(path).step == 3 and load_embedding(path).num_vectors == 2
+
+
+def test_training_a_missing_embedding_without_create_missing_names_the_option(data_paths,
+                                                                              photo_dataset,
+                                                                              capsys):
+    assert train("textual_inversion", data_paths, photo_dataset, "embedding=newtok") == 2
+    line = only_error(capsys.readouterr().err)
+    assert "embedding: no embedding named 'newtok'" in line and "create_missing = true" in line
+    assert not list(data_paths.embeddings.iterdir())
+
+
+@pytest.mark.parametrize("setting, named", [('embedding="../newtok"', "embedding"),
+                                            ("vectors_per_token=0", "vectors_per_token"),
+                                            ('data_root="nowhere"', "data_root")])
+def test_create_missing_checks_everything_before_creating(data_paths, photo_dataset, capsys,
+                                                          setting, named):
+    assert train("textual_inversion", data_paths, photo_dataset, "embedding=newtok",
+                 "create_missing=true", setting) == 2
+    assert f"{named}: " in only_error(capsys.readouterr().err)
+    assert not list(data_paths.embeddings.iterdir())

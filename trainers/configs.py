@@ -159,11 +159,23 @@ class TextualInversionConfig(TemplateTrainingConfig):
     save_image_with_embedded: bool = option(True, "Also save each preview as a PNG that "
                                             "carries the embedding.",
                                             label="Save images with embedding in PNG chunks")
+    # not automatic: a mistyped name would otherwise start a new embedding without a word
+    create_missing: bool = option(False, "When there is no embedding of this name, create "
+                                  "it first from the initialization text and vectors per "
+                                  "token (as Create embedding does) and say so.",
+                                  label="Create the embedding if missing")
+    init_text: str = option("*", "With create_missing: words whose token vectors start the "
+                            "new embedding.", label="Initialization text")
+    vectors_per_token: int = option(1, "With create_missing: how many token vectors the new "
+                                    "embedding has.", label="Number of vectors per token",
+                                    min=1, max=75)
 
     def validate(self) -> "TextualInversionConfig":
         problems = self.common_problems()
         if not self.embedding.strip():
             problems.append("embedding: choose an embedding (create one first)")
+        elif self.create_missing:
+            problems += check_name("embedding", self.embedding)
         return accept(self, problems)
 
 
@@ -194,6 +206,8 @@ class AptConfig(TextualInversionConfig):
         problems = self.common_problems()
         if not self.embedding.strip():
             problems.append("embedding: choose the positive embedding (create one first)")
+        elif self.create_missing and (bad_name := check_name("embedding", self.embedding)):
+            problems += bad_name
         elif self.embedding.strip().endswith("-neg"):
             problems.append("embedding: choose the positive embedding; its '-neg' partner is "
                             "found (or made) by name")

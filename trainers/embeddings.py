@@ -77,3 +77,26 @@ def create_embedding(cfg, paths: Paths) -> Path:
     for stale in (target.with_name(target.name + ".optim"),):
         stale.unlink(missing_ok=True)
     return target
+
+
+def create_missing_embedding(cfg, ctx) -> Path | None:
+    """For textual inversion / APT with `create_missing`: embeddings/<embedding>.pt from the
+    config's init_text and vectors_per_token (as Create embedding makes it) when there is no
+    embedding of that name; emits a Status saying so. None when nothing was created."""
+    from core import events as ev
+    from trainers import distributed
+    from trainers.configs import CreateEmbeddingConfig
+
+    name = cfg.embedding.strip()
+    if not cfg.create_missing or find_embedding(ctx.paths, name) is not None:
+        return None
+    created = None
+    with distributed.main_first(ctx):  # the other processes then find the main one's file
+        if find_embedding(ctx.paths, name) is None:
+            created = create_embedding(CreateEmbeddingConfig(
+                name=name, init_text=cfg.init_text, vectors_per_token=cfg.vectors_per_token,
+                model=cfg.model).validate(), ctx.paths)
+    if created is not None:
+        ctx.emit(ev.Status(f"Created the missing embedding {name!r} from {cfg.init_text!r} "
+                           f"({cfg.vectors_per_token} vectors per token): {created}"))
+    return created

@@ -41,8 +41,10 @@ def check_before_queueing(cfg, paths: Paths) -> None:
         except PathError as error:
             problems.append(str(error))
     embedding = getattr(cfg, "embedding", None)
-    if embedding and find_embedding(paths, embedding.strip()) is None:
-        problems.append(f"embedding: no embedding named {embedding!r} in {paths.embeddings}")
+    if embedding and not getattr(cfg, "create_missing", False) \
+            and find_embedding(paths, embedding.strip()) is None:
+        problems.append(f"embedding: no embedding named {embedding!r} in {paths.embeddings}; "
+                        "create it first (Create embedding, or create_missing = true)")
     hypernetwork = getattr(cfg, "hypernetwork", None)
     if hypernetwork and find_hypernetwork(paths, hypernetwork.strip()) is None:
         problems.append(f"hypernetwork: no hypernetwork named {hypernetwork!r} in {paths.hypernetworks}")

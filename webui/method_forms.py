@@ -110,13 +110,17 @@ FINE_TUNE_GROUPS = [("Images and metadata JSON",
                     ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
 
 
+# the CLI's way to make a missing embedding; the page picks an existing one (Create embedding tab)
+CREATE_MISSING = ["create_missing", "init_text", "vectors_per_token"]
+
+
 def method_forms() -> list[MethodForm]:
     forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
                         "embedding",
                         [("Dataset and prompts", TEMPLATE_DATA, True),
                          ("Optimization", TEMPLATE_OPTIM, True),
                          ("Saving and previews", TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
-                        top=["embedding", "model"])]
+                        top=["embedding", "model"], hidden=CREATE_MISSING)]
     forms.append(MethodForm("apt", "APT / DreamArtist", AptConfig, "embedding",
                             [("Positive and negative (DreamArtist)",
                               ["cfg_scale", "negative_lr_weight", "reconstruction_weight",
@@ -125,7 +129,7 @@ def method_forms() -> list[MethodForm]:
                              ("Optimization", TEMPLATE_OPTIM, True),
                              ("Saving and previews",
                               TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
-                            top=["embedding", "model"]))
+                            top=["embedding", "model"], hidden=CREATE_MISSING))
     forms.append(MethodForm("xti", "XTI (P+)", XtiConfig, "output_name",
                             [("Per-layer embedding", ["init_text", "num_vectors_per_token",
                                                       "file_format", "overwrite"], True),

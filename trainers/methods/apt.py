@@ -17,7 +17,7 @@ from trainers import seeds
 from trainers import template_training as tt
 from trainers.apt_prompts import negative_name, negative_prompt, pair_negative
 from trainers.configs import AptConfig
-from trainers.embeddings import find_embedding
+from trainers.embeddings import create_missing_embedding, find_embedding
 from trainers.formats.embedding import EmbeddingFile, embedding_checksum, save_embedding
 from trainers.formats.optim_sidecar import load_optim
 from trainers.formats.png_embedding import save_png_embedding
@@ -30,6 +30,7 @@ from trainers.step import Guided
 def run(cfg: AptConfig, ctx) -> Path:
     model, dataset, template_lines = tt.prepare(cfg, ctx, keep_pixels=cfg.reconstruction_weight > 0)
     name = cfg.embedding.strip()
+    create_missing_embedding(cfg, ctx)  # only with create_missing, after the checks passed
     path = find_embedding(ctx.paths, name)
     stored = load_trainable(path, model, cfg.model)
     neg_path, neg_vectors = _negative(ctx, cfg, path, stored, model)

@@ -7,7 +7,7 @@ import torch
 
 from trainers import template_training as tt
 from trainers.configs import TextualInversionConfig
-from trainers.embeddings import find_embedding
+from trainers.embeddings import create_missing_embedding, find_embedding
 from trainers.formats.embedding import (EmbeddingFile, embedding_checksum, load_embedding,
                                         save_embedding)
 from trainers.formats.png_embedding import save_png_embedding
@@ -19,6 +19,7 @@ from trainers.prompts import PromptEncoder
 def run(cfg: TextualInversionConfig, ctx) -> Path:
     model, dataset, template_lines = tt.prepare(cfg, ctx)
     name = cfg.embedding.strip()
+    create_missing_embedding(cfg, ctx)  # only with create_missing, after the checks passed
     path = find_embedding(ctx.paths, name)
     stored = load_embedding(path)
     _check_fits(stored, model, path, cfg.model)
