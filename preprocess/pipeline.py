@@ -8,7 +8,8 @@ width x height. Every output is saved as `{index:05}-{subindex}-{stem}.png` (ind
 of the file in the source listing) with `<same name>.txt` when its caption is not empty, and,
 with flip, followed by its mirror image with its own caption.
 
-The source folder is only read. Unreadable files are skipped and named in the Summary."""
+The source folder is only read. Files of other types than core.images.IMAGE_EXTENSIONS and
+images that cannot be read are skipped and named in the Summary."""
 from __future__ import annotations
 
 import time
