@@ -92,6 +92,8 @@ def test_cli_trains_one_entry_per_layer_with_previews(tmp_path, tiny_model_dir, 
                       'num_vectors_per_token = 2\ntemplate = "subject_filewords.txt"\n')
     out = cli(["-m", "trainers", "xti", "--config", str(config), "--data-dir", str(data)])
     assert out.returncode == 0, out.stderr
+    assert "Starting the new xtok.safetensors from 'cat' (2 vectors per token in each of 4 " \
+        "layers)" in out.stderr
     saved = load_xti(data / "models" / "xti" / "xtok.safetensors")
     assert list(saved.layers) == ["IN01", "MID", "OUT02", "OUT03"] and saved.step == 2
     assert all(v.shape == (2, 32) for v in saved.layers.values())

@@ -76,4 +76,7 @@ def _start(cfg: XtiConfig, ctx, model, path: Path, layers: list[str]):
         return stored.step, stored.layers
     init = initial_vectors(model.tokenizer, model.text_encoder, cfg.init_text,
                            cfg.num_vectors_per_token)
+    ctx.emit(ev.Status(f"Starting {'over with ' if path.exists() else 'the new '}{path.name} from "
+                       f"{cfg.init_text!r} ({cfg.num_vectors_per_token} vectors per token in "
+                       f"each of {len(layers)} layers)"))
     return 0, {layer: init.clone() for layer in layers}
