@@ -42,15 +42,15 @@ def test_guided_loss_is_plain_when_the_pair_agrees_and_trains_the_negative(data_
     model = load_model(data_paths, "tiny-demo")
     latents = torch.randn(1, 4, 4, 4)
     context = torch.randn(1, 77, 32)
-    plain = diffusion_loss(model.unet, model.noise_scheduler(), latents, context,
+    plain = diffusion_loss(model.unet, model.objective(), latents, context,
                            torch.Generator().manual_seed(0))
-    same = diffusion_loss(model.unet, model.noise_scheduler(), latents,
+    same = diffusion_loss(model.unet, model.objective(), latents,
                           Guided(context, context.clone(), 5.0), torch.Generator().manual_seed(0))
     assert torch.allclose(plain, same, atol=1e-5)
     negative = torch.nn.Parameter(torch.randn(1, 77, 32))
     for scale, moves in ((5.0, True), (1.0, False)):
         negative.grad = None
-        diffusion_loss(model.unet, model.noise_scheduler(), latents, Guided(context, negative, scale),
+        diffusion_loss(model.unet, model.objective(), latents, Guided(context, negative, scale),
                        torch.Generator().manual_seed(0)).backward()
         assert (negative.grad.abs().sum() > 0) == moves
 

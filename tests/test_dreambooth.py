@@ -124,12 +124,12 @@ def test_weighted_loss_combines_instance_and_prior_terms(data_paths):
     model = load_model(data_paths, "tiny-demo")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
-    each = [diffusion_loss(model.unet, model.noise_scheduler(), latents[i:i + 1], context[i:i + 1],
+    each = [diffusion_loss(model.unet, model.objective(), latents[i:i + 1], context[i:i + 1],
                            _gen(i)).item() for i in range(2)]
     # with a fixed generator the pair draws the same noise as drawing both at once
-    both = diffusion_loss(model.unet, model.noise_scheduler(), latents, context, torch.Generator().manual_seed(5),
+    both = diffusion_loss(model.unet, model.objective(), latents, context, torch.Generator().manual_seed(5),
                           weight=torch.tensor([1.0, 0.5]).view(2, 1, 1, 1))
-    plain = diffusion_loss(model.unet, model.noise_scheduler(), latents, context, torch.Generator().manual_seed(5))
+    plain = diffusion_loss(model.unet, model.objective(), latents, context, torch.Generator().manual_seed(5))
     assert both.item() < plain.item()
     assert len(each) == 2
 

@@ -74,7 +74,7 @@ def test_training_lowers_loss(data_paths, photo_dataset):
             for i, example in enumerate(data.examples):
                 context = encoder.encode([example.filewords])
                 for k in range(4):
-                    total += diffusion_loss(model.unet, model.noise_scheduler(), example.latent[None],
+                    total += diffusion_loss(model.unet, model.objective(), example.latent[None],
                                             context, torch.Generator().manual_seed(10 * i + k)).item()
         return total
     start = loss_of(load_hypernetwork(path))

@@ -121,7 +121,7 @@ def test_training_lowers_the_loss(data_paths, kohya_folder):
         with torch.no_grad():
             for m in range(batches.batches_per_epoch):
                 batch = batches.batch(m)
-                total += diffusion_loss(model.unet, model.noise_scheduler(), batch.latents,
+                total += diffusion_loss(model.unet, model.objective(), batch.latents,
                                         encoder.encode(batch.texts), torch.Generator().manual_seed(m)).item()
         return total
     before = loss()

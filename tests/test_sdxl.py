@@ -75,7 +75,7 @@ def test_size_and_crop_conditioning_reaches_the_unet(family_paths, pictures):
     losses = []
     for ids in ([[64, 64, 0, 0, 64, 64]], [[1024, 512, 100, 0, 64, 64]]):
         with torch.no_grad():
-            losses.append(diffusion_loss(model.unet, model.noise_scheduler(), batch.latents, context,
+            losses.append(diffusion_loss(model.unet, model.objective(), batch.latents, context,
                                          torch.Generator().manual_seed(1),
                                          added_cond={**added, "time_ids": torch.tensor(ids, dtype=torch.float32)}).item())
     assert losses[0] != losses[1]

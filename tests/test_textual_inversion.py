@@ -54,7 +54,7 @@ def eval_loss(paths, dataset_dir, vectors) -> float:
         for i, example in enumerate(data.examples):
             context = encoder.encode(["a photo of zxqtok"])
             for k in range(6):
-                total += diffusion_loss(model.unet, model.noise_scheduler(), example.latent[None],
+                total += diffusion_loss(model.unet, model.objective(), example.latent[None],
                                         context, torch.Generator().manual_seed(100 * i + k)).item()
     return total / (len(data.examples) * 6)
 

@@ -186,7 +186,7 @@ def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) 
 
 def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) -> Path:
     unet = plan.unet or model.unet
-    noise_scheduler = model.noise_scheduler()
+    objective = model.objective()
     start = plan.start_step
     state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
                      else (None, "starting over"))
@@ -248,7 +248,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         with autocast:
             context, added = unet_inputs(plan.encode(batch.texts), batch.latents, batch.sizes,
                                          getattr(model, "vae_scale", 8))
-            loss = diffusion_loss(unet, noise_scheduler, batch.latents, context,
+            loss = diffusion_loss(unet, objective, batch.latents, context,
                                   seeds.generator(opts.seed, "noise", micro),
                                   weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
                                   noise_offset=opts.noise_offset, added_cond=added,

@@ -55,9 +55,10 @@ class BaseModel:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def noise_scheduler(self):
-        from diffusers import DDPMScheduler
-        return DDPMScheduler.from_config(self.scheduler_config)
+    def objective(self):
+        """What the network is trained to predict and how latents are noised (trainers/objectives)."""
+        from trainers.objectives import NoisePrediction
+        return NoisePrediction(self.scheduler_config)
 
     def freeze(self) -> None:
         for module in (*self.text_encoders, self.unet, self.vae):

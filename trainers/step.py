@@ -17,16 +17,18 @@ class Guided:
     scale: float
 
 
-def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor | Guided,
+def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor | Guided,
                    generator: torch.Generator, weight: torch.Tensor | None = None,
                    min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
                    added_cond: dict | None = None, device: torch.device | None = None,
                    dtype: torch.dtype | None = None, rows: slice | None = None,
                    batch_size: int | None = None,
                    x0_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Noise the latents at random timesteps, predict, and return the (weighted) MSE, plus
-    `x0_loss` of the clean latents the prediction implies, when given.
+    """Noise the latents at random times, predict, and return the (weighted) MSE against the
+    objective's target, plus `x0_loss` of the clean latents the prediction implies, when given.
 
+    `objective` is the model family's (`trainers/objectives.py`): it draws the timesteps or
+    sigmas, noises the latents, names the target and weighs the loss.
     `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x.
     `device` / `dtype` are the U-Net's; the loop passes them once per run, because diffusers'
     `unet.device` / `unet.dtype` walk every sub-module on each call.
@@ -42,32 +44,25 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     if noise_offset:
         offset = torch.randn(drawn[:2] + (1, 1), generator=generator)[rows].to(latents)
         noise = noise + noise_offset * offset
-    total = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, total, drawn[:1], generator=generator)[rows].to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    times = objective.sample_times(drawn[0], generator, latents)[rows].to(device)
+    noisy = objective.noisy(latents, noise, times)
 
     extra = {}
     if added_cond is not None:
         extra["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in added_cond.items()}
-    prediction = _predict(unet, noisy, timesteps, context, extra, dtype)
-
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction type {kind!r}")
+    prediction = _predict(unet, noisy, objective.model_timesteps(times), context, extra, dtype)
+    target = objective.target(latents, noise, times)
 
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if weight is not None:
         loss = loss * weight.to(loss.device)
-    loss = loss.mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        loss = loss * _min_snr_weight(noise_scheduler, timesteps, min_snr_gamma, kind)
+    loss = loss.mean(dim=tuple(range(1, loss.dim())))
+    per_image = objective.loss_weight(times, min_snr_gamma)
+    if per_image is not None:
+        loss = loss * per_image
     loss = loss.mean()
     if x0_loss is not None:
-        loss = loss + x0_loss(predicted_latents(noise_scheduler, noisy, prediction, timesteps))
+        loss = loss + x0_loss(objective.predicted_latents(noisy, prediction, times))
     return loss
 
 
@@ -82,20 +77,3 @@ def _predict(unet, noisy: torch.Tensor, timesteps: torch.Tensor, context, extra:
                 torch.cat([context.negative, context.positive]).to(dtype), **extra).sample
     negative, positive = both.chunk(2)
     return negative + context.scale * (positive - negative)
-
-
-def predicted_latents(noise_scheduler, noisy: torch.Tensor, prediction: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """The clean latents a prediction implies at these timesteps (x0 from epsilon or v)."""
-    alphas = noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
-    alphas = alphas.to(prediction.dtype)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
-    return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-
-
-def _min_snr_weight(noise_scheduler, timesteps, gamma: float, kind: str) -> torch.Tensor:
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
