@@ -40,10 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m trainers",
-                                     description="Train an embedding, hypernetwork, LoRA or "
-                                                 "DreamBooth model headless, with the app's code, "
-                                                 "or create an embedding, hypernetwork or "
-                                                 "aesthetic embedding as the Create tabs do.")
+                     description="Train an embedding, hypernetwork, LoRA or DreamBooth model "
+                                 "headless, with the app's code, or create an embedding, "
+                                 "hypernetwork or aesthetic embedding as the Create tabs do.")
     parser.add_argument("method", choices=sorted(METHOD_CONFIGS) + sorted(CREATE_COMMANDS))
     parser.add_argument("--config", help="TOML file of settings (see --print-config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
