@@ -20,6 +20,8 @@ REPO_DIR = Path(__file__).resolve().parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SHUTDOWN_TIMEOUT = 60.0  # seconds a running job gets to save when the app is closed
 SHORT_PASSWORD = 12
+# what the training worker imports while the page loads, so the first Train click does not wait
+WORKER_WARM_MODULES = ("torch", "diffusers", "trainers.models")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -228,10 +230,10 @@ def start(args: argparse.Namespace):
         from trainers.models import load_model
         from trainers.tiny_model import DEMO_NAME
         load_model(paths, DEMO_NAME)
-    runner = JobRunner(paths, queue_file=paths.cache / "queue.json")
+    runner = JobRunner(paths, queue_file=paths.cache / "queue.json", warm_modules=WORKER_WARM_MODULES)
     if runner.process is not None:
         runner.process.start()  # importing torch there overlaps with the page loading
-    from trainers.registry import rebuild
+    from webui.jobs import rebuild
     restored = runner.restore(rebuild)
     if restored:
         print(f"Queued again {len(restored)} job(s) pending when the app last closed.")

@@ -102,13 +102,14 @@ class Job:
 
 class JobRunner:
     def __init__(self, paths: Paths, history: int = 20, queue_file: Path | None = None,
-                 worker_process: bool | None = None):
+                 worker_process: bool | None = None, warm_modules: tuple[str, ...] = ()):
         """`worker_process`: run ProcessTask jobs (training) in the worker process; None
-        (the app's default) unless DANLU_TRAIN_IN_PROCESS=1 asks to train on this thread."""
+        (the app's default) unless DANLU_TRAIN_IN_PROCESS=1 asks to train on this thread.
+        `warm_modules`: what that process imports while it waits for its first job."""
         self.paths = paths
         if worker_process is None:
             worker_process = wanted()
-        self.process = WorkerProcess() if worker_process else None
+        self.process = WorkerProcess(warm_modules=warm_modules) if worker_process else None
         self.queue_file = queue_file
         self._ids = itertools.count(1)
         self._queue: deque[Job] = deque()

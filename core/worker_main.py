@@ -9,6 +9,7 @@ event stream stays clean. It lives as long as the app, keeping what it loaded (t
 for the next job."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
@@ -82,13 +83,14 @@ def run_one(command: dict, output: Output, stopped: set, closing) -> None:
 
 
 def _warm_imports() -> None:
-    """What every training job imports first; a job arriving meanwhile waits on the import lock."""
-    try:
-        import torch  # noqa: F401
-        import diffusers  # noqa: F401
-        from trainers import models  # noqa: F401
-    except Exception:  # noqa: BLE001 - the job itself will report a broken install
-        pass
+    """What every training job imports first (the modules the app named in the environment); a
+    job arriving meanwhile waits on the import lock."""
+    from core.worker_process import WARM_VARIABLE
+    for name in filter(None, os.environ.get(WARM_VARIABLE, "").split(",")):
+        try:
+            importlib.import_module(name.strip())
+        except Exception:  # noqa: BLE001 - the job itself will report a broken install
+            pass
 
 
 def main() -> int:

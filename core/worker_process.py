@@ -52,6 +52,7 @@ def wanted() -> bool:
 
 
 THREADS_VARIABLE = "DANLU_WORKER_THREADS"  # torch CPU threads of the worker, if set
+WARM_VARIABLE = "DANLU_WORKER_WARM"  # comma-separated modules the worker imports while idle
 
 
 def worker_threads(environ=os.environ) -> int:
@@ -88,8 +89,11 @@ class _Child:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict | None = None, stream=None):
+    def __init__(self, env: dict | None = None, stream=None, warm_modules: tuple[str, ...] = ()):
+        """`warm_modules`: what the worker imports while it waits for its first job (the app
+        names the training libraries; core knows none of them)."""
         self.env = env
+        self.warm_modules = tuple(warm_modules)
         self.stream = stream  # where the worker's own output goes (the app's stderr)
         self._child: _Child | None = None
         self._lock = threading.Lock()
@@ -157,6 +161,7 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[WARM_VARIABLE] = ",".join(self.warm_modules)
         if "OMP_NUM_THREADS" not in env or THREADS_VARIABLE in env:  # a user's choice stays
             threads = str(worker_threads(env))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)

@@ -115,7 +115,7 @@ def test_a_spec_that_cannot_be_rebuilt_does_not_block_the_rest(tmp_path):
 
 def test_registry_specs_rebuild_the_same_config():
     from trainers.configs import LoraConfig
-    from trainers.registry import job_parts, rebuild
+    from webui.jobs import job_parts, rebuild
     cfg = LoraConfig(model="tiny-demo", output_name="x", train_data_dir="d", network_dim=16)
     name, kind, fn, spec = job_parts("lora", cfg)
     import json
@@ -127,7 +127,7 @@ def test_preprocess_jobs_queue_and_rebuild_too(tmp_path):
     import json
     from preprocess.config import PreprocessConfig
     from tests.conftest import photo
-    from trainers.registry import job_parts, rebuild
+    from webui.jobs import job_parts, rebuild
     source = tmp_path / "src"
     source.mkdir()
     photo(0).save(source / "a.png")

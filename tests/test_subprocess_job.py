@@ -102,7 +102,7 @@ def test_a_finished_run_is_done(runner, tmp_path):
 
 def test_launch_command_and_methods(tmp_path):
     from trainers.launch import accelerate_command, check_processes
-    from trainers.registry import job_parts, rebuild
+    from webui.jobs import job_parts, rebuild
     from trainers.configs import ExtractLoraConfig, LoraConfig
     paths = Paths(tmp_path, confine=True)
     command = accelerate_command("lora", tmp_path / "run.toml", 2, paths, tmp_path / "s.stop")

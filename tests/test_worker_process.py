@@ -128,7 +128,7 @@ def trained(tmp_path_factory, tiny_model_dir):
 
 def ti_job(runner, dataset, **changes):
     from tests.test_textual_inversion import ti_config
-    from trainers.registry import job_parts
+    from webui.jobs import job_parts
     name, kind, fn, spec = job_parts("textual_inversion", ti_config(dataset, **changes))
     assert isinstance(fn, ProcessTask)
     return runner.submit(name, kind, fn, spec=spec)
@@ -242,3 +242,20 @@ def test_the_worker_process_runs_with_that_many_threads(tmp_path, monkeypatch):
         assert "torch threads 1" in job.log
     finally:
         runner.shutdown(timeout=30)
+
+
+def test_the_worker_warms_only_the_modules_it_is_told(monkeypatch):
+    import sys as _sys
+
+    from core import worker_main
+    from core.worker_process import WARM_VARIABLE, WorkerProcess
+    assert WorkerProcess(warm_modules=("torch", "x.y")).warm_modules == ("torch", "x.y")
+    monkeypatch.delitem(_sys.modules, "colorsys", raising=False)
+    monkeypatch.setenv(WARM_VARIABLE, "colorsys, no_such_module_here")
+    worker_main._warm_imports()  # a module that cannot be imported is left to the job to report
+    assert "colorsys" in _sys.modules
+
+
+def test_the_app_names_the_training_libraries_for_the_worker_to_warm():
+    import app
+    assert "trainers.models" in app.WORKER_WARM_MODULES

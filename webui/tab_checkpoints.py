@@ -284,7 +284,8 @@ def queue_resume(paths: Paths, runner: JobRunner, run: rn.Run):
     final file (with its optimizer state). Raises ValueError/ConfigError saying why not."""
     from core.config import from_dict
     from trainers.preflight import check_before_queueing
-    from trainers.registry import config_class, job_parts
+    from trainers.registry import config_class
+    from webui.jobs import job_parts
     if run.status in (rn.RUNNING, rn.FINISHED):
         raise ValueError(f"this run is {run.status}; there is nothing to resume")
     if run.final_path is None or not run.final_path.is_file():

@@ -322,7 +322,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return cfg
 
     def submit(values, queue: bool):
-        from trainers.registry import job_parts
+        from webui.jobs import job_parts
         try:
             cfg = config_of(values)
             name, kind, fn, spec = job_parts("preprocess", cfg)

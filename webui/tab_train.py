@@ -82,7 +82,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
 
     def submit(form: MethodForm, count, values, queue: bool):
         from trainers.memory_estimate import estimate_for
-        from trainers.registry import job_parts
+        from webui.jobs import job_parts
         try:
             cfg = config_of(form, values)
             check_before_queueing(cfg, paths)
