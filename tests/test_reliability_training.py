@@ -39,7 +39,7 @@ def sidecar_step(path) -> int:
     return safe_torch_load(optim_path(path))["danlu"]["step"]
 
 
-def test_nan_loss_stops_at_once_with_the_previous_step_saved(data_paths, photo_dataset,
+def test_nan_loss_stops_at_once_with_the_weights_before_it_saved(data_paths, photo_dataset,
                                                               monkeypatch):
     path = make_embedding(data_paths)
     fail_at(monkeypatch, 4, lambda real, *a, **k: real(*a, **k) * float("nan"))
@@ -47,21 +47,22 @@ def test_nan_loss_stops_at_once_with_the_previous_step_saved(data_paths, photo_d
     with pytest.raises(TrainingError) as caught:
         run(ti_config(photo_dataset, steps=8), ctx)
     message = caught.value.user_message
-    assert "loss became nan at step 4" in message and "state of step 3" in message
+    # the weights of step 3 gave the nan loss: the last weights that gave a finite one are step 2's
+    assert "loss became nan at step 4" in message and "state of step 2" in message
     assert "lower learning rate" in message
     saved = load_embedding(path)
-    assert saved.step == 3 and torch.isfinite(saved.vectors).all()
-    assert sidecar_step(path) == 3
+    assert saved.step == 2 and torch.isfinite(saved.vectors).all()
+    assert sidecar_step(path) == 2
     payload, _ = load_optim(path, embedding_checksum(saved.vectors))
     assert payload is not None  # the .optim pairs with the file: resumable
     assert [e.step for e in ctx.of(ev.Progress)] == [1, 2, 3]
     assert [e.kind for e in ctx.of(ev.Saved)] == ["last good state"]
 
-    monkeypatch.undo()  # resuming continues from step 3
+    monkeypatch.undo()  # resuming continues from step 2
     ctx = RecordingContext(data_paths)
     run(ti_config(photo_dataset, steps=5), ctx)
     assert load_embedding(path).step == 5
-    assert any("Resuming at step 3" in e.text for e in ctx.of(ev.Status))
+    assert any("Resuming at step 2" in e.text for e in ctx.of(ev.Status))
 
 
 def test_inf_loss_on_the_first_step_keeps_the_file_untouched(data_paths, photo_dataset,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,14 @@ from typing import Callable, Protocol
 
 import torch
 
+from core import crash_points
+from core.atomic import atomic_write
 from core import events as ev
 from core.malloc_tuning import tune_malloc
 from trainers import distributed, grad_check, seeds
-from trainers.formats.optim_sidecar import load_optim, save_optim
+from trainers.formats.optim_sidecar import load_optim, recover_pair, save_optim, saving_pair
+from trainers.formats.save_check import SaveRefusedError
+from trainers.last_good import LastGood
 from trainers.conditioning import unet_inputs
 from trainers.run_folder import RunFolder
 from trainers.sampling import PreviewSettings, render
@@ -90,6 +95,8 @@ class TrainingPlan:
     resume_optimizer: bool = True  # False when the user starts over on an existing file
     after_step: Callable[[int], None] | None = None  # e.g. an EMA update, after each step
     x0_loss: Callable[[Batch], Callable | None] | None = None  # a batch's loss on predicted x0
+    state_tensors: Callable[[], list[torch.Tensor]] | None = None  # more that training changes
+    # besides the trainable weights (an EMA), kept with them for a nan/inf stop
 
 
 # optimizer state entries shaped like their parameter (torch's and bitsandbytes' names); others,
@@ -188,8 +195,16 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     unet = plan.unet or model.unet
     objective = model.objective()
     start = plan.start_step
+    if distributed.is_main(ctx):
+        recovered = recover_pair(plan.final_path)
+        if recovered:
+            ctx.emit(ev.Status(f"{plan.final_path.name}: {recovered}"))
     state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
                      else (None, "starting over"))
+    sidecar_step = ((state or {}).get("danlu") or {}).get("step")
+    if state is not None and sidecar_step is not None and sidecar_step != start:
+        state, reason = None, (f"{plan.final_path.name}.optim is of step {sidecar_step}, the file "
+                               f"of step {start}")
     if state is not None:
         try:
             plan.optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -219,6 +234,9 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
     last_texts: list[str] = []
     skipped, stepped = 0, False  # bad steps in a row (on_nan="skip"); any good step yet
     parameters = _parameters(plan)
+    last_good = LastGood(parameters + (plan.state_tensors() if plan.state_tensors else []),
+                         plan.optimizer)
+    saved_step = start if plan.final_path.exists() else None  # the state the file holds
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     # diffusers' unet.device / unet.dtype walk every sub-module: look them up once per run
     device, dtype = unet.device, unet.dtype
@@ -227,14 +245,20 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 if opts.autocast is not None else contextlib.nullcontext())
 
     def save(kind: str) -> Path:
+        """The file and its .optim sidecar, both or neither (SaveRefusedError: neither)."""
+        nonlocal saved_step
         if not main:
             return plan.final_path
-        plan.save(plan.final_path, step)
-        extra = {"seed": opts.seed, "step": step, "param_shapes": _param_shapes(plan.optimizer)}
-        if plan.sidecar_extra is not None:
-            extra.update(plan.sidecar_extra())
-        save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,
-                   plan.optimizer.state_dict(), extra=extra)
+        with saving_pair(plan.final_path):
+            plan.save(plan.final_path, step)
+            crash_points.reached("save:between-file-and-sidecar")
+            extra = {"seed": opts.seed, "step": step,
+                     "param_shapes": _param_shapes(plan.optimizer)}
+            if plan.sidecar_extra is not None:
+                extra.update(plan.sidecar_extra())
+            save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,
+                       plan.optimizer.state_dict(), extra=extra)
+        saved_step = step
         run.flush()
         ctx.emit(ev.Saved(step=step, path=str(plan.final_path), kind=kind))
         return plan.final_path
@@ -264,6 +288,36 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         began = time.perf_counter()  # after waiting for the other processes (it/s, ETA)
     else:
         step_loss = micro_loss
+
+    def keep_last_good(current_gave_finite_loss: bool) -> str:
+        """After a nan/inf: save the newest state known to give a finite loss whose save is not
+        refused (the current weights, else those before the last step); says what the file
+        holds. Weights that gave a nan/inf loss are not saved."""
+        nonlocal step
+        refused = []
+        if current_gave_finite_loss and stepped and step != saved_step:
+            try:
+                save("last good state")
+            except SaveRefusedError as error:
+                refused.append(error.reason)
+        if saved_step != step or not current_gave_finite_loss:
+            back = last_good.restore()
+            if back is not None and back != saved_step and (back > start or saved_step is not None):
+                step = back
+                try:
+                    save("last good state")
+                except SaveRefusedError as error:
+                    refused.append(error.reason)
+        held = (f"the file keeps the state of step {saved_step}" if saved_step is not None
+                else f"nothing was saved ({plan.final_path.name} does not exist)")
+        return held + "".join(f" (step {step} was not saved either: {why})"
+                              for why in refused[-1:])
+
+    def stop_for_refused_save(error: SaveRefusedError):
+        at = step
+        kept = keep_last_good(False)
+        raise TrainingError(f"the weights of step {at} cannot be saved ({error.reason}); "
+                            f"{kept}. Try a lower learning rate.")
 
     def stopping() -> bool:  # every process stops at the same step
         asked = ctx.should_stop()
@@ -312,19 +366,20 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                     ctx.emit(ev.Status(f"Skipped step {step}: {bad}; the weights were not "
                                        "changed"))
                     continue
-                if stepped:  # else the file on disk is already the last good state
-                    save("last good state")
+                at = step + 1
+                kept = keep_last_good(math.isfinite(total_loss))
                 if parallel is not None:
                     parallel.wait()  # the others end only after the main process saved
                 several = f" in {skipped} steps in a row" if opts.on_nan == "skip" else ""
-                raise TrainingError(f"{bad} at step {step + 1}{several}; the file keeps the "
-                                    f"state of step {step if stepped else start}. Try a lower "
+                raise TrainingError(f"{bad} at step {at}{several}; {kept}. Try a lower "
                                     "learning rate.")
             skipped = 0
             if opts.clip_mode != "disabled" and not clipped:
                 if scaler is not None:
                     scaler.unscale_(plan.optimizer)
                 _clip(parameters, opts.clip_mode, opts.clip_value(step))
+            last_good.keep(step)
+            crash_points.reached("step")
             if scaler is not None:
                 scaler.step(plan.optimizer)  # skips the step when gradients overflowed
                 scaler.update()
@@ -344,14 +399,20 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                  start_step=start, elapsed=time.perf_counter() - began))
             if main and opts.save_every and step % opts.save_every == 0 and step < opts.steps:
                 copy = run.sub(plan.copies_folder) / f"{plan.name}-{step}{plan.final_path.suffix}"
-                plan.save(copy, step)
-                save("checkpoint")
+                try:
+                    plan.save(copy, step)
+                    save("checkpoint")
+                except SaveRefusedError as error:
+                    stop_for_refused_save(error)
                 ctx.emit(ev.Saved(step=step, path=str(copy), kind="copy"))
                 if opts.keep_last:
                     _prune(run.sub(plan.copies_folder), plan, opts.keep_last)
             if main and opts.preview_every and step % opts.preview_every == 0:
                 preview(model, plan, unet, run, step, last_texts, ctx)
-    path = save("final")
+    try:
+        path = save("final")
+    except SaveRefusedError as error:
+        stop_for_refused_save(error)
     ctx.emit(ev.Finished(step=step, path=str(path),
                          message=f"Training {'interrupted' if stopped or ctx.should_stop() else 'finished'} "
                                  f"at step {step}; saved {path}"))
@@ -372,9 +433,10 @@ def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: l
     for index, settings in enumerate(plan.previews(step, texts)):
         with plan.preview_context():
             image, seed = render(model, plan.prompt_encoder, settings, unet=unet)
+        crash_points.reached("preview")
         suffix = f"-{index}" if index else ""
         path = run.sub("images") / f"{plan.name}-{step}{suffix}.png"
-        image.save(path)
+        atomic_write(path, lambda temp: image.save(temp, format="PNG"))
         if plan.on_preview is not None and index == 0:
             plan.on_preview(image, step, run)
         ctx.emit(ev.Preview(step=step, path=str(path),

@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write_bytes
+from trainers.formats.save_check import check_savable
 from trainers.formats.safe_load import NotATorchFileError, safe_torch_load, save_torch_legacy
 
 Vectors = torch.Tensor | dict[str, torch.Tensor]
@@ -51,6 +52,8 @@ def save_embedding(path: str | Path, emb: EmbeddingFile) -> None:
     """Write `emb` in the format given by the suffix (.pt/.bin or .safetensors)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    vectors = emb.vectors if emb.is_sdxl else {"vectors": emb.vectors}
+    check_savable(path.name, vectors, torch.float32)
     if suffix in TORCH_SUFFIXES:
         save_torch_legacy(to_a1111_dict(emb), path)
     elif suffix == ".safetensors":

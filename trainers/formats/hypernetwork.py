@@ -24,6 +24,7 @@ import torch
 
 from core.config import ConfigError
 from trainers.formats.safe_load import NotATorchFileError, safe_torch_load, save_torch_legacy
+from trainers.formats.save_check import check_savable
 from trainers.hypernetwork_net import (WEIGHT_INITS, Hypernetwork, HypernetworkSpec,
                                        default_dropout_structure)
 
@@ -73,7 +74,12 @@ def save_hypernetwork(path: str | Path, net: Hypernetwork) -> None:
     path = Path(path)
     if path.suffix.lower() != SUFFIX:
         raise ValueError(f"{path.name}: save hypernetworks as .pt; A1111 lists only .pt files")
-    save_torch_legacy(to_a1111_dict(net), path)
+    data = to_a1111_dict(net)
+    check_savable(path.name, {f"{size}.{half}.{key}": value
+                              for size in data if type(size) is int
+                              for half, state in enumerate(data[size])
+                              for key, value in state.items()})
+    save_torch_legacy(data, path)
 
 
 def load_hypernetwork(path: str | Path) -> Hypernetwork:

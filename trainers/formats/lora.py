@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write
+from trainers.formats.save_check import check_savable
 
 SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".ckpt", ".bin")
@@ -130,6 +131,7 @@ def save_lora(path: str | Path, state: Mapping[str, torch.Tensor],
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"{path.name}: metadata {key!r} must be a string, "
                             f"not {type(value).__name__}")
+    check_savable(path.name, state, precision_dtype(precision) if precision is not None else None)
     tensors = to_precision(state, precision) if precision is not None else \
         {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_hashes(tensors, meta)

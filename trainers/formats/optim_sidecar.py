@@ -6,9 +6,11 @@ sidecar with the exact file it was saved with; a stale sidecar is ignored, with 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from core.atomic import recover, together
 from trainers.formats.safe_load import (NotATorchFileError, UnsafeFileError, safe_torch_load,
                                         save_torch_legacy)
 
@@ -18,6 +20,25 @@ SUFFIX = ".optim"
 def optim_path(file_path: str | Path) -> Path:
     file_path = Path(file_path)
     return file_path.with_name(file_path.name + SUFFIX)
+
+
+def pair_journal(file_path: str | Path) -> Path:
+    file_path = Path(file_path)
+    return file_path.with_name(f".{file_path.name}.pair")
+
+
+@contextlib.contextmanager
+def saving_pair(file_path: str | Path) -> Iterator[None]:
+    """The file and its sidecar (and any other file written in the block) reach their final
+    names together when the block succeeds; a failure leaves the previous pair."""
+    with together(pair_journal(file_path)):
+        yield
+
+
+def recover_pair(file_path: str | Path, others: tuple = ()) -> str | None:
+    """Finish or drop a pair save that was interrupted (a crash, a kill); run before reading."""
+    file_path = Path(file_path)
+    return recover(pair_journal(file_path), [file_path, optim_path(file_path), *map(Path, others)])
 
 
 def save_optim(file_path: str | Path, checksum: str, optimizer_name: str,

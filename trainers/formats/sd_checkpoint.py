@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write
+from trainers.formats.save_check import check_savable
 from trainers.families import detect_family  # noqa: F401  (family detection lives there)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -538,9 +539,9 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype {dtype} is not one of float16, bfloat16, float32")
     header = _check_metadata(metadata)
-    tensors = {key: _prepare(key, value, dtype)
-               for key, value in original_state_dict(unet, vae, text_encoder, family,
-                                                         text_encoder_2).items()}
+    source = original_state_dict(unet, vae, text_encoder, family, text_encoder_2)
+    check_savable(path.name, source, dtype)
+    tensors = {key: _prepare(key, value, dtype) for key, value in source.items()}
     atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp),
                                                                 metadata=header))
     return path

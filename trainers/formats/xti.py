@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write_bytes
+from trainers.formats.save_check import check_savable
 from trainers.formats.safe_load import NotATorchFileError, UnsafeFileError, safe_torch_load, \
     save_torch_legacy
 
@@ -32,6 +33,7 @@ class XtiFile:
 def save_xti(path: str | Path, xti: XtiFile) -> None:
     path = Path(path)
     state = {key: value.detach().float().cpu().contiguous() for key, value in xti.layers.items()}
+    check_savable(Path(path).name, state)
     _check(state, path)
     if path.suffix == ".pt":
         save_torch_legacy(state, path)

@@ -19,7 +19,7 @@ from trainers.apt_prompts import negative_name, negative_prompt, pair_negative
 from trainers.configs import AptConfig
 from trainers.embeddings import create_missing_embedding, find_embedding
 from trainers.formats.embedding import EmbeddingFile, embedding_checksum, save_embedding
-from trainers.formats.optim_sidecar import load_optim
+from trainers.formats.optim_sidecar import load_optim, recover_pair
 from trainers.formats.png_embedding import save_png_embedding
 from trainers.loop import TrainingPlan, train
 from trainers.methods.textual_inversion import load_trainable
@@ -32,6 +32,8 @@ def run(cfg: AptConfig, ctx) -> Path:
     name = cfg.embedding.strip()
     create_missing_embedding(cfg, ctx)  # only with create_missing, after the checks passed
     path = find_embedding(ctx.paths, name)
+    if path is not None:  # an interrupted save of the pair is finished or dropped first
+        recover_pair(path, (path.with_name(negative_name(name) + path.suffix),))
     stored = load_trainable(path, model, cfg.model)
     neg_path, neg_vectors = _negative(ctx, cfg, path, stored, model)
     device = model.unet.device
@@ -96,6 +98,7 @@ def run(cfg: AptConfig, ctx) -> Path:
         final_path=path, copies_folder="embeddings", previews=_previews(cfg, name),
         start_step=int(stored.step or 0), preview_context=preview_with_ema,
         after_step=after_step, on_preview=on_preview, x0_loss=_reconstruction(cfg, model),
+        state_tensors=lambda: list(ema.values()) if ema is not None else [],
         sidecar_extra=lambda: {"apt_raw": {k: v.detach().cpu().clone() for k, v in pair.items()}})
     opts = tt.loop_options(cfg, model, "textual_inversion_loss.csv",
                            {"method": "apt", "embedding": str(path),

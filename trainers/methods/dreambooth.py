@@ -176,6 +176,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
         resume_optimizer=not cfg.overwrite,
         after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
+        state_tensors=lambda: list(ema.shadow_params) if ema is not None else [],
         sidecar_extra=lambda: sidecar(cfg, model, ema))
     opts = kt.loop_options(cfg, model, batches, steps, {"method": method, "output": str(path)})
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from core.atomic import staged_path
 from trainers import template_training as tt
 from trainers.configs import HypernetworkTrainingConfig
 from trainers.formats.hypernetwork import file_shorthash, load_hypernetwork, save_hypernetwork
@@ -45,7 +46,8 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
     plan = TrainingPlan(
         name=name, optimizer=optimizer, rates=tt.rates(cfg),
         encode=lambda texts: encoder.encode(texts), prompt_encoder=encoder, save=save,
-        checksum=lambda: file_shorthash(path), final_path=path,  # A1111 pairs .optim by file hash
+        checksum=lambda: file_shorthash(staged_path(path)),  # A1111 pairs .optim by file hash
+        final_path=path,
         copies_folder="hypernetworks", previews=tt.previews(cfg, name), start_step=start,
         unet_context=lambda: applied(model.unet, net, 1.0),
         preview_context=lambda: _evaluating(net, cfg.preview_strength))

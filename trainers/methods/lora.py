@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from core import events as ev
+from core.atomic import staged_path
 from trainers import kohya_data
 from trainers import kohya_training as kt
 from trainers.configs import LoraConfig
@@ -39,7 +40,9 @@ def run(cfg: LoraConfig, ctx) -> Path:
 
 
 def _checksum(path: Path) -> str:
-    """The file's own content hash pairs it with its .optim sidecar."""
+    """The file's own content hash pairs it with its .optim sidecar (while the two are being
+    saved together, the new file's, not yet at its final name)."""
+    path = staged_path(path)
     return read_lora_metadata(path).get("sshs_model_hash", "") if path.exists() else ""
 
 
