@@ -6,8 +6,8 @@
 
 What it times is what the page does after *Create embedding* and *Train* with the form's
 defaults, 40 steps and a preview every 10: build the demo model (as on first use), create an
-embedding, train on 4 photos of 512 px (scikit-image's samples, as a user's photos would be,
-resized by the trainer). Everything runs in this process, in a fresh temporary data folder.
+embedding, train on 4 images of 512 px (drawn here, so only the README's install is needed;
+resized by the trainer as a user's photos would be). Everything runs in this process, in a fresh temporary data folder.
 Prints one line per phase and `FIRST_RUN {json}` at the end.
 """
 from __future__ import annotations
@@ -49,6 +49,27 @@ class TimingContext:
         return False
 
 
+def draw_dataset(folder: Path, count: int = 4, size: int = 512) -> Path:
+    """`count` captioned images of `size` px: smooth colour fields with a few shapes."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.0, 1.0, size)
+    for index in range(count):
+        low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        field = low + (high - low) * (ramp[:, None, None] + ramp[None, :, None]) / 2
+        image = Image.fromarray(field.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(5):
+            x, y = rng.integers(0, size - 64, 2)
+            draw.ellipse([int(x), int(y), int(x) + 64, int(y) + 64],
+                         fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        image.save(folder / f"{index:02}.png")
+        (folder / f"{index:02}.txt").write_text("shapes", encoding="utf-8")
+    return folder
+
+
 def first_run(folder: Path, size: int | None) -> dict:
     import torch
     from core.paths import Paths
@@ -57,11 +78,10 @@ def first_run(folder: Path, size: int | None) -> dict:
     from trainers.methods.textual_inversion import run
     from trainers.models import load_model
     from trainers.tiny_model import DEMO_NAME, demo_size
-    from bench.fixtures import make_dataset
 
     size = size or demo_size(DEMO_NAME)
     paths = Paths(folder / "data").ensure()
-    photos = make_dataset(folder / "photos", 512)["captioned"]
+    photos = draw_dataset(folder / "photos")
     started = time.perf_counter()
     load_model(paths, DEMO_NAME)  # builds the demo model as the page does on first use
     built = time.perf_counter()
