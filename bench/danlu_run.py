@@ -53,16 +53,15 @@ def available_methods() -> list[str]:
     config class and an importable module. Torch-free, so the orchestrator can ask too."""
     import importlib.util
 
-    from trainers import registry
-    from trainers.configs import METHOD_CONFIGS
+    from trainers import catalog
     names = []
-    for name, module in getattr(registry, "RUNNERS", {}).items():
+    for method in catalog.methods():
         try:
-            found = importlib.util.find_spec(module) is not None
+            found = importlib.util.find_spec(method.run.partition(":")[0]) is not None
         except (ImportError, ValueError):
             found = False
-        if found and name in METHOD_CONFIGS:
-            names.append(name)
+        if found:
+            names.append(method.name)
     names += [variant for variant, (base, _) in VARIANTS.items() if base in names]
     return names
 

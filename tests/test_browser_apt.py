@@ -48,7 +48,7 @@ def test_apt_trains_the_pair_from_the_page(page: Page, app_server, tmp_path):
     history = page.locator("#ckpt-history")
     expect(history).to_contain_text("pagetok", timeout=30_000)
     history.get_by_text("pagetok", exact=True).filter(visible=True).first.click()
-    expect(page.locator("#ckpt-summary")).to_contain_text("APT embedding", timeout=30_000)
+    expect(page.locator("#ckpt-summary")).to_contain_text("APT / DreamArtist", timeout=30_000)
     page.locator("#ckpt-gallery img").first.click()
     expect(page.locator("#ckpt-details")).to_contain_text("-neg", timeout=30_000)
     fill(page, "ckpt-use-name", "pagepair")

@@ -56,7 +56,7 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
     page.locator("#train-start").click()
     expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)
     expect(page.locator("#train-previews img").first).to_be_visible(timeout=120_000)
-    expect(page.locator("#train-status")).to_contain_text("hypernetwork: browserhn", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("Hypernetwork: browserhn", timeout=30_000)
     page.locator("#train-interrupt").click()
     expect(page.locator("#train-status")).to_contain_text("interrupted", timeout=60_000)
     from trainers.formats.hypernetwork import load_hypernetwork

@@ -75,7 +75,7 @@ def test_two_queued_jobs_both_finish(page: Page, app_server, tmp_path):
         expect(page.locator("#train-message")).to_contain_text(f"Queued job", timeout=30_000)
         expect(page.locator("#train-message")).to_contain_text(name, timeout=30_000)
     lora = app_server.data_dir / "models" / "Lora"
-    expect(page.locator("#train-status")).to_contain_text("lora: queued-b", timeout=180_000)
+    expect(page.locator("#train-status")).to_contain_text("LoRA: queued-b", timeout=180_000)
     expect(page.locator("#train-status")).to_contain_text("finished at step 3", timeout=180_000)
     assert (lora / "queued-a.safetensors").exists() and (lora / "queued-b.safetensors").exists()
     expect(page.locator("#train-queue")).to_contain_text("No jobs are waiting", timeout=90_000)

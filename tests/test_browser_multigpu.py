@@ -44,7 +44,7 @@ def test_two_process_lora_trains_and_interrupts(page: Page, two_process_app, tmp
     expect(page.locator("#train-processes")).to_contain_text("Processes (CPU, for testing)")
     choose(page, "train-processes", "2")
     page.locator("#train-start").click()
-    expect(page.locator("#train-message")).to_contain_text("lora: twolora (2 processes)",
+    expect(page.locator("#train-message")).to_contain_text("LoRA: twolora (2 processes)",
                                                           timeout=30_000)
     expect(page.locator("#train-previews img").first).to_be_visible(timeout=300_000)
     expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible(timeout=30_000)

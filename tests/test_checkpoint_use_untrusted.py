@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from core.paths import Paths
+from trainers import catalog
 from trainers import checkpoint_use as cu
 from trainers.runs import Checkpoint, Run, final_folder
 
-METHODS = sorted(cu.SAME_NAME_SUFFIXES)
+# every method whose runs leave checkpoints to pick from
+METHODS = sorted(m.name for m in catalog.methods() if m.comparable)
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt")  # what a run's checkpoint list shows besides .safetensors
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 

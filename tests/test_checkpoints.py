@@ -251,7 +251,7 @@ def test_history_lists_runs_written_by_an_earlier_process(trained):
     table = {row[1]: row for row in rows}
     assert table["mylora"][2:4] == ["LoRA", "tiny-demo"]
     assert table["mylora"][5] == "4/4" and table["mylora"][-1] == "finished"
-    assert table["zxqtok"][2] == "Embedding" and table["zxqtok"][5] == "3/8"
+    assert table["zxqtok"][2] == "Textual inversion" and table["zxqtok"][5] == "3/8"
     assert table["zxqtok"][-1] == "interrupted"
 
 

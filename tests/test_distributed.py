@@ -33,11 +33,14 @@ def test_shards_cover_the_batch_once_and_weigh_to_its_mean(processes):
 def test_shard_losses_average_to_the_whole_batch_loss(tiny_model_dir):
     """The step draws noise and timesteps for the whole batch and slices them, so shards'
     losses add up to exactly what one process computes for the batch."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    import json
+
+    from diffusers import UNet2DConditionModel
     from trainers import seeds
+    from trainers.objectives import NoisePrediction
     from trainers.step import diffusion_loss
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    scheduler = DDPMScheduler.from_pretrained(tiny_model_dir / "scheduler")
+    scheduler = NoisePrediction(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text()))
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     context = torch.randn(3, 77, unet.config.cross_attention_dim,
                           generator=torch.Generator().manual_seed(2))

@@ -120,7 +120,7 @@ def test_registry_specs_rebuild_the_same_config():
     name, kind, fn, spec = job_parts("lora", cfg)
     import json
     again = rebuild(json.loads(json.dumps(spec)))
-    assert again[0] == name == "lora: x" and again[3] == cfg
+    assert again[0] == name == "LoRA: x" and again[3] == cfg
 
 
 def test_preprocess_jobs_queue_and_rebuild_too(tmp_path):

@@ -306,7 +306,7 @@ def test_app_is_launched_with_a_login_or_a_generated_one():
 
 def test_trainers_commands_use_existing_flags_methods_and_keys():
     from core.config import load_toml
-    from trainers.configs import METHOD_CONFIGS
+    from trainers import catalog
     notebook = load_notebook()
     values = form_defaults(notebook)
     parser = trainers_parser()
@@ -317,13 +317,14 @@ def test_trainers_commands_use_existing_flags_methods_and_keys():
         args = command_args(tail, values)
         what = f"python -m trainers {' '.join(args)}"
         parsed = parse_or_fail(parser, args, what)
-        assert parsed.method in METHOD_CONFIGS, what
-        fields = {field.name for field in dataclasses.fields(METHOD_CONFIGS[parsed.method])}
+        assert parsed.method in catalog.names(), what
+        config = catalog.get(parsed.method).config
+        fields = {field.name for field in dataclasses.fields(config)}
         for override in parsed.set:
             key, sep, value = override.partition("=")
             assert sep and key.strip() in fields, f"{what}: {key!r} is not a {parsed.method} setting"
         # the values convert to the setting's type (form defaults stand in for {VARS})
-        load_toml(METHOD_CONFIGS[parsed.method], None, parsed.set)
+        load_toml(config, None, parsed.set)
 
 
 def test_headless_commands_run_in_order(tmp_path):

@@ -25,11 +25,12 @@ class ZeroUnet(torch.nn.Module):
 
 def test_v_prediction_loss_targets_the_velocity():
     from diffusers import DDPMScheduler
+    from trainers.objectives import NoisePrediction
     from trainers.step import diffusion_loss
     from trainers.tiny_model import SD2_SCHEDULER
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    loss = diffusion_loss(ZeroUnet(), scheduler, latents, torch.zeros(3, 77, 8),
+    loss = diffusion_loss(ZeroUnet(), NoisePrediction(SD2_SCHEDULER), latents, torch.zeros(3, 77, 8),
                           torch.Generator().manual_seed(5))
     replay = torch.Generator().manual_seed(5)
     noise = torch.randn(latents.shape, generator=replay)

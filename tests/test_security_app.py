@@ -279,7 +279,7 @@ def test_closing_the_app_lets_the_running_job_save_first(server):
     app.proc.send_signal(signal.SIGTERM)
     assert app.proc.wait(timeout=70) == 0, app.output()
     output = app.output()
-    assert "Closing: asking 'textual inversion: trainme' to save and stop" in output
+    assert "Closing: asking 'Textual inversion: trainme' to save and stop" in output
     found = re.search(r"Training interrupted at step (\d+); saved (\S+)", output)
     assert found, output
     step = int(found.group(1))

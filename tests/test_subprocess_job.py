@@ -122,5 +122,5 @@ def test_launch_command_and_methods(tmp_path):
         job_parts("textual_inversion", whole_images, 2)
     cfg = LoraConfig(model="tiny-demo", output_name="x", train_data_dir="t").validate()
     name, _, _, spec = job_parts("lora", cfg, 2)
-    assert name == "lora: x (2 processes)" and spec["processes"] == 2
+    assert name == "LoRA: x (2 processes)" and spec["processes"] == 2
     assert rebuild(spec)[0] == name  # a queued multi-process job survives a restart as one

@@ -21,7 +21,7 @@ from pathlib import Path
 from core.config import ConfigError, load_toml, to_toml
 from core.malloc_tuning import prefer_huge_pages
 from core.paths import REPO_DIR, Paths
-from trainers.configs import METHOD_CONFIGS
+from trainers import catalog
 from trainers.create_commands import CREATE_COMMANDS
 
 BAD_SETTINGS = 2
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                      description="Train an embedding, hypernetwork, LoRA or DreamBooth model "
                                  "headless, with the app's code, or create an embedding, "
                                  "hypernetwork or aesthetic embedding as the Create tabs do.")
-    parser.add_argument("method", choices=sorted(METHOD_CONFIGS) + sorted(CREATE_COMMANDS))
+    parser.add_argument("method", nargs="?",
+                        choices=sorted(catalog.names()) + sorted(CREATE_COMMANDS))
+    parser.add_argument("--list", action="store_true",
+                        help="list the training methods and the model families each trains")
     parser.add_argument("--config", help="TOML file of settings (see --print-config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting; repeatable")
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the traceback of a failure (as DANLU_DEBUG=1 does)")
     parser.json_events = "--json-events" in (sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.list:
+        sys.stdout.write(catalog_table())
+        return 0
+    if not args.method:
+        parser.error("the method is required (see --list)")
     debug = args.debug or os.environ.get("DANLU_DEBUG", "").strip() not in ("", "0")
     made: list = []  # the command's console context once there is one
     try:
@@ -84,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if made:
             made[0].restore_signal_handlers()
+
+
+def catalog_table() -> str:
+    """The methods x the model families each one trains, as --list prints them."""
+    from trainers.families import FAMILIES, LABELS
+    rows = [["method", "title", *(LABELS[f] for f in FAMILIES), "what it makes"]]
+    for method in catalog.methods():
+        rows.append([method.name, method.title,
+                     *("yes" if f in method.families else "-" for f in FAMILIES), method.help])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+                   + "\n" for row in rows)
 
 
 def _signal_name(signum: int) -> str:
@@ -108,15 +128,16 @@ def _fail(args, ctx, message: str, code: int) -> int:
 
 def _run(args, made: list) -> int:
     prefer_huge_pages()  # before torch is imported
-    cls = METHOD_CONFIGS.get(args.method) or CREATE_COMMANDS[args.method]
+    cls = catalog.get(args.method).config if args.method in catalog.names() \
+        else CREATE_COMMANDS[args.method]
     cfg = load_toml(cls, args.config, args.set)
     if args.print_config:
         sys.stdout.write(to_toml(cfg))
         return 0
     cfg.validate()
 
-    from trainers.launch import PARALLEL_METHODS
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.method not in PARALLEL_METHODS:
+    parallel_method = args.method in catalog.names() and catalog.get(args.method).parallel
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not parallel_method:
         return _fail(args, None, f"{args.method} runs in one process; start it without "
                                  "accelerate launch (or with --num_processes 1)", BAD_SETTINGS)
 
@@ -129,7 +150,7 @@ def _run(args, made: list) -> int:
     from core.console import ConsoleContext, JsonEventsContext, QuietContext
     from trainers.distributed import DataParallel
 
-    parallel = DataParallel.from_environment() if args.method in METHOD_CONFIGS else None
+    parallel = DataParallel.from_environment() if args.method in catalog.names() else None
     paths = Paths(Path(args.data_dir).resolve(), confine=args.confine_paths).ensure()
     stop_file = Path(args.stop_file) if args.stop_file else None
     if parallel is not None and not parallel.is_main:

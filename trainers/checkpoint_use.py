@@ -17,19 +17,11 @@ from pathlib import Path
 from core.atomic import _fsync_dir, _umask
 from core.config import ConfigError
 from core.paths import Paths
+from trainers import catalog
 from trainers.apt_prompts import NEGATIVE_SUFFIX
 from trainers.configs import check_name
 from trainers.runs import Checkpoint, Run, final_folder
 
-SAME_NAME_SUFFIXES = {
-    "textual_inversion": (".pt", ".safetensors", ".bin"),
-    "apt": (".pt", ".safetensors", ".bin"),
-    "xti": (".safetensors", ".pt"),
-    "hypernetwork": (".pt",),
-    "lora": (".safetensors", ".pt", ".ckpt"),
-    "dreambooth": (".safetensors", ".ckpt"),
-    "fine_tune": (".safetensors", ".ckpt"),
-}
 SIDECAR = ".optim"
 
 
@@ -46,11 +38,9 @@ def destination(paths: Paths, method: str, name: str, suffix: str) -> Path:
 def existing_files(paths: Paths, method: str, name: str) -> list[Path]:
     """Files already using `name` in the method's folder (any of its suffixes)."""
     folder = final_folder(paths, method)
-    suffixes = SAME_NAME_SUFFIXES.get(method, (".safetensors",))
+    found = catalog.find(method)
+    suffixes = found.suffixes if found is not None else (".safetensors",)
     return [folder / f"{name.strip()}{s}" for s in suffixes if (folder / f"{name.strip()}{s}").exists()]
-
-
-EMBEDDING_METHODS = ("textual_inversion", "apt")
 
 
 def use_checkpoint(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,
@@ -101,7 +91,8 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
         raise CheckpointExists(f"name: {listed} already exists in {targets[0].parent}; tick "
                                "'Overwrite' to replace "
                                f"{'them' if len(taken) > 1 else 'it'}, or pick another name")
-    rename = run.method in EMBEDDING_METHODS
+    # an embedding file stores its own name, which becomes the new one
+    rename = catalog.get(run.method).checkpoint_kind == "embedding"
     staged = [_stage(source, target, n if rename else None)
               for source, target, n in zip(sources, targets, names)]
     _commit(staged, targets, overwrite)

@@ -23,21 +23,18 @@ from core import events as ev
 from core.atomic import atomic_write
 from core.config import ConfigError
 from core.paths import Paths
-from trainers.apt_prompts import negative_name, pair_negative
+from trainers import catalog
+from trainers.apt_prompts import pair_negative
 from trainers.configs import SAMPLERS
 
 CACHE_VERSION = 1
 MAX_CELLS = 400
-STRENGTH_METHODS = ("lora", "hypernetwork")
-SUPPORTED = ("textual_inversion", "apt", "xti", "hypernetwork", "lora", "dreambooth", "fine_tune")
-TOKEN_METHODS = ("textual_inversion", "apt", "xti")  # prompts name the embedding
-FULL_MODEL_METHODS = ("dreambooth", "fine_tune")  # their checkpoints are whole models
 FLAG = re.compile(r"\s--([a-z]+)\s+")
 
 
 @dataclass
 class CompareSpec:
-    method: str  # one of SUPPORTED
+    method: str  # a catalog method whose checkpoints can be applied (Method.apply)
     model: str  # the base model, as the run named it (DreamBooth checkpoints are models)
     token: str  # the word an embedding stands for in prompts (the run's name)
     checkpoints: list[tuple[str, str]]  # (row label, file)
@@ -56,7 +53,7 @@ class CompareSpec:
 
     @property
     def uses_strength(self) -> bool:
-        return self.method in STRENGTH_METHODS
+        return _strength(self.method)
 
     def rows(self) -> list[tuple[int, float | None]]:
         strengths = self.strengths if self.uses_strength else [None]
@@ -89,7 +86,8 @@ class CompareSpec:
 
     def validate(self) -> "CompareSpec":
         problems = []
-        if self.method not in SUPPORTED:
+        method = catalog.find(self.method)
+        if method is None or not method.comparable:
             problems.append(f"method: comparing {self.method} checkpoints is not supported yet")
         if not self.checkpoints:
             problems.append("checkpoints: choose at least one checkpoint")
@@ -185,7 +183,17 @@ def default_prompt(run) -> str:
         parts = FLAG.split(" " + line + " ")
         negative = dict(zip(parts[1::2], (p.strip() for p in parts[2::2]))).get("n")
         return parts[0].strip() + (f" --n {negative}" if negative else "")
-    return run.name if run.method in TOKEN_METHODS else f"a photo of {run.name}"
+    return run.name if _names_it(run.method) else f"a photo of {run.name}"
+
+
+def _names_it(method: str) -> bool:
+    found = catalog.find(method)
+    return found is not None and found.prompt_names_it
+
+
+def _strength(method: str) -> bool:
+    found = catalog.find(method)
+    return found is not None and found.strength
 
 
 def preview_defaults(run) -> dict:
@@ -215,7 +223,7 @@ def spec_for_run(run, keys: list[str], strengths: str, prompts: str, seeds: str,
         checkpoints=[(c.label, str(c.path)) for c in chosen],
         partners=[[str(p) for p in c.partners] for c in chosen],
         prompts=parse_prompts(prompts), seeds=parse_numbers(seeds, "seeds", int),
-        strengths=parse_numbers(strengths, "strengths") if run.method in STRENGTH_METHODS
+        strengths=parse_numbers(strengths, "strengths") if _strength(run.method)
         else [1.0],
         negative=defaults["negative"], steps=int(steps or defaults["steps"]),
         cfg=defaults["cfg"], sampler=sampler or defaults["sampler"],
@@ -263,7 +271,7 @@ def cell_key(spec: CompareSpec, model_id: str, checkpoint_hash: str, strength: f
     parts = [CACHE_VERSION, model_id, spec.method, checkpoint_hash,
              None if strength is None else float(strength), prompt, negative, int(seed),
              spec.steps, float(spec.cfg), spec.width, spec.height, spec.sampler, spec.clip_skip,
-             spec.token if spec.method in TOKEN_METHODS else ""]
+             spec.token if _names_it(spec.method) else ""]
     return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
 
@@ -322,7 +330,7 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
 
     emit = ctx.emit if ctx is not None else (lambda event: None)
     base = None
-    if spec.method not in FULL_MODEL_METHODS:
+    if catalog.get(spec.method).checkpoint_kind != "model":  # a whole model loads per checkpoint
         emit(ev.Status(f"Loading model {spec.model}"))
         base = load_model(paths, spec.model)
     total, done, began = len(keys), len(keys) - len(missing), time.perf_counter()
@@ -356,95 +364,10 @@ def _render_missing(spec, paths, rows, columns, missing, keys, cache, ctx) -> bo
 @contextlib.contextmanager
 def _applied(spec: CompareSpec, paths: Paths, model, path: Path, partners: list[Path] = ()):
     """Yield (model, set_strength, prompt encoder) with the checkpoint applied to the cached
-    base model (which is as before afterwards), or a DreamBooth checkpoint loaded as a model.
-    `partners` are the files that go with it (APT: the '-neg' embedding)."""
-    from trainers.conditioning import prompt_encoder
-
-    if spec.method in FULL_MODEL_METHODS:
-        from trainers.models import load_model
-        own = load_model(paths, str(path), exclusive=True)  # not cached: one per checkpoint
-        yield own, (lambda strength: None), prompt_encoder(own, clip_skip=spec.clip_skip)
-    elif spec.method in ("textual_inversion", "apt"):
-        embeddings = {spec.token: _embedding_vectors(path, model)}
-        if spec.method == "apt":
-            if len(partners) != 1 or not partners[0].is_file():
-                raise FileNotFoundError(f"{path.name}: its '-neg' embedding "
-                                        f"{partners[0].name if partners else ''} is gone")
-            embeddings[negative_name(spec.token)] = _embedding_vectors(partners[0], model)
-        encoder = prompt_encoder(model, embeddings, clip_skip=spec.clip_skip)
-        yield model, (lambda strength: None), encoder
-    elif spec.method == "xti":
-        from trainers.formats.xti import load_xti
-        from trainers.xti_layers import XtiEncoder, layer_names, per_layer
-        layers = load_xti(path).layers
-        expected = layer_names(model.unet) if not model.is_sdxl else []
-        if list(layers) != expected:
-            raise ValueError(f"{path.name} has layers {', '.join(layers)}; {spec.model} has "
-                             f"{', '.join(expected) or 'no XTI layers (SDXL)'}")
-        encoder = XtiEncoder(prompt_encoder(model, clip_skip=spec.clip_skip), spec.token,
-                             {k: v.float().to(model.unet.device) for k, v in layers.items()})
-        with per_layer(model.unet):  # as XTI's training previews: each layer its own vectors
-            yield model, (lambda strength: None), encoder
-    elif spec.method == "hypernetwork":
-        from trainers.formats.hypernetwork import load_hypernetwork
-        from trainers.hypernetwork_attention import applied
-        net = load_hypernetwork(path).to(model.unet.device)
-        net.eval()
-        encoder = prompt_encoder(model, clip_skip=spec.clip_skip)
-        with applied(model.unet, net, 1.0) as processor:
-            yield model, (lambda strength: setattr(processor, "strength", float(strength))), \
-                encoder
-    elif spec.method == "lora":
-        from trainers.formats.lora import load_lora
-        from trainers.lora_network import LoraNetwork
-        state, _ = load_lora(path)
-        lora_spec = spec_from_state(state)
-        network = LoraNetwork(model.unet if lora_spec.train_unet else None,
-                              model.text_encoder if lora_spec.train_text_encoder else None,
-                              lora_spec, text_encoder_2=model.text_encoder_2
-                              if lora_spec.train_text_encoder else None)
-        try:
-            network.load_kohya_state_dict(state)
-            for parameter in network.parameters():
-                parameter.requires_grad_(False)
-            encoder = prompt_encoder(model, clip_skip=spec.clip_skip)
-            yield model, network.set_strength, encoder
-        finally:
-            network.remove()
-    else:
-        raise ValueError(f"comparing {spec.method} checkpoints is not supported")
-
-
-def _embedding_vectors(path: Path, model):
-    from trainers.formats.embedding import load_embedding
-    vectors = load_embedding(path).vectors
-    if isinstance(vectors, dict) != model.is_sdxl:
-        raise ValueError(f"{path.name} is {'an SDXL' if isinstance(vectors, dict) else 'an SD 1.x/2.x'} "
-                         f"embedding; the base model is {'SDXL' if model.is_sdxl else 'not SDXL'}")
-    return ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
-            else vectors.float())
-
-
-def spec_from_state(state):
-    """The LoraSpec (rank, alpha, conv rank/alpha, parts) a kohya state dict was made with."""
-    from trainers.lora_network import LoraSpec
-    rank = alpha = conv_rank = conv_alpha = None
-    for key, tensor in state.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        base = key[: -len(".lora_down.weight")]
-        value = state.get(f"{base}.alpha")
-        value = float(value.float().reshape(())) if value is not None else float(tensor.shape[0])
-        if tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1):
-            conv_rank, conv_alpha = conv_rank or int(tensor.shape[0]), conv_alpha or value
-        elif rank is None:
-            rank, alpha = int(tensor.shape[0]), value
-    if rank is None:
-        raise ValueError("the LoRA file has no linear adapters")
-    return LoraSpec(rank=rank, alpha=alpha, conv_rank=conv_rank or 0,
-                    conv_alpha=conv_alpha if conv_alpha is not None else 1.0,
-                    train_unet=any(k.startswith("lora_unet_") for k in state),
-                    train_text_encoder=any(k.startswith("lora_te") for k in state))
+    base model (which is as before afterwards), or a whole-model checkpoint loaded as a model,
+    as the method's catalog entry says (trainers/checkpoint_apply.py)."""
+    with catalog.get(spec.method).applier()(spec, paths, model, path, list(partners)) as applied:
+        yield applied
 
 
 def compare_job(spec: CompareSpec, paths: Paths):

@@ -646,13 +646,3 @@ class AestheticPreviewConfig:
             if not getattr(self, name).strip():
                 problems.append(f"{name}: required")
         return accept(self, problems)
-
-
-METHOD_CONFIGS = {"textual_inversion": TextualInversionConfig,
-                  "apt": AptConfig,
-                  "xti": XtiConfig,
-                  "hypernetwork": HypernetworkTrainingConfig,
-                  "lora": LoraConfig,
-                  "dreambooth": DreamBoothConfig,
-                  "fine_tune": FineTuneConfig,
-                  "extract_lora": ExtractLoraConfig}

@@ -13,9 +13,8 @@ from pathlib import Path
 from core.atomic import atomic_write_text
 from core.config import ConfigError, to_toml
 from core.paths import REPO_DIR, Paths
+from trainers import catalog
 
-# the methods that train through the shared loop; extract_lora trains nothing
-PARALLEL_METHODS = ("textual_inversion", "hypernetwork", "lora", "dreambooth")
 CPU_PROCESSES_VARIABLE = "DANLU_CPU_PROCESSES"
 
 
@@ -60,7 +59,7 @@ def process_choices() -> tuple[str, list[int]] | None:
 def check_processes(method: str, processes: int, cfg=None) -> None:
     if processes < 1:
         raise ConfigError(f"processes: must be at least 1, got {processes}")
-    if processes > 1 and method not in PARALLEL_METHODS:
+    if processes > 1 and not catalog.get(method).parallel:
         raise ConfigError(f"processes: {method} runs in one process; choose 1")
     if processes > 1 and getattr(cfg, "varsize", False):
         raise ConfigError("processes: 'do not resize images' trains one image of its own size "

@@ -1,34 +1,16 @@
-"""Method name -> (config class, run function), imported lazily so the page stays torch-free."""
+"""Method name -> its config class and run function, through the catalog (trainers/catalog.py);
+the run is imported lazily so the page stays torch-free."""
 from __future__ import annotations
 
-import importlib
-
-from trainers.configs import METHOD_CONFIGS
-
-RUNNERS = {"textual_inversion": "trainers.methods.textual_inversion",
-           "apt": "trainers.methods.apt",
-           "xti": "trainers.methods.xti",
-           "hypernetwork": "trainers.methods.hypernetwork",
-           "lora": "trainers.methods.lora",
-           "dreambooth": "trainers.methods.dreambooth",
-           "fine_tune": "trainers.methods.fine_tune",
-           "extract_lora": "trainers.extract_lora"}
+from trainers import catalog
 
 
 def config_class(method: str):
-    if method not in METHOD_CONFIGS:
-        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHOD_CONFIGS)}")
-    return METHOD_CONFIGS[method]
+    return catalog.get(method).config
 
 
 def runner(method: str):
-    config_class(method)
-    return importlib.import_module(RUNNERS[method]).run
-
-
-TITLES = {"textual_inversion": "textual inversion", "apt": "apt", "xti": "xti", "hypernetwork": "hypernetwork",
-          "lora": "lora", "dreambooth": "dreambooth", "fine_tune": "fine-tune", "extract_lora": "extract lora"}
-TARGETS = {"textual_inversion": "embedding", "apt": "embedding", "hypernetwork": "hypernetwork"}
+    return catalog.get(method).runner()
 
 
 def run_config(ctx, method: str, config: dict):

@@ -39,9 +39,13 @@ MAX_DEPTH = 6  # outputs/<log dir, maybe nested>/<date>/<name>
 
 FINISHED, INTERRUPTED, FAILED, RUNNING, UNKNOWN = (
     "finished", "interrupted", "failed", "running", "unknown")
-METHOD_TITLES = {"textual_inversion": "Embedding", "hypernetwork": "Hypernetwork",
-                 "lora": "LoRA", "dreambooth": "DreamBooth",
-                 "fine_tune": "Fine-tune", "apt": "APT embedding", "xti": "XTI embedding"}
+
+
+def method_title(method: str) -> str:
+    """The catalog's title of a run's method (a method no longer known keeps its name)."""
+    from trainers import catalog
+    found = catalog.find(method)
+    return found.title if found is not None else method
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class Run:
 
     @property
     def title(self) -> str:
-        return f"{self.name} · {METHOD_TITLES.get(self.method, self.method)} · " \
+        return f"{self.name} · {method_title(self.method)} · " \
                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}"
 
     def checkpoint(self, key: str) -> Checkpoint | None:
@@ -288,22 +292,15 @@ def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | 
     return None
 
 
-FINAL_FOLDER_NAMES = {"textual_inversion": "embeddings", "apt": "embeddings", "xti": "models/xti",
-                      "hypernetwork": "models/hypernetworks",
-                      "lora": "models/Lora", "dreambooth": "models/Stable-diffusion",
-                      "fine_tune": "models/Stable-diffusion"}
-
-
 def final_folder_name(method: str) -> str:
-    return FINAL_FOLDER_NAMES.get(method, "models/Lora")
+    """Where a method's finished files live, under the data folder (A1111's folders)."""
+    from trainers import catalog
+    found = catalog.find(method)
+    return found.final_folder if found is not None else "models/Lora"
 
 
 def final_folder(paths: Paths, method: str) -> Path:
-    """Where a method's finished files live (A1111's folders)."""
-    return {"textual_inversion": paths.embeddings, "apt": paths.embeddings,
-            "xti": paths.models / "xti", "hypernetwork": paths.hypernetworks,
-            "lora": paths.lora, "dreambooth": paths.stable_diffusion,
-            "fine_tune": paths.stable_diffusion}.get(method, paths.lora)
+    return paths.data_dir / final_folder_name(method)
 
 
 # ---- the loss log ----------------------------------------------------------------------------
@@ -318,7 +315,9 @@ def loss_around(losses: list[tuple[int, float, float]], step: int, half: int
 
 def _target_steps(run: Run) -> int | None:
     cfg = run.config
-    if run.method in ("textual_inversion", "hypernetwork", "apt", "xti"):
+    from trainers import catalog
+    found = catalog.find(run.method)
+    if found is not None and found.step_schedule:
         steps = cfg.get("steps")
         if not isinstance(steps, int):
             return None

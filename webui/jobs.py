@@ -11,21 +11,22 @@ def job_parts(method: str, cfg, processes: int = 1) -> tuple[str, str, object, d
     (trainers/launch.py)."""
     from dataclasses import asdict
 
-    from trainers import registry
+    from trainers import catalog
     if method == "preprocess":
         from preprocess.pipeline import run as preprocess
         name = f"preprocess: {cfg.source} -> {cfg.destination}"
         return name, "preprocess", (lambda ctx: preprocess(cfg, ctx)), \
             {"method": method, "name": name, "config": asdict(cfg)}
-    target = getattr(cfg, registry.TARGETS.get(method, "output_name"), "")
-    spec = {"method": method, "name": f"{registry.TITLES[method]}: {target}", "config": asdict(cfg)}
+    entry = catalog.get(method)
+    target = getattr(cfg, entry.target_field, "")
+    spec = {"method": method, "name": f"{entry.title}: {target}", "config": asdict(cfg)}
     if processes > 1:
         from trainers.launch import distributed_job
         fn = distributed_job(method, cfg, processes)
         spec.update(processes=processes, name=f"{spec['name']} ({processes} processes)")
         return spec["name"], "train", fn, spec
     from core.worker_process import ProcessTask
-    registry.runner(method)  # an unknown method fails here, not in the worker
+    entry.runner()  # an unknown or broken method fails here, not in the worker
     return spec["name"], "train", ProcessTask("trainers.registry:run_config",
                                               (method, spec["config"])), spec
 

@@ -401,7 +401,7 @@ def _history_frame(runs: list[rn.Run]) -> pd.DataFrame:
         steps = f"{run.steps}/{run.target_steps}" if run.target_steps else str(run.steps)
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else ""
         rows.append([time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started)), run.name,
-                     rn.METHOD_TITLES.get(run.method, run.method), run.model, dataset, steps,
+                     rn.method_title(run.method), run.model, dataset, steps,
                      loss, live._duration(run.duration), run.status])
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
@@ -440,7 +440,7 @@ def _when(stamp: float) -> str:
 
 
 def _summary(run: rn.Run) -> str:
-    lines = [f"### {run.name} — {rn.METHOD_TITLES.get(run.method, run.method)}",
+    lines = [f"### {run.name} — {rn.method_title(run.method)}",
              f"**Status:** {run.status} ({run.status_note})"]
     model = run.model + (f" [{run.model_hash}]" if run.model_hash else "")
     dataset = run.dataset + (f" ({run.images} images)" if run.images is not None else "")

@@ -1,0 +1,128 @@
+"""The method catalog: one torch-free record per training method, saying everything the rest of
+the house knows about it — its title, config, entry point, where its files go, what a checkpoint
+is and how one is applied to a pipeline. The page, the CLI, run history, Compare, *Use this
+checkpoint*, launch and the preflight read it; a new method is one record here (or `register`ed
+from its own module) and its own module.
+
+Entry points are "module:function" strings, imported only when called, so reading the catalog
+imports no torch."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from trainers import configs
+
+ALL_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the CLI verb and the key in run settings, e.g. "lora"
+    title: str  # what the page, job names and run history call it
+    config: type  # its typed config (trainers/configs.py)
+    run: str  # "module:function" taking (cfg, ctx)
+    target_field: str = "output_name"  # the config field that names what it makes
+    final_folder: str = "models/Lora"  # where finished files live, under the data folder
+    suffixes: tuple[str, ...] = (".safetensors",)  # files that share a name there
+    checkpoint_kind: str = "network"  # embedding | hypernetwork | network | model | layers
+    strength: bool = False  # a checkpoint is applied at a strength (Compare rows)
+    prompt_names_it: bool = False  # prompts use the run's name as a token
+    step_schedule: bool = False  # A1111-style `steps` + learning-rate schedule string
+    parallel: bool = False  # trains data-parallel under accelerate
+    apply: str | None = None  # "module:function": context manager applying a checkpoint
+    families: tuple[str, ...] = ALL_FAMILIES
+    help: str = ""  # one line for --list
+
+    @property
+    def comparable(self) -> bool:
+        return self.apply is not None
+
+    def runner(self):
+        return _resolve(self.run)
+
+    def applier(self):
+        if self.apply is None:
+            raise ValueError(f"comparing {self.title} checkpoints is not supported")
+        return _resolve(self.apply)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method (a test's toy method, or a plug-in); a name is registered once."""
+    if method.name in _METHODS and _METHODS[method.name] != method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def methods() -> list[Method]:
+    return list(_METHODS.values())
+
+
+def names() -> list[str]:
+    return list(_METHODS)
+
+
+def get(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(_METHODS)}") from None
+
+
+def find(name: str) -> Method | None:
+    return _METHODS.get(name)
+
+
+def _resolve(target: str):
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+_EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+_MODEL_SUFFIXES = (".safetensors", ".ckpt")
+_APPLY = "trainers.checkpoint_apply:"
+
+for _method in (
+    Method("textual_inversion", "Textual inversion", configs.TextualInversionConfig,
+           "trainers.methods.textual_inversion:run", target_field="embedding",
+           final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES, checkpoint_kind="embedding",
+           prompt_names_it=True, step_schedule=True, parallel=True,
+           apply=_APPLY + "embedding", help="A1111's textual inversion"),
+    Method("apt", "APT / DreamArtist", configs.AptConfig, "trainers.methods.apt:run",
+           target_field="embedding", final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES,
+           checkpoint_kind="embedding", prompt_names_it=True, step_schedule=True,
+           apply=_APPLY + "embedding_pair",
+           help="a positive and a negative embedding trained together"),
+    Method("xti", "XTI (P+)", configs.XtiConfig, "trainers.methods.xti:run",
+           final_folder="models/xti", suffixes=(".safetensors", ".pt"), checkpoint_kind="layers",
+           prompt_names_it=True, step_schedule=True, apply=_APPLY + "xti",
+           families=("sd1", "sd2"), help="one embedding per U-Net cross-attention layer"),
+    Method("hypernetwork", "Hypernetwork", configs.HypernetworkTrainingConfig,
+           "trainers.methods.hypernetwork:run", target_field="hypernetwork",
+           final_folder="models/hypernetworks", suffixes=(".pt",),
+           checkpoint_kind="hypernetwork", strength=True, step_schedule=True, parallel=True,
+           apply=_APPLY + "hypernetwork", help="A1111's hypernetwork"),
+    Method("lora", "LoRA", configs.LoraConfig, "trainers.methods.lora:run",
+           suffixes=(".safetensors", ".pt", ".ckpt"), strength=True, parallel=True,
+           apply=_APPLY + "lora", help="kohya's LoRA / LoCon"),
+    Method("dreambooth", "DreamBooth", configs.DreamBoothConfig, "trainers.methods.dreambooth:run",
+           final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
+           checkpoint_kind="model", parallel=True, apply=_APPLY + "whole_model",
+           help="the whole model, with prior preservation"),
+    Method("fine_tune", "Fine-tune", configs.FineTuneConfig, "trainers.methods.fine_tune:run",
+           final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
+           checkpoint_kind="model", apply=_APPLY + "whole_model",
+           help="kohya's native fine-tuning from a metadata JSON"),
+    Method("extract_lora", "Extract LoRA", configs.ExtractLoraConfig,
+           "trainers.extract_lora:run", help="a LoRA from a fine-tune's difference to its base"),
+):
+    register(_method)
+del _method
