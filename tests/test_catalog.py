@@ -17,6 +17,7 @@ from trainers import catalog
 @dataclass
 class ToyConfig:
     output_name: str = option("", "Name of the toy file.", label="Output name")
+    model: str = option("tiny-demo", "Base model.", label="Base model", path="model")
     steps: int = option(2, "How many steps.", label="Steps", min=1, max=100)
 
     def validate(self):
@@ -142,3 +143,25 @@ def test_toy_checkpoints_compare_through_its_own_applier(toy, tmp_path):
             dataclasses.replace(spec, method="plain").validate()
     finally:
         catalog.unregister("plain")
+
+
+def test_toy_method_gets_a_form_and_a_place_in_the_train_tabs_picker(toy, tmp_path):
+    import gradio as gr
+
+    from core.jobs import JobRunner
+    from webui import tab_train
+    from webui.method_forms import method_forms
+    form = next(f for f in method_forms() if f.key == "toy")
+    assert form.title == "Toy method" and form.top == ["output_name", "model"]
+    assert form.groups == [("Settings", ["steps"], True)]
+    paths = Paths(tmp_path / "data").ensure()
+    runner = JobRunner(paths, worker_process=False)
+    try:
+        with gr.Blocks():
+            parts = tab_train.build(paths, runner)
+        picker = parts["restore"][1][0]  # the method picker, first of what a reload restores
+        assert isinstance(picker, gr.Radio)
+        assert ("Toy method", "toy") in [tuple(choice) for choice in picker.choices]
+        assert "toy" in [f.key for f in parts["forms"]]
+    finally:
+        runner.shutdown(timeout=5)

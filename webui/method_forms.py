@@ -9,9 +9,6 @@ import gradio as gr
 
 from core.paths import Paths
 from trainers.captions import list_templates
-from trainers.configs import (AptConfig, DreamBoothConfig, ExtractLoraConfig, FineTuneConfig,
-                              HypernetworkTrainingConfig, LoraConfig, TextualInversionConfig,
-                              XtiConfig)
 from trainers.embeddings import list_embeddings
 from trainers.tiny_model import DEMO_NAME, demo_size
 from webui import choices as ch
@@ -114,53 +111,65 @@ FINE_TUNE_GROUPS = [("Images and metadata JSON",
 CREATE_MISSING = ["create_missing", "init_text", "vectors_per_token"]
 
 
-def method_forms() -> list[MethodForm]:
-    forms = [MethodForm("textual_inversion", "Textual inversion", TextualInversionConfig,
-                        "embedding",
-                        [("Dataset and prompts", TEMPLATE_DATA, True),
-                         ("Optimization", TEMPLATE_OPTIM, True),
-                         ("Saving and previews", TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
-                        top=["embedding", "model"], hidden=CREATE_MISSING)]
-    forms.append(MethodForm("apt", "APT / DreamArtist", AptConfig, "embedding",
-                            [("Positive and negative (DreamArtist)",
-                              ["cfg_scale", "negative_lr_weight", "reconstruction_weight",
-                               "ema_decay"], True),
-                             ("Dataset and prompts", TEMPLATE_DATA, True),
-                             ("Optimization", TEMPLATE_OPTIM, True),
-                             ("Saving and previews",
-                              TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
-                            top=["embedding", "model"], hidden=CREATE_MISSING))
-    forms.append(MethodForm("xti", "XTI (P+)", XtiConfig, "output_name",
-                            [("Per-layer embedding", ["init_text", "num_vectors_per_token",
-                                                      "file_format", "overwrite"], True),
-                             ("Dataset and prompts", TEMPLATE_DATA, True),
-                             ("Optimization", TEMPLATE_OPTIM, True),
-                             ("Saving and previews", TEMPLATE_OUTPUT, False)],
-                            top=["output_name", "model"]))
-    forms.append(MethodForm("hypernetwork", "Hypernetwork", HypernetworkTrainingConfig,
-                            "hypernetwork",
-                            [("Dataset and prompts", TEMPLATE_DATA, True),
-                             ("Optimization", TEMPLATE_OPTIM, True),
-                             ("Saving and previews", TEMPLATE_OUTPUT + ["preview_strength"], False)],
-                            top=["hypernetwork", "model"],
-                            overrides={"preview_strength": SLIDER}))
-    forms.append(MethodForm("lora", "LoRA", LoraConfig, "output_name", LORA_GROUPS,
-                            top=["output_name", "model"],
-                            overrides={"sample_prompts": {"lines": 3},
-                                       "preview_strength": SLIDER}))
-    forms.append(MethodForm("dreambooth", "DreamBooth", DreamBoothConfig, "output_name",
-                            DREAMBOOTH_GROUPS, top=["output_name", "model"],
-                            overrides={"sample_prompts": {"lines": 3}}))
+def _layouts() -> dict[str, dict]:
+    """Each method's form layout: the fields above the accordions, the accordions, and fields it
+    hides. A method with none gets `default_layout`."""
     from webui.fine_tune_tools import metadata_button
-    forms.append(MethodForm("fine_tune", "Fine-tune", FineTuneConfig, "output_name",
-                            FINE_TUNE_GROUPS, top=["output_name", "model"],
-                            overrides={"sample_prompts": {"lines": 3}}, extras=metadata_button,
-                            # fine-tuning reads its images from the JSON and always caches to .npz
-                            hidden=["reg_data_dir", "dataset_config", "cache_latents_to_disk"]))
-    forms.append(MethodForm("extract_lora", "Extract LoRA", ExtractLoraConfig, "output_name",
-                            [("Extraction", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
-                            top=["checkpoint", "model", "output_name"]))
-    return forms
+    template_output = TEMPLATE_OUTPUT + ["save_image_with_embedded"]
+    return {
+        "textual_inversion": dict(
+            groups=[("Dataset and prompts", TEMPLATE_DATA, True),
+                    ("Optimization", TEMPLATE_OPTIM, True),
+                    ("Saving and previews", template_output, False)],
+            top=["embedding", "model"], hidden=CREATE_MISSING),
+        "apt": dict(
+            groups=[("Positive and negative (DreamArtist)",
+                     ["cfg_scale", "negative_lr_weight", "reconstruction_weight", "ema_decay"], True),
+                    ("Dataset and prompts", TEMPLATE_DATA, True),
+                    ("Optimization", TEMPLATE_OPTIM, True),
+                    ("Saving and previews", template_output, False)],
+            top=["embedding", "model"], hidden=CREATE_MISSING),
+        "xti": dict(
+            groups=[("Per-layer embedding", ["init_text", "num_vectors_per_token", "file_format",
+                                             "overwrite"], True),
+                    ("Dataset and prompts", TEMPLATE_DATA, True),
+                    ("Optimization", TEMPLATE_OPTIM, True),
+                    ("Saving and previews", TEMPLATE_OUTPUT, False)],
+            top=["output_name", "model"]),
+        "hypernetwork": dict(
+            groups=[("Dataset and prompts", TEMPLATE_DATA, True),
+                    ("Optimization", TEMPLATE_OPTIM, True),
+                    ("Saving and previews", TEMPLATE_OUTPUT + ["preview_strength"], False)],
+            top=["hypernetwork", "model"], overrides={"preview_strength": SLIDER}),
+        "lora": dict(groups=LORA_GROUPS, top=["output_name", "model"],
+                     overrides={"sample_prompts": {"lines": 3}, "preview_strength": SLIDER}),
+        "dreambooth": dict(groups=DREAMBOOTH_GROUPS, top=["output_name", "model"],
+                           overrides={"sample_prompts": {"lines": 3}}),
+        "fine_tune": dict(groups=FINE_TUNE_GROUPS, top=["output_name", "model"],
+                          overrides={"sample_prompts": {"lines": 3}}, extras=metadata_button,
+                          # fine-tuning reads its images from the JSON and always caches to .npz
+                          hidden=["reg_data_dir", "dataset_config", "cache_latents_to_disk"]),
+        "extract_lora": dict(
+            groups=[("Extraction", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
+            top=["checkpoint", "model", "output_name"]),
+    }
+
+
+def default_layout(config: type, target_field: str) -> dict:
+    """The naming field and the model on top, every other field in one open section."""
+    names = [f.name for f in dataclasses.fields(config)]
+    top = [n for n in (target_field, "model") if n in names]
+    return dict(groups=[("Settings", [n for n in names if n not in top], True)], top=top)
+
+
+def method_forms() -> list[MethodForm]:
+    """One form per catalog method, in the catalog's order, titled as the catalog says."""
+    from trainers import catalog
+    layouts = _layouts()
+    return [MethodForm(method.name, method.title, method.config, method.target_field,
+                       **(layouts.get(method.name)
+                          or default_layout(method.config, method.target_field)))
+            for method in catalog.methods()]
 
 
 def fallback_choice(form: MethodForm, name: str, values: list[str]):

@@ -137,8 +137,10 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         if run is None:
             form = [gr.skip()] * 5
         else:
+            from trainers import catalog
             from trainers.compare import default_prompt, preview_defaults
-            form = [gr.update(interactive=run.method in ("lora", "hypernetwork")),
+            method = catalog.find(run.method)
+            form = [gr.update(interactive=method is not None and method.strength),
                     default_prompt(run), preview_defaults(run)["steps"],
                     "Click a checkpoint card to see it here.", gr.update(value=[], visible=False)]
         state = {**(state or {}), "run": _signature(paths, runner, run), "view": prints}
