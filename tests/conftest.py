@@ -69,33 +69,36 @@ class RecordingContext:
         return [e.loss for e in self.of(Progress)]
 
 
-def _same(a, b) -> bool:
-    import torch
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-
-
 def repeat_with_interruption(run, cfg, paths, *, load, reset, stop_after: int = 2,
                              after_first=None):
     """Train `cfg` through, `reset()` its files to the start, train again stopped after
     `stop_after` steps (`after_first(path)` may check that state), then resume. Asserts that the
     losses and the final weights (`load(path)`: tensors in a dict or list) repeat the
-    uninterrupted run; returns the three runs' contexts."""
+    uninterrupted run bit for bit, and otherwise says where they part (tests/exact_resume.py);
+    returns the three runs' contexts."""
+    from tests import exact_resume as check
     whole = RecordingContext(paths)
-    path = run(cfg, whole)
+    with check.StepRecorder() as whole_steps:
+        path = run(cfg, whole)
     final = load(path)
     reset()
     first = RecordingContext(paths, stop_after=stop_after)
-    run(cfg, first)
+    with check.StepRecorder() as first_steps:
+        run(cfg, first)
     if after_first is not None:
         after_first(path)
     second = RecordingContext(paths)
-    run(cfg, second)
-    assert first.losses + second.losses == whole.losses
-    assert _same(final, load(path)), "the resumed run's weights differ"
+    with check.StepRecorder() as second_steps:
+        run(cfg, second)
+    found = [check.first_different_loss(whole.losses, first.losses + second.losses, stop_after),
+             check.weight_differences(final, load(path))]
+    if any(found):
+        pytest.fail("the interrupted and resumed run does not repeat the uninterrupted one:\n  "
+                    + "\n  ".join([text for text in found if text] + [
+                        check.first_divergent_step(whole_steps, [first_steps, second_steps],
+                                                   stop_after),
+                        check.environment([whole_steps, first_steps, second_steps])]),
+                    pytrace=False)
     return whole, first, second
 
 
