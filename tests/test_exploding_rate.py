@@ -159,3 +159,21 @@ def test_an_exploding_rate_leaves_a_finite_resumable_file(method, precision, dat
     assert ctx.losses and all(math.isfinite(loss) for loss in ctx.losses)
     if method != "apt":  # (APT's sidecar is found from the pair's checksum, not a message)
         assert any(f"Resuming at step {kept}" in e.text for e in ctx.of(ev.Status))
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_new_lora_that_explodes_at_once_writes_no_broken_file(on_nan, data_paths, tmp_path):
+    """The report's case: a new LoRA at rate 1e6, fp16, no periodic saves. Its first step's
+    weights overflow fp16 and give a nan loss, so no weights are good to keep: no file."""
+    run, make, path, _ = _kohya("lora", data_paths, tmp_path, "fp16")
+    cfg = lora_config(tmp_path / "train", learning_rate=EXPLODING, max_train_steps=4,
+                      save_precision="fp16", max_grad_norm=0.0, on_nan=on_nan)
+    with pytest.raises(TrainingError) as caught:
+        run(cfg, RecordingContext(data_paths))
+    message = caught.value.user_message
+    assert "nothing was saved (mylora.safetensors does not exist)" in message, message
+    assert not path.exists() and not optim_path(path).exists()
+    assert list(path.parent.iterdir()) == []  # no temporary or journal file either
+    ctx = RecordingContext(data_paths)  # a lower rate trains from the start
+    run(make(SANE, 2), ctx)
+    assert len(ctx.losses) == 2 and all(math.isfinite(loss) for loss in ctx.losses)
