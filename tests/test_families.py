@@ -93,7 +93,7 @@ def test_unet_only_and_ckpt_files_are_detected(tmp_path):
 
 def test_unknown_files_and_folders_are_refused_by_name(tmp_path):
     safetensors.torch.save_file({"something.else": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD1, SD2 or SDXL"):
+    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD 1.x, SD 2.x or SDXL"):
         families.file_family(tmp_path / "odd.safetensors")
     paths = Paths(tmp_path / "data").ensure()
     (tmp_path / "odd.safetensors").rename(paths.stable_diffusion / "odd.safetensors")
@@ -208,3 +208,33 @@ def test_guess_family_and_memory_estimate_follow_the_model(tmp_path):
     code = ("import sys; from trainers.families import guess_family, detect_family; "
             "from trainers.memory_estimate import estimate_for; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_family_is_one_registered_adapter_that_detection_and_objectives_ask(tmp_path):
+    """A toy flow-matching family registered here is told apart from a folder and from
+    original-layout keys, and trains with the flow-matching objective."""
+    import json as _json
+
+    from trainers.objectives import FlowMatching, NoisePrediction
+    toy = families.Family(name="toyflow", label="Toy flow", context_width=4096,
+                          pipeline="FluxPipeline", text_key_prefix="toy_text_encoders.",
+                          folder_marker=lambda index, unet: index.get("_class_name") == "ToyPipeline",
+                          prediction="flow")
+    families.register(toy)
+    try:
+        folder = tmp_path / "toy"
+        folder.mkdir()
+        (folder / "model_index.json").write_text(_json.dumps({"_class_name": "ToyPipeline"}))
+        assert families.folder_family(folder) == "toyflow"
+        assert families.detect_family(["toy_text_encoders.t5.weight", "model.x"]) == "toyflow"
+        assert isinstance(families.get("toyflow").objective({}), FlowMatching)
+        assert families.get("toyflow").pipeline_class().__name__ == "FluxPipeline"
+        with pytest.raises(ValueError, match="already registered"):
+            families.register(families.Family(name="toyflow", label="Other", context_width=1,
+                                              pipeline="FluxPipeline"))
+    finally:
+        families.unregister("toyflow")
+    assert isinstance(families.get("sd2").objective({"prediction_type": "v_prediction"}),
+                      NoisePrediction)
+    with pytest.raises(families.FamilyError, match="unknown model family 'toyflow'"):
+        families.get("toyflow")

@@ -57,8 +57,8 @@ class BaseModel:
 
     def objective(self):
         """What the network is trained to predict and how latents are noised (trainers/objectives)."""
-        from trainers.objectives import NoisePrediction
-        return NoisePrediction(self.scheduler_config)
+        from trainers.families import get
+        return get(self.family).objective(self.scheduler_config)
 
     def freeze(self) -> None:
         for module in (*self.text_encoders, self.unet, self.vae):

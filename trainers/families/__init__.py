@@ -1,25 +1,73 @@
-"""Model families (SD 1.x, SD 2.x, SDXL): tell them apart from a diffusers folder or a single
-checkpoint file by keys and shapes, and name the pipeline class each one loads with."""
+"""Model families: one adapter module per family (`sd1.py`, `sd2.py`, `sdxl.py`) registered
+here, each saying how it is told apart from a diffusers folder or a single checkpoint file, which
+pipeline class loads it and what it is trained to predict (its objective). The functions below
+detect a family by asking the registered adapters, so a new family is one new module. Torch-free.
+"""
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-FAMILIES = ("sd1", "sd2", "sdxl")
-LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# SDXL's context is 2048 wide (768 + 1280), SD2's 1024, SD1's 768
-CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+from typing import Any, Callable, Iterable, Mapping
 
 
 class FamilyError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1"
+    label: str  # what the page calls it, "SD 1.x"
+    context_width: int  # the U-Net's cross-attention width (a U-Net-only file is told by it)
+    pipeline: str  # the diffusers pipeline class that loads and renders it
+    text_activation: str | None = None  # its CLIP text encoder's hidden_act, when it tells
+    text_key_prefix: str = ""  # original-layout keys of its text encoder(s)
+    unet_key_markers: tuple[str, ...] = ()  # original-layout U-Net keys only it has
+    folder_marker: Callable[[dict, dict], bool] | None = None  # (model_index, unet config)
+    prediction: str = "noise"  # noise (epsilon / v, by the scheduler config) | flow
+
+    def objective(self, scheduler_config: dict):
+        """What its network is trained to predict, and how latents are noised."""
+        from trainers import objectives
+        if self.prediction == "flow":
+            return objectives.FlowMatching(
+                num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+        return objectives.NoisePrediction(scheduler_config)
+
+    def pipeline_class(self):
+        import diffusers
+        return getattr(diffusers, self.pipeline)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in _FAMILIES and _FAMILIES[family.name] != family:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    _FAMILIES.pop(name, None)
+
+
+def get(name: str) -> Family:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise FamilyError(f"unknown model family {name!r}; known: {', '.join(_FAMILIES)}") from None
+
+
+def all_families() -> list[Family]:
+    return list(_FAMILIES.values())
+
+
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return get(family).pipeline_class()
 
 
 def _json(path: Path) -> dict:
@@ -29,55 +77,58 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def folder_family(folder: str | Path) -> str:
-    """'sd1' / 'sd2' / 'sdxl' for a diffusers folder, from its configs (no weights are read).
+def _known() -> str:
+    labels = [f.label for f in _FAMILIES.values()]
+    return " or ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
 
-    A second text encoder or the U-Net's `text_time` embedding says SDXL; otherwise the text
-    encoder's activation says which CLIP it is (SD1's OpenAI CLIP uses quick_gelu, SD2's OpenCLIP
-    gelu), and the context width settles what the activation cannot."""
+
+def folder_family(folder: str | Path) -> str:
+    """The family of a diffusers folder, from its configs (no weights are read).
+
+    A family's own marker decides first (SDXL: a second text encoder or the U-Net's
+    `text_time` embedding); then the text encoder's activation (SD1's OpenAI CLIP uses
+    quick_gelu, SD2's OpenCLIP gelu); the context width settles what the activation cannot."""
     folder = Path(folder)
     index = _json(folder / "model_index.json")
     unet = _json(folder / "unet" / "config.json")
     if not index:
         raise FamilyError(f"model: {folder} has no readable model_index.json")
-    if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index \
-            or unet.get("addition_embed_type") == "text_time":
-        return "sdxl"
+    for family in _FAMILIES.values():
+        if family.folder_marker is not None and family.folder_marker(index, unet):
+            return family.name
     text = _json(folder / "text_encoder" / "config.json")
     activation = text.get("hidden_act")
-    if activation == "gelu":
-        return "sd2"
-    if activation == "quick_gelu":
-        return "sd1"
+    for family in _FAMILIES.values():
+        if activation is not None and family.text_activation == activation:
+            return family.name
     width = unet.get("cross_attention_dim")
-    if width in CONTEXT_WIDTHS:
-        return CONTEXT_WIDTHS[width]
-    raise FamilyError(f"model: cannot tell whether {folder.name} is SD1, SD2 or SDXL "
+    for family in _FAMILIES.values():
+        if family.context_width == width:
+            return family.name
+    raise FamilyError(f"model: cannot tell whether {folder.name} is {_known()} "
                       f"(text encoder activation {activation!r}, context width {width!r})")
 
 
 def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
-    """'sd1', 'sd2' or 'sdxl' from original-layout key names (and shapes, when given a mapping
-    of key -> tensor or shape); None when nothing says. Torch-free.
+    """The family from original-layout key names (and shapes, when given a mapping of
+    key -> tensor or shape); None when nothing says. Torch-free.
 
-    The text encoder decides: `cond_stage_model.transformer.*` is SD1's CLIP,
-    `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL (base or refiner).
-    A UNet-only file is judged by its cross-attention width (768 / 1024 / 2048) or `label_emb`.
-    """
+    The text encoder decides (`cond_stage_model.transformer.*` is SD1's CLIP,
+    `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL); a U-Net-only
+    file by a key only one family has (SDXL's `label_emb`) or its cross-attention width."""
     names = list(keys)
-    if any(k.startswith("conditioner.embedders.") for k in names):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in names):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in names):
-        return "sd1"
-    if any(k.startswith("model.diffusion_model.label_emb.") for k in names):
-        return "sdxl"
+    for family in _FAMILIES.values():
+        if family.text_key_prefix and any(k.startswith(family.text_key_prefix) for k in names):
+            return family.name
+    for family in _FAMILIES.values():
+        if any(k.startswith(m) for m in family.unet_key_markers for k in names):
+            return family.name
     if isinstance(keys, Mapping):
         for key in names:
             if key.startswith("model.diffusion_model.") and key.endswith(".attn2.to_k.weight"):
                 shape = getattr(keys[key], "shape", keys[key])
-                return CONTEXT_WIDTHS.get(int(shape[-1]))
+                width = int(shape[-1])
+                return next((f.name for f in _FAMILIES.values() if f.context_width == width), None)
     return None
 
 
@@ -125,7 +176,7 @@ def file_keys(path: str | Path) -> dict:
 
 
 def file_family(path: str | Path) -> str:
-    """'sd1' / 'sd2' / 'sdxl' for an original-layout single file, by its keys and shapes."""
+    """The family of an original-layout single file, by its keys and shapes."""
     path = Path(path)
     try:
         shapes = file_keys(path)
@@ -137,19 +188,14 @@ def file_family(path: str | Path) -> str:
     family = detect_family(shapes)
     if family is None:
         sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
-        raise FamilyError(f"model: {path.name} is not an SD1, SD2 or SDXL checkpoint in the "
+        raise FamilyError(f"model: {path.name} is not a checkpoint of {_known()} in the "
                           f"original layout (keys such as {sample})")
     return family
 
 
-def sd2_prediction_type(path: str | Path) -> str | None:
-    """SD 2.x 768-v files predict v, SD 2.x base (512) files noise; the keys cannot tell. A1111
-    reads a `<name>.yaml` beside the file: `parameterization: "v"` means v, any other yaml
-    epsilon. Without a yaml None: the config's own (the shipped SD2 skeleton says v, what SD
-    2.0/2.1-768 and diffusers assume)."""
-    yaml = Path(path).with_suffix(".yaml")
-    if not yaml.is_file():
-        return None
-    text = yaml.read_text(errors="replace")
-    compact = text.replace(" ", "").replace("'", '"')
-    return "v_prediction" if 'parameterization:"v"' in compact else "epsilon"
+# The families, one module each (registered on import, in this order).
+from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl  # noqa: E402,F401
+from trainers.families.sd2 import sd2_prediction_type  # noqa: E402,F401
+
+FAMILIES = tuple(_FAMILIES)
+LABELS = {f.name: f.label for f in _FAMILIES.values()}
