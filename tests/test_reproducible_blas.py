@@ -1,5 +1,6 @@
 """Importing trainers makes torch's CPU BLAS independent of the weights' memory alignment, the
-cause of DreamBooth's inexact resume (issue #23 item 13; trainers/reproducible_blas.py)."""
+cause of DreamBooth's inexact resume (issue #23 item 13; trainers/reproducible_blas.py); a
+resume with another thread count, which can differ in the last bits, says so."""
 from __future__ import annotations
 
 import os
@@ -71,3 +72,31 @@ def test_the_test_processes_use_the_strict_mode():
     # the exact-resume tests compare bits: they rely on trainers being imported before torch's
     # first BLAS call here too
     assert blas_mode() == "MKL AUTO,STRICT"
+
+
+def test_a_resume_with_another_thread_count_says_it_repeats_only_up_to_rounding(
+        data_paths, photo_dataset):
+    from core.events import Status
+    from tests.conftest import RecordingContext
+    from tests.test_textual_inversion import make_embedding, ti_config
+    from trainers.methods.textual_inversion import run
+    make_embedding(data_paths)
+    cfg = ti_config(photo_dataset, steps=3)
+    threads = torch.get_num_threads()
+
+    def resume_with(count: int) -> list[str]:
+        torch.set_num_threads(count)
+        ctx = RecordingContext(data_paths, stop_after=1)
+        run(cfg, ctx)
+        return [status.text for status in ctx.of(Status)]
+    try:
+        run(cfg, RecordingContext(data_paths, stop_after=1))
+        same = resume_with(threads)
+        other = resume_with(threads + 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert "Resuming at step 1 with the saved optimizer state" in same
+    assert not any("CPU threads" in text for text in same)
+    assert "Resuming at step 2 with the saved optimizer state" in other
+    assert (f"Saved with {threads} CPU threads, resumed with {threads + 1}: the steps repeat an "
+            "uninterrupted run up to rounding, not bit for bit") in other

@@ -214,6 +214,12 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                 f"does not fit this network ({error}); delete the .optim file "
                                 "to continue with a fresh optimizer") from None
         ctx.emit(ev.Status(f"Resuming at step {start} with the saved optimizer state"))
+        saved_threads = (state.get("danlu") or {}).get("threads")
+        if saved_threads not in (None, torch.get_num_threads()) and unet.device.type == "cpu":
+            # torch's CPU reductions split their sums by thread (trainers/reproducible_blas.py)
+            ctx.emit(ev.Status(f"Saved with {saved_threads} CPU threads, resumed with "
+                               f"{torch.get_num_threads()}: the steps repeat an uninterrupted "
+                               "run up to rounding, not bit for bit"))
     elif start:
         ctx.emit(ev.Status(f"Continuing at step {start} with a fresh optimizer ({reason})"))
 
@@ -252,7 +258,7 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
         with saving_pair(plan.final_path):
             plan.save(plan.final_path, step)
             crash_points.reached("save:between-file-and-sidecar")
-            extra = {"seed": opts.seed, "step": step,
+            extra = {"seed": opts.seed, "step": step, "threads": torch.get_num_threads(),
                      "param_shapes": _param_shapes(plan.optimizer)}
             if plan.sidecar_extra is not None:
                 extra.update(plan.sidecar_extra())

@@ -13,7 +13,7 @@ this package before it computes anything.
 
 Not covered, by any setting: torch's own CPU reductions (a sum, layer norm's weight gradients)
 split their work by thread, so a run resumed with a different thread count can differ in the
-last bits."""
+last bits; the sidecar records the count, and the loop says so when a resume's differs."""
 from __future__ import annotations
 
 import os
