@@ -31,8 +31,27 @@ def check_name(field: str, name: str) -> list[str]:
     return []
 
 
+class NamesFiles:
+    """Every config checks the files and folders it names before its job is queued (page, CLI,
+    queue restore): `file_problems` lists what is wrong (a subclass adds its own to its
+    parent's), `check_data` looks deeper once those pass (a dataset's layout)."""
+
+    def file_problems(self, paths) -> list[str]:
+        from core.config import path_problems
+        return path_problems(self, paths)  # every field marked as a path
+
+    def check_data(self, paths) -> None:
+        return None
+
+    def check_files(self, paths) -> None:
+        problems = list(dict.fromkeys(self.file_problems(paths)))
+        if problems:
+            raise ConfigError(problems)
+        self.check_data(paths)
+
+
 @dataclass
-class CreateEmbeddingConfig:
+class CreateEmbeddingConfig(NamesFiles):
     name: str = option("", "File name of the new embedding; also the word you type in prompts.",
                        label="Name")
     init_text: str = option("*", "Words whose token vectors start the embedding. Empty starts "
@@ -54,7 +73,7 @@ class CreateEmbeddingConfig:
 
 
 @dataclass
-class TemplateTrainingConfig:
+class TemplateTrainingConfig(NamesFiles):
     """The A1111 Train-tab controls shared by textual inversion and hypernetworks."""
     model: str = option("", "Base model: a name under models/Stable-diffusion, 'tiny-demo', a "
                         "path, or a hub id when online.", label="Base model", path="model")
@@ -151,6 +170,10 @@ class TemplateTrainingConfig:
                 problems.append(f"filename_word_regex: not a valid regex ({error})")
         return problems
 
+    def file_problems(self, paths) -> list[str]:
+        from trainers import preflight
+        return super().file_problems(paths) + preflight.template_problems(self, paths)
+
 
 @dataclass
 class TextualInversionConfig(TemplateTrainingConfig):
@@ -177,6 +200,11 @@ class TextualInversionConfig(TemplateTrainingConfig):
         elif self.create_missing:
             problems += check_name("embedding", self.embedding)
         return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        from trainers import preflight
+        return super().file_problems(paths) + preflight.embedding_problems(
+            paths, self.embedding, may_create=self.create_missing)
 
 
 @dataclass
@@ -251,7 +279,7 @@ WEIGHT_INITS = ["Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "X
 
 
 @dataclass
-class CreateHypernetworkConfig:
+class CreateHypernetworkConfig(NamesFiles):
     name: str = option("", "File name of the new hypernetwork in models/hypernetworks.",
                        label="Name")
     sizes: list[int] = option([768, 320, 640, 1280], "Attention widths it applies to: 768 (SD1), "
@@ -302,6 +330,10 @@ class HypernetworkTrainingConfig(TemplateTrainingConfig):
             problems.append("hypernetwork: choose a hypernetwork (create one first)")
         return accept(self, problems)
 
+    def file_problems(self, paths) -> list[str]:
+        from trainers import preflight
+        return super().file_problems(paths) + preflight.hypernetwork_problems(paths, self.hypernetwork)
+
 
 OPTIMIZERS = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion",
               "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGDNesterov", "SGDNesterov8bit"]
@@ -312,7 +344,7 @@ SAVE_PRECISIONS = ["fp32", "fp16", "bf16"]
 
 
 @dataclass
-class KohyaTrainingConfig:
+class KohyaTrainingConfig(NamesFiles):
     """Options LoRA and DreamBooth share, with kohya sd-scripts' names and defaults."""
     model: str = option("", "Base model: a name under models/Stable-diffusion, 'tiny-demo', a "
                         "path, or a hub id when online.", label="Base model", path="model")
@@ -429,6 +461,14 @@ class KohyaTrainingConfig:
         if self.min_bucket_reso > self.max_bucket_reso:
             problems.append("min_bucket_reso: larger than max_bucket_reso")
         return problems
+
+    def file_problems(self, paths) -> list[str]:
+        from trainers import preflight
+        return super().file_problems(paths) + preflight.log_directory_problems(self, paths)
+
+    def check_data(self, paths) -> None:
+        from trainers import preflight
+        preflight.check_kohya_dataset(self, paths)
 
 
 @dataclass
@@ -551,9 +591,13 @@ class FineTuneConfig(FullModelConfig):
                 problems.append(f"{name}: must start with a dot, like '.txt', got {value!r}")
         return accept(self, problems)
 
+    def check_data(self, paths) -> None:  # images and captions come from the metadata JSON
+        from trainers.methods.fine_tune import check_dataset
+        check_dataset(self, paths)
+
 
 @dataclass
-class ExtractLoraConfig:
+class ExtractLoraConfig(NamesFiles):
     checkpoint: str = option("", "The fine-tuned model (e.g. a DreamBooth result) in "
                              "models/Stable-diffusion.", label="Fine-tuned checkpoint",
                              path="model")
@@ -580,7 +624,7 @@ class ExtractLoraConfig:
 
 
 @dataclass
-class AestheticEmbeddingConfig:
+class AestheticEmbeddingConfig(NamesFiles):
     name: str = option("", "File name in models/aesthetic_embeddings (A1111's aesthetic-gradients "
                        "extension reads the same .pt).", label="Name")
     data_root: str = option("", "Folder of images whose look the embedding captures.",
@@ -603,7 +647,7 @@ class AestheticEmbeddingConfig:
 
 
 @dataclass
-class AestheticPreviewConfig:
+class AestheticPreviewConfig(NamesFiles):
     model: str = option("", "Base model to render with.", label="Base model", path="model")
     aesthetic_embedding: str = option("", "From models/aesthetic_embeddings.",
                                       label="Aesthetic embedding", path="aesthetic")
