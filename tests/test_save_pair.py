@@ -225,3 +225,32 @@ def test_a_refused_embedding_save_leaves_the_previous_file(tmp_path):
         save_embedding(path, EmbeddingFile(name="e", vectors=torch.tensor(
             [[1.0] * 7 + [float("inf")]] * 1), step=2))
     assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------- the run's log
+
+def test_a_loss_line_cut_by_a_kill_is_dropped_before_the_next_rows(tmp_path):
+    import csv
+
+    from trainers.run_folder import RunFolder
+    run_folder = RunFolder.create(tmp_path, "x", "loss.csv")
+    run_folder.log_loss(1, 0, 1, 0.5, 1e-3)
+    run_folder.flush()
+    path = run_folder.root / "loss.csv"
+    with open(path, "a") as handle:
+        handle.write("2,0,2,0.4")  # the kill came mid-line
+    again = RunFolder.create(tmp_path, "x", "loss.csv")  # the resumed run
+    again.log_loss(2, 0, 2, 0.25, 1e-3)
+    again.flush()
+    rows = list(csv.reader(path.read_text().splitlines()))
+    assert rows == [["step", "epoch", "epoch_step", "loss", "learn_rate"],
+                    ["1", "0", "1", "0.5000000", "0.001"], ["2", "0", "2", "0.2500000", "0.001"]]
+
+
+def test_a_loss_file_cut_inside_its_header_gets_the_header_again(tmp_path):
+    from trainers.run_folder import RunFolder
+    run_folder = RunFolder.create(tmp_path, "x", "loss.csv")
+    (run_folder.root / "loss.csv").write_text("step,ep")
+    run_folder.log_loss(1, 0, 1, 0.5, 1e-3)
+    run_folder.flush()
+    assert (run_folder.root / "loss.csv").read_text().splitlines()[0].startswith("step,epoch,")

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.atomic import atomic_write_text
+
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 
 
@@ -29,7 +31,7 @@ class RunFolder:
 
     def write_settings(self, start_step: int, settings: dict) -> Path:
         path = self.root / f"settings-{start_step}.json"
-        path.write_text(json.dumps(settings, indent=2, default=str), encoding="utf-8")
+        atomic_write_text(path, json.dumps(settings, indent=2, default=str))
         return path
 
     def log_loss(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float):
@@ -41,10 +43,28 @@ class RunFolder:
         if not self._pending:
             return
         path = self.root / self.csv_name
-        new = not path.exists()
+        _drop_cut_line(path)
+        new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(LOSS_COLUMNS)
             writer.writerows(self._pending)
         self._pending.clear()
+
+
+def _drop_cut_line(path: Path) -> None:
+    """A run killed while appending leaves a line without its end; the next run's rows would
+    join it. Cut it off (the step is logged again by the run that repeats it)."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as handle:
+        size = handle.seek(0, 2)
+        if size == 0:
+            return
+        handle.seek(max(0, size - 4096))
+        tail = handle.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
