@@ -12,10 +12,11 @@ import pytest
 from core.config import ConfigError, accept, check_limits, option
 from core.paths import Paths
 from trainers import catalog
+from trainers.configs import NamesFiles
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(NamesFiles):
     output_name: str = option("", "Name of the toy file.", label="Output name")
     model: str = option("tiny-demo", "Base model.", label="Base model", path="model")
     steps: int = option(2, "How many steps.", label="Steps", min=1, max=100)
@@ -25,6 +26,10 @@ class ToyConfig:
         if not self.output_name.strip():
             problems.append("output_name: required")
         return accept(self, problems)
+
+    def file_problems(self, paths):
+        return super().file_problems(paths) + (
+            ["output_name: 'taken' is reserved by the toy"] if self.output_name == "taken" else [])
 
 
 def toy_run(cfg: ToyConfig, ctx) -> Path:
@@ -165,3 +170,13 @@ def test_toy_method_gets_a_form_and_a_place_in_the_train_tabs_picker(toy, tmp_pa
         assert "toy" in [f.key for f in parts["forms"]]
     finally:
         runner.shutdown(timeout=5)
+
+
+def test_a_config_owns_its_file_checks_which_the_preflight_runs(toy, tmp_path):
+    from trainers.preflight import check_before_queueing
+    paths = Paths(tmp_path, confine=True)
+    check_before_queueing(ToyConfig(output_name="fine"), paths)
+    with pytest.raises(ConfigError, match="'taken' is reserved"):
+        check_before_queueing(ToyConfig(output_name="taken"), paths)
+    with pytest.raises(ConfigError, match="model"):  # the marked path field, confined
+        check_before_queueing(ToyConfig(output_name="fine", model="/etc/passwd"), paths)
