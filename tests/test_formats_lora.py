@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from trainers.formats.lora import (LoraFormatError, load_lora, lora_hashes, lora_metadata,
+from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, load_lora, lora_hashes, lora_metadata,
                                    precision_dtype, read_lora_metadata, save_lora,
                                    update_progress)
 
@@ -45,7 +45,7 @@ def metadata(**overrides):
         num_train_images=240, batch_size=2, max_train_steps=120, mixed_precision="bf16",
         clip_skip=2, min_snr_gamma=5.0, noise_offset=0.05, sd_model_name="v1-5.safetensors")
     values.update(overrides)
-    return lora_metadata(**values)
+    return lora_metadata(LoraTrainingInfo(**values))
 
 
 def data_section(path):

@@ -9,7 +9,7 @@ import torch
 
 from core import events as ev
 from trainers.configs import ExtractLoraConfig
-from trainers.formats.lora import lora_metadata, save_lora
+from trainers.formats.lora import LoraTrainingInfo, lora_metadata, save_lora
 from trainers.lora_network import find_targets, text_encoder_prefixes
 from trainers.models import load_model
 
@@ -78,14 +78,13 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
     if not state:
         raise ValueError(f"checkpoint: {cfg.checkpoint} has the same weights as {cfg.model}; "
                          "there is nothing to extract")
-    metadata = lora_metadata(network_dim=cfg.rank, network_alpha=float(cfg.rank),
-                             conv_dim=cfg.conv_rank, conv_alpha=float(cfg.conv_rank) if cfg.conv_rank else None,
-                             output_name=target.stem, steps=0, epoch=0,
-                             sd_model_name=Path(base.name).stem, title=target.stem,
-                             v2=base.family == "sd2",
-                             v_parameterization=base.prediction_type == "v_prediction",
-                             sdxl=base.is_sdxl, resolution=_resolution(base),
-                             extra={"ss_training_comment": f"extracted from {cfg.checkpoint}"})
+    metadata = lora_metadata(LoraTrainingInfo(
+        network_dim=cfg.rank, network_alpha=float(cfg.rank), conv_dim=cfg.conv_rank,
+        conv_alpha=float(cfg.conv_rank) if cfg.conv_rank else None, output_name=target.stem,
+        steps=0, epoch=0, sd_model_name=Path(base.name).stem, title=target.stem,
+        v2=base.family == "sd2", v_parameterization=base.prediction_type == "v_prediction",
+        sdxl=base.is_sdxl, resolution=_resolution(base),
+        extra={"ss_training_comment": f"extracted from {cfg.checkpoint}"}))
     save_lora(target, state, metadata, precision=cfg.save_precision)
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
     ctx.emit(ev.Finished(step=0, path=str(target), message=f"Extracted a rank-{cfg.rank} LoRA "

@@ -19,6 +19,7 @@ import hashlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -226,49 +227,52 @@ def modelspec_architecture(v2: bool = False, v_parameterization: bool = False,
     return "stable-diffusion-v1/lora"
 
 
-def lora_metadata(
-    *,
-    network_dim: int,
-    network_alpha: float,
-    output_name: str,
-    steps: int,
-    epoch: int,
-    conv_dim: int = 0,
-    conv_alpha: float | None = None,
-    network_dropout: float | None = None,
-    resolution: tuple[int, int] | int = (512, 512),
-    learning_rate: float | None = None,
-    unet_lr: float | None = None,
-    text_encoder_lr: float | None = None,
-    optimizer: str = "AdamW",
-    lr_scheduler: str = "constant",
-    lr_warmup_steps: int = 0,
-    seed: int | None = None,
-    tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
-    dataset_dirs: Mapping[str, Mapping[str, int]] | None = None,
-    reg_dataset_dirs: Mapping[str, Mapping[str, int]] | None = None,
-    training_started_at: float | None = None,
-    training_finished_at: float | None = None,
-    num_train_images: int = 0,
-    num_reg_images: int = 0,
-    batch_size: int = 1,
-    max_train_steps: int | None = None,
-    num_epochs: int | None = None,
-    gradient_accumulation_steps: int = 1,
-    mixed_precision: str = "no",
-    clip_skip: int | None = None,
-    min_snr_gamma: float | None = None,
-    noise_offset: float | None = None,
-    max_grad_norm: float | None = None,
-    sd_model_name: str | None = None,
-    sd_model_path: str | Path | None = None,
-    v2: bool = False,
-    v_parameterization: bool = False,
-    sdxl: bool = False,
-    session_id: int | None = None,
-    title: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
+@dataclass(frozen=True)
+class LoraTrainingInfo:
+    """What a LoRA file's `ss_*` / `modelspec.*` metadata records about its training."""
+    network_dim: int
+    network_alpha: float
+    output_name: str
+    steps: int
+    epoch: int
+    conv_dim: int = 0
+    conv_alpha: float | None = None
+    network_dropout: float | None = None
+    resolution: tuple[int, int] | int = (512, 512)
+    learning_rate: float | None = None
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    optimizer: str = "AdamW"
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    seed: int | None = None
+    tag_frequency: Mapping[str, Mapping[str, int]] | None = None
+    dataset_dirs: Mapping[str, Mapping[str, int]] | None = None
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] | None = None
+    training_started_at: float | None = None
+    training_finished_at: float | None = None
+    num_train_images: int = 0
+    num_reg_images: int = 0
+    batch_size: int = 1
+    max_train_steps: int | None = None
+    num_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    clip_skip: int | None = None
+    min_snr_gamma: float | None = None
+    noise_offset: float | None = None
+    max_grad_norm: float | None = None
+    sd_model_name: str | None = None
+    sd_model_path: str | Path | None = None
+    v2: bool = False
+    v_parameterization: bool = False
+    sdxl: bool = False
+    session_id: int | None = None
+    title: str | None = None
+    extra: Mapping[str, Any] | None = None
+
+
+def lora_metadata(info: LoraTrainingInfo) -> dict[str, str]:
     """kohya `ss_*` training metadata plus `modelspec.*`, every value a string.
 
     `tag_frequency` is {dataset dir name: {tag: count}}; `dataset_dirs` is {dir name:
@@ -277,66 +281,69 @@ def lora_metadata(
     overrides keys (values passed through str()).
     """
     now = time.time()
-    started = now if training_started_at is None else float(training_started_at)
-    finished = now if training_finished_at is None else float(training_finished_at)
+    started = now if info.training_started_at is None else float(info.training_started_at)
+    finished = now if info.training_finished_at is None else float(info.training_finished_at)
+    resolution = info.resolution
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
     resolution = (int(resolution[0]), int(resolution[1]))
     network_args: dict[str, str] = {}
-    if conv_dim:
-        network_args["conv_dim"] = str(int(conv_dim))
-        network_args["conv_alpha"] = _arg(1.0 if conv_alpha is None else conv_alpha)
+    if info.conv_dim:
+        network_args["conv_dim"] = str(int(info.conv_dim))
+        network_args["conv_alpha"] = _arg(1.0 if info.conv_alpha is None else info.conv_alpha)
     meta: dict[str, str] = {
-        "ss_session_id": str(random.randint(0, 2**32) if session_id is None else int(session_id)),
+        "ss_session_id": str(random.randint(0, 2**32) if info.session_id is None
+                             else int(info.session_id)),
         "ss_training_started_at": str(started),
-        "ss_output_name": str(output_name),
-        "ss_learning_rate": _opt(learning_rate),
-        "ss_text_encoder_lr": _opt(text_encoder_lr),
-        "ss_unet_lr": _opt(unet_lr),
-        "ss_num_train_images": str(int(num_train_images)),
-        "ss_num_reg_images": str(int(num_reg_images)),
-        "ss_num_epochs": _opt(num_epochs),
-        "ss_gradient_accumulation_steps": str(int(gradient_accumulation_steps)),
-        "ss_max_train_steps": _opt(max_train_steps),
-        "ss_lr_warmup_steps": str(int(lr_warmup_steps)),
-        "ss_lr_scheduler": str(lr_scheduler),
+        "ss_output_name": str(info.output_name),
+        "ss_learning_rate": _opt(info.learning_rate),
+        "ss_text_encoder_lr": _opt(info.text_encoder_lr),
+        "ss_unet_lr": _opt(info.unet_lr),
+        "ss_num_train_images": str(int(info.num_train_images)),
+        "ss_num_reg_images": str(int(info.num_reg_images)),
+        "ss_num_epochs": _opt(info.num_epochs),
+        "ss_gradient_accumulation_steps": str(int(info.gradient_accumulation_steps)),
+        "ss_max_train_steps": _opt(info.max_train_steps),
+        "ss_lr_warmup_steps": str(int(info.lr_warmup_steps)),
+        "ss_lr_scheduler": str(info.lr_scheduler),
         "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": str(int(network_dim)),
-        "ss_network_alpha": str(float(network_alpha)),  # kohya parses it as a float
-        "ss_network_dropout": _opt(network_dropout),
-        "ss_mixed_precision": str(mixed_precision),
-        "ss_v2": str(bool(v2)),
-        "ss_base_model_version": base_model_version(v2, v_parameterization, sdxl),
-        "ss_clip_skip": _opt(clip_skip),
-        "ss_seed": _opt(seed),
-        "ss_noise_offset": _opt(noise_offset),
-        "ss_optimizer": str(optimizer),
-        "ss_max_grad_norm": _opt(max_grad_norm),
-        "ss_min_snr_gamma": _opt(min_snr_gamma),
-        "ss_batch_size_per_device": str(int(batch_size)),
-        "ss_total_batch_size": str(int(batch_size) * int(gradient_accumulation_steps)),
+        "ss_network_dim": str(int(info.network_dim)),
+        "ss_network_alpha": str(float(info.network_alpha)),  # kohya parses it as a float
+        "ss_network_dropout": _opt(info.network_dropout),
+        "ss_mixed_precision": str(info.mixed_precision),
+        "ss_v2": str(bool(info.v2)),
+        "ss_base_model_version": base_model_version(info.v2, info.v_parameterization, info.sdxl),
+        "ss_clip_skip": _opt(info.clip_skip),
+        "ss_seed": _opt(info.seed),
+        "ss_noise_offset": _opt(info.noise_offset),
+        "ss_optimizer": str(info.optimizer),
+        "ss_max_grad_norm": _opt(info.max_grad_norm),
+        "ss_min_snr_gamma": _opt(info.min_snr_gamma),
+        "ss_batch_size_per_device": str(int(info.batch_size)),
+        "ss_total_batch_size": str(int(info.batch_size) * int(info.gradient_accumulation_steps)),
         "ss_resolution": str(resolution),
-        "ss_dataset_dirs": json.dumps(_plain(dataset_dirs or {})),
-        "ss_reg_dataset_dirs": json.dumps(_plain(reg_dataset_dirs or {})),
-        "ss_tag_frequency": json.dumps(_plain(tag_frequency or {})),
+        "ss_dataset_dirs": json.dumps(_plain(info.dataset_dirs or {})),
+        "ss_reg_dataset_dirs": json.dumps(_plain(info.reg_dataset_dirs or {})),
+        "ss_tag_frequency": json.dumps(_plain(info.tag_frequency or {})),
         "ss_training_finished_at": str(finished),
-        "ss_steps": str(int(steps)),
-        "ss_epoch": str(int(epoch)),
+        "ss_steps": str(int(info.steps)),
+        "ss_epoch": str(int(info.epoch)),
     }
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args)
-    if sd_model_path is not None:
-        model_path = Path(sd_model_path)
+    if info.sd_model_path is not None:
+        model_path = Path(info.sd_model_path)
         if model_path.is_file():
             meta["ss_sd_model_hash"] = file_legacy_hash(model_path)
             meta["ss_new_sd_model_hash"] = file_sha256(model_path)
-        meta["ss_sd_model_name"] = sd_model_name or model_path.name
-    elif sd_model_name is not None:
-        meta["ss_sd_model_name"] = str(sd_model_name)
-    meta.update(modelspec_metadata(title=title or output_name, resolution=resolution,
-                                   timestamp=finished, v2=v2, v_parameterization=v_parameterization,
-                                   clip_skip=clip_skip, sdxl=sdxl))
-    for key, value in (extra or {}).items():
+        meta["ss_sd_model_name"] = info.sd_model_name or model_path.name
+    elif info.sd_model_name is not None:
+        meta["ss_sd_model_name"] = str(info.sd_model_name)
+    meta.update(modelspec_metadata(title=info.title or info.output_name, resolution=resolution,
+                                   timestamp=finished, v2=info.v2,
+                                   v_parameterization=info.v_parameterization,
+                                   clip_skip=info.clip_skip, sdxl=info.sdxl))
+    for key, value in (info.extra or {}).items():
         meta[str(key)] = value if isinstance(value, str) else (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     return meta

@@ -12,8 +12,8 @@ from core.atomic import staged_path
 from trainers import kohya_data
 from trainers import kohya_training as kt
 from trainers.configs import LoraConfig
-from trainers.formats.lora import (LoraFormatError, load_lora, lora_metadata, read_lora_metadata,
-                                   save_lora, update_progress)
+from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, load_lora, lora_metadata,
+                                   read_lora_metadata, save_lora, update_progress)
 from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
 from trainers.formats.optim_sidecar import load_optim
 from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
@@ -74,7 +74,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
     encoder, encode = kt.encoder_for(cfg, model, trains_te)
     started = time.time()
     per_epoch = kt.steps_per_epoch(cfg, batches)
-    metadata = lora_metadata(
+    metadata = lora_metadata(LoraTrainingInfo(
         network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, output_name=path.stem,
         steps=start, epoch=start // per_epoch, conv_dim=cfg.conv_dim,
         conv_alpha=cfg.conv_alpha if cfg.conv_dim else None,
@@ -95,7 +95,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
         sdxl=model.is_sdxl,
-        title=path.stem, extra={"ss_max_token_length": cfg.max_token_length})
+        title=path.stem, extra={"ss_max_token_length": cfg.max_token_length}))
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()
