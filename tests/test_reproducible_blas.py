@@ -68,6 +68,7 @@ def test_a_users_own_mkl_mode_is_kept():
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
+@pytest.mark.skipif(os.environ.get(VARIABLE) != STRICT, reason="the user chose MKL's mode")
 def test_the_test_processes_use_the_strict_mode():
     # the exact-resume tests compare bits: they rely on trainers being imported before torch's
     # first BLAS call here too
