@@ -133,3 +133,19 @@ def test_repeated_items_appear_once_per_repeat():
     items = [("a", (64, 64))] * 3 + [("b", (64, 64))]
     batches = BucketBatcher(items, 4, seed=0).epoch(0)
     assert len(batches) == 1 and Counter(batches[0][1]) == Counter({"a": 3, "b": 1})
+
+
+def test_kohya_and_fine_tune_datasets_refuse_bad_bucket_settings_alike(tmp_path):
+    """One bucket maker for both loaders: the same settings error, by field, from each."""
+    from core.config import ConfigError
+    from trainers.finetune_data import scan_metadata
+    from trainers.kohya_data import DatasetConfig, SubsetConfig, scan_dataset
+    config = DatasetConfig(subsets=[SubsetConfig(image_dir=tmp_path)], enable_bucket=True,
+                           min_bucket_reso=100, max_bucket_reso=1024, bucket_reso_steps=64)
+    messages = []
+    for scan in (scan_dataset, lambda c: scan_metadata(c, {})):
+        with pytest.raises(ConfigError) as caught:
+            scan(config)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "min_bucket_reso/max_bucket_reso: 100 and 1024 must be multiples" in messages[0]

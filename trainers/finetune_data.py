@@ -12,11 +12,11 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 from core.images import describe_skipped, list_images
-from trainers.buckets import BucketError, assign
+from trainers.buckets import assign
 from trainers.data import DatasetError
 from trainers.finetune_metadata import caption_of, find_image
 from trainers.kohya_data import (DatasetConfig, ImageEntry, KohyaBatches, KohyaDataset, _place,
-                                 cache_latents, image_size, make_buckets)
+                                 cache_latents, config_buckets, image_size)
 
 
 def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaDataset:
@@ -34,13 +34,7 @@ def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaData
     else:
         if listed:
             notes.append("only some entries have train_resolution; buckets follow the settings")
-        buckets = []
-        if config.enable_bucket and not config.bucket_no_upscale:
-            try:
-                buckets = make_buckets(config.resolution, config.min_bucket_reso,
-                                       config.max_bucket_reso, config.bucket_reso_steps)
-            except BucketError as error:
-                raise DatasetError(str(error)) from None
+        buckets = config_buckets(config)
         place = lambda size: _place(config, buckets, size)  # noqa: E731
     entries, missing = [], []
     for key, entry in metadata.items():

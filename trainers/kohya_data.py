@@ -559,16 +559,22 @@ def _place(config: DatasetConfig, buckets: list, size: tuple[int, int]) -> Place
                   step=config.bucket_reso_steps)
 
 
+def config_buckets(config: DatasetConfig) -> list[tuple[int, int]]:
+    """The predefined buckets of a dataset's settings (none without bucketing, or with
+    bucket_no_upscale, whose buckets follow each image); bad settings are a ConfigError."""
+    if not config.enable_bucket or config.bucket_no_upscale:
+        return []
+    try:
+        return make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
+                            config.bucket_reso_steps)
+    except BucketError as error:
+        raise ConfigError(str(error)) from None
+
+
 def scan_dataset(config: DatasetConfig) -> KohyaDataset:
     """Find images and captions, measure them and place them in buckets (no VAE needed)."""
     notes = list(config.notes)
-    buckets: list[tuple[int, int]] = []
-    if config.enable_bucket and not config.bucket_no_upscale:
-        try:
-            buckets = make_buckets(config.resolution, config.min_bucket_reso,
-                                   config.max_bucket_reso, config.bucket_reso_steps)
-        except BucketError as error:
-            raise ConfigError(str(error)) from None
+    buckets = config_buckets(config)
     train, reg, counts = [], [], []
     for index, subset in enumerate(config.subsets):
         folder = subset.image_dir
