@@ -9,8 +9,9 @@ imports no torch."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from core.registry import Registry
 from trainers import configs
 
 ALL_FAMILIES = ("sd1", "sd2", "sdxl")
@@ -47,38 +48,19 @@ class Method:
         return _resolve(self.apply)
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("method")
 
 
 def register(method: Method) -> Method:
     """Add a method (a test's toy method, or a plug-in); a name is registered once."""
-    if method.name in _METHODS and _METHODS[method.name] != method:
-        raise ValueError(f"method {method.name!r} is already registered")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.add(method.name, method)
 
 
-def unregister(name: str) -> None:
-    _METHODS.pop(name, None)
-
-
-def methods() -> list[Method]:
-    return list(_METHODS.values())
-
-
-def names() -> list[str]:
-    return list(_METHODS)
-
-
-def get(name: str) -> Method:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(_METHODS)}") from None
-
-
-def find(name: str) -> Method | None:
-    return _METHODS.get(name)
+unregister = _METHODS.remove
+get = _METHODS.get  # KeyError naming the known methods
+find = _METHODS.find  # None when unknown
+names = _METHODS.names
+methods = _METHODS.records
 
 
 def _resolve(target: str):

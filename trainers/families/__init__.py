@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from core.registry import Registry
+
 
 class FamilyError(ValueError):
     pass
@@ -41,29 +43,16 @@ class Family:
         return getattr(diffusers, self.pipeline)
 
 
-_FAMILIES: dict[str, Family] = {}
+_REGISTRY: Registry[Family] = Registry("model family", FamilyError)
 
 
 def register(family: Family) -> Family:
-    if family.name in _FAMILIES and _FAMILIES[family.name] != family:
-        raise ValueError(f"model family {family.name!r} is already registered")
-    _FAMILIES[family.name] = family
-    return family
+    return _REGISTRY.add(family.name, family)
 
 
-def unregister(name: str) -> None:
-    _FAMILIES.pop(name, None)
-
-
-def get(name: str) -> Family:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise FamilyError(f"unknown model family {name!r}; known: {', '.join(_FAMILIES)}") from None
-
-
-def all_families() -> list[Family]:
-    return list(_FAMILIES.values())
+unregister = _REGISTRY.remove
+get = _REGISTRY.get  # FamilyError naming the known families
+all_families = _REGISTRY.records
 
 
 def pipeline_class(family: str):
@@ -78,7 +67,7 @@ def _json(path: Path) -> dict:
 
 
 def _known() -> str:
-    labels = [f.label for f in _FAMILIES.values()]
+    labels = [f.label for f in all_families()]
     return " or ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
 
 
@@ -93,16 +82,16 @@ def folder_family(folder: str | Path) -> str:
     unet = _json(folder / "unet" / "config.json")
     if not index:
         raise FamilyError(f"model: {folder} has no readable model_index.json")
-    for family in _FAMILIES.values():
+    for family in all_families():
         if family.folder_marker is not None and family.folder_marker(index, unet):
             return family.name
     text = _json(folder / "text_encoder" / "config.json")
     activation = text.get("hidden_act")
-    for family in _FAMILIES.values():
+    for family in all_families():
         if activation is not None and family.text_activation == activation:
             return family.name
     width = unet.get("cross_attention_dim")
-    for family in _FAMILIES.values():
+    for family in all_families():
         if family.context_width == width:
             return family.name
     raise FamilyError(f"model: cannot tell whether {folder.name} is {_known()} "
@@ -117,10 +106,10 @@ def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
     `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL); a U-Net-only
     file by a key only one family has (SDXL's `label_emb`) or its cross-attention width."""
     names = list(keys)
-    for family in _FAMILIES.values():
+    for family in all_families():
         if family.text_key_prefix and any(k.startswith(family.text_key_prefix) for k in names):
             return family.name
-    for family in _FAMILIES.values():
+    for family in all_families():
         if any(k.startswith(m) for m in family.unet_key_markers for k in names):
             return family.name
     if isinstance(keys, Mapping):
@@ -128,7 +117,7 @@ def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
             if key.startswith("model.diffusion_model.") and key.endswith(".attn2.to_k.weight"):
                 shape = getattr(keys[key], "shape", keys[key])
                 width = int(shape[-1])
-                return next((f.name for f in _FAMILIES.values() if f.context_width == width), None)
+                return next((f.name for f in all_families() if f.context_width == width), None)
     return None
 
 
@@ -197,5 +186,5 @@ def file_family(path: str | Path) -> str:
 from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl  # noqa: E402,F401
 from trainers.families.sd2 import sd2_prediction_type  # noqa: E402,F401
 
-FAMILIES = tuple(_FAMILIES)
-LABELS = {f.name: f.label for f in _FAMILIES.values()}
+FAMILIES = tuple(f.name for f in all_families())
+LABELS = {f.name: f.label for f in all_families()}
