@@ -32,6 +32,36 @@ def photo(index: int, size: int = 64):
     return Image.fromarray(array).convert("RGB").resize((size, size))
 
 
+def cli_embedding_run(tmp_path: Path, tiny_model_dir: Path, dataset: Path, steps: int):
+    """A data folder with tiny-demo and the embedding 'clitok', and a run.toml training it for
+    `steps` steps at 64 px without previews or periodic saves: (data folder, toml, embedding)."""
+    import shutil
+
+    from core.paths import Paths
+    from trainers.configs import CreateEmbeddingConfig
+    from trainers.embeddings import create_embedding
+    data = tmp_path / "data"
+    shutil.copytree(tiny_model_dir, data / ".cache" / "tiny-demo")
+    path = create_embedding(CreateEmbeddingConfig(name="clitok", model="tiny-demo").validate(),
+                            Paths(data).ensure())
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "tiny-demo"\nembedding = "clitok"\ndata_root = "{dataset}"\n'
+                      f'width = 64\nheight = 64\nsteps = {steps}\npreview_every = 0\n'
+                      'save_every = 0\n')
+    return data, config, path
+
+
+def kohya_photos(root: Path) -> Path:
+    """A kohya repeats folder `2_zxq cat` under `root` with a square, a wide and a tall photo
+    and their captions; returns `root`."""
+    sub = root / "2_zxq cat"
+    sub.mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
+        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
+    return root
+
+
 @pytest.fixture
 def photo_dataset(tmp_path) -> Path:
     """Four 64 px photos with captions in <stem>.txt."""

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,23 +14,13 @@ import time
 
 import pytest
 
-from core.paths import Paths
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_embedding_run
 
 
 @pytest.fixture
 def ti_setup(tmp_path, tiny_model_dir, photo_dataset):
     """A data folder with tiny-demo and the embedding 'clitok', and a run.toml training it."""
-    from trainers.configs import CreateEmbeddingConfig
-    from trainers.embeddings import create_embedding
-    data = tmp_path / "data"
-    shutil.copytree(tiny_model_dir, data / ".cache" / "tiny-demo")
-    path = create_embedding(CreateEmbeddingConfig(name="clitok", model="tiny-demo").validate(),
-                            Paths(data).ensure())
-    config = tmp_path / "run.toml"
-    config.write_text(f'model = "tiny-demo"\nembedding = "clitok"\ndata_root = "{photo_dataset}"\n'
-                      'width = 64\nheight = 64\nsteps = 2\npreview_every = 0\nsave_every = 0\n')
-    return data, config, path
+    return cli_embedding_run(tmp_path, tiny_model_dir, photo_dataset, steps=2)
 
 
 def cli(ti_setup, *extra):

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RecordingContext, photo
+from tests.conftest import RecordingContext, kohya_photos, photo
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "file_hashes.json"
 UPDATE = os.environ.get("DANLU_UPDATE_GOLDEN") == "1"
@@ -68,14 +68,6 @@ DATE = re.compile(r"(?<=/)\d{4}-\d{2}-\d{2}(?=/)")
 
 # ------------------------------------------------------------------ the inputs
 
-def _kohya_folder(root: Path) -> Path:
-    """A repeats folder with a square, a wide and a tall photo and their captions."""
-    sub = root / "2_zxq cat"
-    sub.mkdir(parents=True)
-    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
-        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
-    return root
 
 
 def _captioned(root: Path, count: int = 2) -> Path:
@@ -163,7 +155,7 @@ def case_hypernetwork(paths):
 def _lora(paths, model=SD1, **changes):
     from trainers.configs import LoraConfig
     from trainers.methods.lora import run
-    data = _kohya_folder(paths.data_dir / "train")
+    data = kohya_photos(paths.data_dir / "train")
     base = dict(model=model, output_name="mylora", train_data_dir=str(data),
                 resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
                 network_dim=4, network_alpha=2.0, max_train_steps=2, save_every_n_steps=1,

@@ -9,7 +9,7 @@ import torch
 
 from core.config import ConfigError
 from core.events import Preview
-from tests.conftest import RecordingContext, photo, repeat_with_interruption
+from tests.conftest import RecordingContext, kohya_photos, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers.configs import LoraConfig
 from trainers.formats.lora import load_lora
@@ -20,13 +20,7 @@ from trainers.models import load_model
 
 @pytest.fixture
 def kohya_folder(tmp_path):
-    root = tmp_path / "train"
-    sub = root / "2_zxq cat"
-    sub.mkdir(parents=True)
-    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
-        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
-    return root
+    return kohya_photos(tmp_path / "train")
 
 
 def clear(folder):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,23 +14,14 @@ import time
 from core import events as ev
 from core.jobs import STOPPED, Busy, JobRunner
 from core.paths import Paths
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_embedding_run
 
 
 def test_sigterm_to_the_cli_saves_a_resumable_state(tmp_path, tiny_model_dir, photo_dataset):
-    from trainers.configs import CreateEmbeddingConfig
-    from trainers.embeddings import create_embedding
     from trainers.formats.embedding import embedding_checksum, load_embedding
     from trainers.formats.optim_sidecar import load_optim, optim_path
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_model_dir, data / ".cache" / "tiny-demo")
-    path = create_embedding(CreateEmbeddingConfig(name="clitok", model="tiny-demo").validate(),
-                            Paths(data).ensure())
-    config = tmp_path / "run.toml"
-    config.write_text(f'model = "tiny-demo"\nembedding = "clitok"\ndata_root = "{photo_dataset}"\n'
-                      'width = 64\nheight = 64\nsteps = 100000\npreview_every = 0\n'
-                      'save_every = 0\n')
+    data, config, path = cli_embedding_run(tmp_path, tiny_model_dir, photo_dataset, steps=100000)
     proc = subprocess.Popen([sys.executable, "-m", "trainers", "textual_inversion", "--config",
                              str(config), "--data-dir", str(data)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

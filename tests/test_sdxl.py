@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.events import Preview
-from tests.conftest import RecordingContext, photo
+from tests.conftest import RecordingContext, kohya_photos
 from trainers.models import load_model
 
 SDXL = "tiny-demo-sdxl"
@@ -21,13 +21,7 @@ KOHYA = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso
 @pytest.fixture
 def pictures(tmp_path):
     """A kohya repeats folder with a square, a wide and a tall photo."""
-    root = tmp_path / "train"
-    sub = root / "2_zxq cat"
-    sub.mkdir(parents=True)
-    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96)]):
-        photo(i, 96).resize((w, h)).save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"zxq cat, photo {i}")
-    return root
+    return kohya_photos(tmp_path / "train")
 
 
 def sdxl_pipeline(folder):
