@@ -1,0 +1,29 @@
+"""The prepared GPU check runs end to end (here on the CPU, where it skips fp16) and reports
+each case; bad arguments are refused."""
+import json
+
+import pytest
+
+
+def test_the_gpu_check_trains_every_case_and_reports_it(tmp_path, capsys):
+    from bench import gpu_check
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--steps", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["environment"]["torch"] and "cuda" in report["environment"]
+    cases = {r["case"]: r for r in report["results"]}
+    assert {"lora tiny no", "lora tiny bf16", "textual inversion tiny",
+            "dreambooth tiny bf16"} <= set(cases)
+    for name, result in cases.items():
+        assert "error" not in result, (name, result.get("error"))
+        assert result["finite"] and result["loads"], name
+        assert name in printed
+    assert f"{len(cases)} passed, 0 failed" in printed
+
+
+def test_the_gpu_check_refuses_too_few_steps():
+    from bench import gpu_check
+    with pytest.raises(SystemExit) as caught:
+        gpu_check.main(["--steps", "1"])
+    assert caught.value.code == 2
