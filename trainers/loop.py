@@ -192,20 +192,98 @@ def train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) 
 
 
 def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx) -> Path:
-    unet = plan.unet or model.unet
-    objective = model.objective()
-    start = plan.start_step
-    if distributed.is_main(ctx):
-        recovered = recover_pair(plan.final_path)
-        if recovered:
-            ctx.emit(ev.Status(f"{plan.final_path.name}: {recovered}"))
-    state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
-                     else (None, "starting over"))
-    sidecar_step = ((state or {}).get("danlu") or {}).get("step")
-    if state is not None and sidecar_step is not None and sidecar_step != start:
-        state, reason = None, (f"{plan.final_path.name}.optim is of step {sidecar_step}, the file "
-                               f"of step {start}")
-    if state is not None:
+    return _Training(model, data, plan, opts, ctx).run()
+
+
+class _Training:
+    """One run of the loop. Its state — the step, the step the file on disk holds, the last
+    good weights — lives here, and each part of a step is a method, so `run` reads top to
+    bottom: resume, then per step: rates, micro-batches, the non-finite guard, the optimizer
+    step, the periodic save and preview; then the final save."""
+
+    def __init__(self, model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx):
+        self.model, self.data, self.plan, self.opts, self.ctx = model, data, plan, opts, ctx
+        self.unet = plan.unet or model.unet
+        self.objective = model.objective()
+        self.start = self.step = plan.start_step
+        self.parallel = distributed.of(ctx)  # None in a one-process run
+        self.main = distributed.is_main(ctx)  # only the main process writes files
+        self.folder: RunFolder | None = None
+        self.saved_step: int | None = None  # the state the file holds
+        self.stepped = False  # any good step yet
+        self.skipped = 0  # bad steps in a row (on_nan="skip")
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Path:
+        plan, opts, ctx = self.plan, self.opts, self.ctx
+        self._resume_optimizer()
+        self._open_run_folder()
+        self.per_epoch = self.data.batches_per_epoch
+        began = time.perf_counter()
+        last_texts: list[str] = []
+        self.parameters = _parameters(plan)
+        self.last_good = LastGood(self.parameters + (plan.state_tensors() if plan.state_tensors
+                                                     else []), plan.optimizer)
+        self.saved_step = self.start if plan.final_path.exists() else None
+        # diffusers' unet.device / unet.dtype walk every sub-module: look them up once per run
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if opts.autocast == torch.float16 else None)
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=opts.autocast)
+                         if opts.autocast is not None else contextlib.nullcontext())
+        # data-parallel: DDP averages the gradients of the trainable parameters during backward
+        if self.parallel is not None:
+            self.step_loss = self.parallel.wrap(self.parameters, self._micro_loss)
+            began = time.perf_counter()  # after waiting for the other processes (it/s, ETA)
+        else:
+            self.step_loss = self._micro_loss
+
+        stopped = False
+        self.unet.train()
+        with plan.unet_context():
+            if self.main and opts.preview_at_start and opts.preview_every and self.step == 0:
+                preview(self.model, plan, self.unet, self.folder, 0, [], ctx)
+            while self.step < opts.steps:
+                if self._stopping():
+                    stopped = True
+                    ctx.emit(ev.Status(f"Interrupted at step {self.step}"))
+                    break
+                rates = plan.rates(self.step)
+                if rates is None:
+                    ctx.emit(ev.Status(f"Learning-rate schedule finished at step {self.step}"))
+                    break
+                for group, rate in zip(plan.optimizer.param_groups, rates):
+                    group["lr"] = rate
+                total_loss, clipped, last_texts = self._accumulate()
+                if not self._guard(total_loss):
+                    continue  # a skipped step
+                self._optimizer_step(clipped)
+                self._report(total_loss, rates[0], began)
+                self._periodic(last_texts)
+        path = self._save_or_stop("final")
+        ended = "interrupted" if stopped or ctx.should_stop() else "finished"
+        ctx.emit(ev.Finished(step=self.step, path=str(path),
+                             message=f"Training {ended} at step {self.step}; saved {path}"))
+        return path
+
+    # ------------------------------------------------------------------ before the first step
+    def _resume_optimizer(self) -> None:
+        plan, ctx, start = self.plan, self.ctx, self.start
+        if self.main:
+            recovered = recover_pair(plan.final_path)
+            if recovered:
+                ctx.emit(ev.Status(f"{plan.final_path.name}: {recovered}"))
+        state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
+                         else (None, "starting over"))
+        sidecar_step = ((state or {}).get("danlu") or {}).get("step")
+        if state is not None and sidecar_step is not None and sidecar_step != start:
+            state, reason = None, (f"{plan.final_path.name}.optim is of step {sidecar_step}, the "
+                                   f"file of step {start}")
+        if state is None:
+            if start:
+                ctx.emit(ev.Status(f"Continuing at step {start} with a fresh optimizer ({reason})"))
+            return
         try:
             plan.optimizer.load_state_dict(state["optimizer_state_dict"])
             _check_state_shapes(plan.optimizer, (state.get("danlu") or {}).get("param_shapes"))
@@ -215,45 +293,149 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                                 "to continue with a fresh optimizer") from None
         ctx.emit(ev.Status(f"Resuming at step {start} with the saved optimizer state"))
         saved_threads = (state.get("danlu") or {}).get("threads")
-        if saved_threads not in (None, torch.get_num_threads()) and unet.device.type == "cpu":
+        if saved_threads not in (None, torch.get_num_threads()) and self.unet.device.type == "cpu":
             # torch's CPU reductions split their sums by thread (trainers/reproducible_blas.py)
             ctx.emit(ev.Status(f"Saved with {saved_threads} CPU threads, resumed with "
                                f"{torch.get_num_threads()}: the steps repeat an uninterrupted "
                                "run up to rounding, not bit for bit"))
-    elif start:
-        ctx.emit(ev.Status(f"Continuing at step {start} with a fresh optimizer ({reason})"))
 
-    parallel = distributed.of(ctx)  # None in a one-process run
-    main = distributed.is_main(ctx)  # only the main process writes files
-    run = RunFolder.create(ctx.paths.resolve(opts.log_directory, "log_directory"), plan.name,
-                           opts.csv_name) if main else None
-    if run is not None:
-        run.write_settings(start, {**opts.settings, "start_step": start,
-                                   "processes": distributed.processes(ctx)})
-    if start >= opts.steps or plan.rates(start) is None:
-        raise TrainingError(f"steps: the file is already at step {start}, and training ends at "
-                            f"step {opts.steps} or where the learning-rate schedule ends; raise "
-                            "max steps or extend the schedule to train further")
-    per_epoch = data.batches_per_epoch
-    step = start
-    began = time.perf_counter()
-    last_texts: list[str] = []
-    skipped, stepped = 0, False  # bad steps in a row (on_nan="skip"); any good step yet
-    parameters = _parameters(plan)
-    last_good = LastGood(parameters + (plan.state_tensors() if plan.state_tensors else []),
-                         plan.optimizer)
-    saved_step = start if plan.final_path.exists() else None  # the state the file holds
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-    # diffusers' unet.device / unet.dtype walk every sub-module: look them up once per run
-    device, dtype = unet.device, unet.dtype
-    scaler = torch.amp.GradScaler(device.type) if opts.autocast == torch.float16 else None
-    autocast = (torch.autocast(device_type=device.type, dtype=opts.autocast)
-                if opts.autocast is not None else contextlib.nullcontext())
+    def _open_run_folder(self) -> None:
+        opts, ctx, start = self.opts, self.ctx, self.start
+        if self.main:
+            self.folder = RunFolder.create(ctx.paths.resolve(opts.log_directory, "log_directory"),
+                                           self.plan.name, opts.csv_name)
+            self.folder.write_settings(start, {**opts.settings, "start_step": start,
+                                               "processes": distributed.processes(ctx)})
+        if start >= opts.steps or self.plan.rates(start) is None:
+            raise TrainingError(f"steps: the file is already at step {start}, and training ends "
+                                f"at step {opts.steps} or where the learning-rate schedule ends; "
+                                "raise max steps or extend the schedule to train further")
 
-    def save(kind: str) -> Path:
+    # ------------------------------------------------------------------ one step
+    def _micro_loss(self, micro: int) -> tuple[torch.Tensor, list[str]]:
+        """One micro-batch's loss (this process's rows of it when data-parallel)."""
+        plan, opts = self.plan, self.opts
+        batch = self.data.batch(micro)
+        shard = self.parallel.shard(len(batch.texts)) if self.parallel is not None else None
+        if shard is not None:
+            batch = distributed.take(batch, shard.rows)
+        with self.autocast:
+            context, added = unet_inputs(plan.encode(batch.texts), batch.latents, batch.sizes,
+                                         getattr(self.model, "vae_scale", 8))
+            loss = diffusion_loss(self.unet, self.objective, batch.latents, context,
+                                  seeds.generator(opts.seed, "noise", micro),
+                                  weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
+                                  noise_offset=opts.noise_offset, added_cond=added,
+                                  device=self.device, dtype=self.dtype,
+                                  rows=shard.rows if shard else None,
+                                  batch_size=shard.size if shard else None,
+                                  x0_loss=plan.x0_loss(batch) if plan.x0_loss else None)
+        return (loss * shard.scale if shard else loss), batch.texts
+
+    def _accumulate(self) -> tuple[float, bool, list[str]]:
+        """Every micro-batch's backward; (the step's loss, whether the gradients were clipped
+        already, the last captions)."""
+        opts, parallel, scaler = self.opts, self.parallel, self.scaler
+        summed, texts = None, []  # the step's loss stays on the device until all micro-batches ran
+        for k in range(opts.accumulation):
+            micro = self.step * opts.accumulation + k
+            local = (parallel.no_sync(self.step_loss) if parallel is not None
+                     and k < opts.accumulation - 1 else contextlib.nullcontext())
+            with local:  # gradients are averaged across processes at the last micro-step
+                loss, texts = self.step_loss(micro)
+                scaled = loss / opts.accumulation
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            summed = scaled.detach() if summed is None else summed + scaled.detach()
+        # one host sync per optimizer step, shared by the non-finite guard and the log line;
+        # with fp16 loss scaling overflowing gradients are normal: the scaler skips those
+        gauge, clipped = (grad_check.gauge(self.parameters, opts.clip_mode,
+                                           opts.clip_value(self.step))
+                          if scaler is None else (None, False))
+        total_loss, self.grad_gauge = grad_check.read(summed, gauge)
+        if parallel is not None:
+            total_loss = parallel.mean(total_loss)  # the whole batch's loss, on every process
+        return total_loss, clipped, texts
+
+    def _guard(self, total_loss: float) -> bool:
+        """False when the step is skipped (nan/inf in "skip" mode); raises when the run stops
+        for a nan/inf, after keeping the last good state."""
+        opts = self.opts
+        # the same on every process: DDP averaged the gradients
+        bad = grad_check.verdict(total_loss, self.grad_gauge)
+        if bad is None:
+            self.skipped = 0
+            return True
+        self.plan.optimizer.zero_grad(set_to_none=True)
+        self.skipped = self.skipped + 1 if opts.on_nan == "skip" else MAX_SKIPPED_IN_A_ROW
+        if self.skipped < MAX_SKIPPED_IN_A_ROW:
+            self.step += 1  # the weights stay as they were; the next step has new data
+            self.ctx.emit(ev.Status(f"Skipped step {self.step}: {bad}; the weights were not "
+                                    "changed"))
+            return False
+        at = self.step + 1
+        kept = self._keep_last_good(math.isfinite(total_loss))
+        if self.parallel is not None:
+            self.parallel.wait()  # the others end only after the main process saved
+        several = f" in {self.skipped} steps in a row" if opts.on_nan == "skip" else ""
+        raise TrainingError(f"{bad} at step {at}{several}; {kept}. Try a lower learning rate.")
+
+    def _optimizer_step(self, clipped: bool) -> None:
+        plan, opts, scaler = self.plan, self.opts, self.scaler
+        if opts.clip_mode != "disabled" and not clipped:
+            if scaler is not None:
+                scaler.unscale_(plan.optimizer)
+            _clip(self.parameters, opts.clip_mode, opts.clip_value(self.step))
+        self.last_good.keep(self.step)
+        crash_points.reached("step")
+        if scaler is not None:
+            scaler.step(plan.optimizer)  # skips the step when gradients overflowed
+            scaler.update()
+        else:
+            plan.optimizer.step()
+        plan.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.stepped = True
+        if plan.after_step is not None:
+            plan.after_step(self.step)
+
+    def _report(self, total_loss: float, rate: float, began: float) -> None:
+        opts, step = self.opts, self.step
+        epoch, within = divmod(step * opts.accumulation, self.per_epoch)
+        epoch_step = within // opts.accumulation
+        if self.folder is not None:
+            self.folder.log_loss(step, epoch, epoch_step, total_loss, rate)
+        self.ctx.emit(ev.Progress(step=step, total=opts.steps, loss=total_loss, learn_rate=rate,
+                                  epoch=epoch, epoch_step=epoch_step, start_step=self.start,
+                                  elapsed=time.perf_counter() - began))
+
+    def _periodic(self, last_texts: list[str]) -> None:
+        """The numbered copy and the preview every N steps (main process only)."""
+        plan, opts, step = self.plan, self.opts, self.step
+        if not self.main:
+            return
+        if opts.save_every and step % opts.save_every == 0 and step < opts.steps:
+            copies = self.folder.sub(plan.copies_folder)
+            copy = copies / f"{plan.name}-{step}{plan.final_path.suffix}"
+            try:
+                plan.save(copy, step)
+                self._save("checkpoint")
+            except SaveRefusedError as error:
+                self._stop_for_refused_save(error)
+            self.ctx.emit(ev.Saved(step=step, path=str(copy), kind="copy"))
+            if opts.keep_last:
+                _prune(copies, plan, opts.keep_last)
+        if opts.preview_every and step % opts.preview_every == 0:
+            preview(self.model, plan, self.unet, self.folder, step, last_texts, self.ctx)
+
+    def _stopping(self) -> bool:  # every process stops at the same step
+        asked = self.ctx.should_stop()
+        return self.parallel.any(asked) if self.parallel is not None else asked
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, kind: str) -> Path:
         """The file and its .optim sidecar, both or neither (SaveRefusedError: neither)."""
-        nonlocal saved_step
-        if not main:
+        plan, opts, step = self.plan, self.opts, self.step
+        if not self.main:
             return plan.final_path
         with saving_pair(plan.final_path):
             plan.save(plan.final_path, step)
@@ -264,165 +446,47 @@ def _train(model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx)
                 extra.update(plan.sidecar_extra())
             save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,
                        plan.optimizer.state_dict(), extra=extra)
-        saved_step = step
-        run.flush()
-        ctx.emit(ev.Saved(step=step, path=str(plan.final_path), kind=kind))
+        self.saved_step = step
+        self.folder.flush()
+        self.ctx.emit(ev.Saved(step=step, path=str(plan.final_path), kind=kind))
         return plan.final_path
 
-    def micro_loss(micro: int) -> tuple[torch.Tensor, list[str]]:
-        """One micro-batch's loss (this process's rows of it when data-parallel)."""
-        batch = data.batch(micro)
-        shard = parallel.shard(len(batch.texts)) if parallel is not None else None
-        if shard is not None:
-            batch = distributed.take(batch, shard.rows)
-        with autocast:
-            context, added = unet_inputs(plan.encode(batch.texts), batch.latents, batch.sizes,
-                                         getattr(model, "vae_scale", 8))
-            loss = diffusion_loss(unet, objective, batch.latents, context,
-                                  seeds.generator(opts.seed, "noise", micro),
-                                  weight=batch.weights, min_snr_gamma=opts.min_snr_gamma,
-                                  noise_offset=opts.noise_offset, added_cond=added,
-                                  device=device, dtype=dtype,
-                                  rows=shard.rows if shard else None,
-                                  batch_size=shard.size if shard else None,
-                                  x0_loss=plan.x0_loss(batch) if plan.x0_loss else None)
-        return (loss * shard.scale if shard else loss), batch.texts
+    def _save_or_stop(self, kind: str) -> Path:
+        try:
+            return self._save(kind)
+        except SaveRefusedError as error:
+            self._stop_for_refused_save(error)
 
-    # data-parallel: DDP averages the gradients of the trainable parameters during backward
-    if parallel is not None:
-        step_loss = parallel.wrap(parameters, micro_loss)
-        began = time.perf_counter()  # after waiting for the other processes (it/s, ETA)
-    else:
-        step_loss = micro_loss
-
-    def keep_last_good(current_gave_finite_loss: bool) -> str:
+    def _keep_last_good(self, current_gave_finite_loss: bool) -> str:
         """After a nan/inf: save the newest state known to give a finite loss whose save is not
         refused (the current weights, else those before the last step); says what the file
         holds. Weights that gave a nan/inf loss are not saved."""
-        nonlocal step
         refused = []
-        if current_gave_finite_loss and stepped and step != saved_step:
+        if current_gave_finite_loss and self.stepped and self.step != self.saved_step:
             try:
-                save("last good state")
+                self._save("last good state")
             except SaveRefusedError as error:
                 refused.append(error.reason)
-        if saved_step != step or not current_gave_finite_loss:
-            back = last_good.restore()
-            if back is not None and back != saved_step and (back > start or saved_step is not None):
-                step = back
+        if self.saved_step != self.step or not current_gave_finite_loss:
+            back = self.last_good.restore()
+            if back is not None and back != self.saved_step and (
+                    back > self.start or self.saved_step is not None):
+                self.step = back
                 try:
-                    save("last good state")
+                    self._save("last good state")
                 except SaveRefusedError as error:
                     refused.append(error.reason)
-        held = (f"the file keeps the state of step {saved_step}" if saved_step is not None
-                else f"nothing was saved ({plan.final_path.name} does not exist)")
-        return held + "".join(f" (step {step} was not saved either: {why})"
+        held = (f"the file keeps the state of step {self.saved_step}"
+                if self.saved_step is not None
+                else f"nothing was saved ({self.plan.final_path.name} does not exist)")
+        return held + "".join(f" (step {self.step} was not saved either: {why})"
                               for why in refused[-1:])
 
-    def stop_for_refused_save(error: SaveRefusedError):
-        at = step
-        kept = keep_last_good(False)
+    def _stop_for_refused_save(self, error: SaveRefusedError):
+        at = self.step
+        kept = self._keep_last_good(False)
         raise TrainingError(f"the weights of step {at} cannot be saved ({error.reason}); "
                             f"{kept}. Try a lower learning rate.")
-
-    def stopping() -> bool:  # every process stops at the same step
-        asked = ctx.should_stop()
-        return parallel.any(asked) if parallel is not None else asked
-
-    stopped = False
-    unet.train()
-    with plan.unet_context():
-        if main and opts.preview_at_start and opts.preview_every and step == 0:
-            preview(model, plan, unet, run, 0, [], ctx)
-        while step < opts.steps:
-            if stopping():
-                stopped = True
-                ctx.emit(ev.Status(f"Interrupted at step {step}"))
-                break
-            rates = plan.rates(step)
-            if rates is None:
-                ctx.emit(ev.Status(f"Learning-rate schedule finished at step {step}"))
-                break
-            for group, rate in zip(plan.optimizer.param_groups, rates):
-                group["lr"] = rate
-            summed = None  # the step's loss stays on the device until all micro-batches ran
-            for k in range(opts.accumulation):
-                micro = step * opts.accumulation + k
-                local = (parallel.no_sync(step_loss) if parallel is not None
-                         and k < opts.accumulation - 1 else contextlib.nullcontext())
-                with local:  # gradients are averaged across processes at the last micro-step
-                    loss, last_texts = step_loss(micro)
-                    scaled = loss / opts.accumulation
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                summed = scaled.detach() if summed is None else summed + scaled.detach()
-            # one host sync per optimizer step, shared by the non-finite guard and the log line;
-            # with fp16 loss scaling overflowing gradients are normal: the scaler skips those
-            gauge, clipped = (grad_check.gauge(parameters, opts.clip_mode, opts.clip_value(step))
-                              if scaler is None else (None, False))
-            total_loss, grad_gauge = grad_check.read(summed, gauge)
-            if parallel is not None:
-                total_loss = parallel.mean(total_loss)  # the whole batch's loss, on every process
-            # the same on every process: DDP averaged the gradients
-            bad = grad_check.verdict(total_loss, grad_gauge)
-            if bad is not None:
-                plan.optimizer.zero_grad(set_to_none=True)
-                skipped = skipped + 1 if opts.on_nan == "skip" else MAX_SKIPPED_IN_A_ROW
-                if skipped < MAX_SKIPPED_IN_A_ROW:
-                    step += 1  # the weights stay as they were; the next step has new data
-                    ctx.emit(ev.Status(f"Skipped step {step}: {bad}; the weights were not "
-                                       "changed"))
-                    continue
-                at = step + 1
-                kept = keep_last_good(math.isfinite(total_loss))
-                if parallel is not None:
-                    parallel.wait()  # the others end only after the main process saved
-                several = f" in {skipped} steps in a row" if opts.on_nan == "skip" else ""
-                raise TrainingError(f"{bad} at step {at}{several}; {kept}. Try a lower "
-                                    "learning rate.")
-            skipped = 0
-            if opts.clip_mode != "disabled" and not clipped:
-                if scaler is not None:
-                    scaler.unscale_(plan.optimizer)
-                _clip(parameters, opts.clip_mode, opts.clip_value(step))
-            last_good.keep(step)
-            crash_points.reached("step")
-            if scaler is not None:
-                scaler.step(plan.optimizer)  # skips the step when gradients overflowed
-                scaler.update()
-            else:
-                plan.optimizer.step()
-            plan.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            stepped = True
-            if plan.after_step is not None:
-                plan.after_step(step)
-            epoch, within = divmod(step * opts.accumulation, per_epoch)
-            epoch_step = within // opts.accumulation
-            if run is not None:
-                run.log_loss(step, epoch, epoch_step, total_loss, rates[0])
-            ctx.emit(ev.Progress(step=step, total=opts.steps, loss=total_loss,
-                                 learn_rate=rates[0], epoch=epoch, epoch_step=epoch_step,
-                                 start_step=start, elapsed=time.perf_counter() - began))
-            if main and opts.save_every and step % opts.save_every == 0 and step < opts.steps:
-                copy = run.sub(plan.copies_folder) / f"{plan.name}-{step}{plan.final_path.suffix}"
-                try:
-                    plan.save(copy, step)
-                    save("checkpoint")
-                except SaveRefusedError as error:
-                    stop_for_refused_save(error)
-                ctx.emit(ev.Saved(step=step, path=str(copy), kind="copy"))
-                if opts.keep_last:
-                    _prune(run.sub(plan.copies_folder), plan, opts.keep_last)
-            if main and opts.preview_every and step % opts.preview_every == 0:
-                preview(model, plan, unet, run, step, last_texts, ctx)
-    try:
-        path = save("final")
-    except SaveRefusedError as error:
-        stop_for_refused_save(error)
-    ctx.emit(ev.Finished(step=step, path=str(path),
-                         message=f"Training {'interrupted' if stopped or ctx.should_stop() else 'finished'} "
-                                 f"at step {step}; saved {path}"))
-    return path
 
 
 def _prune(folder: Path, plan: TrainingPlan, keep: int) -> None:
