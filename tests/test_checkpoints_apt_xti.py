@@ -143,7 +143,7 @@ def test_use_writes_neither_file_when_the_second_fails(trained, monkeypatch):
 def test_use_refuses_a_pair_with_a_missing_partner_or_a_neg_name(trained):
     apt = by_method(trained)["apt"]
     first = apt.checkpoints[0]
-    with pytest.raises(ConfigError, match="name: an APT checkpoint is a pair"):
+    with pytest.raises(ConfigError, match="name: APT / DreamArtist checkpoints are pairs"):
         cu.use_checkpoint_files(trained, apt, first, "other-neg")
     partner = first.partners[0]
     saved = partner.read_bytes()

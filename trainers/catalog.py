@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from core.registry import Registry
 from trainers import configs
+from trainers.apt_prompts import NEGATIVE_SUFFIX
 
 ALL_FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -30,6 +31,9 @@ class Method:
     strength: bool = False  # a checkpoint is applied at a strength (Compare rows)
     prompt_names_it: bool = False  # prompts use the run's name as a token
     step_schedule: bool = False  # A1111-style `steps` + learning-rate schedule string
+    # each checkpoint comes with a partner embedding `<name><suffix>` for the negative prompt,
+    # which the run's settings name under `negative_embedding` (APT: "-neg"); "" for none
+    negative_partner: str = ""
     parallel: bool = False  # trains data-parallel under accelerate
     apply: str | None = None  # "module:function": context manager applying a checkpoint
     families: tuple[str, ...] = ALL_FAMILIES
@@ -81,7 +85,7 @@ for _method in (
     Method("apt", "APT / DreamArtist", configs.AptConfig, "trainers.methods.apt:run",
            target_field="embedding", final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES,
            checkpoint_kind="embedding", prompt_names_it=True, step_schedule=True,
-           apply=_APPLY + "embedding_pair",
+           negative_partner=NEGATIVE_SUFFIX, apply=_APPLY + "embedding_pair",
            help="a positive and a negative embedding trained together"),
     Method("xti", "XTI (P+)", configs.XtiConfig, "trainers.methods.xti:run",
            final_folder="models/xti", suffixes=(".safetensors", ".pt"), checkpoint_kind="layers",

@@ -18,7 +18,6 @@ from core.atomic import _fsync_dir, _umask
 from core.config import ConfigError
 from core.paths import Paths
 from trainers import catalog
-from trainers.apt_prompts import NEGATIVE_SUFFIX
 from trainers.configs import check_name
 from trainers.runs import Checkpoint, Run, final_folder
 
@@ -61,15 +60,17 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
     (or the sidecar that would go with it) does not pass the restricted loader; nothing is
     written then."""
     problems = check_name("name", name)
-    if not problems and run.method == "apt" and name.strip().endswith(NEGATIVE_SUFFIX):
-        problems = [f"name: an APT checkpoint is a pair (<name> and <name>{NEGATIVE_SUFFIX}); "
-                    f"give the positive name, without '{NEGATIVE_SUFFIX}'"]
+    method = catalog.get(run.method)
+    suffix = method.negative_partner
+    if not problems and suffix and name.strip().endswith(suffix):
+        problems = [f"name: {method.title} checkpoints are pairs (<name> and <name>{suffix}); "
+                    f"give the positive name, without '{suffix}'"]
     if problems:
         raise ConfigError(problems)
     if checkpoint not in run.checkpoints:
         raise ValueError(f"step {checkpoint.step} is not a checkpoint of run {run.id}")
     name = name.strip()
-    names = [name] + [name + NEGATIVE_SUFFIX for _ in checkpoint.partners]
+    names = [name] + [name + suffix for _ in checkpoint.partners]
     sources = [checkpoint.path, *checkpoint.partners]
     for source in sources:
         if not source.is_file():

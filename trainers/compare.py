@@ -55,6 +55,11 @@ class CompareSpec:
     def uses_strength(self) -> bool:
         return _strength(self.method)
 
+    def _negative_partner(self) -> str:
+        """The suffix of the embedding each checkpoint pairs with in the negative prompt."""
+        method = catalog.find(self.method)
+        return method.negative_partner if method is not None else ""
+
     def rows(self) -> list[tuple[int, float | None]]:
         strengths = self.strengths if self.uses_strength else [None]
         return [(index, strength) for index in range(len(self.checkpoints))
@@ -66,7 +71,7 @@ class CompareSpec:
         out = []
         for line in self.prompts:
             prompt, negative = split_prompt(line, self.negative)
-            if self.method == "apt":
+            if self._negative_partner():
                 negative = pair_negative(prompt, self.token, negative)
             out += [(prompt, negative, seed) for seed in self.seeds]
         return out
@@ -91,9 +96,11 @@ class CompareSpec:
             problems.append(f"method: comparing {self.method} checkpoints is not supported yet")
         if not self.checkpoints:
             problems.append("checkpoints: choose at least one checkpoint")
-        if self.method == "apt" and (len(self.partners) != len(self.checkpoints)
-                                     or any(len(p) != 1 for p in self.partners)):
-            problems.append("checkpoints: each APT checkpoint needs its '-neg' embedding")
+        suffix = self._negative_partner()
+        if suffix and (len(self.partners) != len(self.checkpoints)
+                       or any(len(p) != 1 for p in self.partners)):
+            problems.append(f"checkpoints: each {method.title} checkpoint needs its "
+                            f"'{suffix}' embedding")
         if not self.prompts:
             problems.append("prompts: give at least one prompt")
         if not self.seeds:

@@ -382,9 +382,10 @@ def _finish(run: Run, is_running: bool) -> None:
     if owns and _final_is_ours(run, is_running) and run.final_step not in steps:
         checkpoints.append(Checkpoint(step=run.final_step, path=run.final_path, final=True))
     checkpoints.sort(key=lambda c: (c.step, c.final))
-    if run.method == "apt":
+    suffix = _negative_partner(run.method)
+    if suffix:
         for checkpoint in checkpoints:
-            checkpoint.partners = (apt_negative_file(run, checkpoint),)
+            checkpoint.partners = (negative_partner_file(run, checkpoint, suffix),)
     if run.target_steps is None:
         run.target_steps = _steps_from_metadata([c.path for c in checkpoints] +
                                                 ([run.final_path] if owns else []))
@@ -414,19 +415,26 @@ def _finish(run: Run, is_running: bool) -> None:
     run.status, run.status_note = _status(run, is_running, owns)
 
 
-def apt_negative_file(run: Run, checkpoint: Checkpoint) -> Path:
-    """The '-neg' embedding an APT run saved with this checkpoint (it may be gone): beside a
-    periodic copy `<name>-<step>.pt` it is `<name>-neg-<step>.pt`; beside the final file, the
-    one the settings name (only its file name is trusted), else `<stem>-neg<suffix>`."""
+def _negative_partner(method: str) -> str:
+    from trainers import catalog
+    found = catalog.find(method)
+    return found.negative_partner if found is not None else ""
+
+
+def negative_partner_file(run: Run, checkpoint: Checkpoint, suffix: str) -> Path:
+    """The partner embedding (e.g. APT's '-neg') a run saved with this checkpoint (it may be
+    gone): beside a periodic copy `<name>-<step>.pt` it is `<name><suffix>-<step>.pt`; beside
+    the final file, the one the settings name (only its file name is trusted), else
+    `<stem><suffix><ext>`."""
     path = checkpoint.path
     if not checkpoint.final:
-        return path.with_name(f"{run.name}-neg-{checkpoint.step}{path.suffix}")
+        return path.with_name(f"{run.name}{suffix}-{checkpoint.step}{path.suffix}")
     named = run.settings.get("negative_embedding")
     if isinstance(named, str) and named.strip():
         candidate = path.with_name(Path(named).name)
         if candidate.is_file():
             return candidate
-    return path.with_name(f"{path.stem}-neg{path.suffix}")
+    return path.with_name(f"{path.stem}{suffix}{path.suffix}")
 
 
 def _final_is_ours(run: Run, is_running: bool) -> bool:
