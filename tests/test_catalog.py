@@ -180,3 +180,20 @@ def test_a_config_owns_its_file_checks_which_the_preflight_runs(toy, tmp_path):
         check_before_queueing(ToyConfig(output_name="taken"), paths)
     with pytest.raises(ConfigError, match="model"):  # the marked path field, confined
         check_before_queueing(ToyConfig(output_name="fine", model="/etc/passwd"), paths)
+
+
+def test_a_method_lays_out_its_form_in_its_config_and_unknown_tools_are_refused(toy):
+    from trainers.config_forms import FormLayout
+    from webui.method_forms import method_forms
+
+    @dataclass
+    class LaidOut(ToyConfig):
+        form = FormLayout([("Toy settings", ["steps"], True)], top=["output_name", "model"])
+
+    catalog.unregister("toy")
+    catalog.register(dataclasses.replace(TOY, config=LaidOut))
+    form = next(f for f in method_forms() if f.key == "toy")
+    assert form.groups == [("Toy settings", ["steps"], True)] and form.config is LaidOut
+    LaidOut.form = FormLayout([("Toy settings", ["steps"], True)], tools=("no_such_tool",))
+    with pytest.raises(ValueError, match="Toy method: unknown form tool.*no_such_tool"):
+        method_forms()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from core.config import ConfigError, accept, check_limits, option
+from trainers import config_forms as cf
 
 SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "Heun", "LMS",
             "PNDM", "DDPM"]
@@ -177,6 +179,10 @@ class TemplateTrainingConfig(NamesFiles):
 
 @dataclass
 class TextualInversionConfig(TemplateTrainingConfig):
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Dataset and prompts", cf.TEMPLATE_DATA, True), ("Optimization", cf.TEMPLATE_OPTIM, True),
+         ("Saving and previews", cf.TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
+        top=["embedding", "model"], hidden=cf.CREATE_MISSING)
     embedding: str = option("", "Embedding to train (from embeddings/). Training continues "
                             "from the file's step.", label="Embedding")
     save_image_with_embedded: bool = option(True, "Also save each preview as a PNG that "
@@ -211,6 +217,12 @@ class TextualInversionConfig(TemplateTrainingConfig):
 class AptConfig(TextualInversionConfig):
     """Advanced prompt tuning (DreamArtist): a positive embedding and its '-neg' partner trained
     together, with classifier-free guidance inside the loss."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Positive and negative (DreamArtist)",
+          ["cfg_scale", "negative_lr_weight", "reconstruction_weight", "ema_decay"], True),
+         ("Dataset and prompts", cf.TEMPLATE_DATA, True), ("Optimization", cf.TEMPLATE_OPTIM, True),
+         ("Saving and previews", cf.TEMPLATE_OUTPUT + ["save_image_with_embedded"], False)],
+        top=["embedding", "model"], hidden=cf.CREATE_MISSING)
     log_directory: str = option("outputs/apt", "Where checkpoints, previews, the loss CSV and "
                                 "settings go: <dir>/<date>/<name>/.", label="Log directory",
                                 path="data")
@@ -249,6 +261,12 @@ class AptConfig(TextualInversionConfig):
 class XtiConfig(TemplateTrainingConfig):
     """Extended textual inversion (XTI, "P+"): one set of vectors per U-Net cross-attention
     layer, saved in kohya's XTI layout in models/xti/."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Per-layer embedding", ["init_text", "num_vectors_per_token", "file_format", "overwrite"],
+          True),
+         ("Dataset and prompts", cf.TEMPLATE_DATA, True), ("Optimization", cf.TEMPLATE_OPTIM, True),
+         ("Saving and previews", cf.TEMPLATE_OUTPUT, False)],
+        top=["output_name", "model"])
     output_name: str = option("", "File name in models/xti and the word you type in prompts; "
                               "an existing file of this name is trained further.",
                               label="Name")
@@ -314,6 +332,10 @@ class CreateHypernetworkConfig(NamesFiles):
 
 @dataclass
 class HypernetworkTrainingConfig(TemplateTrainingConfig):
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Dataset and prompts", cf.TEMPLATE_DATA, True), ("Optimization", cf.TEMPLATE_OPTIM, True),
+         ("Saving and previews", cf.TEMPLATE_OUTPUT + ["preview_strength"], False)],
+        top=["hypernetwork", "model"], overrides={"preview_strength": cf.SLIDER})
     # A1111's defaults for hypernetworks differ from embeddings'
     learn_rate: str = option("0.00001", "Learning rate or schedule 'rate:step, rate:step, rate'; "
                              "training stops when the schedule ends.", label="Learning rate")
@@ -473,6 +495,9 @@ class KohyaTrainingConfig(NamesFiles):
 
 @dataclass
 class LoraConfig(KohyaTrainingConfig):
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        cf.LORA_GROUPS, top=["output_name", "model"],
+        overrides={"sample_prompts": {"lines": 3}, "preview_strength": cf.SLIDER})
     network_dim: int = option(8, "Rank of the LoRA matrices.", label="Network rank (dim)",
                               min=1, max=1024)
     network_alpha: float = option(1.0, "Scale = alpha / rank.", label="Network alpha", min=0.0)
@@ -523,6 +548,9 @@ class FullModelConfig(KohyaTrainingConfig):
 
 @dataclass
 class DreamBoothConfig(FullModelConfig):
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        cf.DREAMBOOTH_GROUPS, top=["output_name", "model"],
+        overrides={"sample_prompts": {"lines": 3}})
     instance_prompt: str = option("", "Caption for instance images without a caption file, e.g. "
                                   "'a photo of sks dog' (repeats folders use their class tokens).",
                                   label="Instance prompt")
@@ -552,6 +580,11 @@ class DreamBoothConfig(FullModelConfig):
 class FineTuneConfig(FullModelConfig):
     """kohya's native fine-tuning: captions and tags from a metadata JSON, latents cached as
     .npz beside the images, the whole U-Net (and optionally the text encoder) trained."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        cf.FINE_TUNE_GROUPS, top=["output_name", "model"],
+        overrides={"sample_prompts": {"lines": 3}}, tools=("metadata_json",),
+        # fine-tuning reads its images from the JSON and always caches to .npz
+        hidden=["reg_data_dir", "dataset_config", "cache_latents_to_disk"])
     learning_rate: float = option(2e-6, "Base learning rate.", label="Learning rate", min=0.0)
     train_data_dir: str = option("", "Folder of the images the metadata JSON names (their "
                                  "latents are cached here as <image>.npz).", label="Image folder",
@@ -598,6 +631,9 @@ class FineTuneConfig(FullModelConfig):
 
 @dataclass
 class ExtractLoraConfig(NamesFiles):
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Extraction", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
+        top=["checkpoint", "model", "output_name"])
     checkpoint: str = option("", "The fine-tuned model (e.g. a DreamBooth result) in "
                              "models/Stable-diffusion.", label="Fine-tuned checkpoint",
                              path="model")
