@@ -6,7 +6,7 @@ import torch
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import choose, fill
+from tests.browser_page import choose, fill
 
 pytestmark = pytest.mark.browser
 

@@ -7,10 +7,10 @@ launcher builds a Blocks with the Train and Checkpoints tabs, launched the way a
 (private GRADIO_TEMP_DIR, allowed_paths = outputs only)."""
 from __future__ import annotations
 
-
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser_page import box, fill, open_accordion
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
@@ -18,27 +18,6 @@ pytestmark = pytest.mark.browser
 @pytest.fixture
 def server(app_server):
     return app_server
-
-
-def box(page: Page, elem_id: str):
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-
-
-def fill(page: Page, elem_id: str, value: str) -> None:
-    """Type a value and check it stayed (an accordion opened for the first time may render
-    its controls again, dropping what was typed a moment before)."""
-    field = box(page, elem_id)
-    for _ in range(3):
-        field.fill(value)
-        field.press("Tab")
-        page.wait_for_timeout(200)
-        if field.input_value() == value:
-            return
-    expect(field).to_have_value(value)
-
-
-def open_accordion(page: Page, title: str) -> None:
-    page.get_by_text(title, exact=True).filter(visible=True).first.click()
 
 
 def test_train_open_gallery_compare_and_use_a_checkpoint(page: Page, server, tmp_path):

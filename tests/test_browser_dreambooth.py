@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import fill
+from tests.browser_page import fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -26,16 +26,16 @@ def test_dreambooth_flow(page: Page, app_server, tmp_path):
     expect(page.locator("#train-message")).to_contain_text("class_data_dir", timeout=30_000)
     fill(page, "DreamBoothConfig-class_data_dir", str(tmp_path / "class"))
     fill(page, "DreamBoothConfig-class_prompt", "a photo of a dog")
-    page.get_by_text("Dataset", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Dataset")
     fill(page, "DreamBoothConfig-resolution", "64")
     fill(page, "DreamBoothConfig-min_bucket_reso", "32")
     fill(page, "DreamBoothConfig-bucket_reso_steps", "16")
     page.locator("#train-memory").click()
     expect(page.locator("#train-message")).to_contain_text("Estimated peak memory", timeout=30_000)
-    page.get_by_text("Samples and saving").filter(visible=True).first.click()
+    open_accordion(page, "Samples and saving")
     fill(page, "DreamBoothConfig-sample_every_n_steps", "2")
     fill(page, "DreamBoothConfig-sample_prompts", "a photo of zxq dog --s 2 --w 64 --h 64")
-    page.get_by_text("Optimization", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Optimization")
     fill(page, "DreamBoothConfig-max_train_steps", "4")
     page.locator("#train-start").click()
     expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)

@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import fill
+from tests.browser_page import fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -36,11 +36,11 @@ def test_fine_tune_flow(page: Page, app_server, tmp_path):
     expect(page.locator("#finetune-json-result")).to_contain_text("2 images", timeout=30_000)
     data = json.loads(meta.read_text())
     assert data["0"] == {"caption": "a qzx picture 0", "tags": "outdoors, blue sky"}
-    page.get_by_text("Dataset", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Dataset")
     fill(page, "FineTuneConfig-resolution", "64")
     fill(page, "FineTuneConfig-min_bucket_reso", "32")
     fill(page, "FineTuneConfig-bucket_reso_steps", "16")
-    page.get_by_text("Optimization", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Optimization")
     fill(page, "FineTuneConfig-max_train_steps", "3")
     page.locator("#train-start").click()
     expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)

@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import choose, fill
+from tests.browser_page import choose, fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -50,7 +50,7 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
     fill(page, "HypernetworkTrainingConfig-data_root", str(dataset))
     fill(page, "HypernetworkTrainingConfig-width", "64")
     fill(page, "HypernetworkTrainingConfig-height", "64")
-    page.get_by_text("Saving and previews").filter(visible=True).first.click()
+    open_accordion(page, "Saving and previews")
     fill(page, "HypernetworkTrainingConfig-preview_every", "2")
     fill(page, "HypernetworkTrainingConfig-preview_steps", "2")
     page.locator("#train-start").click()

@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import fill
+from tests.browser_page import fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -31,7 +31,7 @@ def test_lora_train_interrupt_resume(page: Page, app_server, tmp_path):
     expect(page.locator("#train-message")).to_contain_text("network_dim", timeout=30_000)
     fill(page, "LoraConfig-network_dim", "4")
     fill(page, "LoraConfig-network_alpha", "2")
-    page.get_by_text("Samples and saving").filter(visible=True).first.click()
+    open_accordion(page, "Samples and saving")
     fill(page, "LoraConfig-sample_every_n_steps", "2")
     fill(page, "LoraConfig-sample_prompts", "zxq cat --s 2 --w 64 --h 64")
     fill(page, "LoraConfig-save_every_n_epochs", "0")
@@ -67,12 +67,12 @@ def test_two_queued_jobs_both_finish(page: Page, app_server, tmp_path):
     fill(page, "LoraConfig-resolution", "64")
     fill(page, "LoraConfig-min_bucket_reso", "32")
     fill(page, "LoraConfig-bucket_reso_steps", "16")
-    page.get_by_text("Optimization", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Optimization")
     fill(page, "LoraConfig-max_train_steps", "3")
     for name in ("queued-a", "queued-b"):
         fill(page, "LoraConfig-output_name", name)
         page.locator("#train-enqueue").click()
-        expect(page.locator("#train-message")).to_contain_text(f"Queued job", timeout=30_000)
+        expect(page.locator("#train-message")).to_contain_text("Queued job", timeout=30_000)
         expect(page.locator("#train-message")).to_contain_text(name, timeout=30_000)
     lora = app_server.data_dir / "models" / "Lora"
     expect(page.locator("#train-status")).to_contain_text("LoRA: queued-b", timeout=180_000)

@@ -8,7 +8,7 @@ from playwright.sync_api import Page, expect
 
 from tests.browser_support import AppProcess
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import choose, fill
+from tests.browser_page import choose, fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -37,7 +37,7 @@ def test_two_process_lora_trains_and_interrupts(page: Page, two_process_app, tmp
     fill(page, "LoraConfig-min_bucket_reso", "32")
     fill(page, "LoraConfig-bucket_reso_steps", "16")
     fill(page, "LoraConfig-network_dim", "4")
-    page.get_by_text("Samples and saving").filter(visible=True).first.click()
+    open_accordion(page, "Samples and saving")
     fill(page, "LoraConfig-sample_every_n_steps", "2")
     fill(page, "LoraConfig-sample_prompts", "zxq cat --s 2 --w 64 --h 64")
     fill(page, "LoraConfig-save_every_n_epochs", "0")

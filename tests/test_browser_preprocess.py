@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser_page import choose, fill, open_accordion
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
@@ -24,21 +25,6 @@ WD14_TABLE = [("photo", "0", (0, 0, 0), 10.0),        # always scores ~1
 @pytest.fixture
 def server(app_server):
     return app_server
-
-
-def fill(page: Page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(value)
-    box.press("Tab")
-
-
-def choose(page: Page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def open_accordion(page: Page, title: str) -> None:
-    page.locator("button.label-wrap", has_text=title).first.click()
 
 
 def put_dataset(data_dir: Path) -> Path:

@@ -4,20 +4,10 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser_page import choose, fill
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
-
-
-def choose(page: Page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def fill(page: Page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(value)
-    box.press("Tab")
 
 
 def test_create_train_preview_interrupt(page: Page, app_server, tmp_path):

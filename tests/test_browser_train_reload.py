@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import choose, fill
+from tests.browser_page import choose, fill, open_accordion
 
 pytestmark = pytest.mark.browser
 
@@ -53,7 +53,7 @@ def test_create_train_reload_then_train_another_method(page: Page, app_server, t
     page.get_by_label("LoRA", exact=True).check()
     fill(page, "LoraConfig-output_name", "afterreload")
     fill(page, "LoraConfig-train_data_dir", str(tmp_path / "kohya"))
-    page.get_by_text("Optimization", exact=True).filter(visible=True).first.click()
+    open_accordion(page, "Optimization")
     fill(page, "LoraConfig-max_train_steps", "2")
     page.locator("#train-start").click()
     expect(page.locator("#train-message")).to_contain_text("Started job", timeout=30_000)

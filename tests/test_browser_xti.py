@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.test_browser_textual_inversion import fill
+from tests.browser_page import fill
 
 pytestmark = pytest.mark.browser
 

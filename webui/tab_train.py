@@ -34,7 +34,9 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         with gr.Row():
             with gr.Column(scale=1):
                 for form in forms:
-                    with gr.Group(visible=form is forms[0]) as section:
+                    # every form is in the page from the start ("hidden", not False): a form
+                    # first shown later would mount while the user types into it
+                    with gr.Group(visible=True if form is forms[0] else "hidden") as section:
                         build_section(form, sources)
                         if form.extras is not None:
                             form.extras(form, paths)
@@ -140,7 +142,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return [ch.refreshed(sources[name](), value) for (name, _), value in zip(dropdowns, current)]
 
     def show(key):
-        return [gr.update(visible=form.key == key) for form in forms] * 2
+        return [gr.update(visible=True if form.key == key else "hidden") for form in forms] + \
+            [gr.update(visible=form.key == key) for form in forms]
 
     def fill(key: str | None, cfg, page_values: bool = False) -> list:
         """Updates that show method `key` with the values of `cfg` (a config or a dict), then a
