@@ -2,7 +2,12 @@
 value stayed), pick a dropdown option, open an accordion."""
 from __future__ import annotations
 
+import re
+
 from playwright.sync_api import Page, expect
+
+
+OPEN = re.compile(r"(^|\s)open(\s|$)")
 
 
 def box(page: Page, elem_id: str):
@@ -32,4 +37,4 @@ def open_accordion(page: Page, title: str) -> None:
         has=page.get_by_text(title, exact=True)).filter(visible=True).first
     if "open" not in (label.get_attribute("class") or "").split():
         label.click()
-    expect(label).to_have_class(r"(^|\s)open(\s|$)")
+    expect(label).to_have_class(OPEN)

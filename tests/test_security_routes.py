@@ -98,14 +98,14 @@ def form_values(config: dict, api_name: str, changes: dict) -> list:
     return values
 
 
-def start_request(config: dict) -> dict:
-    """The body of a request that starts a short textual-inversion job."""
+def start_request(config: dict, steps: int = 2) -> dict:
+    """The body of a request that starts a textual-inversion job (a short one by default)."""
     values = form_values(config, "start", {
         "train-method": "textual_inversion", "TextualInversionConfig-embedding": EMBEDDING,
         "TextualInversionConfig-model": "tiny-demo",
         "TextualInversionConfig-data_root": "datasets/cats",
         "TextualInversionConfig-width": 64, "TextualInversionConfig-height": 64,
-        "TextualInversionConfig-steps": 2, "TextualInversionConfig-save_every": 0,
+        "TextualInversionConfig-steps": steps, "TextualInversionConfig-save_every": 0,
         "TextualInversionConfig-preview_every": 0})
     index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "start")
     return {"data": values, "fn_index": index, "session_hash": "visitor1", "event_data": None,
@@ -216,7 +216,8 @@ def test_two_users_pressing_train_at_once_start_one_job(shared_app):
     assert before is None or runner.wait(before, 120)
     with httpx.Client(base_url=url, timeout=30) as member:
         assert member.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
-        body = start_request(member.get("/config").json())
+        # a long job: one that ended before the last request came in would let it start another
+        body = start_request(member.get("/config").json(), steps=100_000)
         cookies = dict(member.cookies)
     barrier, answers = threading.Barrier(8), []
 
@@ -236,7 +237,8 @@ def test_two_users_pressing_train_at_once_start_one_job(shared_app):
     assert all(t.startswith("Started job") or "already running" in t for t in texts), texts
     job = runner.latest()
     assert job is not before and runner.queued() == []
-    assert runner.wait(job, 120)  # (the embedding may already be at its last step: any end)
+    runner.stop()
+    assert runner.wait(job, 120)
 
 
 def test_concurrent_submits_to_the_runner_start_one_job(tmp_path):
