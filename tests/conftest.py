@@ -159,10 +159,11 @@ def app_server(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_family_dirs(tmp_path_factory) -> dict:
     """The tiny SD2-shaped (v-prediction) and SDXL-shaped demo models, built once."""
-    from trainers.tiny_model import DEMO_MODELS, build_tiny_model
+    from trainers.families import demo_families
+    from trainers.tiny_model import build_tiny_model
     root = tmp_path_factory.mktemp("family-models")
     return {name: build_tiny_model(root / name, family=family)
-            for name, family in DEMO_MODELS.items() if family != "sd1"}
+            for name, family in demo_families().items() if family != "sd1"}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from core.config import ConfigError, accept, check_limits, option
 from core.paths import Paths
-from trainers import catalog
+from trainers import catalog, families
 from trainers.configs import NamesFiles
 
 
@@ -70,7 +70,7 @@ def test_every_method_is_one_complete_record():
         assert method.target_field in fields, method.name
         module, _, function = method.run.partition(":")
         assert importlib.util.find_spec(module) is not None and function, method.name
-        assert set(method.families) <= set(catalog.ALL_FAMILIES)
+        assert set(method.families) <= set(families.names())
     assert {"textual_inversion", "lora", "dreambooth"} <= set(catalog.names())
 
 

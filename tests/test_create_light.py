@@ -55,11 +55,10 @@ def embed(paths, name, model, fmt="safetensors", count=3, init=INIT):
 
 def expected_vectors(model, count=3, init=INIT):
     """What the loaded model gives (the path Create used before)."""
-    pairs = [(model.tokenizer, model.text_encoder)]
-    if model.is_sdxl:
-        pairs.append((model.tokenizer_2, model.text_encoder_2))
-    halves = [initial_vectors(tok, enc, init, count) for tok, enc in pairs]
-    return dict(zip(("clip_l", "clip_g"), halves)) if model.is_sdxl else halves[0]
+    halves = [initial_vectors(tok, enc, init, count)
+              for tok, enc in zip(model.tokenizers, model.text_encoders)]
+    sdxl = model.family == "sdxl"
+    return dict(zip(("clip_l", "clip_g"), halves)) if sdxl else halves[0]
 
 
 def assert_same_vectors(got, want):

@@ -4,6 +4,7 @@ skeletons for SD 2.x (768-v) and SDXL, and loading each family offline."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from core.paths import Paths
 from trainers import families, models
 from trainers.formats import sd_checkpoint as sc
-from trainers.tiny_model import (DEMO_MODELS, build_components, build_sd2_components,
+from trainers.families import demo_families
+from trainers.tiny_model import (build_components, build_sd2_components,
                                  build_sdxl_components, build_tiny_model)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,7 @@ def paths(tmp_path_factory, tiny_model_dir):
     return paths
 
 
-@pytest.mark.parametrize("name, family", sorted(DEMO_MODELS.items()))
+@pytest.mark.parametrize("name, family", sorted(demo_families().items()))
 def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
     folder = build_tiny_model(paths.cache / name, family=family)
     assert families.folder_family(folder) == family
@@ -60,7 +62,7 @@ def test_single_files_are_detected_and_load_with_the_same_weights(paths, family)
     parts = _components(family, seed=3)
     unet, vae, text_encoder = parts[:3]
     text_encoder_2 = parts[3] if family == "sdxl" else None
-    demo = {v: k for k, v in DEMO_MODELS.items()}[family]
+    demo = {v: k for k, v in demo_families().items()}[family]
     path = paths.stable_diffusion / f"random-{family}.safetensors"
     sc.save_single_file(path, unet, vae, text_encoder, dtype=torch.float32, family=family,
                         text_encoder_2=text_encoder_2, metadata={"danlu.base_config": demo})
@@ -111,11 +113,11 @@ def test_unknown_files_and_folders_are_refused_by_name(tmp_path):
 
 def test_sd2_yaml_beside_the_file_sets_the_prediction_type(tmp_path):
     path = tmp_path / "m.safetensors"
-    assert families.sd2_prediction_type(path) is None  # the SD2 skeleton's v-prediction holds
+    assert families.prediction_type_beside(path) is None  # the SD2 skeleton's v-prediction holds
     path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
-    assert families.sd2_prediction_type(path) == "v_prediction"
+    assert families.prediction_type_beside(path) == "v_prediction"
     path.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
-    assert families.sd2_prediction_type(path) == "epsilon"
+    assert families.prediction_type_beside(path) == "epsilon"
 
 
 def _skeleton_models(family: str):
@@ -238,3 +240,60 @@ def test_a_family_is_one_registered_adapter_that_detection_and_objectives_ask(tm
                       NoisePrediction)
     with pytest.raises(families.FamilyError, match="unknown model family 'toyflow'"):
         families.get("toyflow")
+
+
+def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not_for(paths):
+    """A toy family registered here with its own demo model: the model dropdown lists the demo
+    with its label, `--list` has a column for it, the demo builds and loads with the family's
+    prompt encoder and preview pipeline, and a method that does not list the family refuses
+    its model before queueing, naming the families it trains."""
+    import dataclasses
+
+    from core.config import ConfigError
+    from trainers import preflight
+    from trainers.__main__ import catalog_table
+    from trainers.conditioning import prompt_encoder
+    from trainers.configs import LoraConfig
+    from trainers.sampling import _pipeline
+    from webui import choices
+
+    sd1 = families.get("sd1")
+    toy = dataclasses.replace(
+        sd1, name="toy", label="Toy 1.x",
+        demo=dataclasses.replace(sd1.demo, name="tiny-demo-toy", label="built-in toy demo"))
+    families.register(toy)
+    try:
+        assert ("tiny-demo-toy (built-in toy demo)", "tiny-demo-toy") in choices.model_choices(paths)
+        assert "Toy 1.x" in catalog_table().splitlines()[0]
+        model = models.load_model(paths, "tiny-demo-toy")
+        assert model.family == "toy" and model.spec is toy
+        context = prompt_encoder(model).encode(["a photo"])
+        assert context.shape[-1] == model.text_encoder.config.hidden_size
+        assert type(_pipeline(model, model.unet, None)).__name__ == "StableDiffusionPipeline"
+        with pytest.raises(ConfigError, match="tiny-demo-toy is a Toy 1.x model; LoRA trains "
+                                              "SD 1.x, SD 2.x, SDXL models"):
+            preflight.check_before_queueing(LoraConfig(model="tiny-demo-toy"), paths)
+    finally:
+        families.unregister("toy")
+    assert "tiny-demo-toy" not in [v for _, v in choices.model_choices(paths)]
+
+
+@pytest.mark.parametrize("method, config", [("xti", "XtiConfig"), ("apt", "AptConfig")])
+def test_sd_only_methods_refuse_an_sdxl_model_before_queueing(family_paths, method, config):
+    from core.config import ConfigError
+    from trainers import catalog, configs, preflight
+    title = catalog.get(method).title
+    with pytest.raises(ConfigError, match=rf"model: tiny-demo-sdxl is a SDXL model; "
+                                          rf"{re.escape(title)} trains SD 1.x, SD 2.x models"):
+        preflight.check_before_queueing(getattr(configs, config)(model="tiny-demo-sdxl"),
+                                        family_paths)
+
+
+def test_a_loaded_model_of_another_family_is_refused_by_the_method():
+    from types import SimpleNamespace
+
+    from trainers import catalog
+    sdxl = SimpleNamespace(family="sdxl")
+    with pytest.raises(families.FamilyError, match="XTI \\(P\\+\\) trains SD 1.x, SD 2.x"):
+        catalog.require_family("xti", sdxl, "mine.safetensors")
+    catalog.require_family("lora", sdxl, "mine.safetensors")  # LoRA trains SDXL

@@ -239,10 +239,11 @@ CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.start
 @pytest.fixture(scope="module")
 def demo_models(tmp_path_factory) -> dict:
     """The three tiny demo models, built once for the module."""
-    from trainers.tiny_model import DEMO_MODELS, build_tiny_model
+    from trainers.families import demo_families
+    from trainers.tiny_model import build_tiny_model
     root = tmp_path_factory.mktemp("golden-models")
     return {name: build_tiny_model(root / name, family=family)
-            for name, family in DEMO_MODELS.items()}
+            for name, family in demo_families().items()}
 
 
 class _Counter:

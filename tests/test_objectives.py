@@ -6,7 +6,8 @@ import torch
 
 from trainers.objectives import FlowMatching, FlowMatchingOptions, NoisePrediction, ObjectiveError
 from trainers.step import diffusion_loss
-from trainers.tiny_model import SCHEDULER, SD2_SCHEDULER
+from trainers.families.sd1 import SCHEDULER
+from trainers.families.sd2 import SCHEDULER as SD2_SCHEDULER
 
 
 def _gen(seed=0):

@@ -27,7 +27,7 @@ def test_v_prediction_loss_targets_the_velocity():
     from diffusers import DDPMScheduler
     from trainers.objectives import NoisePrediction
     from trainers.step import diffusion_loss
-    from trainers.tiny_model import SD2_SCHEDULER
+    from trainers.families.sd2 import SCHEDULER as SD2_SCHEDULER
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     loss = diffusion_loss(ZeroUnet(), NoisePrediction(SD2_SCHEDULER), latents, torch.zeros(3, 77, 8),

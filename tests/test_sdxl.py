@@ -216,16 +216,18 @@ def test_hypernetwork_sizes_follow_the_model(family_paths):
     import json
     from pathlib import Path
     from trainers.hypernetwork_attention import attention_widths
-    from trainers.hypernetwork_sizes import FAMILY_SIZES, model_sizes, unet_config_sizes
+    from trainers import families
+    from trainers.hypernetwork_sizes import model_sizes, unet_config_sizes
     for name in ("tiny-demo", "tiny-demo-sd2", SDXL):
         sizes = model_sizes(family_paths, name)
         model = load_model(family_paths, name)
         assert set(sizes) == attention_widths(model.unet)
         assert sizes[0] == model.unet.config.cross_attention_dim
     configs = Path(__file__).resolve().parent.parent / "trainers/model_configs"
-    for family, sizes in FAMILY_SIZES.items():
-        assert unet_config_sizes(json.loads((configs / family / "unet/config.json").read_text())) == sizes
-    assert FAMILY_SIZES["sdxl"] == [2048, 640, 1280]
+    for family in families.all_families():
+        config = json.loads((configs / family.name / "unet/config.json").read_text())
+        assert unet_config_sizes(config) == list(family.hypernetwork_sizes)
+    assert families.get("sdxl").hypernetwork_sizes == (2048, 640, 1280)
     assert model_sizes(family_paths, "missing.ckpt") is None
 
 

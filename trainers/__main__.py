@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def catalog_table() -> str:
     """The methods x the model families each one trains, as --list prints them."""
-    from trainers.families import FAMILIES, LABELS
-    rows = [["method", "title", *(LABELS[f] for f in FAMILIES), "what it makes"]]
+    from trainers.families import all_families
+    rows = [["method", "title", *(f.label for f in all_families()), "what it makes"]]
     for method in catalog.methods():
         rows.append([method.name, method.title,
-                     *("yes" if f in method.families else "-" for f in FAMILIES), method.help])
+                     *("yes" if f.name in method.families else "-" for f in all_families()), method.help])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
                    + "\n" for row in rows)

@@ -15,7 +15,9 @@ from core.registry import Registry
 from trainers import configs
 from trainers.apt_prompts import NEGATIVE_SUFFIX
 
-ALL_FAMILIES = ("sd1", "sd2", "sdxl")
+# the U-Net families (trainers/families/) every method here was built for; a method lists
+# the families it trains, so a new family is offered only by the methods that opt in
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Method:
     negative_partner: str = ""
     parallel: bool = False  # trains data-parallel under accelerate
     apply: str | None = None  # "module:function": context manager applying a checkpoint
-    families: tuple[str, ...] = ALL_FAMILIES
+    families: tuple[str, ...] = SD_FAMILIES
     help: str = ""  # one line for --list
 
     @property
@@ -67,6 +69,28 @@ names = _METHODS.names
 methods = _METHODS.records
 
 
+def family_problem(method: Method, family: str, model_name: str) -> str | None:
+    """What is wrong when `method` is asked to train a model of `family`; None when it can."""
+    from trainers import families
+    if family in method.families:
+        return None
+    labels = ", ".join(families.get(f).label for f in method.families)
+    return (f"model: {model_name} is a {families.get(family).label} model; {method.title} "
+            f"trains {labels} models")
+
+
+def require_family(name: str, model, model_name: str) -> None:
+    """FamilyError when loaded `model` is of a family method `name` does not train."""
+    from trainers.families import FamilyError
+    problem = family_problem(get(name), model.family, model_name)
+    if problem:
+        raise FamilyError(problem)
+
+
+def for_config(config: type) -> Method | None:
+    return next((m for m in methods() if m.config is config), None)
+
+
 def _resolve(target: str):
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
@@ -86,6 +110,7 @@ for _method in (
            target_field="embedding", final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES,
            checkpoint_kind="embedding", prompt_names_it=True, step_schedule=True,
            negative_partner=NEGATIVE_SUFFIX, apply=_APPLY + "embedding_pair",
+           families=("sd1", "sd2"),
            help="a positive and a negative embedding trained together"),
     Method("xti", "XTI (P+)", configs.XtiConfig, "trainers.methods.xti:run",
            final_folder="models/xti", suffixes=(".safetensors", ".pt"), checkpoint_kind="layers",

@@ -50,10 +50,12 @@ def xti(spec, paths: Paths, model, path: Path, partners: list[Path]):
     from trainers.formats.xti import load_xti
     from trainers.xti_layers import XtiEncoder, layer_names, per_layer
     layers = load_xti(path).layers
-    expected = layer_names(model.unet) if not model.is_sdxl else []
+    from trainers.catalog import require_family
+    require_family("xti", model, spec.model)
+    expected = layer_names(model.unet)
     if list(layers) != expected:
         raise ValueError(f"{path.name} has layers {', '.join(layers)}; {spec.model} has "
-                         f"{', '.join(expected) or 'no XTI layers (SDXL)'}")
+                         f"{', '.join(expected)}")
     encoder = XtiEncoder(prompt_encoder(model, clip_skip=spec.clip_skip), spec.token,
                          {k: v.float().to(model.unet.device) for k, v in layers.items()})
     with per_layer(model.unet):  # as XTI's training previews: each layer its own vectors
@@ -95,9 +97,10 @@ def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
 def _embedding_vectors(path: Path, model):
     from trainers.formats.embedding import load_embedding
     vectors = load_embedding(path).vectors
-    if isinstance(vectors, dict) != model.is_sdxl:
-        raise ValueError(f"{path.name} is {'an SDXL' if isinstance(vectors, dict) else 'an SD 1.x/2.x'} "
-                         f"embedding; the base model is {'SDXL' if model.is_sdxl else 'not SDXL'}")
+    if isinstance(vectors, dict) != bool(model.spec.embedding_halves):
+        kind = "a per-encoder (SDXL)" if isinstance(vectors, dict) else "a single-encoder"
+        raise ValueError(f"{path.name} is {kind} embedding; the base model is "
+                         f"{model.spec.label}")
     return ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
             else vectors.float())
 

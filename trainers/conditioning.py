@@ -87,13 +87,26 @@ class SdxlPromptEncoder:
 
 def prompt_encoder(model, embeddings: dict | None = None, clip_skip: int = 1,
                    max_tokens: int = 75, chunking: str = "a1111"):
-    """The prompt encoder of the model's family (see PromptEncoder / SdxlPromptEncoder);
-    captions of more than 75 tokens are chunked (trainers/prompt_chunks.py)."""
-    if getattr(model, "family", "sd1") == "sdxl":
-        return SdxlPromptEncoder(model, embeddings, clip_skip, max_tokens=max_tokens,
-                                 chunking=chunking)
+    """The prompt encoder of the model's family (its `prompt_encoder`: clip_prompt_encoder or
+    sdxl_prompt_encoder below); captions of more than 75 tokens are chunked
+    (trainers/prompt_chunks.py)."""
+    return model.spec.hook("prompt_encoder")(model, embeddings, clip_skip, max_tokens, chunking)
+
+
+def clip_prompt_encoder(model, embeddings, clip_skip, max_tokens, chunking) -> PromptEncoder:
+    """One CLIP text encoder's last (or clip_skip-th) hidden states (SD 1.x / 2.x)."""
     return PromptEncoder(model.tokenizer, model.text_encoder, embeddings, clip_skip=clip_skip,
                          max_tokens=max_tokens, chunking=chunking)
+
+
+def sdxl_prompt_encoder(model, embeddings, clip_skip, max_tokens, chunking) -> SdxlPromptEncoder:
+    return SdxlPromptEncoder(model, embeddings, clip_skip, max_tokens=max_tokens,
+                             chunking=chunking)
+
+
+def stack_conditions(rows: list):
+    """One batch from per-caption conditionings: tensors, or SdxlCondition.rows() pairs."""
+    return SdxlCondition.stack(rows) if isinstance(rows[0], tuple) else torch.stack(rows)
 
 
 def time_ids(sizes: Sequence[SizeInfo] | None, latents: torch.Tensor,

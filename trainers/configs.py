@@ -11,6 +11,9 @@ from typing import ClassVar
 from core.config import ConfigError, accept, check_limits, option
 from trainers import config_forms as cf
 
+# the memory estimate's reference: an SD 1.x U-Net's parameters (trainers/families/sd1.py)
+SD1_UNET_PARAMETERS = 859.5e6
+
 SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "Heun", "LMS",
             "PNDM", "DDPM"]
 LATENT_SAMPLING = ["once", "deterministic", "random"]
@@ -50,6 +53,11 @@ class NamesFiles:
         if problems:
             raise ConfigError(problems)
         self.check_data(paths)
+
+    def trainable_parameters(self, unet: float, text: float) -> float:
+        """About how many parameters it trains on a model with this many U-Net and text
+        encoder parameters (the memory estimate); an embedding's few by default."""
+        return 75 * 1024
 
 
 @dataclass
@@ -356,6 +364,9 @@ class HypernetworkTrainingConfig(TemplateTrainingConfig):
         from trainers import preflight
         return super().file_problems(paths) + preflight.hypernetwork_problems(paths, self.hypernetwork)
 
+    def trainable_parameters(self, unet: float, text: float) -> float:
+        return 4 * 768 * 768 * 2 * 4 * unet / SD1_UNET_PARAMETERS
+
 
 OPTIMIZERS = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion",
               "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGDNesterov", "SGDNesterov8bit"]
@@ -521,6 +532,11 @@ class LoraConfig(KohyaTrainingConfig):
         problems = self.kohya_problems()
         return accept(self, problems)
 
+    def trainable_parameters(self, unet: float, text: float) -> float:
+        per_rank = 0.6e6 * unet / SD1_UNET_PARAMETERS
+        return per_rank * self.network_dim * (0.8 if self.network_train_unet_only else 1.0) + \
+            per_rank * self.conv_dim * 0.5
+
 
 @dataclass
 class FullModelConfig(KohyaTrainingConfig):
@@ -544,6 +560,9 @@ class FullModelConfig(KohyaTrainingConfig):
     ema_decay: float = option(0.9999, "EMA decay per step.", label="EMA decay", min=0.0, max=1.0)
     save_diffusers: bool = option(False, "Also save a diffusers folder beside the file.",
                                   label="Also save diffusers folder")
+
+    def trainable_parameters(self, unet: float, text: float) -> float:
+        return unet + (text if self.train_text_encoder else 0)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def create_embedding(cfg, paths: Paths) -> Path:
     halves = [table_vectors(tokenizer, table, cfg.init_text, cfg.vectors_per_token)
               for tokenizer, table in zip(model.tokenizers, model.tables)]
     # SDXL: one half per text encoder, as A1111 and kohya save SDXL embeddings
-    vectors = dict(zip(("clip_l", "clip_g"), halves)) if model.is_sdxl else halves[0]
+    vectors = dict(zip(model.halves, halves)) if model.halves else halves[0]
     save_embedding(target, EmbeddingFile(name=name, vectors=vectors, step=0,
                                          sd_checkpoint=model.short_hash,
                                          sd_checkpoint_name=Path(model.name).stem))

@@ -52,9 +52,7 @@ def extract_state(base_unet, tuned_unet, base_te, tuned_te, rank: int, conv_rank
 
 def _resolution(base) -> int:
     """kohya's modelspec resolution of the family: SDXL 1024, SD 2.x 768-v 768, else 512."""
-    if base.is_sdxl:
-        return 1024
-    return 768 if base.family == "sd2" and base.prediction_type == "v_prediction" else 512
+    return base.spec.native_resolution(base.prediction_type)
 
 
 def run(cfg: ExtractLoraConfig, ctx) -> Path:
@@ -69,8 +67,8 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
     ctx.emit(ev.Status(f"Loading {cfg.model}"))
     base = load_model(paths, cfg.model)
     if tuned.family != base.family:
-        raise ValueError(f"checkpoint: {cfg.checkpoint} is {tuned.family.upper()}, but {cfg.model} "
-                         f"is {base.family.upper()}; extract from the model it was trained from")
+        raise ValueError(f"checkpoint: {cfg.checkpoint} is {tuned.spec.label}, but {cfg.model} "
+                         f"is {base.spec.label}; extract from the model it was trained from")
     ctx.emit(ev.Status("Computing the low-rank differences"))
     state = extract_state(base.unet, tuned.unet, base.text_encoder, tuned.text_encoder, cfg.rank,
                           cfg.conv_rank, base_te2=base.text_encoder_2,
@@ -82,8 +80,8 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
         network_dim=cfg.rank, network_alpha=float(cfg.rank), conv_dim=cfg.conv_rank,
         conv_alpha=float(cfg.conv_rank) if cfg.conv_rank else None, output_name=target.stem,
         steps=0, epoch=0, sd_model_name=Path(base.name).stem, title=target.stem,
-        v2=base.family == "sd2", v_parameterization=base.prediction_type == "v_prediction",
-        sdxl=base.is_sdxl, resolution=_resolution(base),
+        v_parameterization=base.prediction_type == "v_prediction", **base.spec.kohya_flags,
+        resolution=_resolution(base),
         extra={"ss_training_comment": f"extracted from {cfg.checkpoint}"}))
     save_lora(target, state, metadata, precision=cfg.save_precision)
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))

@@ -12,12 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILY_SIZES = {"sd1": [768, 320, 640, 1280], "sd2": [1024, 320, 640, 1280],
-                "sdxl": [2048, 640, 1280]}
-# the built-in demo models (trainers/tiny_model.py); a test checks them against the built U-Nets
-DEMO_SIZES = {"tiny-demo": [32, 64], "tiny-demo-sd2": [48, 32, 64], "tiny-demo-sdxl": [80, 64]}
-
-
 def unet_config_sizes(config: dict) -> list[int]:
     """[context width, self-attention widths ascending] from a diffusers U-Net config."""
     channels = list(config.get("block_out_channels") or [])
@@ -46,10 +40,11 @@ def checkpoint_sizes(shapes: dict) -> list[int]:
 def model_sizes(paths, name: str) -> list[int] | None:
     """The module sizes of the base model named in a model dropdown; None when they cannot be
     told without loading it (a .ckpt, a hub id, a missing file)."""
-    from trainers.families import guess_family
+    from trainers import families
     name = (name or "").strip()
-    if name in DEMO_SIZES:
-        return list(DEMO_SIZES[name])
+    demo = families.demo_of(name)
+    if demo is not None:  # a test checks them against the built U-Nets
+        return list(demo.hypernetwork_sizes)
     folder = Path(paths.stable_diffusion) / name
     config = folder / "unet" / "config.json"
     if name and config.is_file():
@@ -67,8 +62,8 @@ def model_sizes(paths, name: str) -> list[int] | None:
             sizes = []
         if sizes:
             return sizes
-    family = guess_family(paths, name) if name else None
-    return list(FAMILY_SIZES[family]) if family in FAMILY_SIZES else None
+    family = families.guess_family(paths, name) if name else None
+    return list(families.get(family).hypernetwork_sizes) if family else None
 
 
 def sizes_text(sizes: list[int]) -> str:

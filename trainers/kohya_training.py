@@ -17,7 +17,7 @@ from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions
 from trainers.lr_schedulers import schedule_rates
 from trainers.models import BaseModel, load_model
-from trainers.conditioning import SdxlCondition, prompt_encoder
+from trainers.conditioning import SdxlCondition, prompt_encoder, stack_conditions
 from trainers.sample_prompts import parse_sample_prompts
 from trainers.sampling import PreviewSettings
 
@@ -164,7 +164,7 @@ def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder:
                 for text, row in zip(missing, rows):
                     memo[text] = row
             rows = [memo[t] for t in texts]
-            return SdxlCondition.stack(rows) if model.is_sdxl else torch.stack(rows)
+            return stack_conditions(rows)
     return encoder, encode
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.configs import SD1_UNET_PARAMETERS
+
 GB = 1024 ** 3
 MB = 1024 ** 2
-# parameter counts (U-Net, text encoder(s), VAE); SDXL's text is CLIP-L + OpenCLIP-bigG
-FAMILIES = {"sd1": (859.5e6, 123.1e6, 83.7e6), "sd2": (865.9e6, 340.4e6, 83.7e6),
-            "sdxl": (2567.5e6, 817.8e6, 83.7e6), "tiny-demo": (0.79e6, 1.6e6, 0.26e6),
-            "tiny-demo-sd2": (0.80e6, 2.41e6, 0.26e6), "tiny-demo-sdxl": (1.38e6, 4.02e6, 0.26e6)}
 # bytes of optimizer state per trained parameter (paged state counts where it is at its peak)
 OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "PagedAdamW": 8,
                    "PagedAdamW32bit": 8, "Lion": 4, "Lion8bit": 1, "PagedLion8bit": 1,
@@ -53,17 +51,17 @@ def advice(total: float) -> str:
 
 
 def estimate(cfg, family: str | None = None) -> Estimate:
-    """`family` ('sd1' / 'sd2' / 'sdxl', see trainers.families.guess_family) picks the model's
-    size; the demo models are recognised by name; unknown means SD1."""
-    model = getattr(cfg, "model", "")
-    unet, text, vae = FAMILIES[model if model in FAMILIES else (family or "sd1")]
-    method = type(cfg).__name__
+    """`family` (a trainers.families name, see guess_family) gives the model's size; a demo
+    model is known by name; unknown means SD1."""
+    from trainers import families
+    demo = families.demo_of(getattr(cfg, "model", ""))
+    unet, text, vae = demo.params if demo else families.get(family or "sd1").params
     weights = (unet + text + vae) * 4
-    trainable = _trainable(cfg, method, unet, text)
+    trainable = cfg.trainable_parameters(unet, text)
     optimizer = OPTIMIZER_BYTES.get(getattr(cfg, "optimizer_type", "AdamW"), 8)
     resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))
     batch = getattr(cfg, "train_batch_size", None) or getattr(cfg, "batch_size", 1)
-    scale = unet / FAMILIES["sd1"][0]
+    scale = unet / SD1_UNET_PARAMETERS
     activations = ACTIVATIONS_256 * scale * batch * (resolution / 256) ** 2
     if getattr(cfg, "gradient_checkpointing", False):
         activations *= 0.35
@@ -80,15 +78,3 @@ def estimate_for(cfg, paths) -> Estimate:
     """estimate() with the family of the model the config names, told without loading it."""
     from trainers.families import guess_family
     return estimate(cfg, guess_family(paths, getattr(cfg, "model", "")))
-
-
-def _trainable(cfg, method: str, unet: float, text: float) -> float:
-    if method in ("DreamBoothConfig", "FineTuneConfig"):
-        return unet + (text if cfg.train_text_encoder else 0)
-    if method == "LoraConfig":
-        per_rank = 0.6e6 * unet / FAMILIES["sd1"][0]
-        return per_rank * cfg.network_dim * (0.8 if cfg.network_train_unet_only else 1.0) + \
-            per_rank * cfg.conv_dim * 0.5
-    if method == "HypernetworkTrainingConfig":
-        return 4 * 768 * 768 * 2 * 4 * unet / FAMILIES["sd1"][0]
-    return 75 * 1024  # an embedding

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from core.paths import REPO_DIR, Paths
+from trainers import families
 from trainers.families import FamilyError, file_family, folder_family, pipeline_class, \
-    sd2_prediction_type
-from trainers.tiny_model import DEMO_MODELS, build_tiny_model
+    prediction_type_beside
+from trainers.tiny_model import build_tiny_model
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_SKELETONS = REPO_DIR / "trainers" / "model_configs"
@@ -40,8 +41,13 @@ class BaseModel:
     cache_key: tuple | None = None  # load_model's key, for give_back
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
+    def spec(self):
+        """Its family's adapter (trainers/families/)."""
+        return families.get(self.family)
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
     @property
     def text_encoders(self) -> list:
@@ -57,8 +63,7 @@ class BaseModel:
 
     def objective(self):
         """What the network is trained to predict and how latents are noised (trainers/objectives)."""
-        from trainers.families import get
-        return get(self.family).objective(self.scheduler_config)
+        return self.spec.objective(self.scheduler_config)
 
     def freeze(self) -> None:
         for module in (*self.text_encoders, self.unet, self.vae):
@@ -72,13 +77,13 @@ def list_models(paths: Paths) -> list[str]:
     root = paths.stable_diffusion
     if root.is_dir():
         for entry in sorted(root.iterdir(), key=lambda p: p.name.lower()):
-            if entry.name in DEMO_MODELS:
+            if entry.name in families.demo_families():
                 continue
             if entry.is_dir() and (entry / "model_index.json").exists():
                 names.append(entry.name)
             elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
                 names.append(entry.name)
-    return names + list(DEMO_MODELS)
+    return names + list(families.demo_families())
 
 
 def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:
@@ -86,7 +91,7 @@ def resolve_model(paths: Paths, name: str) -> tuple[str, Path | str]:
     name = name.strip()
     if not name:
         raise ModelError("model: choose a base model")
-    if name in DEMO_MODELS:
+    if name in families.demo_families():
         return "demo", paths.cache / name
     candidate = paths.stable_diffusion / name
     if paths.confine:  # a shared app loads only what is inside the data folder
@@ -132,15 +137,13 @@ def file_short_hash(path: Path, cache_dir: Path) -> str:
 
 def config_skeleton(paths: Paths, family: str = "sd1") -> Path:
     """A diffusers folder with configs and tokenizer but no weights, for from_single_file."""
-    from trainers.tokenizer_files import write_clip_tokenizer
+    from trainers.tiny_model import write_tokenizers
     if not (CONFIG_SKELETONS / family).is_dir():
         raise ModelError(f"model: no config skeleton for family {family!r}")
     target = paths.cache / "configs" / family
     if not (target / "tokenizer" / "vocab.json").exists():
         shutil.copytree(CONFIG_SKELETONS / family, target, dirs_exist_ok=True)
-        write_clip_tokenizer(target / "tokenizer", pad_token="!" if family == "sd2" else None)
-        if family == "sdxl":
-            write_clip_tokenizer(target / "tokenizer_2", pad_token="!")
+        write_tokenizers(target, families.get(family))
     return target
 
 
@@ -165,8 +168,8 @@ def single_file_config(paths: Paths, path: Path, family: str | None = None) -> P
     """The diffusers config a single file loads with: a demo model's for files Danlu trained
     from one (their metadata says which), else the shipped skeleton of the file's family."""
     base = _file_metadata(path).get("danlu.base_config")
-    if base in DEMO_MODELS:
-        return build_tiny_model(paths.cache / base, family=DEMO_MODELS[base])
+    if base in families.demo_families():
+        return build_tiny_model(paths.cache / base, family=families.demo_families()[base])
     return config_skeleton(paths, family or file_family(path))
 
 
@@ -248,7 +251,7 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
     prediction_type = None
     try:
         if kind == "demo":
-            family = DEMO_MODELS[name.strip()]
+            family = families.demo_families()[name.strip()]
             build_tiny_model(Path(location), family=family)
         elif kind == "folder":
             family = folder_family(location)
@@ -264,17 +267,15 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
                 from trainers.formats.safe_load import safe_torch_load
                 safe_torch_load(path)  # refuse pickles that carry code before diffusers reads it
             config = single_file_config(paths, path, family)
-            extra = {} if family == "sdxl" else {"safety_checker": None}
             pipe = pipeline_class(family).from_single_file(
-                str(path), config=str(config), local_files_only=True, **extra, **reuse)
-            if family == "sd2":
-                prediction_type = sd2_prediction_type(path)
+                str(path), config=str(config), local_files_only=True,
+                **families.get(family).pipeline_kwargs(), **reuse)
+            prediction_type = prediction_type_beside(path)
             short_hash = file_short_hash(path, paths.cache)
         else:
             from diffusers import DiffusionPipeline
             pipe = DiffusionPipeline.from_pretrained(location, safety_checker=None, **reuse)
-            family = "sdxl" if hasattr(pipe, "text_encoder_2") else (
-                "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1")
+            family = families.pipeline_family(pipe)
     except ModelError:
         raise
     except FamilyError as error:
@@ -299,5 +300,5 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
 
 
 def _pretrained(family: str, location, **kwargs):
-    extra = {} if family == "sdxl" else {"safety_checker": None}
-    return pipeline_class(family).from_pretrained(location, **extra, **kwargs)
+    return pipeline_class(family).from_pretrained(
+        location, **families.get(family).pipeline_kwargs(), **kwargs)

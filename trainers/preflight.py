@@ -30,7 +30,16 @@ def count_images(folder) -> int:
 
 def check_before_queueing(cfg, paths: Paths) -> None:
     """Problems a config's named files and folders have, raised as one ConfigError (each config
-    owns its checks: `check_files`, trainers/configs.py)."""
+    owns its checks: `check_files`, trainers/configs.py), and a model of a family the method
+    does not train (told from the model's configs or file header, without loading it)."""
+    from trainers import catalog
+    from trainers.families import guess_family
+    method = catalog.for_config(type(cfg))
+    model = getattr(cfg, "model", "")
+    family = guess_family(paths, model) if method and isinstance(model, str) else None
+    problem = family and catalog.family_problem(method, family, model)
+    if problem:
+        raise ConfigError([problem])
     cfg.check_files(paths)
 
 

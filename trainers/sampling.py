@@ -41,18 +41,24 @@ def make_sampler(name: str, scheduler_config: dict):
 
 
 def _pipeline(model, unet, scheduler):
-    """The family's diffusers pipeline around the live modules."""
-    if getattr(model, "family", "sd1") == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-        return StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet,
-            scheduler=scheduler)
+    """The family's diffusers pipeline around the live modules (its `preview_pipeline`)."""
+    return model.spec.hook("preview_pipeline")(model, unet, scheduler)
+
+
+def sd_pipeline(model, unet, scheduler):
     from diffusers import StableDiffusionPipeline
     return StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
+
+
+def sdxl_pipeline(model, unet, scheduler):
+    from diffusers import StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+        tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet,
+        scheduler=scheduler)
 
 
 def _embeds(encoder, settings: PreviewSettings) -> dict:

@@ -20,13 +20,6 @@ from core.paths import Paths
 # transformers 4 and the hub's models keep CLIP's `text_model.` level; transformers 5 saves
 # CLIPTextModel without it (CLIPTextModelWithProjection still with it)
 FOLDER_KEYS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
-# original-layout single files (trainers/formats/sd_checkpoint.py), one key per text encoder
-FILE_KEYS = {
-    "sd1": ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
-    "sd2": ("cond_stage_model.model.token_embedding.weight",),
-    "sdxl": ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-             "conditioner.embedders.1.model.token_embedding.weight"),
-}
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
@@ -38,10 +31,7 @@ class TextTables:
     short_hash: str | None
     tokenizers: list[Any]
     tables: list[Any]  # torch tensors [vocab, width]
-
-    @property
-    def is_sdxl(self) -> bool:
-        return len(self.tables) == 2
+    halves: tuple[str, ...] = ()  # its family's embedding_halves: an embedding's parts
 
 
 class _NotLight(Exception):
@@ -53,7 +43,8 @@ def text_tables(paths: Paths, name: str) -> TextTables:
     `model:`, for a name that is not a model)."""
     from trainers import models
     from trainers.families import FamilyError, file_family, folder_family
-    from trainers.tiny_model import DEMO_MODELS, build_tiny_model
+    from trainers.families import demo_families, get
+    from trainers.tiny_model import build_tiny_model
 
     loaded = models.cached_model(paths, name)
     if loaded is not None:
@@ -62,17 +53,18 @@ def text_tables(paths: Paths, name: str) -> TextTables:
     why = ""  # what the light reader missed, for the error when loading fails too
     try:
         if kind == "demo":
-            family = DEMO_MODELS[name.strip()]
+            family = demo_families()[name.strip()]
             return _from_folder(name, build_tiny_model(Path(location), family=family), family)
         if kind == "folder":
             return _from_folder(name, Path(location), folder_family(location))
         if kind == "file" and Path(location).suffix.lower() == ".safetensors":
             path = Path(location)
             family = file_family(path)
-            tables = [_read(path, key) for key in FILE_KEYS[family]]
+            tables = [_read(path, key) for key in get(family).token_embedding_keys]
             config = models.single_file_config(paths, path, family)
             return TextTables(name, models.file_short_hash(path, paths.cache),
-                              _tokenizers(config, len(tables)), tables)
+                              _tokenizers(config, len(tables)), tables,
+                              get(family).embedding_halves)
     except FamilyError as error:
         raise models.ModelError(str(error)) from error
     except _NotLight as missing:
@@ -89,15 +81,17 @@ def text_tables(paths: Paths, name: str) -> TextTables:
 
 
 def _of_model(model) -> TextTables:
-    tokenizers = [model.tokenizer] + ([model.tokenizer_2] if model.is_sdxl else [])
     tables = [encoder.get_input_embeddings().weight.detach() for encoder in model.text_encoders]
-    return TextTables(model.name, model.short_hash, tokenizers, tables)
+    return TextTables(model.name, model.short_hash, model.tokenizers, tables,
+                      model.spec.embedding_halves)
 
 
 def _from_folder(name: str, folder: Path, family: str) -> TextTables:
-    count = 2 if family == "sdxl" else 1
+    from trainers.families import get
+    count = len(get(family).tokenizer_pads)
     tables = [_folder_table(folder / encoder) for _, encoder in ENCODERS[:count]]
-    return TextTables(name, None, _tokenizers(folder, count), tables)
+    return TextTables(name, None, _tokenizers(folder, count), tables,
+                      get(family).embedding_halves)
 
 
 def _tokenizers(folder: Path, count: int) -> list:

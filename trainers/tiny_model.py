@@ -8,29 +8,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEMO_NAME = "tiny-demo"
-# name -> family; the SD1 one is the app's default demo model
-DEMO_MODELS = {DEMO_NAME: "sd1", "tiny-demo-sd2": "sd2", "tiny-demo-sdxl": "sdxl"}
-# what the model dropdowns say about each
-DEMO_LABELS = {DEMO_NAME: "built-in SD 1.x demo, random weights",
-               "tiny-demo-sd2": "built-in SD 2.x v-prediction demo, random weights",
-               "tiny-demo-sdxl": "built-in SDXL demo, random weights"}
+from trainers import families
 
-SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "epsilon",
-    "clip_sample": False,
-}
-# SD 2.x 768-v: the same betas, v-prediction (stabilityai/stable-diffusion-2-1 uses DDIM)
-SD2_SCHEDULER = {**SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-# SDXL base: Euler, epsilon
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "interpolation_type": "linear", "steps_offset": 1, "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
+# the app's default model when models/ has none: the SD1 demo (trainers/families/sd1.py); each
+# family module declares its demo (families.demo_families lists them)
+DEMO_NAME = "tiny-demo"
 # The training size (px) the Train tab's forms take when a demo model is chosen: its images are
 # noise whatever the size, and a first run at 512 px took minutes (BENCHMARKS.md, "First run").
 DEMO_TRAINING_SIZE = 64
@@ -38,7 +20,7 @@ DEMO_TRAINING_SIZE = 64
 
 def demo_size(name: str | None) -> int | None:
     """The training size for model `name` if it is a demo model, else None."""
-    return DEMO_TRAINING_SIZE if name in DEMO_MODELS else None
+    return DEMO_TRAINING_SIZE if families.demo_of(name) is not None else None
 
 
 # SDXL's size/crop conditioning: 6 numbers, each embedded in this many channels (real: 256)
@@ -125,53 +107,43 @@ def build_sdxl_components(seed: int = 0, width_1: int = 32, width_2: int = 48):
     return unet, vae, text_encoder, text_encoder_2
 
 
-def _model_index(family: str) -> dict:
+def _model_index(family: families.Family) -> dict:
     common = {"_diffusers_version": "0.42.1", "feature_extractor": [None, None],
               "text_encoder": ["transformers", "CLIPTextModel"],
               "tokenizer": ["transformers", "CLIPTokenizer"],
               "unet": ["diffusers", "UNet2DConditionModel"],
               "vae": ["diffusers", "AutoencoderKL"]}
-    if family == "sdxl":
-        return {"_class_name": "StableDiffusionXLPipeline", **common,
-                "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
-                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-    scheduler = "DDIMScheduler" if family == "sd2" else "PNDMScheduler"
-    return {"_class_name": "StableDiffusionPipeline", **common,
-            "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", scheduler]}
+    return {"_class_name": family.pipeline, **common, **family.demo.index}
 
 
-SCHEDULERS = {"sd1": SCHEDULER, "sd2": SD2_SCHEDULER, "sdxl": SDXL_SCHEDULER}
-BUILDERS = {"sd1": build_components, "sd2": build_sd2_components, "sdxl": build_sdxl_components}
+def write_tokenizers(folder: Path, family: families.Family) -> None:
+    """The family's CLIP tokenizer folders (tokenizer, tokenizer_2, ...) with its pad tokens."""
+    from trainers.tokenizer_files import write_clip_tokenizer
+    for i, pad in enumerate(family.tokenizer_pads):
+        write_clip_tokenizer(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
+                             pad_token=pad)
 
 
 def build_tiny_model(folder: Path, seed: int = 0, family: str = "sd1") -> Path:
     """Write a complete diffusers folder (model_index.json, weights, tokenizers, scheduler) of
     the given family ('sd1', 'sd2' v-prediction, 'sdxl'); an existing one is kept."""
-    from trainers.tokenizer_files import write_clip_tokenizer
-
-    if family not in BUILDERS:
-        raise ValueError(f"family {family!r}: choose one of {', '.join(BUILDERS)}")
+    spec = families.get(family) if family in families.names() else None
+    if spec is None or spec.demo is None:
+        known = ", ".join(f.name for f in families.all_families() if f.demo is not None)
+        raise ValueError(f"family {family!r}: choose one of {known}")
     folder = Path(folder)
     if (folder / "model_index.json").exists():
         return folder
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent if folder.parent.exists() else None))
     try:
-        parts = BUILDERS[family](seed)
-        unet, vae, text_encoder = parts[:3]
-        unet.save_pretrained(staging / "unet")
-        vae.save_pretrained(staging / "vae")
-        text_encoder.save_pretrained(staging / "text_encoder")
-        # SD2's and SDXL's OpenCLIP tokenizers pad with "!" (id 0), SD1's with the end token
-        write_clip_tokenizer(staging / "tokenizer", pad_token="!" if family == "sd2" else None)
-        if family == "sdxl":
-            parts[3].save_pretrained(staging / "text_encoder_2")
-            write_clip_tokenizer(staging / "tokenizer_2", pad_token="!")
+        parts = families.resolve(spec.demo.builder)(seed)
+        for name, part in zip(("unet", "vae", "text_encoder", "text_encoder_2"), parts):
+            part.save_pretrained(staging / name)
+        write_tokenizers(staging, spec)
         (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS[family]))
-        (staging / "model_index.json").write_text(json.dumps(_model_index(family), indent=1))
+        (staging / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(spec.demo.scheduler))
+        (staging / "model_index.json").write_text(json.dumps(_model_index(spec), indent=1))
         (staging / "DEMO_MODEL.txt").write_text(
             f"Danlu's built-in {family.upper()}-shaped demo model: random weights, for trying the "
             "app on a CPU. Its images are noise; put a real model in models/Stable-diffusion.\n")

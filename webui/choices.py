@@ -6,17 +6,18 @@ import gradio as gr
 from core.paths import Paths
 from trainers.captions import list_templates
 from trainers.embeddings import list_embeddings
-from trainers.families import LABELS
+from trainers import families
 from trainers.models import list_models
-from trainers.tiny_model import DEMO_LABELS, DEMO_MODELS, demo_size
+from trainers.tiny_model import demo_size
 
 REFRESH = "Refresh"
 
 
 def labelled(name: str) -> tuple[str, str]:
     """(shown label, value) of a model name: the demo models say what they are."""
-    if name in DEMO_LABELS:
-        return f"{name} ({DEMO_LABELS[name]})", name
+    demo = families.demo_of(name)
+    if demo is not None:
+        return f"{name} ({demo.label})", name
     return name, name
 
 
@@ -27,7 +28,7 @@ def model_choices(paths: Paths) -> list[tuple[str, str]]:
 
 def checkpoint_choices(paths: Paths) -> list[tuple[str, str]]:
     """Models that can be fine-tuned results (the demo models cannot)."""
-    return [labelled(name) for name in list_models(paths) if name not in DEMO_MODELS]
+    return [labelled(name) for name in list_models(paths) if families.demo_of(name) is None]
 
 
 def value_of(choice) -> str:
@@ -45,8 +46,8 @@ def refreshed(choices: list, current: str | None):
 
 
 def demo_note(model: str | None) -> str:
-    if isinstance(model, str) and model in DEMO_MODELS:
-        family = LABELS[DEMO_MODELS[model]]
+    if isinstance(model, str) and families.demo_of(model) is not None:
+        family = families.get(families.demo_families()[model]).label
         return (f"ℹ️ **{model}** is Danlu's built-in {family}-shaped demo model: random weights, "
                 "built on this machine, so every tab works without a download. Its images are "
                 "noise. Put a real model (a .safetensors file or a diffusers folder) in "

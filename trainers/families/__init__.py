@@ -5,9 +5,10 @@ detect a family by asking the registered adapters, so a new family is one new mo
 """
 from __future__ import annotations
 
+import importlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -16,6 +17,19 @@ from core.registry import Registry
 
 class FamilyError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A family's built-in demo model: tiny random weights in the family's real folder layout
+    (trainers/tiny_model.py builds it), so every tab works on a CPU with no download."""
+    name: str  # what the model dropdown lists, "tiny-demo-sdxl"
+    label: str  # what the dropdown says about it
+    builder: str  # "module:function" -> (unet, vae, text_encoder[, text_encoder_2])
+    scheduler: dict  # its scheduler_config.json
+    index: dict  # its model_index.json entries after the ones every demo has
+    params: tuple[float, float, float]  # U-Net, text encoder(s), VAE parameters
+    hypernetwork_sizes: tuple[int, ...]  # context width, then self-attention widths
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,23 @@ class Family:
     unet_key_markers: tuple[str, ...] = ()  # original-layout U-Net keys only it has
     folder_marker: Callable[[dict, dict], bool] | None = None  # (model_index, unet config)
     prediction: str = "noise"  # noise (epsilon / v, by the scheduler config) | flow
+    # per tokenizer folder (tokenizer, tokenizer_2): its pad token; None pads with the end token
+    tokenizer_pads: tuple[str | None, ...] = (None,)
+    # original-layout key of each text encoder's token-embedding table
+    token_embedding_keys: tuple[str, ...] = ()
+    # an embedding's vectors, one set per text encoder under these names; () is one tensor
+    embedding_halves: tuple[str, ...] = ()
+    safety_checker: bool = True  # its pipeline takes a safety_checker argument (Danlu passes None)
+    shipped_sampler: str = "PNDM"  # the scheduler its saved diffusers folders get
+    checkpoint_layout: str = ""  # the single-file layout it is written in (formats/sd_checkpoint)
+    kohya_flags: Mapping[str, bool] = field(default_factory=dict)  # kohya's v2 / sdxl metadata
+    resolution: int = 512  # its native training size (kohya's modelspec.resolution)
+    v_resolution: int | None = None  # the same for its v-prediction models, when it differs
+    params: tuple[float, float, float] = (0.0, 0.0, 0.0)  # U-Net, text, VAE parameter counts
+    hypernetwork_sizes: tuple[int, ...] = ()  # context width, then self-attention widths
+    prompt_encoder: str = "trainers.conditioning:clip_prompt_encoder"  # "module:function"
+    preview_pipeline: str = "trainers.sampling:sd_pipeline"  # "module:function"
+    demo: Demo | None = None
 
     def objective(self, scheduler_config: dict):
         """What its network is trained to predict, and how latents are noised."""
@@ -42,6 +73,24 @@ class Family:
         import diffusers
         return getattr(diffusers, self.pipeline)
 
+    def pipeline_kwargs(self) -> dict:
+        """What its pipeline class is given besides the weights when Danlu loads it."""
+        return {"safety_checker": None} if self.safety_checker else {}
+
+    def native_resolution(self, prediction_type: str | None) -> int:
+        if prediction_type == "v_prediction" and self.v_resolution:
+            return self.v_resolution
+        return self.resolution
+
+    def hook(self, name: str) -> Callable:
+        """The function its "module:function" field `name` names (imported when asked for)."""
+        return resolve(getattr(self, name))
+
+
+def resolve(target: str) -> Callable:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
 
 _REGISTRY: Registry[Family] = Registry("model family", FamilyError)
 
@@ -53,6 +102,7 @@ def register(family: Family) -> Family:
 unregister = _REGISTRY.remove
 get = _REGISTRY.get  # FamilyError naming the known families
 all_families = _REGISTRY.records
+names = _REGISTRY.names
 
 
 def pipeline_class(family: str):
@@ -72,20 +122,32 @@ def _known() -> str:
 
 
 def folder_family(folder: str | Path) -> str:
-    """The family of a diffusers folder, from its configs (no weights are read).
-
-    A family's own marker decides first (SDXL: a second text encoder or the U-Net's
-    `text_time` embedding); then the text encoder's activation (SD1's OpenAI CLIP uses
-    quick_gelu, SD2's OpenCLIP gelu); the context width settles what the activation cannot."""
+    """The family of a diffusers folder, from its configs (no weights are read)."""
     folder = Path(folder)
     index = _json(folder / "model_index.json")
-    unet = _json(folder / "unet" / "config.json")
     if not index:
         raise FamilyError(f"model: {folder} has no readable model_index.json")
+    return configs_family(index, _json(folder / "unet" / "config.json"),
+                          _json(folder / "text_encoder" / "config.json"), folder.name)
+
+
+def pipeline_family(pipe) -> str:
+    """The family of a loaded diffusers pipeline, from its components' configs."""
+    index = {"_class_name": type(pipe).__name__,
+             **{name: [None, type(part).__name__] for name, part in pipe.components.items()
+                if part is not None}}
+    text = getattr(getattr(pipe, "text_encoder", None), "config", None)
+    return configs_family(index, dict(pipe.unet.config),
+                          text.to_dict() if text is not None else {}, type(pipe).__name__)
+
+
+def configs_family(index: dict, unet: dict, text: dict, name: str) -> str:
+    """A family's own marker decides first (SDXL: a second text encoder or the U-Net's
+    `text_time` embedding); then the text encoder's activation (SD1's OpenAI CLIP uses
+    quick_gelu, SD2's OpenCLIP gelu); the context width settles what the activation cannot."""
     for family in all_families():
         if family.folder_marker is not None and family.folder_marker(index, unet):
             return family.name
-    text = _json(folder / "text_encoder" / "config.json")
     activation = text.get("hidden_act")
     for family in all_families():
         if activation is not None and family.text_activation == activation:
@@ -94,7 +156,7 @@ def folder_family(folder: str | Path) -> str:
     for family in all_families():
         if family.context_width == width:
             return family.name
-    raise FamilyError(f"model: cannot tell whether {folder.name} is {_known()} "
+    raise FamilyError(f"model: cannot tell whether {name} is {_known()} "
                       f"(text encoder activation {activation!r}, context width {width!r})")
 
 
@@ -135,10 +197,9 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 def guess_family(paths, name: str) -> str | None:
     """The family of a model-dropdown name without loading anything (for estimates); None
     when it cannot be told cheaply (a .ckpt, a hub id, an unreadable file)."""
-    from trainers.tiny_model import DEMO_MODELS
     name = (name or "").strip()
-    if name in DEMO_MODELS:
-        return DEMO_MODELS[name]
+    if name in demo_families():
+        return demo_families()[name]
     candidate = Path(paths.stable_diffusion) / name
     try:
         if candidate.is_dir():
@@ -148,6 +209,19 @@ def guess_family(paths, name: str) -> str | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def prediction_type_beside(path: str | Path) -> str | None:
+    """What a single file predicts, from the `<name>.yaml` beside it as A1111 reads it:
+    `parameterization: "v"` means v, any other yaml epsilon; None without a yaml (the family's
+    config then says: the shipped SD2 skeleton says v, as SD 2.0/2.1-768 and diffusers assume).
+    SD 2.x 768-v and 512 base files have the same keys, so only this tells them apart."""
+    yaml = Path(path).with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    text = yaml.read_text(errors="replace")
+    compact = text.replace(" ", "").replace("'", '"')
+    return "v_prediction" if 'parameterization:"v"' in compact else "epsilon"
 
 
 def file_keys(path: str | Path) -> dict:
@@ -182,9 +256,15 @@ def file_family(path: str | Path) -> str:
     return family
 
 
+def demo_families() -> dict[str, str]:
+    """demo model name -> family, in registration order (the first is the app's default)."""
+    return {f.demo.name: f.name for f in all_families() if f.demo is not None}
+
+
+def demo_of(name: str) -> Demo | None:
+    family = demo_families().get((name or "").strip())
+    return get(family).demo if family else None
+
+
 # The families, one module each (registered on import, in this order).
 from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl  # noqa: E402,F401
-from trainers.families.sd2 import sd2_prediction_type  # noqa: E402,F401
-
-FAMILIES = tuple(f.name for f in all_families())
-LABELS = {f.name: f.label for f in all_families()}

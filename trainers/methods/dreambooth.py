@@ -159,7 +159,8 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         try:
             save_single_file(target, unet, model.vae, text_encoder,
                              dtype=PRECISION[cfg.save_precision], metadata=metadata,
-                             family=model.family, text_encoder_2=model.text_encoder_2)
+                             family=model.spec.checkpoint_layout,
+                             text_encoder_2=model.text_encoder_2)
         finally:
             if ema is not None:
                 ema.restore(unet.parameters())
@@ -205,6 +206,6 @@ def sidecar(cfg, model, ema) -> dict:
 
 def _save_diffusers(model, folder: Path) -> None:
     from trainers.sampling import _pipeline, make_sampler
-    sampler = "Euler" if model.is_sdxl else "PNDM"  # what SDXL and SD1 ship with
+    sampler = model.spec.shipped_sampler
     pipe = _pipeline(model, model.unet, make_sampler(sampler, model.scheduler_config))
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -93,8 +93,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         max_grad_norm=cfg.max_grad_norm or None,
         sd_model_name=Path(model.name).stem,
         sd_model_path=model.source if Path(model.source).is_file() else None,
-        v2=model.family == "sd2", v_parameterization=model.prediction_type == "v_prediction",
-        sdxl=model.is_sdxl,
+        v_parameterization=model.prediction_type == "v_prediction", **model.spec.kohya_flags,
         title=path.stem, extra={"ss_max_token_length": cfg.max_token_length}))
 
     def save(target: Path, step: int) -> None:

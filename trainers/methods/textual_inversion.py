@@ -12,8 +12,8 @@ from trainers.formats.embedding import (EmbeddingFile, embedding_checksum, load_
                                         save_embedding)
 from trainers.formats.png_embedding import save_png_embedding
 from trainers.loop import TrainingError, TrainingPlan, train
-from trainers.conditioning import SdxlPromptEncoder
-from trainers.prompts import PromptEncoder
+from trainers.catalog import require_family
+from trainers.conditioning import prompt_encoder
 
 
 def run(cfg: TextualInversionConfig, ctx) -> Path:
@@ -24,16 +24,16 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
     stored = load_embedding(path)
     _check_fits(stored, model, path, cfg.model)
     device = model.unet.device
-    if model.is_sdxl:
-        halves = {k: torch.nn.Parameter(v.detach().float().clone().to(device))
-                  for k, v in stored.vectors.items()}
-        encoder = SdxlPromptEncoder(model, {name: halves}, max_tokens=cfg.max_token_length)
-        trained = [halves["clip_l"], halves["clip_g"]]
-        current = lambda: {k: v.detach().cpu().clone() for k, v in halves.items()}  # noqa: E731
+    halves = model.spec.embedding_halves  # one set of vectors per text encoder, or one tensor
+    if halves:
+        per_encoder = {k: torch.nn.Parameter(v.detach().float().clone().to(device))
+                       for k, v in stored.vectors.items()}
+        encoder = prompt_encoder(model, {name: per_encoder}, max_tokens=cfg.max_token_length)
+        trained = [per_encoder[k] for k in halves]
+        current = lambda: {k: v.detach().cpu().clone() for k, v in per_encoder.items()}  # noqa: E731
     else:
         vectors = torch.nn.Parameter(stored.vectors.detach().float().clone().to(device))
-        encoder = PromptEncoder(model.tokenizer, model.text_encoder, {name: vectors},
-                                max_tokens=cfg.max_token_length)
+        encoder = prompt_encoder(model, {name: vectors}, max_tokens=cfg.max_token_length)
         trained = [vectors]
         current = lambda: vectors.detach().cpu().clone()  # noqa: E731
     optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0)
@@ -62,17 +62,16 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
 
 def _check_fits(stored: EmbeddingFile, model, path: Path, model_name: str) -> None:
     """The embedding's vectors must have the width of the text encoder(s) they go into."""
-    encoders = {"clip_l": model.text_encoder, "clip_g": model.text_encoder_2}
-    if stored.is_sdxl != model.is_sdxl:
+    halves = model.spec.embedding_halves
+    if stored.is_sdxl != bool(halves):
         kind = "an SDXL embedding (clip_l + clip_g)" if stored.is_sdxl else "a single-encoder embedding"
-        raise TrainingError(f"embedding: {path.name} is {kind}, but {model_name} is "
-                            f"{'an SDXL' if model.is_sdxl else 'an SD 1.x/2.x'} model; "
-                            "it was made for another model family")
-    halves = stored.vectors if stored.is_sdxl else {"clip_l": stored.vectors}
-    for key, vectors in halves.items():
+        raise TrainingError(f"embedding: {path.name} is {kind}, but {model_name} is a "
+                            f"{model.spec.label} model; it was made for another model family")
+    encoders = dict(zip(halves or ("",), model.text_encoders))
+    for key, vectors in (stored.vectors if halves else {"": stored.vectors}).items():
         width = encoders[key].get_input_embeddings().weight.shape[1]
         if vectors.shape[1] != width:
-            which = f" {key}" if stored.is_sdxl else ""
+            which = f" {key}" if key else ""
             raise TrainingError(f"embedding: {path.name}{which} has vectors of width "
                                 f"{vectors.shape[1]}, but {model_name}'s text encoder uses "
                                 f"{width}; it was made for another model")
@@ -80,9 +79,7 @@ def _check_fits(stored: EmbeddingFile, model, path: Path, model_name: str) -> No
 
 def load_trainable(path: Path, model, model_name: str) -> EmbeddingFile:
     """An SD 1.x/2.x embedding file whose vectors fit this model's text encoder (for APT)."""
-    if model.is_sdxl:
-        raise TrainingError(f"model: {model_name} is an SDXL model; APT trains SD 1.x/2.x "
-                            "embeddings")
+    require_family("apt", model, model_name)
     stored = load_embedding(path)
     _check_fits(stored, model, path, model_name)
     return stored

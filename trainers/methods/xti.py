@@ -9,6 +9,7 @@ import torch
 
 from core import events as ev
 from trainers import template_training as tt
+from trainers.catalog import require_family
 from trainers.configs import XtiConfig
 from trainers.embeddings import initial_vectors
 from trainers.formats.embedding import embedding_checksum
@@ -24,9 +25,7 @@ def xti_folder(paths) -> Path:
 
 def run(cfg: XtiConfig, ctx) -> Path:
     model, dataset, template_lines = tt.prepare(cfg, ctx)
-    if getattr(model, "is_sdxl", False):
-        raise TrainingError(f"model: {cfg.model} is an SDXL model; XTI trains SD 1.x/2.x "
-                            "per-layer embeddings")
+    require_family("xti", model, cfg.model)
     name = cfg.output_name.strip()
     path = xti_folder(ctx.paths) / f"{name}.{cfg.file_format}"
     layers = layer_names(model.unet)
