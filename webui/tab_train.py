@@ -14,6 +14,7 @@ from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui import live
 from webui.forms import error_text, to_config
+from webui.handlers import Handlers
 from webui.method_forms import (MethodForm, build_section, demo_size_values, dropdown_sources,
                                 fallback_choice, method_forms, size_fields, size_values)
 
@@ -22,81 +23,143 @@ def build(paths: Paths, runner: JobRunner) -> dict:
     forms = method_forms()
     sources = dropdown_sources(paths)
     picker = process_choices()  # None: one GPU (or none), no picker
-    sections = []
+    page = _layout(forms, sources, picker, paths, runner)
+    handlers = _Handlers(paths, runner, page, sources, picker)
+    _wire(page, handlers)
+    return {"forms": forms, "restore": (handlers.restore_form, page.restore_outputs()),
+            "fill": handlers.fill, "buttons": page.buttons,
+            "dropdowns": handlers.dropdowns, "refresh_all": handlers.refresh_all}
+
+
+class _Page:
+    """The tab's components, set by _layout; the handlers and _wire read them."""
+    forms: list[MethodForm]
+    method: gr.Radio
+    refresh: gr.Button
+    note: gr.Markdown
+    sections: list[gr.Group]  # per form
+    buttons: list[FormButtons]  # per form: its own Train / Add to queue / Export / Estimate
+    interrupt: gr.Button
+    processes: gr.Dropdown
+    message: gr.Markdown
+    exported: gr.Code
+    status: gr.Markdown
+    plot: gr.LinePlot
+    gallery: gr.Gallery
+    queue_view: gr.Markdown
+    queue_id: gr.Number
+    up: gr.Button
+    down: gr.Button
+    remove: gr.Button
+    seen: gr.State
+    timer: gr.Timer
+
+    def panels(self) -> list:
+        """Shown together with their method."""
+        return self.sections + [b.row for b in self.buttons]
+
+    def all_inputs(self) -> list:
+        return [c for form in self.forms for c in form.controls.values()]
+
+    def restore_outputs(self) -> list:
+        return [self.method] + self.panels() + self.all_inputs() + [self.message]
+
+
+def _layout(forms: list[MethodForm], sources: dict, picker, paths: Paths,
+            runner: JobRunner) -> _Page:
+    page = _Page()
+    page.forms = forms
     with gr.Tab("Train", id="train"):
         gr.Markdown("Train on a folder of images. Loss and previews appear on the right while it "
                     "runs; reloading the page re-attaches to the running job.")
         with gr.Row():
-            method = gr.Radio([(f.title, f.key) for f in forms], value=forms[0].key,
-                              label="Method", elem_id="train-method", scale=4)
-            refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="train-refresh")
-        note = gr.Markdown(ch.demo_note(ch.default_model(paths)), elem_id="train-model-note")
+            page.method = gr.Radio([(f.title, f.key) for f in forms], value=forms[0].key,
+                                   label="Method", elem_id="train-method", scale=4)
+            page.refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="train-refresh")
+        page.note = gr.Markdown(ch.demo_note(ch.default_model(paths)), elem_id="train-model-note")
         with gr.Row():
             with gr.Column(scale=1):
-                for form in forms:
-                    # every form is in the page from the start ("hidden", not False): a form
-                    # first shown later would mount while the user types into it
-                    with gr.Group(visible=True if form is forms[0] else "hidden") as section:
-                        build_section(form, sources)
-                        if form.extras is not None:
-                            form.extras(form, paths)
-                    sections.append(section)
+                page.sections = _form_sections(forms, sources, paths)
             with gr.Column(scale=1):
-                buttons = []  # per form: its own Train / Add to queue / Export / Estimate
-                with gr.Row():
-                    for form in forms:
-                        with gr.Row(visible=form is forms[0]) as row:
-                            buttons.append(FormButtons(
-                                row, gr.Button("Train", variant="primary", elem_id="train-start"),
-                                gr.Button("Add to queue", elem_id="train-enqueue"),
-                                gr.Button("Export config", elem_id="train-export"),
-                                gr.Button("Estimate memory", elem_id="train-memory")))
-                    interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
-                processes = gr.Dropdown(
-                    picker[1] if picker else [1], value=1, label=picker[0] if picker else "GPUs",
-                    visible=picker is not None, elem_id="train-processes",
-                    info="More than 1 trains data-parallel in `accelerate launch` processes, one "
-                         "per GPU: each step trains batch size x processes images.")
-                message = gr.Markdown(elem_id="train-message")
-                exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
-                                   "run.toml)", language=None, visible=False, elem_id="train-toml")
-                status = gr.Markdown(live.status_text(_snap(runner)), elem_id="train-status")
-                plot = gr.LinePlot(None, x="step", y="loss", color="series",
-                                   title="Loss", height=260, elem_id="train-loss",
-                                   color_map={"loss": "#9ab8e6", "smoothed": "#e6550d"})
-                gallery = gr.Gallery(label="Previews (newest first)", columns=4, height=320,
-                                     elem_id="train-previews")
-                with gr.Accordion("Queue", open=True):
-                    queue_view = gr.Markdown(_queue_text(runner), elem_id="train-queue")
-                    with gr.Row():
-                        queue_id = gr.Number(label="Job id", precision=0, elem_id="train-queue-id")
-                        up = gr.Button("Up", elem_id="train-queue-up")
-                        down = gr.Button("Down", elem_id="train-queue-down")
-                        remove = gr.Button("Remove", elem_id="train-queue-remove")
-        seen = gr.State(live.Watch())
-        timer = gr.Timer(1.0)
+                _job_column(page, picker, runner)
+        page.seen = gr.State(live.Watch())
+        page.timer = gr.Timer(1.0)
+    return page
 
-    all_inputs = [c for form in forms for c in form.controls.values()]
-    panels = sections + [b.row for b in buttons]  # shown together with their method
 
-    def config_of(form: MethodForm, values):
-        return to_config(form.config, form.names, values)
+def _form_sections(forms: list[MethodForm], sources: dict, paths: Paths) -> list[gr.Group]:
+    sections = []
+    for form in forms:
+        # every form is in the page from the start ("hidden", not False): a form
+        # first shown later would mount while the user types into it
+        with gr.Group(visible=True if form is forms[0] else "hidden") as section:
+            build_section(form, sources)
+            if form.extras is not None:
+                form.extras(form, paths)
+        sections.append(section)
+    return sections
 
-    def submit(form: MethodForm, count, values, queue: bool):
+
+def _job_column(page: _Page, picker, runner: JobRunner) -> None:
+    """The buttons, the job's live view and the queue."""
+    page.buttons = []
+    with gr.Row():
+        for form in page.forms:
+            with gr.Row(visible=form is page.forms[0]) as row:
+                page.buttons.append(FormButtons(
+                    row, gr.Button("Train", variant="primary", elem_id="train-start"),
+                    gr.Button("Add to queue", elem_id="train-enqueue"),
+                    gr.Button("Export config", elem_id="train-export"),
+                    gr.Button("Estimate memory", elem_id="train-memory")))
+        page.interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
+    page.processes = gr.Dropdown(
+        picker[1] if picker else [1], value=1, label=picker[0] if picker else "GPUs",
+        visible=picker is not None, elem_id="train-processes",
+        info="More than 1 trains data-parallel in `accelerate launch` processes, one "
+             "per GPU: each step trains batch size x processes images.")
+    page.message = gr.Markdown(elem_id="train-message")
+    page.exported = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
+                            "run.toml)", language=None, visible=False, elem_id="train-toml")
+    page.status = gr.Markdown(live.status_text(_snap(runner)), elem_id="train-status")
+    page.plot = gr.LinePlot(None, x="step", y="loss", color="series",
+                            title="Loss", height=260, elem_id="train-loss",
+                            color_map={"loss": "#9ab8e6", "smoothed": "#e6550d"})
+    page.gallery = gr.Gallery(label="Previews (newest first)", columns=4, height=320,
+                              elem_id="train-previews")
+    with gr.Accordion("Queue", open=True):
+        page.queue_view = gr.Markdown(_queue_text(runner), elem_id="train-queue")
+        with gr.Row():
+            page.queue_id = gr.Number(label="Job id", precision=0, elem_id="train-queue-id")
+            page.up = gr.Button("Up", elem_id="train-queue-up")
+            page.down = gr.Button("Down", elem_id="train-queue-down")
+            page.remove = gr.Button("Remove", elem_id="train-queue-remove")
+
+
+class _Handlers(Handlers):
+    def __init__(self, paths: Paths, runner: JobRunner, page: _Page, sources: dict, picker):
+        self.paths, self.runner, self.sources, self.picker = paths, runner, sources, picker
+        self.forms = page.forms
+        self.panels = page.panels()
+        self.all_inputs = page.all_inputs()
+        self.dropdowns = [(name, c) for form in self.forms for name, c in form.controls.items()
+                          if name in sources]
+        super().__init__()
+
+    def submit(self, form: MethodForm, count, values, queue: bool):
         from trainers.memory_estimate import estimate_for
         from webui.jobs import job_parts
         try:
-            cfg = config_of(form, values)
-            check_before_queueing(cfg, paths)
-            name, kind, fn, spec = job_parts(form.key, cfg, process_count(count))
-            job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
+            cfg = to_config(form.config, form.names, values)
+            check_before_queueing(cfg, self.paths)
+            name, kind, fn, spec = job_parts(form.key, cfg, self.process_count(count))
+            job = self.runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
         verb = "Queued" if queue else "Started"
-        return f"{verb} job {job.id}: {job.name}. {estimate_for(cfg, paths).text()}"
+        return f"{verb} job {job.id}: {job.name}. {estimate_for(cfg, self.paths).text()}"
 
-    def process_count(value) -> int:
-        allowed = picker[1] if picker else [1]
+    def process_count(self, value) -> int:
+        allowed = self.picker[1] if self.picker else [1]
         if value in (None, ""):
             return 1
         try:
@@ -108,7 +171,8 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                               f"{str(value)[:40]!r}")
         return number
 
-    def move(job_id, offset):
+    def move(self, job_id, offset):
+        runner = self.runner
         if job_id is None or job_id == "":
             return "Type a job id from the queue.", _queue_text(runner)
         try:
@@ -120,43 +184,43 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return f"Job {number} is not waiting in the queue.", _queue_text(runner)
         return "", _queue_text(runner)
 
-    def stop():
-        return "Interrupting: the job saves and stops after this step." if runner.stop() \
+    def stop(self):
+        return "Interrupting: the job saves and stops after this step." if self.runner.stop() \
             else "Nothing is running."
 
-    async def poll(watch: live.Watch):
+    async def poll(self, watch: live.Watch):
         """The timer's tick: only what changed, and only the loss points this page lacks. A
         coroutine, so gradio runs it on its event loop (it takes well under a millisecond when
         nothing changed) instead of handing each of many pages' polls to a worker thread that
         fights the training thread for the GIL."""
-        changed = live.refresh(runner, watch)
+        changed = live.refresh(self.runner, watch)
         return (changed.get("status", gr.skip()),
                 changed["plot"] if "plot" in changed else gr.skip(),
                 changed.get("gallery", gr.skip()),
-                _queue_text(runner) if changed.get("queue") else gr.skip(),
+                _queue_text(self.runner) if changed.get("queue") else gr.skip(),
                 watch)
 
-    dropdowns = [(name, c) for form in forms for name, c in form.controls.items() if name in sources]
+    def refresh_all(self, *current):
+        return [ch.refreshed(self.sources[name](), value)
+                for (name, _), value in zip(self.dropdowns, current)]
 
-    def refresh_all(*current):
-        return [ch.refreshed(sources[name](), value) for (name, _), value in zip(dropdowns, current)]
+    def show(self, key):
+        return [gr.update(visible=True if form.key == key else "hidden") for form in self.forms] + \
+            [gr.update(visible=form.key == key) for form in self.forms]
 
-    def show(key):
-        return [gr.update(visible=True if form.key == key else "hidden") for form in forms] + \
-            [gr.update(visible=form.key == key) for form in forms]
-
-    def fill(key: str | None, cfg, page_values: bool = False) -> list:
+    def fill(self, key: str | None, cfg, page_values: bool = False) -> list:
         """Updates that show method `key` with the values of `cfg` (a config or a dict), then a
         note in the message. Every dropdown of that form (of every form with `page_values`,
         which keeps the others at the values the page was built with) gets its choices read
         now; a value no longer among them is cleared and named in the note, never an error."""
+        forms, sources, panels = self.forms, self.sources, self.panels
         form = next((f for f in forms if f.key == key), None)
         if form is None or cfg is None:
             if not page_values:
-                return [gr.skip()] * (1 + len(panels) + len(all_inputs) + 1)
+                return [gr.skip()] * (1 + len(panels) + len(self.all_inputs) + 1)
             form, cfg = None, {}
         value = (lambda name: cfg.get(name)) if isinstance(cfg, dict) else (lambda name: getattr(cfg, name))
-        updates = ([gr.update(value=form.key)] + show(form.key)) if form else \
+        updates = ([gr.update(value=form.key)] + self.show(form.key)) if form else \
             [gr.skip()] * (1 + len(panels))
         fresh = {name: read() for name, read in sources.items()}
         cleared = []
@@ -182,30 +246,33 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         note = "**Note:** " + "; ".join(cleared) + "." if cleared else gr.skip()
         return updates + [note]
 
-    def restore_form():
+    def restore_form(self):
         """A fresh page shows the settings of the running (or last) job, with every dropdown's
         choices read now (the page itself carries those read when the app started)."""
-        job = runner.latest("train")
+        job = self.runner.latest("train")
         cfg = getattr(job, "config", None)
-        form = next((f for f in forms if type(cfg) is f.config), None)
-        return fill(form.key if form else None, cfg, page_values=True)
+        form = next((f for f in self.forms if type(cfg) is f.config), None)
+        return self.fill(form.key if form else None, cfg, page_values=True)
 
-    method.change(show, method, panels)
-    interrupt.click(stop, None, message)
-    timer.tick(poll, seen, [status, plot, gallery, queue_view, seen], show_progress="hidden",
-               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
+
+def _wire(page: _Page, handlers: _Handlers) -> None:
+    page.method.change(handlers.show, page.method, page.panels())
+    page.interrupt.click(handlers.stop, None, page.message)
+    page.timer.tick(handlers.poll, page.seen,
+                    [page.status, page.plot, page.gallery, page.queue_view, page.seen],
+                    show_progress="hidden",
+                    queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
     quiet = {"show_progress": "hidden"}
-    for form, row in zip(forms, buttons):
-        _wire_form(form, row, processes, message, exported, queue_view, submit, runner, paths,
-                   quiet)
-        _follow_model(form, note)
-    up.click(lambda job_id: move(job_id, -1), queue_id, [message, queue_view], **quiet)
-    down.click(lambda job_id: move(job_id, 1), queue_id, [message, queue_view], **quiet)
-    remove.click(lambda job_id: move(job_id, 0), queue_id, [message, queue_view], **quiet)
-    refresh.click(refresh_all, [c for _, c in dropdowns], [c for _, c in dropdowns])
-    return {"forms": forms, "restore": (restore_form, [method] + panels + all_inputs + [message]),
-            "fill": fill, "buttons": buttons,
-            "dropdowns": dropdowns, "refresh_all": refresh_all}
+    for form, row in zip(handlers.forms, page.buttons):
+        _wire_form(form, row, page, handlers, quiet)
+        _follow_model(form, page.note)
+    move, message, queue_view = handlers.move, page.message, page.queue_view
+    page.up.click(lambda job_id: move(job_id, -1), page.queue_id, [message, queue_view], **quiet)
+    page.down.click(lambda job_id: move(job_id, 1), page.queue_id, [message, queue_view], **quiet)
+    page.remove.click(lambda job_id: move(job_id, 0), page.queue_id, [message, queue_view],
+                      **quiet)
+    dropdowns = [c for _, c in handlers.dropdowns]
+    page.refresh.click(handlers.refresh_all, dropdowns, dropdowns)
 
 
 @dataclass
@@ -218,9 +285,11 @@ class FormButtons:
     memory: gr.Button
 
 
-def _wire_form(form: MethodForm, buttons: FormButtons, processes, message, exported, queue_view,
-               submit, runner: JobRunner, paths: Paths, quiet: dict) -> None:
+def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _Handlers,
+               quiet: dict) -> None:
     inputs = list(form.controls.values())
+    submit, runner, paths = handlers.submit, handlers.runner, handlers.paths
+    processes, message = page.processes, page.message
 
     def start(count, *values):
         return submit(form, count, values, queue=False)
@@ -244,8 +313,8 @@ def _wire_form(form: MethodForm, buttons: FormButtons, processes, message, expor
         return estimate_for(cfg, paths).text()
 
     buttons.train.click(start, [processes] + inputs, message)
-    buttons.enqueue.click(add_to_queue, [processes] + inputs, [message, queue_view], **quiet)
-    buttons.export.click(export_toml, inputs, [message, exported])
+    buttons.enqueue.click(add_to_queue, [processes] + inputs, [message, page.queue_view], **quiet)
+    buttons.export.click(export_toml, inputs, [message, page.exported])
     buttons.memory.click(estimate_memory, inputs, message)
 
 
