@@ -21,6 +21,7 @@ from trainers import runs as rn
 from webui import choices as ch
 from webui import live
 from webui.forms import error_text
+from webui.handlers import Handlers
 
 CARDS = "checkpoint_cards"  # outputs/<this>/: thumbnails of files that live elsewhere
 MARK_COLOR = "#2ca02c"
@@ -29,98 +30,172 @@ HISTORY_COLUMNS = ["Started", "Run", "Method", "Base model", "Dataset", "Steps",
 
 
 def build(paths: Paths, runner: JobRunner) -> dict:
-    runs = _scan(paths, runner)
-    with gr.Tab("Checkpoints", id="checkpoints") as tab:
+    page = _layout(_scan(paths, runner))
+    handlers = _Handlers(paths, runner, page)
+    _wire(page, handlers)
+    return {"run": page.run_choice, "train_again": page.train_again,
+            "config_of": config_of(paths, runner),
+            "restore": (handlers.restore,
+                        [page.run_choice, page.history, page.table_ids, page.compare_job])}
+
+
+class _Page:
+    """The tab's components, set by _layout; the handlers and _wire read them."""
+    tab: gr.Tab
+    run_choice: gr.Dropdown
+    refresh: gr.Button
+    history: gr.Dataframe
+    summary: gr.Markdown
+    resume: gr.Button
+    resume_message: gr.Markdown
+    plot: gr.LinePlot
+    gallery: gr.Gallery
+    details: gr.Markdown
+    detail_previews: gr.Gallery
+    use_name: gr.Textbox
+    use_overwrite: gr.Checkbox
+    use: gr.Button
+    use_message: gr.Markdown
+    pick: gr.CheckboxGroup
+    strengths: gr.Textbox
+    seeds: gr.Textbox
+    steps: gr.Number
+    prompts: gr.Textbox
+    compare: gr.Button
+    stop: gr.Button
+    compare_status: gr.Markdown
+    grid: gr.Image
+    settings_toml: gr.Code
+    train_again: gr.Button
+    shown: gr.State  # run id on screen
+    table_ids: gr.State  # run ids in the history's row order
+    cards: gr.State  # checkpoint keys in gallery order
+    selected: gr.State  # checkpoint key
+    compare_job: gr.State  # job id
+    seen: gr.State  # what the page shows, so the timer sends only changes
+    timer: gr.Timer
+
+    def view_outputs(self) -> list:
+        """What shows one run."""
+        return [self.summary, self.plot, self.gallery, self.cards, self.pick, self.settings_toml]
+
+    def tick_outputs(self) -> list:
+        return [self.compare_status, self.grid, self.run_choice, self.history, self.table_ids,
+                self.seen] + self.view_outputs()
+
+
+def _layout(runs: list[rn.Run]) -> _Page:
+    page = _Page()
+    with gr.Tab("Checkpoints", id="checkpoints") as page.tab:
         gr.Markdown("Past and running training runs, read from their log folders. Open a run "
                     "to see its loss curve and checkpoints; click a checkpoint card to copy it "
                     "to its final folder, or compare checkpoints in a grid.")
-        with gr.Row():
-            run_choice = gr.Dropdown(_run_choices(runs), value=None, label="Run", scale=4,
-                                     elem_id="ckpt-run")
-            refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="ckpt-refresh")
-        history = gr.Dataframe(_history_frame(runs), interactive=False, wrap=True,
-                               max_height=280, elem_id="ckpt-history",
-                               label="Run history (newest first; click a row to open it)")
-        summary = gr.Markdown(elem_id="ckpt-summary")
-        with gr.Row():
-            resume = gr.Button("Resume", scale=0, min_width=120, elem_id="ckpt-resume")
-            resume_message = gr.Markdown(elem_id="ckpt-resume-message")
-        with gr.Row():
-            plot = gr.LinePlot(_plot_frame(None), x="step", y="loss", color="series",
-                               title="Loss (green lines: saved checkpoints)", height=280,
-                               color_map=_color_map(None), colors_in_legend=["loss", "smoothed"],
-                               elem_id="ckpt-loss", scale=1)
-            gallery = gr.Gallery(label="Checkpoints (click one)", columns=3, height=300,
-                                 allow_preview=False, elem_id="ckpt-gallery", scale=1)
+        _run_view(page, runs)
         with gr.Group():
-            details = gr.Markdown("Click a checkpoint card to see it here.",
-                                  elem_id="ckpt-details")
-            detail_previews = gr.Gallery(label="Previews at this step", columns=6, height=160,
-                                         allow_preview=False, preview=False, visible=False,
-                                         elem_id="ckpt-detail-previews")
-            with gr.Row():
-                use_name = gr.Textbox(label="Name", scale=3, elem_id="ckpt-use-name",
-                                      info="File name in its final folder (for an embedding, "
-                                           "also the word you type in prompts).")
-                use_overwrite = gr.Checkbox(label="Overwrite a file of this name", scale=2,
-                                            elem_id="ckpt-use-overwrite")
-                use = gr.Button("Use this checkpoint", variant="primary", scale=1,
-                                elem_id="ckpt-use")
-            use_message = gr.Markdown(elem_id="ckpt-use-message")
+            _checkpoint_card(page)
         with gr.Accordion("Compare checkpoints", open=True):
-            pick = gr.CheckboxGroup([], label="Checkpoints (rows)", elem_id="ckpt-compare-pick")
-            with gr.Row():
-                strengths = gr.Textbox("1.0", label="Strengths (rows; LoRA and hypernetwork)",
-                                       elem_id="ckpt-compare-strengths",
-                                       info="e.g. 0.5, 1.0")
-                seeds = gr.Textbox("42", label="Seeds (one fixed seed per column)",
-                                   elem_id="ckpt-compare-seeds", info="e.g. 1, 2, 3")
-                steps = gr.Number(20, precision=0, label="Sampling steps",
-                                  elem_id="ckpt-compare-steps")
-            prompts = gr.Textbox(label="Prompts (columns; one per line, `--n` adds a negative "
-                                 "prompt)", lines=2, elem_id="ckpt-compare-prompts")
-            with gr.Row():
-                compare = gr.Button("Render grid", variant="primary", elem_id="ckpt-compare-start")
-                stop = gr.Button("Stop", variant="stop", elem_id="ckpt-compare-stop")
-            compare_status = gr.Markdown(elem_id="ckpt-compare-status")
-            grid = gr.Image(label="Grid (saved under outputs/grids/)", type="filepath",
-                            interactive=False, format="png", elem_id="ckpt-grid")
+            _compare_form(page)
         with gr.Accordion("Settings", open=False):
-            settings_toml = gr.Code(label="Settings as TOML (python -m trainers METHOD --config "
-                                    "run.toml trains again with them)", language=None,
-                                    elem_id="ckpt-settings")
-            train_again = gr.Button("Train again with these settings (opens the Train tab)",
-                                    elem_id="ckpt-train-again")
-        shown = gr.State(None)  # run id on screen
-        table_ids = gr.State([r.id for r in runs])
-        cards = gr.State([])  # checkpoint keys in gallery order
-        selected = gr.State(None)  # checkpoint key
-        compare_job = gr.State(None)  # job id
-        seen = gr.State({})  # what the page shows, so the timer sends only changes
-        timer = gr.Timer(2.0)
+            page.settings_toml = gr.Code(label="Settings as TOML (python -m trainers METHOD "
+                                         "--config run.toml trains again with them)",
+                                         language=None, elem_id="ckpt-settings")
+            page.train_again = gr.Button("Train again with these settings (opens the Train "
+                                         "tab)", elem_id="ckpt-train-again")
+        page.shown = gr.State(None)
+        page.table_ids = gr.State([r.id for r in runs])
+        page.cards = gr.State([])
+        page.selected = gr.State(None)
+        page.compare_job = gr.State(None)
+        page.seen = gr.State({})
+        page.timer = gr.Timer(2.0)
+    return page
+
+
+def _run_view(page: _Page, runs: list[rn.Run]) -> None:
+    """The run picker, the history, and the open run's summary, loss curve and checkpoints."""
+    with gr.Row():
+        page.run_choice = gr.Dropdown(_run_choices(runs), value=None, label="Run", scale=4,
+                                      elem_id="ckpt-run")
+        page.refresh = gr.Button(ch.REFRESH, scale=0, min_width=90, elem_id="ckpt-refresh")
+    page.history = gr.Dataframe(_history_frame(runs), interactive=False, wrap=True,
+                                max_height=280, elem_id="ckpt-history",
+                                label="Run history (newest first; click a row to open it)")
+    page.summary = gr.Markdown(elem_id="ckpt-summary")
+    with gr.Row():
+        page.resume = gr.Button("Resume", scale=0, min_width=120, elem_id="ckpt-resume")
+        page.resume_message = gr.Markdown(elem_id="ckpt-resume-message")
+    with gr.Row():
+        page.plot = gr.LinePlot(_plot_frame(None), x="step", y="loss", color="series",
+                                title="Loss (green lines: saved checkpoints)", height=280,
+                                color_map=_color_map(None), colors_in_legend=["loss", "smoothed"],
+                                elem_id="ckpt-loss", scale=1)
+        page.gallery = gr.Gallery(label="Checkpoints (click one)", columns=3, height=300,
+                                  allow_preview=False, elem_id="ckpt-gallery", scale=1)
+
+
+def _checkpoint_card(page: _Page) -> None:
+    """The clicked checkpoint: its details, previews and "Use this checkpoint"."""
+    page.details = gr.Markdown("Click a checkpoint card to see it here.",
+                               elem_id="ckpt-details")
+    page.detail_previews = gr.Gallery(label="Previews at this step", columns=6, height=160,
+                                      allow_preview=False, preview=False, visible=False,
+                                      elem_id="ckpt-detail-previews")
+    with gr.Row():
+        page.use_name = gr.Textbox(label="Name", scale=3, elem_id="ckpt-use-name",
+                                   info="File name in its final folder (for an embedding, "
+                                        "also the word you type in prompts).")
+        page.use_overwrite = gr.Checkbox(label="Overwrite a file of this name", scale=2,
+                                         elem_id="ckpt-use-overwrite")
+        page.use = gr.Button("Use this checkpoint", variant="primary", scale=1,
+                             elem_id="ckpt-use")
+    page.use_message = gr.Markdown(elem_id="ckpt-use-message")
+
+
+def _compare_form(page: _Page) -> None:
+    page.pick = gr.CheckboxGroup([], label="Checkpoints (rows)", elem_id="ckpt-compare-pick")
+    with gr.Row():
+        page.strengths = gr.Textbox("1.0", label="Strengths (rows; LoRA and hypernetwork)",
+                                    elem_id="ckpt-compare-strengths", info="e.g. 0.5, 1.0")
+        page.seeds = gr.Textbox("42", label="Seeds (one fixed seed per column)",
+                                elem_id="ckpt-compare-seeds", info="e.g. 1, 2, 3")
+        page.steps = gr.Number(20, precision=0, label="Sampling steps",
+                               elem_id="ckpt-compare-steps")
+    page.prompts = gr.Textbox(label="Prompts (columns; one per line, `--n` adds a negative "
+                              "prompt)", lines=2, elem_id="ckpt-compare-prompts")
+    with gr.Row():
+        page.compare = gr.Button("Render grid", variant="primary", elem_id="ckpt-compare-start")
+        page.stop = gr.Button("Stop", variant="stop", elem_id="ckpt-compare-stop")
+    page.compare_status = gr.Markdown(elem_id="ckpt-compare-status")
+    page.grid = gr.Image(label="Grid (saved under outputs/grids/)", type="filepath",
+                         interactive=False, format="png", elem_id="ckpt-grid")
+
+
+class _Handlers(Handlers):
+    def __init__(self, paths: Paths, runner: JobRunner, page: _Page):
+        self.paths, self.runner, self.page = paths, runner, page
+        super().__init__()
 
     # ---- history ------------------------------------------------------------------------------
-    def refresh_history(current):
-        runs = _scan(paths, runner)
+    def refresh_history(self, current):
+        runs = _scan(self.paths, self.runner)
         ids = [r.id for r in runs]
         return (gr.update(choices=_run_choices(runs), value=current if current in ids else None),
                 _history_frame(runs), ids)
 
+    @staticmethod
     def select_row(ids, event: gr.SelectData):
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
         return ids[row] if isinstance(row, int) and 0 <= row < len(ids) else gr.skip()
 
     # ---- one run ------------------------------------------------------------------------------
-    view_outputs = [summary, plot, gallery, cards, pick, settings_toml]
-
-    def view(run: rn.Run | None, keep_pick=None) -> tuple[list, list]:
-        """Values for view_outputs, and a fingerprint of each so the timer sends only what
-        changed (a gallery sent again loses its selection)."""
+    def view(self, run: rn.Run | None, keep_pick=None) -> tuple[list, list]:
+        """Values for the page's view_outputs, and a fingerprint of each so the timer sends only
+        what changed (a gallery sent again loses its selection)."""
         if run is None:
             values = ["Choose a run.", _plot(None), [], [], gr.update(choices=[], value=[]), ""]
             return values, ["", None, (), (), (), ""]
-        losses = _live_losses(runner, run)
-        items = [(_servable(paths, c.previews[0] if c.previews else None), c.caption)
+        losses = _live_losses(self.runner, run)
+        items = [(_servable(self.paths, c.previews[0] if c.previews else None), c.caption)
                  for c in run.checkpoints]
         keys = [c.key for c in run.checkpoints]
         choices = [(c.label, c.key) for c in run.checkpoints]
@@ -131,9 +206,9 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                   tuple(items), tuple(keys), tuple(choices), values[5]]
         return values, prints
 
-    def open_run(run_id, state):
-        run = _load(paths, runner, run_id)
-        values, prints = view(run)
+    def open_run(self, run_id, state):
+        run = _load(self.paths, self.runner, run_id)
+        values, prints = self.view(run)
         if run is None:
             form = [gr.skip()] * 5
         else:
@@ -143,29 +218,29 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             form = [gr.update(interactive=method is not None and method.strength),
                     default_prompt(run), preview_defaults(run)["steps"],
                     "Click a checkpoint card to see it here.", gr.update(value=[], visible=False)]
-        state = {**(state or {}), "run": _signature(paths, runner, run), "view": prints}
+        state = {**(state or {}), "run": _signature(self.paths, self.runner, run), "view": prints}
         return values + form + [run_id, None, state]
 
-    def select_card(run_id, keys, event: gr.SelectData):
-        run = _load(paths, runner, run_id)
+    def select_card(self, run_id, keys, event: gr.SelectData):
+        run = _load(self.paths, self.runner, run_id)
         index = event.index if isinstance(event.index, int) else None
         key = keys[index] if run is not None and index is not None and index < len(keys) else None
         checkpoint = run.checkpoint(key) if key else None
         if checkpoint is None:
             return "That checkpoint is gone; refresh the run.", gr.update(visible=False), \
                 gr.skip(), None, ""
-        previews = [(_servable(paths, p), p.name) for p in checkpoint.previews]
+        previews = [(_servable(self.paths, p), p.name) for p in checkpoint.previews]
         return (_details(run, checkpoint), gr.update(value=previews, visible=bool(previews)),
                 f"{run.name}-{checkpoint.step}", key, "")
 
-    def use_checkpoint(run_id, key, name, overwrite):
+    def use_checkpoint(self, run_id, key, name, overwrite):
         from trainers.checkpoint_use import use_checkpoint_files as copy
-        run = _load(paths, runner, run_id)
+        run = _load(self.paths, self.runner, run_id)
         checkpoint = run.checkpoint(key) if run is not None and key else None
         if checkpoint is None:
             return "**Error:** click a checkpoint card first.", gr.skip()
         try:
-            targets = copy(paths, run, checkpoint, name or "", overwrite=bool(overwrite))
+            targets = copy(self.paths, run, checkpoint, name or "", overwrite=bool(overwrite))
         except (ConfigError, OSError, ValueError) as error:
             return error_text(error), gr.skip()
         target = targets[0]
@@ -177,49 +252,51 @@ def build(paths: Paths, runner: JobRunner) -> dict:
                 f"`{target.parent.name}/` as **{target.stem}**.", False)
 
     # ---- compare --------------------------------------------------------------------------------
-    def start_compare(run_id, keys, strengths_text, prompts_text, seeds_text, steps_value):
+    def start_compare(self, run_id, keys, strengths_text, prompts_text, seeds_text, steps_value):
         from trainers.compare import compare_job as job_fn
         from trainers.compare import spec_for_run
-        run = _load(paths, runner, run_id)
+        run = _load(self.paths, self.runner, run_id)
         if run is None:
             return "**Error:** choose a run first.", gr.skip()
         try:
             spec = spec_for_run(run, list(keys or []), strengths_text, prompts_text, seeds_text,
                                 steps=int(steps_value) if steps_value else None)
-            job = _submit(runner, f"compare: {run.name}", job_fn(spec, paths), spec)
+            job = _submit(self.runner, f"compare: {run.name}", job_fn(spec, self.paths), spec)
         except (ConfigError, ValueError, RuntimeError) as error:
             return error_text(error), gr.skip()
         cells = len(spec.rows()) * len(spec.columns())
         return f"Queued job {job.id}: {cells} images.", job.id
 
-    def resume_run(run_id):
-        run = _load(paths, runner, run_id)
+    def resume_run(self, run_id):
+        run = _load(self.paths, self.runner, run_id)
         if run is None:
             return "**Error:** choose a run first."
         try:
-            job = queue_resume(paths, runner, run)
+            job = queue_resume(self.paths, self.runner, run)
         except (ConfigError, KeyError, ValueError, RuntimeError) as error:
             return error_text(error)
         return (f"Queued job {job.id}: {job.name}, continuing from step {run.final_step} "
                 "(watch it in the Train tab).")
 
-    def stop_compare(job_id):
-        return "Stopping the comparison." if job_id and runner.stop(job_id) else \
+    def stop_compare(self, job_id):
+        return "Stopping the comparison." if job_id and self.runner.stop(job_id) else \
             "No comparison is running."
 
     # ---- the timer: compare progress, the running run, the history ------------------------------
-    def tick(run_id, job_id, keep_pick, state):
+    def tick(self, run_id, job_id, keep_pick, state):
+        paths, runner, page = self.paths, self.runner, self.page
+        tick_outputs = page.tick_outputs()
         state = dict(state or {})
         out = {component: gr.skip() for component in tick_outputs}
         snap = _compare_snapshot(runner, job_id)
         if snap is not None:
             text = _compare_text(snap)
             if text != state.get("compare"):
-                out[compare_status] = state["compare"] = text
+                out[page.compare_status] = state["compare"] = text
             result = snap["result"]
             path = getattr(result, "path", "") if isinstance(result, ev.Finished) else ""
             if path and path != state.get("grid") and Path(path).is_file():
-                out[grid] = state["grid"] = _servable(paths, Path(path))
+                out[page.grid] = state["grid"] = _servable(paths, Path(path))
         train = runner.latest("train")
         folders = _running(paths, runner)
         # the history again when a train job starts, writes its folder, ends, or every 10 s
@@ -228,47 +305,50 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         if train_key != state.get("train"):
             state["train"] = train_key
             runs = _scan(paths, runner)
-            out[run_choice] = gr.update(choices=_run_choices(runs))
-            out[history] = _history_frame(runs)
-            out[table_ids] = [r.id for r in runs]
+            out[page.run_choice] = gr.update(choices=_run_choices(runs))
+            out[page.history] = _history_frame(runs)
+            out[page.table_ids] = [r.id for r in runs]
         if run_id:
             run_signature = _signature(paths, runner, run_id)
             if run_signature != state.get("run"):
                 state["run"] = run_signature
-                values, prints = view(_load(paths, runner, run_id), keep_pick)
+                values, prints = self.view(_load(paths, runner, run_id), keep_pick)
                 old = state.get("view") or [None] * len(prints)
-                for component, value, now, before in zip(view_outputs, values, prints, old):
+                for component, value, now, before in zip(page.view_outputs(), values, prints, old):
                     if now != before:
                         out[component] = value
                 state["view"] = prints
-        out[seen] = state
+        out[page.seen] = state
         return [out[component] for component in tick_outputs]
 
-    tick_outputs = [compare_status, grid, run_choice, history, table_ids, seen] + view_outputs
-
-    refresh.click(refresh_history, run_choice, [run_choice, history, table_ids])
-    tab.select(refresh_history, run_choice, [run_choice, history, table_ids])
-    history.select(select_row, table_ids, run_choice)
-    run_choice.change(open_run, [run_choice, seen], view_outputs + [
-        strengths, prompts, steps, details, detail_previews, shown, selected, seen])
-    gallery.select(select_card, [shown, cards], [details, detail_previews, use_name, selected,
-                                                 use_message])
-    use.click(use_checkpoint, [shown, selected, use_name, use_overwrite],
-              [use_message, use_overwrite])
-    compare.click(start_compare, [shown, pick, strengths, prompts, seeds, steps],
-                  [compare_status, compare_job])
-    stop.click(stop_compare, compare_job, compare_status)
-    resume.click(resume_run, shown, resume_message)
-    timer.tick(tick, [shown, compare_job, pick, seen], tick_outputs, show_progress="hidden",
-               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
-
-    def restore():
+    def restore(self):
         """A fresh page: the history as it is now, and the last comparison's job."""
-        job = runner.latest("compare")
-        return [*refresh_history(None), job.id if job is not None else None]
+        job = self.runner.latest("compare")
+        return [*self.refresh_history(None), job.id if job is not None else None]
 
-    return {"run": run_choice, "train_again": train_again, "config_of": config_of(paths, runner),
-            "restore": (restore, [run_choice, history, table_ids, compare_job])}
+
+def _wire(page: _Page, handlers: _Handlers) -> None:
+    history_outputs = [page.run_choice, page.history, page.table_ids]
+    page.refresh.click(handlers.refresh_history, page.run_choice, history_outputs)
+    page.tab.select(handlers.refresh_history, page.run_choice, history_outputs)
+    page.history.select(handlers.select_row, page.table_ids, page.run_choice)
+    page.run_choice.change(handlers.open_run, [page.run_choice, page.seen], page.view_outputs() + [
+        page.strengths, page.prompts, page.steps, page.details, page.detail_previews, page.shown,
+        page.selected, page.seen])
+    page.gallery.select(handlers.select_card, [page.shown, page.cards],
+                        [page.details, page.detail_previews, page.use_name, page.selected,
+                         page.use_message])
+    page.use.click(handlers.use_checkpoint,
+                   [page.shown, page.selected, page.use_name, page.use_overwrite],
+                   [page.use_message, page.use_overwrite])
+    page.compare.click(handlers.start_compare,
+                       [page.shown, page.pick, page.strengths, page.prompts, page.seeds,
+                        page.steps], [page.compare_status, page.compare_job])
+    page.stop.click(handlers.stop_compare, page.compare_job, page.compare_status)
+    page.resume.click(handlers.resume_run, page.shown, page.resume_message)
+    page.timer.tick(handlers.tick, [page.shown, page.compare_job, page.pick, page.seen],
+                    page.tick_outputs(), show_progress="hidden",
+                    queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
 
 
 def config_of(paths: Paths, runner: JobRunner):
@@ -363,7 +443,7 @@ def _signature(paths: Paths, runner: JobRunner, run) -> tuple | None:
             stamps.append((name, stat.st_mtime_ns))
         except OSError:
             pass
-    for name in rn.CSV_NAMES:
+    for name in rn.csv_names():
         try:
             stat = (root / name).stat()
             stamps.append((name, stat.st_mtime_ns, stat.st_size))
