@@ -26,6 +26,7 @@ from core.paths import PathError, Paths
 from preprocess import captions_edit as ce
 from preprocess.config import PIL_MAX_PIXELS, PreprocessConfig
 from webui.forms import control, error_text
+from webui.handlers import Handlers
 
 KIND = "preprocess"
 CFG = PreprocessConfig
@@ -221,130 +222,203 @@ def form_layout() -> list[str]:
 def build(paths: Paths, runner: JobRunner) -> dict:
     missing = set(_field_names()) - set(form_layout())
     assert not missing, f"PreprocessConfig fields without a control: {sorted(missing)}"
-    root = thumbnail_root(paths)
-    controls: dict[str, gr.components.Component] = {}
-    captioner_groups = {}
+    page = _layout(runner)
+    handlers = _Handlers(paths, runner, page)
+    _wire(page, handlers)
+    return {"controls": page.controls, "restore": (handlers.restore_form, page.restore_outputs()),
+            "gallery": page.gallery, "editor": page.browser}
 
+
+class _Page:
+    """The tab's components, set by _layout; the handlers and _wire read them."""
+    controls: dict[str, gr.components.Component]  # by PreprocessConfig field
+    captioner_groups: dict[str, gr.Group]  # each captioner's options, by captioner
+    inner: gr.Tabs
+    start_button: gr.Button
+    enqueue: gr.Button
+    interrupt: gr.Button
+    to_editor: gr.Button
+    message: gr.Markdown
+    status: gr.Markdown
+    gallery: gr.Gallery
+    summary: gr.Textbox
+    folder: gr.Textbox
+    load: gr.Button
+    edit_message: gr.Markdown
+    browser: gr.Gallery
+    selected_name: gr.Markdown
+    caption: gr.Textbox
+    save: gr.Button
+    action: gr.Dropdown
+    tags: gr.Textbox
+    replacement: gr.Textbox
+    apply: gr.Button
+    table: gr.Dataframe
+    seen: gr.State
+    loaded: gr.State
+    images: gr.State
+    chosen: gr.State
+    timer: gr.Timer
+
+    def inputs(self) -> list:
+        return list(self.controls.values())
+
+    def restore_outputs(self) -> list:
+        return self.inputs() + list(self.captioner_groups.values())
+
+    def editor_outputs(self) -> list:
+        """What opening a folder in the dataset editor updates."""
+        return [self.edit_message, self.browser, self.loaded, self.images, self.chosen,
+                self.selected_name, self.caption, self.table]
+
+
+def _layout(runner: JobRunner) -> _Page:
+    page = _Page()
     with gr.Tab("Preprocess images", id="preprocess"):
         gr.Markdown("Resize, crop, flip and caption a folder of images into a training dataset, "
                     "then fix its captions in the dataset editor. The source folder is only "
                     "read. Relative paths are inside the data folder.")
-        with gr.Tabs() as inner:
+        with gr.Tabs() as page.inner:
             with gr.Tab("Process a folder", id="preprocess-run"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        with gr.Row():
-                            for name in TOP:
-                                controls[name] = control(CFG, name)
-                        for title, names, is_open in GROUPS:
-                            with gr.Accordion(title, open=is_open):
-                                for start in range(0, len(names), 2):
-                                    with gr.Row():
-                                        for name in names[start:start + 2]:
-                                            controls[name] = control(CFG, name)
-                        with gr.Accordion("Captioners", open=False):
-                            controls["captioners"] = gr.CheckboxGroup(
-                                [(CAPTIONER_LABELS.get(n, n), n) for n in CAPTIONER_FIELDS],
-                                value=[], label=label_of(CFG, "captioners"),
-                                info=help_of(CFG, "captioners"), elem_id=f"{CFG.__name__}-captioners")
-                            controls["device"] = control(CFG, "device")
-                            for key, names in CAPTIONER_FIELDS.items():
-                                with gr.Group(visible=False) as group:
-                                    gr.Markdown(f"**{CAPTIONER_LABELS[key]}**")
-                                    for start in range(0, len(names), 2):
-                                        with gr.Row():
-                                            for name in names[start:start + 2]:
-                                                controls[name] = control(CFG, name)
-                                captioner_groups[key] = group
+                        page.controls, page.captioner_groups = _config_form()
                     with gr.Column(scale=1):
-                        with gr.Row():
-                            start_button = gr.Button("Preprocess", variant="primary",
-                                                     elem_id="preprocess-start")
-                            enqueue = gr.Button("Add to queue", elem_id="preprocess-enqueue")
-                            interrupt = gr.Button("Interrupt", variant="stop",
-                                                  elem_id="preprocess-interrupt")
-                            to_editor = gr.Button("Edit captions of the destination",
-                                                  elem_id="preprocess-edit-destination")
-                        message = gr.Markdown(elem_id="preprocess-message")
-                        status = gr.Markdown(status_text(_snap(runner)), elem_id="preprocess-status")
-                        gallery = gr.Gallery(label="Written images (newest first)", columns=4,
-                                             height=360, elem_id="preprocess-gallery")
-                        summary = gr.Textbox(label="Summary", lines=6, max_lines=30,
-                                             interactive=False, visible=False,
-                                             elem_id="preprocess-summary")
+                        _job_view(page, runner)
             with gr.Tab("Dataset editor", id="preprocess-editor"):
-                with gr.Row():
-                    folder = gr.Textbox(label="Dataset folder", scale=4,
-                                        info="Images with <name>.txt captions beside them.",
-                                        elem_id="preprocess-edit-folder")
-                    load = gr.Button("Load", scale=0, min_width=90, elem_id="preprocess-edit-load")
-                edit_message = gr.Markdown(elem_id="preprocess-edit-message")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        browser = gr.Gallery(label="Images (select one to edit its caption)",
-                                             columns=5, height=480, allow_preview=False,
-                                             elem_id="preprocess-edit-gallery")
-                        with gr.Row():
-                            selected_name = gr.Markdown("No image selected.",
-                                                        elem_id="preprocess-edit-selected")
-                        caption = gr.Textbox(label="Caption", lines=3, interactive=True,
-                                             elem_id="preprocess-edit-caption")
-                        save = gr.Button("Save caption", elem_id="preprocess-edit-save")
-                    with gr.Column(scale=2):
-                        gr.Markdown("**Batch edit every caption of the folder** (tags are "
-                                    "comma-separated; case and `_`/space do not matter).")
-                        action = gr.Dropdown(EDIT_ACTIONS, value="remove", label="Operation",
-                                             elem_id="preprocess-edit-action")
-                        tags = gr.Textbox(label="Tags", placeholder="e.g. red hair, 1girl",
-                                          elem_id="preprocess-edit-tags")
-                        replacement = gr.Textbox(label="Replace with (empty removes)",
-                                                 visible=False,
-                                                 elem_id="preprocess-edit-replacement")
-                        apply = gr.Button("Apply to all captions", variant="primary",
-                                          elem_id="preprocess-edit-apply")
-                        table = gr.Dataframe(frequency_frame(None), headers=["tag", "images"],
-                                             label="Tag frequency (click a tag to add it to "
-                                             "Tags)", interactive=False, max_height=420,
-                                             elem_id="preprocess-edit-tag-table")
-        seen = gr.State((None, -1, -1, None, False))
-        loaded = gr.State(None)       # the resolved folder being edited (str)
-        images = gr.State([])         # its image paths, in gallery order
-        chosen = gr.State(None)       # index of the selected image
-        timer = gr.Timer(1.0)
+                _dataset_editor(page)
+        page.seen = gr.State((None, -1, -1, None, False))
+        page.loaded = gr.State(None)       # the resolved folder being edited (str)
+        page.images = gr.State([])         # its image paths, in gallery order
+        page.chosen = gr.State(None)       # index of the selected image
+        page.timer = gr.Timer(1.0)
+    return page
 
-    names = list(controls)
-    inputs = [controls[n] for n in names]
+
+def _config_form() -> tuple[dict[str, gr.components.Component], dict[str, gr.Group]]:
+    """The PreprocessConfig controls by field, and each captioner's group of options."""
+    controls: dict[str, gr.components.Component] = {}
+    captioner_groups = {}
+    with gr.Row():
+        for name in TOP:
+            controls[name] = control(CFG, name)
+    for title, names, is_open in GROUPS:
+        with gr.Accordion(title, open=is_open):
+            _two_per_row(names, controls)
+    with gr.Accordion("Captioners", open=False):
+        controls["captioners"] = gr.CheckboxGroup(
+            [(CAPTIONER_LABELS.get(n, n), n) for n in CAPTIONER_FIELDS],
+            value=[], label=label_of(CFG, "captioners"),
+            info=help_of(CFG, "captioners"), elem_id=f"{CFG.__name__}-captioners")
+        controls["device"] = control(CFG, "device")
+        for key, names in CAPTIONER_FIELDS.items():
+            with gr.Group(visible=False) as group:
+                gr.Markdown(f"**{CAPTIONER_LABELS[key]}**")
+                _two_per_row(names, controls)
+            captioner_groups[key] = group
+    return controls, captioner_groups
+
+
+def _two_per_row(names: list[str], controls: dict) -> None:
+    for start in range(0, len(names), 2):
+        with gr.Row():
+            for name in names[start:start + 2]:
+                controls[name] = control(CFG, name)
+
+
+def _job_view(page: _Page, runner: JobRunner) -> None:
+    """The buttons and the live view of the job."""
+    with gr.Row():
+        page.start_button = gr.Button("Preprocess", variant="primary",
+                                      elem_id="preprocess-start")
+        page.enqueue = gr.Button("Add to queue", elem_id="preprocess-enqueue")
+        page.interrupt = gr.Button("Interrupt", variant="stop",
+                                   elem_id="preprocess-interrupt")
+        page.to_editor = gr.Button("Edit captions of the destination",
+                                   elem_id="preprocess-edit-destination")
+    page.message = gr.Markdown(elem_id="preprocess-message")
+    page.status = gr.Markdown(status_text(_snap(runner)), elem_id="preprocess-status")
+    page.gallery = gr.Gallery(label="Written images (newest first)", columns=4,
+                              height=360, elem_id="preprocess-gallery")
+    page.summary = gr.Textbox(label="Summary", lines=6, max_lines=30,
+                              interactive=False, visible=False,
+                              elem_id="preprocess-summary")
+
+
+def _dataset_editor(page: _Page) -> None:
+    with gr.Row():
+        page.folder = gr.Textbox(label="Dataset folder", scale=4,
+                                 info="Images with <name>.txt captions beside them.",
+                                 elem_id="preprocess-edit-folder")
+        page.load = gr.Button("Load", scale=0, min_width=90, elem_id="preprocess-edit-load")
+    page.edit_message = gr.Markdown(elem_id="preprocess-edit-message")
+    with gr.Row():
+        with gr.Column(scale=3):
+            page.browser = gr.Gallery(label="Images (select one to edit its caption)",
+                                      columns=5, height=480, allow_preview=False,
+                                      elem_id="preprocess-edit-gallery")
+            with gr.Row():
+                page.selected_name = gr.Markdown("No image selected.",
+                                                 elem_id="preprocess-edit-selected")
+            page.caption = gr.Textbox(label="Caption", lines=3, interactive=True,
+                                      elem_id="preprocess-edit-caption")
+            page.save = gr.Button("Save caption", elem_id="preprocess-edit-save")
+        with gr.Column(scale=2):
+            gr.Markdown("**Batch edit every caption of the folder** (tags are "
+                        "comma-separated; case and `_`/space do not matter).")
+            page.action = gr.Dropdown(EDIT_ACTIONS, value="remove", label="Operation",
+                                      elem_id="preprocess-edit-action")
+            page.tags = gr.Textbox(label="Tags", placeholder="e.g. red hair, 1girl",
+                                   elem_id="preprocess-edit-tags")
+            page.replacement = gr.Textbox(label="Replace with (empty removes)",
+                                          visible=False,
+                                          elem_id="preprocess-edit-replacement")
+            page.apply = gr.Button("Apply to all captions", variant="primary",
+                                   elem_id="preprocess-edit-apply")
+            page.table = gr.Dataframe(frequency_frame(None), headers=["tag", "images"],
+                                      label="Tag frequency (click a tag to add it to "
+                                      "Tags)", interactive=False, max_height=420,
+                                      elem_id="preprocess-edit-tag-table")
+
+
+class _Handlers(Handlers):
+    def __init__(self, paths: Paths, runner: JobRunner, page: _Page):
+        self.paths, self.runner = paths, runner
+        self.root = thumbnail_root(paths)
+        self.names = list(page.controls)
+        self.captioner_groups = page.captioner_groups
+        super().__init__()
 
     # -- preprocess --
-    def config_of(values) -> PreprocessConfig:
-        cfg = from_dict(CFG, dict(zip(names, values)))
-        cfg.validate(paths)
+    def config_of(self, values) -> PreprocessConfig:
+        cfg = from_dict(CFG, dict(zip(self.names, values)))
+        cfg.validate(self.paths)
         return cfg
 
-    def submit(values, queue: bool):
+    def submit(self, values, queue: bool):
         from webui.jobs import job_parts
         try:
-            cfg = config_of(values)
+            cfg = self.config_of(values)
             name, kind, fn, spec = job_parts("preprocess", cfg)
-            job = runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
+            job = self.runner.submit(name, kind, fn, config=cfg, queue=queue, spec=spec)
         except (ConfigError, Busy) as error:
             return error_text(error)
         return f"{'Queued' if queue else 'Started'} job {job.id}: {job.name}."
 
-    def start(*values):
-        return submit(values, queue=False)
+    def start(self, *values):
+        return self.submit(values, queue=False)
 
-    def add_to_queue(*values):
-        return submit(values, queue=True)
+    def add_to_queue(self, *values):
+        return self.submit(values, queue=True)
 
-    def stop():
-        job = runner.current()
-        if job is not None and job.kind == KIND and runner.stop(job.id):
+    def stop(self):
+        job = self.runner.current()
+        if job is not None and job.kind == KIND and self.runner.stop(job.id):
             return "Interrupting: the job stops after the current image."
         return "No preprocess job is running."
 
-    def poll(state):
-        job = runner.latest(KIND)
+    def poll(self, state):
+        job = self.runner.latest(KIND)
         if job is None:
             return gr.skip(), gr.skip(), gr.skip(), state
         snap = job.snapshot()
@@ -365,31 +439,31 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         if key[0] == state[0] and key[4] == state[4]:
             summary_update = gr.skip()
         return (status_update,
-                result_items(snap["previews"], root) if new_gallery else gr.skip(),
+                result_items(snap["previews"], self.root) if new_gallery else gr.skip(),
                 summary_update, key)
 
-    def restore_form():
+    def restore_form(self):
         """A fresh page shows the settings of the running (or last) preprocess job."""
-        cfg = getattr(runner.latest(KIND), "config", None)
+        cfg = getattr(self.runner.latest(KIND), "config", None)
         if not isinstance(cfg, CFG):
-            return [gr.skip()] * (len(inputs) + len(captioner_groups))
-        return ([gr.update(value=getattr(cfg, n)) for n in names]
-                + show_captioner_options(cfg.captioners))
+            return [gr.skip()] * (len(self.names) + len(self.captioner_groups))
+        return ([gr.update(value=getattr(cfg, n)) for n in self.names]
+                + self.show_captioner_options(cfg.captioners))
 
-    def show_captioner_options(chosen_names):
-        return [gr.update(visible=key in (chosen_names or [])) for key in captioner_groups]
+    def show_captioner_options(self, chosen_names):
+        return [gr.update(visible=key in (chosen_names or [])) for key in self.captioner_groups]
 
     # -- dataset editor --
-    def resolve_folder(typed: str) -> Path:
+    def resolve_folder(self, typed: str) -> Path:
         typed = typed if isinstance(typed, str) else ""  # only an API call sends anything else
-        path = paths.resolve(typed, "folder")
+        path = self.paths.resolve(typed, "folder")
         if not path.is_dir():
             raise PathError(f"folder: {typed.strip()!r} "
                             f"{'is not a folder' if path.exists() else 'does not exist'}")
         return path
 
-    def refreshed(folder_path: Path, index):
-        items, listed, note = editor_view(folder_path, root)
+    def refreshed(self, folder_path: Path, index):
+        items, listed, note = editor_view(folder_path, self.root)
         text = ""
         if index is not None and 0 <= index < len(listed):
             text = ce.read_caption(Path(listed[index]))
@@ -397,20 +471,21 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             index = None
         return items, listed, note, frequency_frame(folder_path), index, text
 
-    def open_folder(typed):
+    def open_folder(self, typed):
         try:
-            folder_path = resolve_folder(typed or "")
+            folder_path = self.resolve_folder(typed or "")
         except PathError as error:
             return (f"**Error:** {error}", gr.skip(), None, [], None, "No image selected.", "",
                     gr.skip())
-        items, listed, note, frame, _, _ = refreshed(folder_path, None)
+        items, listed, note, frame, _, _ = self.refreshed(folder_path, None)
         return note, items, str(folder_path), listed, None, "No image selected.", "", frame
 
-    def open_destination(typed):
+    def open_destination(self, typed):
         typed = typed if isinstance(typed, str) else ""
         return (gr.update(value=typed), gr.Tabs(selected="preprocess-editor"),
-                *open_folder(typed))
+                *self.open_folder(typed))
 
+    @staticmethod
     def select(listed, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else None
         if index is None or not 0 <= index < len(listed):
@@ -418,18 +493,18 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         image = Path(listed[index])
         return index, f"**{image.name}** — `{ce.caption_path(image).name}`", ce.read_caption(image)
 
-    def save_caption(folder_text, listed, index, text):
+    def save_caption(self, folder_text, listed, index, text):
         if folder_text is None or index is None or not 0 <= index < len(listed):
             return "**Error:** select an image first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         image = Path(listed[index])
         try:
             ce.write_caption(image, (text or "").strip())
-            items, listed, note, frame, index, text = refreshed(Path(folder_text), index)
+            items, listed, note, frame, index, text = self.refreshed(Path(folder_text), index)
         except OSError as error:
             return f"**Error:** {error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return f"Saved the caption of {image.name}.", items, listed, frame, text
 
-    def batch(folder_text, listed, index, action_name, tag_text, new_text):
+    def batch(self, folder_text, listed, index, action_name, tag_text, new_text):
         if folder_text is None:
             return ("**Error:** load a dataset folder first.", gr.skip(), gr.skip(), gr.skip(),
                     gr.skip())
@@ -438,7 +513,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return f"**Please fix:**\n- {problem}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             report = ce.apply_edit(folder_text, action_name, tag_text or "", new_text or "")
-            items, listed, note, frame, index, text = refreshed(Path(folder_text), index)
+            items, listed, note, frame, index, text = self.refreshed(Path(folder_text), index)
         except (OSError, ValueError) as error:
             return f"**Error:** {error}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         label = dict((v, k) for k, v in EDIT_ACTIONS)[action_name]
@@ -446,6 +521,7 @@ def build(paths: Paths, runner: JobRunner) -> dict:
         return (f"{label}: changed {len(report.changed)} of {total} captions. {note}",
                 items, listed, frame, text)
 
+    @staticmethod
     def pick_tag(current, evt: gr.SelectData):
         row = evt.row_value if isinstance(evt.row_value, (list, tuple)) and evt.row_value else None
         tag = str(row[0]) if row else str(evt.value)
@@ -454,28 +530,34 @@ def build(paths: Paths, runner: JobRunner) -> dict:
             return gr.skip()
         return ce.join_tags(present + [tag])
 
-    start_button.click(start, inputs, message)
-    enqueue.click(add_to_queue, inputs, message)
-    interrupt.click(stop, None, message)
-    timer.tick(poll, seen, [status, gallery, summary, seen], show_progress="hidden",
-               queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
-    controls["captioners"].change(show_captioner_options, controls["captioners"],
-                                  list(captioner_groups.values()))
-    gr.on(None, restore_form, None, inputs + list(captioner_groups.values()))
 
-    editor_outputs = [edit_message, browser, loaded, images, chosen, selected_name, caption, table]
-    load.click(open_folder, folder, editor_outputs)
-    folder.submit(open_folder, folder, editor_outputs)
-    to_editor.click(open_destination, controls["destination"], [folder, inner] + editor_outputs)
-    browser.select(select, images, [chosen, selected_name, caption])
-    save.click(save_caption, [loaded, images, chosen, caption],
-               [edit_message, browser, images, table, caption])
-    apply.click(batch, [loaded, images, chosen, action, tags, replacement],
-                [edit_message, browser, images, table, caption])
-    action.change(lambda a: gr.update(visible=a == "replace"), action, replacement)
-    table.select(pick_tag, tags, tags)
-    return {"controls": controls, "restore": (restore_form, inputs + list(captioner_groups.values())),
-            "gallery": gallery, "editor": browser}
+def _wire(page: _Page, handlers: _Handlers) -> None:
+    inputs = page.inputs()
+    page.start_button.click(handlers.start, inputs, page.message)
+    page.enqueue.click(handlers.add_to_queue, inputs, page.message)
+    page.interrupt.click(handlers.stop, None, page.message)
+    page.timer.tick(handlers.poll, page.seen, [page.status, page.gallery, page.summary, page.seen],
+                    show_progress="hidden",
+                    queue=False)  # a direct HTTP call: no queue, event stream or SSE (see live.py)
+    captioners = page.controls["captioners"]
+    captioners.change(handlers.show_captioner_options, captioners,
+                      list(page.captioner_groups.values()))
+    gr.on(None, handlers.restore_form, None, page.restore_outputs())
+
+    editor_outputs = page.editor_outputs()
+    page.load.click(handlers.open_folder, page.folder, editor_outputs)
+    page.folder.submit(handlers.open_folder, page.folder, editor_outputs)
+    page.to_editor.click(handlers.open_destination, page.controls["destination"],
+                         [page.folder, page.inner] + editor_outputs)
+    page.browser.select(handlers.select, page.images, [page.chosen, page.selected_name,
+                                                       page.caption])
+    edit_outputs = [page.edit_message, page.browser, page.images, page.table, page.caption]
+    page.save.click(handlers.save_caption, [page.loaded, page.images, page.chosen, page.caption],
+                    edit_outputs)
+    page.apply.click(handlers.batch, [page.loaded, page.images, page.chosen, page.action,
+                                      page.tags, page.replacement], edit_outputs)
+    page.action.change(lambda a: gr.update(visible=a == "replace"), page.action, page.replacement)
+    page.table.select(handlers.pick_tag, page.tags, page.tags)
 
 
 def _snap(runner: JobRunner):
