@@ -197,3 +197,25 @@ def test_a_method_lays_out_its_form_in_its_config_and_unknown_tools_are_refused(
     LaidOut.form = FormLayout([("Toy settings", ["steps"], True)], tools=("no_such_tool",))
     with pytest.raises(ValueError, match="Toy method: unknown form tool.*no_such_tool"):
         method_forms()
+
+
+@pytest.mark.parametrize("marks, method", [
+    (("hypernetwork_loss.csv", "hypernetworks/"), "hypernetwork"),
+    (("textual_inversion_loss.csv", "embeddings/"), "textual_inversion"),
+    (("embeddings/",), "textual_inversion"),
+    (("loss.csv",), "lora")])
+def test_a_run_folder_without_a_method_is_told_by_the_catalogs_run_marks(tmp_path, marks, method):
+    """A1111's own log folders carry settings without Danlu's `method`: the method whose loss
+    CSV or checkpoint folder is there owns the run; a kohya-style folder is a LoRA run."""
+    from trainers import runs
+    paths = Paths(tmp_path).ensure()
+    folder = paths.outputs / "2026-12-07" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "settings-0.json").write_text(json.dumps({"learn_rate": "0.005"}))
+    for mark in marks:
+        (folder / mark).mkdir() if mark.endswith("/") else \
+            (folder / mark).write_text("step,epoch,epoch_step,loss\n1,0,1,0.5\n")
+    [run] = runs.scan_runs(paths, roots=[paths.outputs])
+    assert run.method == method
+    assert [round(loss[1], 3) for loss in run.losses] == ([0.5] if any("csv" in m for m in marks)
+                                                          else [])

@@ -30,7 +30,6 @@ from core.paths import Paths
 from trainers.loss_log import read_losses
 
 COPY_FOLDERS = ("embeddings", "hypernetworks", "checkpoints", "xti")
-CSV_NAMES = ("textual_inversion_loss.csv", "hypernetwork_loss.csv", "loss.csv")
 MODEL_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt")
 FINAL_KEYS = ("embedding", "hypernetwork", "output", "final")
 SETTINGS = re.compile(r"^settings-(\d+)\.json$")
@@ -259,7 +258,7 @@ def _read_run(folder: Path, root: Path, paths: Paths) -> Run | None:
     sessions.sort(key=lambda s: (s.started, s.start_step))
     settings = sessions[-1].settings
     method = str(settings.get("method") or _guess_method(folder))
-    csv_path = next((folder / n for n in CSV_NAMES if (folder / n).is_file()), None)
+    csv_path = next((folder / n for n in csv_names() if (folder / n).is_file()), None)
     losses = read_losses(csv_path) if csv_path else []
     run = Run(id=folder.relative_to(root).as_posix(), root=folder, name=folder.name,
               method=method, sessions=sessions, losses=losses)
@@ -268,12 +267,18 @@ def _read_run(folder: Path, root: Path, paths: Paths) -> Run | None:
     return run
 
 
+def csv_names() -> tuple[str, ...]:
+    """The loss logs a run folder may have, each method's (trainers/catalog.py)."""
+    from trainers import catalog
+    return tuple(dict.fromkeys([m.loss_csv for m in catalog.methods()]))
+
+
 def _guess_method(folder: Path) -> str:
-    if (folder / "hypernetwork_loss.csv").exists() or (folder / "hypernetworks").is_dir():
-        return "hypernetwork"
-    if (folder / "textual_inversion_loss.csv").exists() or (folder / "embeddings").is_dir():
-        return "textual_inversion"
-    return "lora"
+    """The method of a run folder without a settings file (A1111's own log folders): the one
+    whose marks are there; else a kohya LoRA run."""
+    from trainers import catalog
+    marked = (m.name for m in catalog.methods() if any((folder / n).exists() for n in m.run_marks))
+    return next(marked, "lora")
 
 
 def _final_path(settings: dict, method: str, name: str, paths: Paths) -> Path | None:
@@ -457,7 +462,7 @@ def _times(run: Run, is_running: bool) -> None:
         directory = run.root / folder
         if directory.is_dir():
             stamps += [e.stat().st_mtime for e in directory.iterdir() if e.is_file()]
-    for name in CSV_NAMES:
+    for name in csv_names():
         if (run.root / name).is_file():
             stamps.append((run.root / name).stat().st_mtime)
     starts = [s.started for s in run.sessions]

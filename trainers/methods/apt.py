@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from core import events as ev
 from trainers import seeds
+from trainers import catalog
 from trainers import template_training as tt
 from trainers.apt_prompts import negative_name, negative_prompt, pair_negative
 from trainers.configs import AptConfig
@@ -100,7 +101,7 @@ def run(cfg: AptConfig, ctx) -> Path:
         after_step=after_step, on_preview=on_preview, x0_loss=_reconstruction(cfg, model),
         state_tensors=lambda: list(ema.values()) if ema is not None else [],
         sidecar_extra=lambda: {"apt_raw": {k: v.detach().cpu().clone() for k, v in pair.items()}})
-    opts = tt.loop_options(cfg, model, "textual_inversion_loss.csv",
+    opts = tt.loop_options(cfg, model, catalog.get("apt").loss_csv,
                            {"method": "apt", "embedding": str(path),
                             "negative_embedding": str(neg_path),
                             "vectors": int(pair[name].shape[0]), "images": len(dataset.examples)})

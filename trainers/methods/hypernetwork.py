@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from core.atomic import staged_path
+from trainers import catalog
 from trainers import template_training as tt
 from trainers.configs import HypernetworkTrainingConfig
 from trainers.formats.hypernetwork import file_shorthash, load_hypernetwork, save_hypernetwork
@@ -51,7 +52,7 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
         copies_folder="hypernetworks", previews=tt.previews(cfg, name), start_step=start,
         unet_context=lambda: applied(model.unet, net, 1.0),
         preview_context=lambda: _evaluating(net, cfg.preview_strength))
-    opts = tt.loop_options(cfg, model, "hypernetwork_loss.csv",
+    opts = tt.loop_options(cfg, model, catalog.get("hypernetwork").loss_csv,
                            {"method": "hypernetwork", "hypernetwork": str(path),
                             "images": len(dataset.examples)})
     return train(model, tt.TemplateBatches(dataset, template_lines, name, cfg), plan, opts, ctx)

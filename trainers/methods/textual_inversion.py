@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from trainers import catalog
 from trainers import template_training as tt
 from trainers.configs import TextualInversionConfig
 from trainers.embeddings import create_missing_embedding, find_embedding
@@ -54,7 +55,7 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
         checksum=lambda: embedding_checksum(current()), final_path=path,
         copies_folder="embeddings", previews=tt.previews(cfg, name),
         start_step=int(stored.step or 0), on_preview=on_preview)
-    opts = tt.loop_options(cfg, model, "textual_inversion_loss.csv",
+    opts = tt.loop_options(cfg, model, catalog.get("textual_inversion").loss_csv,
                            {"method": "textual_inversion", "embedding": str(path),
                             "vectors": stored.num_vectors, "images": len(dataset.examples)})
     return train(model, tt.TemplateBatches(dataset, template_lines, name, cfg), plan, opts, ctx)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from core import events as ev
+from trainers import catalog
 from trainers import template_training as tt
 from trainers.catalog import require_family
 from trainers.configs import XtiConfig
@@ -50,7 +51,7 @@ def run(cfg: XtiConfig, ctx) -> Path:
         checksum=checksum, final_path=path, copies_folder="xti", previews=tt.previews(cfg, name),
         start_step=start, unet_context=lambda: per_layer(model.unet),
         resume_optimizer=not cfg.overwrite)
-    opts = tt.loop_options(cfg, model, "textual_inversion_loss.csv",
+    opts = tt.loop_options(cfg, model, catalog.get("xti").loss_csv,
                            {"method": "xti", "output": str(path), "layers": layers,
                             "vectors": cfg.num_vectors_per_token,
                             "images": len(dataset.examples)})
