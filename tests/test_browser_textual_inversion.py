@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser_page import choose, fill
+from tests.browser_page import choose, fill, open_accordion
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
@@ -41,7 +41,7 @@ def test_create_train_preview_interrupt(page: Page, app_server, tmp_path):
     fill(page, "TextualInversionConfig-width", "64")
     fill(page, "TextualInversionConfig-height", "64")
     fill(page, "TextualInversionConfig-steps", "100000")
-    page.get_by_text("Saving and previews").click()
+    open_accordion(page, "Saving and previews")
     fill(page, "TextualInversionConfig-preview_every", "3")
     fill(page, "TextualInversionConfig-save_every", "3")
     fill(page, "TextualInversionConfig-preview_steps", "2")
