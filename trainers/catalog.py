@@ -40,6 +40,7 @@ class Method:
     apply: str | None = None  # "module:function": context manager applying a checkpoint
     families: tuple[str, ...] = SD_FAMILIES
     loss_csv: str = "loss.csv"  # the loss log in its run folder (A1111's names for its methods)
+    copies_folder: str = "checkpoints"  # the run folder's subfolder of numbered checkpoints
     # what marks a run folder without Danlu's settings (A1111's own log folders) as this method's
     run_marks: tuple[str, ...] = ()
     help: str = ""  # one line for --list
@@ -110,24 +111,26 @@ for _method in (
            final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES, checkpoint_kind="embedding",
            prompt_names_it=True, step_schedule=True, parallel=True,
            apply=_APPLY + "embedding", loss_csv=_TI_CSV, run_marks=(_TI_CSV, "embeddings"),
+           copies_folder="embeddings",
            help="A1111's textual inversion"),
     Method("apt", "APT / DreamArtist", configs.AptConfig, "trainers.methods.apt:run",
            target_field="embedding", final_folder="embeddings", suffixes=_EMBEDDING_SUFFIXES,
            checkpoint_kind="embedding", prompt_names_it=True, step_schedule=True,
            negative_partner=NEGATIVE_SUFFIX, apply=_APPLY + "embedding_pair",
-           families=("sd1", "sd2"), loss_csv=_TI_CSV,
+           families=("sd1", "sd2"), loss_csv=_TI_CSV, copies_folder="embeddings",
            help="a positive and a negative embedding trained together"),
     Method("xti", "XTI (P+)", configs.XtiConfig, "trainers.methods.xti:run",
            final_folder="models/xti", suffixes=(".safetensors", ".pt"), checkpoint_kind="layers",
            prompt_names_it=True, step_schedule=True, apply=_APPLY + "xti",
-           families=("sd1", "sd2"), loss_csv=_TI_CSV,
+           families=("sd1", "sd2"), loss_csv=_TI_CSV, copies_folder="xti",
            help="one embedding per U-Net cross-attention layer"),
     Method("hypernetwork", "Hypernetwork", configs.HypernetworkTrainingConfig,
            "trainers.methods.hypernetwork:run", target_field="hypernetwork",
            final_folder="models/hypernetworks", suffixes=(".pt",),
            checkpoint_kind="hypernetwork", strength=True, step_schedule=True, parallel=True,
            apply=_APPLY + "hypernetwork", loss_csv="hypernetwork_loss.csv",
-           run_marks=("hypernetwork_loss.csv", "hypernetworks"), help="A1111's hypernetwork"),
+           run_marks=("hypernetwork_loss.csv", "hypernetworks"), copies_folder="hypernetworks",
+           help="A1111's hypernetwork"),
     Method("lora", "LoRA", configs.LoraConfig, "trainers.methods.lora:run",
            suffixes=(".safetensors", ".pt", ".ckpt"), strength=True, parallel=True,
            apply=_APPLY + "lora", help="kohya's LoRA / LoCon"),

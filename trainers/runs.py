@@ -29,7 +29,6 @@ from typing import Any, Iterable
 from core.paths import Paths
 from trainers.loss_log import read_losses
 
-COPY_FOLDERS = ("embeddings", "hypernetworks", "checkpoints", "xti")
 MODEL_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt")
 FINAL_KEYS = ("embedding", "hypernetwork", "output", "final")
 SETTINGS = re.compile(r"^settings-(\d+)\.json$")
@@ -217,12 +216,10 @@ def load_run(paths: Paths, run_id: str, running: Iterable[Path] = (),
 def expected_run_folder(paths: Paths, cfg, started: float) -> Path | None:
     """Where trainers/loop.py puts the run folder of a job with this config that started at
     `started` (for marking the running run). None for a config it cannot tell."""
-    name = ""
-    for attr in ("embedding", "hypernetwork", "output_name"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, str) and value.strip():
-            name = value.strip()
-            break
+    from trainers import catalog
+    method = catalog.for_config(type(cfg))
+    value = getattr(cfg, method.target_field, None) if method else None
+    name = value.strip() if isinstance(value, str) else ""
     log = getattr(cfg, "log_directory", None)
     if not name or not log:
         return None
@@ -265,6 +262,12 @@ def _read_run(folder: Path, root: Path, paths: Paths) -> Run | None:
     run.final_path = _final_path(settings, method, folder.name, paths)
     run.target_steps = _target_steps(run)
     return run
+
+
+def copy_folders() -> tuple[str, ...]:
+    """The subfolders of numbered checkpoints a run folder may have, each method's."""
+    from trainers import catalog
+    return tuple(dict.fromkeys([m.copies_folder for m in catalog.methods()]))
 
 
 def csv_names() -> tuple[str, ...]:
@@ -375,7 +378,7 @@ def _assign_final_files(runs: list[Run]) -> None:
 
 def _finish(run: Run, is_running: bool) -> None:
     copies = []
-    for folder in COPY_FOLDERS:
+    for folder in copy_folders():
         copies += [(step, path) for step, _, path in _numbered(run.root / folder, run.name,
                                                               MODEL_SUFFIXES)]
     previews = [PreviewImage(step, index, path)
@@ -458,7 +461,7 @@ def _times(run: Run, is_running: bool) -> None:
     """Start, end and duration from file times: a session runs from its settings file to the
     last file written before the next session began."""
     stamps = []
-    for folder in ("images",) + COPY_FOLDERS:
+    for folder in ("images",) + copy_folders():
         directory = run.root / folder
         if directory.is_dir():
             stamps += [e.stat().st_mtime for e in directory.iterdir() if e.is_file()]

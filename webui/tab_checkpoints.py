@@ -389,7 +389,7 @@ def _job_folder(paths: Paths, job) -> Path | None:
     snap = job.snapshot()
     for event in list(snap["saved"]) + list(snap["previews"]):
         path = Path(event.path)
-        if path.parent.name in rn.COPY_FOLDERS + ("images",) and \
+        if path.parent.name in rn.copy_folders() + ("images",) and \
                 any(path.parent.parent.glob("settings-*.json")):
             return path.parent.parent
     if job.config is None or job.started is None:
@@ -437,7 +437,7 @@ def _signature(paths: Paths, runner: JobRunner, run) -> tuple | None:
         return None
     root = paths.outputs / run_id
     stamps = []
-    for name in ("",) + rn.COPY_FOLDERS + ("images",):
+    for name in ("",) + rn.copy_folders() + ("images",):
         try:
             stat = (root / name).stat()
             stamps.append((name, stat.st_mtime_ns))

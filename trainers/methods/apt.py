@@ -96,7 +96,7 @@ def run(cfg: AptConfig, ctx) -> Path:
     plan = TrainingPlan(
         name=name, optimizer=optimizer, rates=rates, encode=encode, prompt_encoder=encoder,
         save=save, checksum=lambda: _checksum(saved(name), saved(negative_name(name))),
-        final_path=path, copies_folder="embeddings", previews=_previews(cfg, name),
+        final_path=path, copies_folder=catalog.get("apt").copies_folder, previews=_previews(cfg, name),
         start_step=int(stored.step or 0), preview_context=preview_with_ema,
         after_step=after_step, on_preview=on_preview, x0_loss=_reconstruction(cfg, model),
         state_tensors=lambda: list(ema.values()) if ema is not None else [],

@@ -9,7 +9,7 @@ import torch
 
 from core import events as ev
 from core.config import ConfigError
-from trainers import distributed, kohya_data, resident
+from trainers import catalog, distributed, kohya_data, resident
 from trainers import kohya_training as kt
 from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
@@ -172,7 +172,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
 
     plan = TrainingPlan(
         name=path.stem, optimizer=optimizer, rates=rates, encode=encode, prompt_encoder=encoder,
-        save=save, checksum=checksum, final_path=path, copies_folder="checkpoints",
+        save=save, checksum=checksum, final_path=path, copies_folder=catalog.get(method).copies_folder,
         previews=kt.previews(cfg, path.stem), start_step=start,
         unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
         resume_optimizer=not cfg.overwrite,

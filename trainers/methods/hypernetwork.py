@@ -49,7 +49,7 @@ def run(cfg: HypernetworkTrainingConfig, ctx) -> Path:
         encode=lambda texts: encoder.encode(texts), prompt_encoder=encoder, save=save,
         checksum=lambda: file_shorthash(staged_path(path)),  # A1111 pairs .optim by file hash
         final_path=path,
-        copies_folder="hypernetworks", previews=tt.previews(cfg, name), start_step=start,
+        copies_folder=catalog.get("hypernetwork").copies_folder, previews=tt.previews(cfg, name), start_step=start,
         unet_context=lambda: applied(model.unet, net, 1.0),
         preview_context=lambda: _evaluating(net, cfg.preview_strength))
     opts = tt.loop_options(cfg, model, catalog.get("hypernetwork").loss_csv,

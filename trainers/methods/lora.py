@@ -9,7 +9,7 @@ import torch
 
 from core import events as ev
 from core.atomic import staged_path
-from trainers import kohya_data
+from trainers import catalog, kohya_data
 from trainers import kohya_training as kt
 from trainers.configs import LoraConfig
 from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, load_lora, lora_metadata,
@@ -116,7 +116,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
     plan = TrainingPlan(
         name=path.stem, optimizer=optimizer, rates=kt.rates(cfg, [g["lr"] for g in groups], steps),
         encode=encode, prompt_encoder=encoder, save=save, checksum=lambda: _checksum(path),
-        final_path=path, copies_folder="checkpoints", previews=kt.previews(cfg, path.stem),
+        final_path=path, copies_folder=catalog.get("lora").copies_folder, previews=kt.previews(cfg, path.stem),
         start_step=start, unet_context=lambda: kt.memory_options(cfg, model, trains_te),
         preview_context=preview_strength, resume_optimizer=not cfg.overwrite,
         sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32)})

@@ -53,7 +53,7 @@ def run(cfg: TextualInversionConfig, ctx) -> Path:
         name=name, optimizer=optimizer, rates=tt.rates(cfg), encode=encoder.encode,
         prompt_encoder=encoder, save=lambda target, step: save_embedding(target, as_file(step)),
         checksum=lambda: embedding_checksum(current()), final_path=path,
-        copies_folder="embeddings", previews=tt.previews(cfg, name),
+        copies_folder=catalog.get("textual_inversion").copies_folder, previews=tt.previews(cfg, name),
         start_step=int(stored.step or 0), on_preview=on_preview)
     opts = tt.loop_options(cfg, model, catalog.get("textual_inversion").loss_csv,
                            {"method": "textual_inversion", "embedding": str(path),

@@ -48,7 +48,7 @@ def run(cfg: XtiConfig, ctx) -> Path:
     plan = TrainingPlan(
         name=name, optimizer=optimizer, rates=tt.rates(cfg), encode=encoder.encode,
         prompt_encoder=encoder, save=lambda target, step: save_xti(target, as_file(step)),
-        checksum=checksum, final_path=path, copies_folder="xti", previews=tt.previews(cfg, name),
+        checksum=checksum, final_path=path, copies_folder=catalog.get("xti").copies_folder, previews=tt.previews(cfg, name),
         start_step=start, unet_context=lambda: per_layer(model.unet),
         resume_optimizer=not cfg.overwrite)
     opts = tt.loop_options(cfg, model, catalog.get("xti").loss_csv,
