@@ -59,6 +59,11 @@ class NamesFiles:
         encoder parameters (the memory estimate); an embedding's few by default."""
         return 75 * 1024
 
+    def frozen_dtype(self) -> str:
+        """What the base model's weights are stored in while it trains: "fp32", or the mixed
+        precision ("bf16" / "fp16") where every base weight stays frozen."""
+        return "fp32"
+
 
 @dataclass
 class CreateEmbeddingConfig(NamesFiles):
@@ -442,7 +447,9 @@ class KohyaTrainingConfig(NamesFiles):
                                   "not clip.", label="Max grad norm", min=0.0, max=1e6)
     clip_skip: int = option(1, "Use the text encoder's N-th layer from the end.",
                             label="CLIP skip", min=1, max=12)
-    mixed_precision: str = option("no", "Compute precision (bf16 also works on CPUs).",
+    mixed_precision: str = option("no", "Compute precision (bf16 also works on CPUs); where "
+                                  "the whole base model stays frozen (LoRA) its weights are "
+                                  "stored in it too, half the memory.",
                                   label="Mixed precision", choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "Less memory, ~20–30% slower.",
                                           label="Gradient checkpointing")
@@ -531,6 +538,10 @@ class LoraConfig(KohyaTrainingConfig):
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
         return accept(self, problems)
+
+    def frozen_dtype(self) -> str:
+        # the LoRA factors train in fp32 beside the frozen base weights
+        return self.mixed_precision if self.mixed_precision in ("bf16", "fp16") else "fp32"
 
     def trainable_parameters(self, unet: float, text: float) -> float:
         per_rank = 0.6e6 * unet / SD1_UNET_PARAMETERS

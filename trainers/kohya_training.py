@@ -96,13 +96,14 @@ def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
 
 
 def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
-    """Validate, load the model and cache the dataset's latents: (model, batches)."""
+    """Validate, load the model (its frozen weights stored as the config says) and cache the
+    dataset's latents: (model, batches)."""
     cfg.validate()
     check_paths(cfg, ctx.paths)
     configs = global_batches(dataset_configs(cfg, ctx.paths), ctx)
     with distributed.main_first(ctx):  # the main process builds model and latent caches first
         ctx.emit(ev.Status(f"Loading model {cfg.model}"))
-        model = load_model(ctx.paths, cfg.model)
+        model = load_model(ctx.paths, cfg.model, frozen_dtype=cfg.frozen_dtype())
         ctx.emit(ev.Status("Caching latents"))
         batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
                                               cache_to_disk=cfg.cache_latents_to_disk,

@@ -39,6 +39,7 @@ class BaseModel:
     tokenizer_2: Any = None  # SDXL's second (OpenCLIP bigG) tokenizer and text encoder
     text_encoder_2: Any = None
     cache_key: tuple | None = None  # load_model's key, for give_back
+    frozen_dtype: str = "fp32"  # what its weights are stored in (store_frozen_in)
 
     @property
     def spec(self):
@@ -184,25 +185,46 @@ _cache: dict[tuple, BaseModel | _Parts] = {}
 REUSABLE = ("tokenizer", "tokenizer_2", "vae", "text_encoder", "text_encoder_2")
 
 
-def load_model(paths: Paths, name: str, exclusive: bool = False) -> BaseModel:
+def load_model(paths: Paths, name: str, exclusive: bool = False,
+               frozen_dtype: str = "fp32") -> BaseModel:
     """Load (or return the cached) base model; only one model is kept in memory.
 
     `exclusive` hands the model over and drops it from the cache, for a job that changes its
     weights (DreamBooth); the next caller loads a fresh copy of what that job changed and
-    reuses what it gave back (`give_back`)."""
+    reuses what it gave back (`give_back`). `frozen_dtype` "bf16" / "fp16" stores its weights
+    in half precision (store_frozen_in); a cached model stored otherwise is loaded again."""
     kind, location = resolve_model(paths, name)
     key = _cache_key(kind, location)
     with _cache_lock:
         entry = _cache.get(key)
-        if isinstance(entry, BaseModel):
+        if isinstance(entry, BaseModel) and entry.frozen_dtype == frozen_dtype:
             return _cache.pop(key) if exclusive else entry
-        model = _load(paths, name, kind, location,
-                      reuse=entry.components if isinstance(entry, _Parts) else {})
+        reuse = entry.components if isinstance(entry, _Parts) and frozen_dtype == "fp32" else {}
+        model = _load(paths, name, kind, location, reuse=reuse)
+        store_frozen_in(model, frozen_dtype)
         model.cache_key = key
         _cache.clear()
         if not exclusive:
             _cache[key] = model
         return model
+
+
+HALF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def store_frozen_in(model: BaseModel, dtype: str) -> None:
+    """Store a frozen model's weights in the training precision ("bf16" / "fp16"), as kohya and
+    diffusers do: half the bytes, and what trains (LoRA factors) is added in fp32 afterwards.
+    The VAE stays fp32 under fp16 (kohya's no_half_vae: SDXL's VAE overflows in fp16)."""
+    if dtype == "fp32":
+        return
+    if dtype not in HALF:
+        raise ModelError(f"frozen weights: unknown precision {dtype!r} (fp32, bf16 or fp16)")
+    import torch
+    half = getattr(torch, HALF[dtype])
+    for module in (model.unet, *model.text_encoders) + ((model.vae,) if dtype == "bf16" else ()):
+        module.to(half)
+    model.frozen_dtype = dtype
 
 
 def _cache_key(kind: str, location) -> tuple:
@@ -218,7 +240,7 @@ def cached_model(paths: Paths, name: str) -> BaseModel | None:
     kind, location = resolve_model(paths, name)
     with _cache_lock:
         entry = _cache.get(_cache_key(kind, location))
-    return entry if isinstance(entry, BaseModel) else None
+    return entry if isinstance(entry, BaseModel) and entry.frozen_dtype == "fp32" else None
 
 
 def give_back(model: BaseModel, changed: set[str]) -> None:

@@ -1,0 +1,75 @@
+"""Frozen base weights in the training precision (#19): a bf16 LoRA run stores the base model
+in bf16 while its LoRA factors train in fp32, previews render, the file loads in diffusers, and
+the next fp32 job gets an fp32 model; the memory estimate counts the halved bytes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.events import Preview
+from tests.conftest import RecordingContext, kohya_photos
+from tests.test_lora_training import lora_config
+from trainers import models
+from trainers.memory_estimate import estimate
+from trainers.methods.lora import run
+
+
+def test_a_bf16_lora_trains_fp32_factors_on_bf16_frozen_weights(data_paths, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from trainers import lora_network
+    folder = kohya_photos(tmp_path / "train")
+    seen = {}
+    original = lora_network.LoraNetwork.__init__
+
+    def spy(self, unet, *args, **kwargs):
+        original(self, unet, *args, **kwargs)
+        seen["base"] = {p.dtype for n, p in unet.named_parameters() if "lora_" not in n}
+        seen["factors"] = {p.dtype for p in self.unet_parameters()}
+
+    lora_network.LoraNetwork.__init__ = spy
+    try:
+        ctx = RecordingContext(data_paths)
+        path = run(lora_config(folder, mixed_precision="bf16", max_train_steps=3,
+                               learning_rate=5e-3, sample_every_n_steps=3,
+                               sample_prompts="zxq cat --w 64 --h 64 --s 2 --d 3"), ctx)
+    finally:
+        lora_network.LoraNetwork.__init__ = original
+    assert seen == {"base": {torch.bfloat16}, "factors": {torch.float32}}
+    # an fp32 reader (Create embedding's token tables) is not given the bf16 model
+    assert models.cached_model(data_paths, "tiny-demo") is None
+    assert [p.step for p in ctx.of(Preview)] == [3]
+    assert len(ctx.losses) == 3 and all(np.isfinite(loss) for loss in ctx.losses)
+
+    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    base = image()
+    pipe.load_lora_weights(str(path))
+    assert not np.allclose(base, image())
+
+    fp32 = models.load_model(data_paths, "tiny-demo")  # the next fp32 job: loaded again
+    assert fp32.frozen_dtype == "fp32" and fp32.unet.dtype == torch.float32
+    assert models.cached_model(data_paths, "tiny-demo") is fp32
+
+
+def test_fp16_keeps_the_vae_in_fp32_and_an_unknown_precision_is_refused(data_paths):
+    model = models.load_model(data_paths, "tiny-demo", exclusive=True)
+    models.store_frozen_in(model, "fp16")
+    assert model.unet.dtype == model.text_encoder.dtype == torch.float16
+    assert model.vae.dtype == torch.float32 and model.frozen_dtype == "fp16"
+    with pytest.raises(models.ModelError, match="unknown precision 'fp8'"):
+        models.store_frozen_in(model, "fp8")
+
+
+def test_the_estimate_counts_half_precision_frozen_weights():
+    from trainers.configs import LoraConfig
+    full = estimate(LoraConfig(mixed_precision="no"), "sdxl").parts["weights"]
+    half = estimate(LoraConfig(mixed_precision="bf16"), "sdxl").parts["weights"]
+    assert half == pytest.approx(full / 2)
+    fp16 = estimate(LoraConfig(mixed_precision="fp16"), "sdxl").parts["weights"]
+    assert half < fp16 < full  # the VAE stays fp32 under fp16
