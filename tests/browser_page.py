@@ -38,3 +38,8 @@ def open_accordion(page: Page, title: str) -> None:
     if "open" not in (label.get_attribute("class") or "").split():
         label.click()
     expect(label).to_have_class(OPEN)
+
+
+def pick_method(page: Page, title: str) -> None:
+    """Choose a method in the Train tab's picker (a form's field may have the same label)."""
+    page.locator("#train-method").get_by_label(title, exact=True).check()

@@ -6,7 +6,7 @@ import torch
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import choose, fill
+from tests.browser_page import choose, fill, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -22,7 +22,7 @@ def test_apt_trains_the_pair_from_the_page(page: Page, app_server, tmp_path):
                    EmbeddingFile(name="pagetok", vectors=torch.zeros(2, 32), step=0))
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("APT / DreamArtist", exact=True).check()
+    pick_method(page, "APT / DreamArtist")
     page.locator("#train-refresh").click()  # the embedding was written after the page loaded
     choose(page, "AptConfig-embedding", "pagetok")
     fill(page, "AptConfig-data_root", str(folder))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser_page import box, fill, open_accordion
+from tests.browser_page import box, fill, open_accordion, pick_method
 from tests.conftest import photo
 
 pytestmark = pytest.mark.browser
@@ -31,7 +31,7 @@ def test_train_open_gallery_compare_and_use_a_checkpoint(page: Page, server, tmp
     # Train: a checkpoint every 2 steps, a preview at the end
     page.goto(server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("LoRA", exact=True).check()
+    pick_method(page, "LoRA")
     expect(page.locator("#LoraConfig-output_name")).to_be_visible(timeout=30_000)
     expect(page.locator("#TextualInversionConfig-embedding")).to_be_hidden(timeout=30_000)
     fill(page, "LoraConfig-output_name", "browserlora")

@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import fill, open_accordion
+from tests.browser_page import fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -17,7 +17,7 @@ def test_dreambooth_flow(page: Page, app_server, tmp_path):
         photo(i).save(instance / f"{i}.png")
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("DreamBooth", exact=True).check()
+    pick_method(page, "DreamBooth")
     fill(page, "DreamBoothConfig-output_name", "browserdb")
     fill(page, "DreamBoothConfig-train_data_dir", str(instance))
     fill(page, "DreamBoothConfig-instance_prompt", "a photo of zxq dog")

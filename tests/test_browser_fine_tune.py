@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import fill, open_accordion
+from tests.browser_page import fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -24,7 +24,7 @@ def test_fine_tune_flow(page: Page, app_server, tmp_path):
     meta = tmp_path / "meta.json"
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("Fine-tune", exact=True).check()
+    pick_method(page, "Fine-tune")
     fill(page, "FineTuneConfig-output_name", "browserft")
     fill(page, "FineTuneConfig-train_data_dir", str(images))
     fill(page, "FineTuneConfig-in_json", str(tmp_path / "nothing.json"))

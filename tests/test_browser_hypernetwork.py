@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import choose, fill, open_accordion
+from tests.browser_page import choose, fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +39,7 @@ def test_create_train_interrupt_hypernetwork(page: Page, app_server, tmp_path):
     assert (app_server.data_dir / "models" / "hypernetworks" / "browserhn.pt").exists()
 
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("Hypernetwork", exact=True).check()
+    pick_method(page, "Hypernetwork")
     page.locator("#HypernetworkTrainingConfig-model input").click()
     for label in ("tiny-demo (built-in SD 1.x demo, random weights)",
                   "tiny-demo-sd2 (built-in SD 2.x v-prediction demo, random weights)",

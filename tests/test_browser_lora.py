@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import fill, open_accordion
+from tests.browser_page import fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -18,7 +18,7 @@ def test_lora_train_interrupt_resume(page: Page, app_server, tmp_path):
         (folder / f"{i}.txt").write_text("zxq cat, photo")
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("LoRA", exact=True).check()
+    pick_method(page, "LoRA")
     fill(page, "LoraConfig-output_name", "browserlora")
     fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
     fill(page, "LoraConfig-resolution", "64")
@@ -62,7 +62,7 @@ def test_two_queued_jobs_both_finish(page: Page, app_server, tmp_path):
     photo(0).save(folder / "0.png")
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("LoRA", exact=True).check()
+    pick_method(page, "LoRA")
     fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
     fill(page, "LoraConfig-resolution", "64")
     fill(page, "LoraConfig-min_bucket_reso", "32")

@@ -8,7 +8,7 @@ from playwright.sync_api import Page, expect
 
 from tests.browser_support import AppProcess
 from tests.conftest import photo
-from tests.browser_page import choose, fill, open_accordion
+from tests.browser_page import choose, fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -30,7 +30,7 @@ def test_two_process_lora_trains_and_interrupts(page: Page, two_process_app, tmp
         (folder / f"{i}.txt").write_text("zxq cat, photo")
     page.goto(two_process_app.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("LoRA", exact=True).check()
+    pick_method(page, "LoRA")
     fill(page, "LoraConfig-output_name", "twolora")
     fill(page, "LoraConfig-train_data_dir", str(tmp_path / "train"))
     fill(page, "LoraConfig-resolution", "64")

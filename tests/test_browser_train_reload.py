@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import choose, fill, open_accordion
+from tests.browser_page import choose, fill, open_accordion, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -50,7 +50,7 @@ def test_create_train_reload_then_train_another_method(page: Page, app_server, t
     expect(page.locator("#TextualInversionConfig-steps input")).to_have_value("3")
     no_error_shown(page)
 
-    page.get_by_label("LoRA", exact=True).check()
+    pick_method(page, "LoRA")
     fill(page, "LoraConfig-output_name", "afterreload")
     fill(page, "LoraConfig-train_data_dir", str(tmp_path / "kohya"))
     open_accordion(page, "Optimization")

@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import photo
-from tests.browser_page import fill
+from tests.browser_page import fill, pick_method
 
 pytestmark = pytest.mark.browser
 
@@ -17,7 +17,7 @@ def test_xti_trains_per_layer_vectors_from_the_page(page: Page, app_server, tmp_
     photo(3).save(folder / "0.png")
     page.goto(app_server.url)
     page.get_by_role("tab", name="Train").click()
-    page.get_by_label("XTI (P+)", exact=True).check()
+    pick_method(page, "XTI (P+)")
     fill(page, "XtiConfig-output_name", "../escape")
     fill(page, "XtiConfig-data_root", str(folder))
     fill(page, "XtiConfig-width", "32")

@@ -53,6 +53,16 @@ def test_each_forms_buttons_send_only_that_forms_controls(train_tab):
             assert sent == own, (name, form.key)
 
 
+def test_only_the_poll_writes_the_queue_view(train_tab):
+    """A job queued by one click can start before that click's answer reaches the page; an
+    answer that also wrote the queue could then overwrite the poll's newer text for good."""
+    _, _, blocks, _ = train_tab
+    queue_view = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "train-queue")
+    for block_fn in handlers(blocks, "add_to_queue") + handlers(blocks, "start"):
+        assert queue_view._id not in [c._id for c in block_fn.outputs]
+    assert any(queue_view._id in [c._id for c in fn.outputs] for fn in handlers(blocks, "poll"))
+
+
 def test_a_lora_click_ignores_a_textual_inversion_value_that_no_longer_exists(train_tab, tmp_path):
     from webui.forms import to_config
     paths, runner, blocks, parts = train_tab

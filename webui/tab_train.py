@@ -295,7 +295,9 @@ def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _H
         return submit(form, count, values, queue=False)
 
     def add_to_queue(count, *values):
-        return submit(form, count, values, queue=True), _queue_text(runner)
+        # the queue view is the poll's alone: an answer written here could land after the
+        # poll's newer one (the job already started) and then stay, since the poll saw no change
+        return submit(form, count, values, queue=True)
 
     def export_toml(*values):
         try:
@@ -313,7 +315,7 @@ def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _H
         return estimate_for(cfg, paths).text()
 
     buttons.train.click(start, [processes] + inputs, message)
-    buttons.enqueue.click(add_to_queue, [processes] + inputs, [message, page.queue_view], **quiet)
+    buttons.enqueue.click(add_to_queue, [processes] + inputs, message, **quiet)
     buttons.export.click(export_toml, inputs, [message, page.exported])
     buttons.memory.click(estimate_memory, inputs, message)
 
