@@ -40,7 +40,7 @@ INT_CEILING = 2**32 - 1
 FLOAT_CEILING = 1e9
 # What a `path` field is relative to (`Paths` attribute); a shared app confines all of them.
 PATH_BASES = {"data": "data_dir", "model": "stable_diffusion", "models": "models",
-              "aesthetic": "aesthetic_embeddings"}
+              "aesthetic": "aesthetic_embeddings", "lora": "lora"}
 
 
 def option(default: Any, help: str, label: str | None = None, choices: list | None = None,

@@ -33,7 +33,7 @@ VALID = {"model": "tiny-demo", "embedding": "fuzzemb", "hypernetwork": "fuzzhn",
          "data_root": "datasets/cats", "train_data_dir": "datasets/cats", "name": "fuzzname",
          "output_name": "fuzzout", "checkpoint": "other-model", "source": "datasets/cats",
          "destination": "datasets/out", "in_json": "datasets/cats.json",
-         "aesthetic_embedding": "fuzzlook"}
+         "aesthetic_embedding": "fuzzlook", "lora": "fuzzlora.safetensors"}
 
 
 def config_classes() -> list[type]:
@@ -94,6 +94,7 @@ def layout(tmp_path_factory):
     (data / "datasets" / "cats.json").write_text('{"0": {"caption": "a cat"}, "1": {"tags": "cat"}}')
     (data / "embeddings" / "fuzzemb.pt").write_bytes(b"never loaded")
     (data / "models" / "hypernetworks" / "fuzzhn.pt").write_bytes(b"never loaded")
+    (data / "models" / "Lora" / "fuzzlora.safetensors").write_bytes(b"never loaded")
     return paths
 
 

@@ -134,7 +134,7 @@ def test_choosing_a_demo_model_sets_the_size_fields_and_a_real_model_does_not(tr
     _, _, blocks, parts = train_tab
     follow = handlers(blocks, "sizes_for_model")
     by_form = {f.key: fn for f in parts["forms"] for fn in follow
-               if fn.inputs[0] is f.controls["model"]}
+               if fn.inputs[0] is f.controls.get("model")}
     ti, lora = by_form["textual_inversion"], by_form["lora"]
     assert [c.elem_id.split("-")[1] for c in ti.outputs] == ["width", "height"]
     assert [u["value"] for u in ti.fn("tiny-demo", 512, 512)] == [64, 64]

@@ -144,6 +144,8 @@ for _method in (
            help="kohya's native fine-tuning from a metadata JSON"),
     Method("extract_lora", "Extract LoRA", configs.ExtractLoraConfig,
            "trainers.extract_lora:run", help="a LoRA from a fine-tune's difference to its base"),
+    Method("resize_lora", "Resize LoRA", configs.ResizeLoraConfig, "trainers.resize_lora:run",
+           help="a LoRA cut to a lower rank by SVD"),
 ):
     register(_method)
 del _method

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from core.config import ConfigError, accept, check_limits, option
@@ -687,6 +688,43 @@ class ExtractLoraConfig(NamesFiles):
         if self.checkpoint.strip() and self.checkpoint.strip() == self.model.strip():
             problems.append("checkpoint: must differ from the base model")
         return accept(self, problems)
+
+
+@dataclass
+class ResizeLoraConfig(NamesFiles):
+    """A kohya LoRA / LoCon file made smaller: each layer's weight change cut to a lower rank
+    by SVD (trainers/resize_lora.py)."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Resize", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
+        top=["lora", "output_name"])
+    lora: str = option("", "The LoRA file in models/Lora to resize (it is not changed).",
+                       label="LoRA", path="lora")
+    output_name: str = option("", "Name of the resized file in models/Lora.",
+                              label="Output name")
+    rank: int = option(8, "New rank: lower is smaller and keeps less of the LoRA's change; a "
+                       "layer already at this rank or lower stays as it is.", label="Rank",
+                       min=1, max=1024)
+    conv_rank: int = option(0, "New rank for LoCon's 3x3 convolutions; 0 uses Rank.",
+                            label="Conv rank", min=0, max=1024)
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing LoRA of the output name.",
+                             label="Overwrite")
+
+    def validate(self) -> "ResizeLoraConfig":
+        problems = check_limits(self) + check_name("output_name", self.output_name)
+        if not self.lora.strip():
+            problems.append("lora: choose the LoRA to resize")
+        elif Path(self.lora.strip()).stem == self.output_name.strip():
+            problems.append("output_name: choose a name other than the LoRA's own (it is kept)")
+        return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        problems = super().file_problems(paths)
+        name = self.lora.strip()
+        if name and not problems and not (paths.lora / name).is_file():
+            problems.append(f"lora: no file {name!r} in {paths.lora}")
+        return problems
 
 
 @dataclass

@@ -31,6 +31,13 @@ def checkpoint_choices(paths: Paths) -> list[tuple[str, str]]:
     return [labelled(name) for name in list_models(paths) if families.demo_of(name) is None]
 
 
+def lora_choices(paths: Paths) -> list[str]:
+    """The LoRA files in models/Lora (kohya's .safetensors)."""
+    folder = paths.lora
+    return sorted(p.name for p in folder.glob("*.safetensors") if p.is_file()) \
+        if folder.is_dir() else []
+
+
 def value_of(choice) -> str:
     return choice[1] if isinstance(choice, (tuple, list)) else choice
 

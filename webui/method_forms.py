@@ -43,6 +43,7 @@ def dropdown_sources(paths: Paths) -> dict[str, Callable[[], list[str]]]:
         "hypernetwork": lambda: list_hypernetworks(paths),
         "template": lambda: list_templates(paths.templates),
         "checkpoint": lambda: ch.checkpoint_choices(paths),
+        "lora": lambda: ch.lora_choices(paths),
     }
 
 
@@ -117,8 +118,9 @@ def demo_size_values(form: MethodForm) -> dict[str, int]:
 def build_section(form: MethodForm, sources: dict, per_row: int = 2) -> None:
     """Create the form's controls (inside the caller's layout context). With a demo model as
     the first choice, the size fields start at the demo's size."""
-    models = [ch.value_of(option) for option in sources["model"]()] if "model" in sources else []
-    sizes = size_values(form, fallback_choice(form, "model", models))
+    has_model = "model" in sources and any(f.name == "model" for f in dataclasses.fields(form.config))
+    models = [ch.value_of(option) for option in sources["model"]()] if has_model else []
+    sizes = size_values(form, fallback_choice(form, "model", models) if has_model else None)
 
     def make(name: str):
         cls_fields = {f.name for f in dataclasses.fields(form.config)}

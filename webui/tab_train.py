@@ -323,7 +323,9 @@ def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _H
 def _follow_model(form: MethodForm, note) -> None:
     """The demo note follows the form's model; choosing a demo model sets the size fields to its
     small size, and choosing a real one puts the defaults back where the demo's size still is."""
-    model = form.controls["model"]
+    model = form.controls.get("model")
+    if model is None:  # a tool that trains nothing on a base model (Resize LoRA)
+        return
     model.change(ch.demo_note, model, note)
     names = size_fields(form)
     if not names:
