@@ -33,7 +33,8 @@ VALID = {"model": "tiny-demo", "embedding": "fuzzemb", "hypernetwork": "fuzzhn",
          "data_root": "datasets/cats", "train_data_dir": "datasets/cats", "name": "fuzzname",
          "output_name": "fuzzout", "checkpoint": "other-model", "source": "datasets/cats",
          "destination": "datasets/out", "in_json": "datasets/cats.json",
-         "aesthetic_embedding": "fuzzlook", "lora": "fuzzlora.safetensors"}
+         "aesthetic_embedding": "fuzzlook", "lora": "fuzzlora.safetensors",
+         "loras": "fuzzlora.safetensors: 0.5, fuzzlora2.safetensors"}
 
 
 def config_classes() -> list[type]:
@@ -95,6 +96,7 @@ def layout(tmp_path_factory):
     (data / "embeddings" / "fuzzemb.pt").write_bytes(b"never loaded")
     (data / "models" / "hypernetworks" / "fuzzhn.pt").write_bytes(b"never loaded")
     (data / "models" / "Lora" / "fuzzlora.safetensors").write_bytes(b"never loaded")
+    (data / "models" / "Lora" / "fuzzlora2.safetensors").write_bytes(b"never loaded")
     return paths
 
 

@@ -40,6 +40,8 @@ NOT_PATHS = {
     "file_format": "a choice of format (.pt / .safetensors), not a place",
     "save_diffusers_format": "a switch: also write the diffusers format beside the output",
     "save_diffusers": "a switch: also write a diffusers folder beside the output",
+    "loras": "bare file names inside models/Lora with weights (MergeLoraConfig.weighted runs "
+             "check_name on each, which refuses path characters)",
 }
 
 

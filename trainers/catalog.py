@@ -146,6 +146,8 @@ for _method in (
            "trainers.extract_lora:run", help="a LoRA from a fine-tune's difference to its base"),
     Method("resize_lora", "Resize LoRA", configs.ResizeLoraConfig, "trainers.resize_lora:run",
            help="a LoRA cut to a lower rank by SVD"),
+    Method("merge_lora", "Merge LoRAs", configs.MergeLoraConfig, "trainers.merge_lora:run",
+           help="several LoRAs merged into one, each at its weight"),
 ):
     register(_method)
 del _method

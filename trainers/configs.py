@@ -728,6 +728,62 @@ class ResizeLoraConfig(NamesFiles):
 
 
 @dataclass
+class MergeLoraConfig(NamesFiles):
+    """Several kohya LoRA files merged into one, each at its weight (trainers/merge_lora.py)."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Merge", ["rank", "save_precision", "overwrite"], True)], top=["loras", "output_name"],
+        overrides={"loras": {"lines": 2}})
+    loras: str = option("", "LoRA files in models/Lora with their weights, e.g. "
+                        "'style.safetensors: 0.7, face.safetensors: 1'.",
+                        label="LoRAs and weights")
+    output_name: str = option("", "Name of the merged file in models/Lora.", label="Output name")
+    rank: int = option(0, "0 keeps every file's whole change (the ranks add up); a rank cuts "
+                       "each merged layer to it by SVD.", label="Rank", min=0, max=1024)
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing LoRA of the output name.",
+                             label="Overwrite")
+
+    def weighted(self) -> list[tuple[str, float]]:
+        """[(file name, weight)] from `loras` (ConfigError naming `loras` when malformed)."""
+        pairs, problems = [], []
+        for entry in (e.strip() for e in self.loras.split(",")):
+            if not entry:
+                continue
+            name, _, weight = entry.partition(":")
+            name, weight = name.strip(), weight.strip() or "1"
+            problems += check_name("loras", name)
+            try:
+                pairs.append((name, float(weight)))
+            except ValueError:
+                problems.append(f"loras: {weight!r} is not a weight (write name: 0.5)")
+        if len(pairs) < 2 and not problems:
+            problems.append("loras: name at least two LoRA files, e.g. 'a.safetensors: 0.5, "
+                            "b.safetensors: 0.5'")
+        if problems:
+            raise ConfigError(problems)
+        return pairs
+
+    def validate(self) -> "MergeLoraConfig":
+        problems = check_limits(self) + check_name("output_name", self.output_name)
+        try:
+            names = [name for name, _ in self.weighted()]
+            if f"{self.output_name.strip()}.safetensors" in names:
+                problems.append("output_name: choose a name other than a merged file's (they "
+                                "are kept)")
+        except ConfigError as error:
+            problems += error.problems
+        return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        problems = super().file_problems(paths)
+        for name, _ in self.weighted():
+            if not (paths.lora / name).is_file():
+                problems.append(f"loras: no file {name!r} in {paths.lora}")
+        return problems
+
+
+@dataclass
 class AestheticEmbeddingConfig(NamesFiles):
     name: str = option("", "File name in models/aesthetic_embeddings (A1111's aesthetic-gradients "
                        "extension reads the same .pt).", label="Name")

@@ -1,0 +1,70 @@
+"""Merge kohya LoRA / LoCon files into one, each at its weight.
+
+A layer's merged change is the weighted sum of the files' changes. Stacking the factors gives
+it exactly: down = [down_1; down_2; ...], up = [w_1 * s_1 * up_1, w_2 * s_2 * up_2, ...] with
+each file's scale s = alpha / rank folded in and alpha = the summed rank, so the ranks add up.
+A rank > 0 then cuts each merged layer to that rank by SVD (trainers/resize_lora.py). A layer
+only some files have is merged from those."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core import events as ev
+from trainers.formats.lora import load_lora, save_lora
+from trainers.resize_lora import DOWN, UP, resize_state
+
+
+def merge_states(weighted: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+    names = sorted({k[:-len(DOWN)] for state, _ in weighted for k in state if k.endswith(DOWN)})
+    merged: dict[str, torch.Tensor] = {}
+    for name in names:
+        downs, ups = [], []
+        for state, weight in weighted:
+            if name + DOWN not in state:
+                continue
+            down, up = state[name + DOWN].float(), state[name + UP].float()
+            rank = down.shape[0]
+            alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else float(rank)
+            downs.append(down)
+            ups.append(up * (weight * alpha / rank))
+        if len({d.shape[1:] for d in downs}) > 1 or len({u.shape[0] for u in ups}) > 1:
+            raise ValueError(f"loras: {name} has different shapes in different files "
+                             f"({', '.join(str(tuple(d.shape)) for d in downs)}); merge LoRAs "
+                             "made for the same base model")
+        merged[name + DOWN] = torch.cat(downs, dim=0).contiguous()
+        merged[name + UP] = torch.cat(ups, dim=1).contiguous()
+        merged[name + ".alpha"] = torch.tensor(float(merged[name + DOWN].shape[0]))
+    return merged
+
+
+def run(cfg, ctx) -> Path:
+    cfg.validate()
+    paths = ctx.paths
+    target = paths.lora / f"{cfg.output_name.strip()}.safetensors"
+    if target.exists() and not cfg.overwrite:
+        raise FileExistsError(f"output_name: {target.name} exists in {paths.lora}; tick "
+                              "'Overwrite' to replace it")
+    weighted, first_meta = [], None
+    for name, weight in cfg.weighted():
+        ctx.emit(ev.Status(f"Reading {name}"))
+        state, metadata = load_lora(paths.resolve(paths.lora / name, "loras"))
+        weighted.append((state, weight))
+        first_meta = first_meta if first_meta is not None else metadata
+    merged = merge_states(weighted)
+    if cfg.rank:
+        merged = resize_state(merged, cfg.rank)
+    ranks = sorted({v.shape[0] for k, v in merged.items() if k.endswith(DOWN)})
+    listed = ", ".join(f"{name} x {weight:g}" for name, weight in cfg.weighted())
+    metadata = {k: v for k, v in (first_meta or {}).items() if not k.startswith("sshs_")}
+    metadata.update({"ss_network_dim": str(max(ranks)), "ss_network_alpha": str(float(max(ranks))),
+                     "ss_output_name": target.stem, "ss_training_comment": f"merged: {listed}"})
+    if "modelspec.title" in metadata:
+        metadata["modelspec.title"] = target.stem
+    save_lora(target, merged, metadata, precision=cfg.save_precision)
+    ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
+    ctx.emit(ev.Finished(step=0, path=str(target), message=(
+        f"Merged {listed} into {len(merged) // 3} layers of rank "
+        f"{'/'.join(map(str, ranks))}: {target}")))
+    return target
