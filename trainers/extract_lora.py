@@ -12,6 +12,7 @@ from trainers.configs import ExtractLoraConfig
 from trainers.formats.lora import LoraTrainingInfo, lora_metadata, save_lora
 from trainers.lora_network import find_targets, text_encoder_prefixes
 from trainers.models import load_model
+from trainers.resize_lora import output_target
 
 
 def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +59,7 @@ def _resolution(base) -> int:
 def run(cfg: ExtractLoraConfig, ctx) -> Path:
     cfg.validate()
     paths = ctx.paths
-    target = paths.lora / f"{cfg.output_name.strip()}.safetensors"
-    if target.exists() and not cfg.overwrite:
-        raise FileExistsError(f"output_name: {target.name} exists in {paths.lora}; tick "
-                              "'Overwrite' to replace it")
+    target = output_target(paths, cfg.output_name, cfg.overwrite)
     ctx.emit(ev.Status(f"Loading {cfg.checkpoint}"))
     tuned = load_model(paths, cfg.checkpoint, exclusive=True)
     ctx.emit(ev.Status(f"Loading {cfg.model}"))

@@ -13,7 +13,7 @@ import torch
 
 from core import events as ev
 from trainers.formats.lora import load_lora, save_lora
-from trainers.resize_lora import DOWN, UP, resize_state
+from trainers.resize_lora import DOWN, UP, derived_metadata, output_target, resize_state
 
 
 def merge_states(weighted: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
@@ -42,10 +42,7 @@ def merge_states(weighted: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
 def run(cfg, ctx) -> Path:
     cfg.validate()
     paths = ctx.paths
-    target = paths.lora / f"{cfg.output_name.strip()}.safetensors"
-    if target.exists() and not cfg.overwrite:
-        raise FileExistsError(f"output_name: {target.name} exists in {paths.lora}; tick "
-                              "'Overwrite' to replace it")
+    target = output_target(paths, cfg.output_name, cfg.overwrite)
     weighted, first_meta = [], None
     for name, weight in cfg.weighted():
         ctx.emit(ev.Status(f"Reading {name}"))
@@ -57,11 +54,7 @@ def run(cfg, ctx) -> Path:
         merged = resize_state(merged, cfg.rank)
     ranks = sorted({v.shape[0] for k, v in merged.items() if k.endswith(DOWN)})
     listed = ", ".join(f"{name} x {weight:g}" for name, weight in cfg.weighted())
-    metadata = {k: v for k, v in (first_meta or {}).items() if not k.startswith("sshs_")}
-    metadata.update({"ss_network_dim": str(max(ranks)), "ss_network_alpha": str(float(max(ranks))),
-                     "ss_output_name": target.stem, "ss_training_comment": f"merged: {listed}"})
-    if "modelspec.title" in metadata:
-        metadata["modelspec.title"] = target.stem
+    metadata = derived_metadata(first_meta or {}, target, max(ranks), f"merged: {listed}")
     save_lora(target, merged, metadata, precision=cfg.save_precision)
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
     ctx.emit(ev.Finished(step=0, path=str(target), message=(

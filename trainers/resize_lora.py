@@ -45,27 +45,39 @@ def resize_state(state: dict, rank: int, conv_rank: int = 0) -> dict[str, torch.
     return out
 
 
+def output_target(paths, output_name: str, overwrite: bool) -> Path:
+    """models/Lora/<output_name>.safetensors; an existing file only with overwrite."""
+    target = paths.lora / f"{output_name.strip()}.safetensors"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output_name: {target.name} exists in {paths.lora}; tick "
+                              "'Overwrite' to replace it")
+    return target
+
+
+def derived_metadata(source: dict, target: Path, rank: int, comment: str) -> dict[str, str]:
+    """A source file's metadata for a file made from it: its new name, rank and comment (the
+    hashes are written anew by save_lora)."""
+    metadata = {k: v for k, v in source.items() if not k.startswith("sshs_")}
+    metadata.update({"ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)),
+                     "ss_output_name": target.stem, "ss_training_comment": comment})
+    if "modelspec.title" in metadata:
+        metadata["modelspec.title"] = target.stem
+    return metadata
+
+
 def run(cfg, ctx) -> Path:
     cfg.validate()
     paths = ctx.paths
     source = paths.resolve(paths.lora / cfg.lora.strip(), "lora")
-    target = paths.lora / f"{cfg.output_name.strip()}.safetensors"
-    if target.exists() and not cfg.overwrite:
-        raise FileExistsError(f"output_name: {target.name} exists in {paths.lora}; tick "
-                              "'Overwrite' to replace it")
+    target = output_target(paths, cfg.output_name, cfg.overwrite)
     ctx.emit(ev.Status(f"Reading {source.name}"))
     state, metadata = load_lora(source)
     old = {state[k].shape[0] for k in state if k.endswith(DOWN)}
     resized = resize_state(state, cfg.rank, cfg.conv_rank)
     kept = sum(float(layer_delta(resized, n).norm() ** 2) for n in _names(resized))
     total = sum(float(layer_delta(state, n).norm() ** 2) for n in _names(state))
-    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    metadata.update({"ss_network_dim": str(cfg.rank), "ss_network_alpha": str(float(cfg.rank)),
-                     "ss_output_name": target.stem,
-                     "ss_training_comment": f"resized from {source.name} (rank "
-                                            f"{'/'.join(map(str, sorted(old)))}) to rank {cfg.rank}"})
-    if "modelspec.title" in metadata:
-        metadata["modelspec.title"] = target.stem
+    metadata = derived_metadata(metadata, target, cfg.rank, (
+        f"resized from {source.name} (rank {'/'.join(map(str, sorted(old)))}) to rank {cfg.rank}"))
     save_lora(target, resized, metadata, precision=cfg.save_precision)
     share = 100.0 * kept / total if total else 100.0
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
