@@ -51,6 +51,23 @@ def cli_embedding_run(tmp_path: Path, tiny_model_dir: Path, dataset: Path, steps
     return data, config, path
 
 
+def demo_images_with_lora(paths, lora_path) -> tuple:
+    """(image without, image with) the kohya LoRA file loaded by diffusers' load_lora_weights
+    into the tiny SD1 demo, same prompt and seed: the check that a file loads and changes
+    the output."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(paths.cache / "tiny-demo", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    base = image()
+    pipe.load_lora_weights(str(lora_path))
+    return base, image()
+
+
 def kohya_photos(root: Path) -> Path:
     """A kohya repeats folder `2_zxq cat` under `root` with a square, a wide and a tall photo
     and their captions; returns `root`."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.events import Preview
-from tests.conftest import RecordingContext, kohya_photos
+from tests.conftest import RecordingContext, demo_images_with_lora, kohya_photos
 from tests.test_lora_training import lora_config
 from trainers import models
 from trainers.memory_estimate import estimate
@@ -16,8 +16,6 @@ from trainers.methods.lora import run
 
 
 def test_a_bf16_lora_trains_fp32_factors_on_bf16_frozen_weights(data_paths, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     from trainers import lora_network
     folder = kohya_photos(tmp_path / "train")
     seen = {}
@@ -42,15 +40,8 @@ def test_a_bf16_lora_trains_fp32_factors_on_bf16_frozen_weights(data_paths, tmp_
     assert [p.step for p in ctx.of(Preview)] == [3]
     assert len(ctx.losses) == 3 and all(np.isfinite(loss) for loss in ctx.losses)
 
-    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    base = image()
-    pipe.load_lora_weights(str(path))
-    assert not np.allclose(base, image())
+    base, with_lora = demo_images_with_lora(data_paths, path)
+    assert not np.allclose(base, with_lora)
 
     fp32 = models.load_model(data_paths, "tiny-demo")  # the next fp32 job: loaded again
     assert fp32.frozen_dtype == "fp32" and fp32.unet.dtype == torch.float32

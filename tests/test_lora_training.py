@@ -9,7 +9,7 @@ import torch
 
 from core.config import ConfigError
 from core.events import Preview
-from tests.conftest import RecordingContext, kohya_photos, repeat_with_interruption
+from tests.conftest import RecordingContext, demo_images_with_lora, kohya_photos, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers.configs import LoraConfig
 from trainers.formats.lora import load_lora
@@ -60,17 +60,9 @@ def test_lora_trains_saves_kohya_file_and_leaves_the_base_model_alone(data_paths
 
 
 def test_lora_file_loads_in_diffusers_and_changes_output(data_paths, kohya_folder):
-    from diffusers import StableDiffusionPipeline
     path = run(lora_config(kohya_folder, max_train_steps=4, learning_rate=5e-3), RecordingContext(data_paths))
-    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    base = image()
-    pipe.load_lora_weights(str(path))
-    assert not np.allclose(base, image())
+    base, with_lora = demo_images_with_lora(data_paths, path)
+    assert not np.allclose(base, with_lora)
 
 
 def test_interrupted_then_resumed_lora_repeats_the_uninterrupted_run(data_paths, kohya_folder):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from tests.conftest import RecordingContext, kohya_photos
+from tests.conftest import RecordingContext, demo_images_with_lora, kohya_photos
 from tests.test_lora_training import lora_config
 from tests.test_resize_lora import random_lora
 from trainers.configs import MergeLoraConfig
@@ -36,7 +36,6 @@ def test_the_merged_change_is_the_weighted_sum():
 
 
 def test_two_trained_loras_merge_into_a_file_diffusers_loads(data_paths, tmp_path):
-    from diffusers import StableDiffusionPipeline
     folder = kohya_photos(tmp_path / "train")
     for name, seed in (("one", 1), ("two", 2)):
         train_lora(lora_config(folder, output_name=name, seed=seed, max_train_steps=3,
@@ -48,15 +47,8 @@ def test_two_trained_loras_merge_into_a_file_diffusers_loads(data_paths, tmp_pat
     assert {v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")} == {3}
     assert meta["ss_training_comment"] == "merged: one.safetensors x 0.5, two.safetensors x 1"
     assert "Merged one.safetensors x 0.5, two.safetensors x 1 into" in ctx.events[-1].message
-    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    base = image()
-    pipe.load_lora_weights(str(path))
-    assert not np.allclose(base, image())
+    base, with_lora = demo_images_with_lora(data_paths, path)
+    assert not np.allclose(base, with_lora)
 
 
 def test_bad_merge_settings_are_named_and_nothing_is_replaced(data_paths):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from tests.conftest import RecordingContext, kohya_photos
+from tests.conftest import RecordingContext, demo_images_with_lora, kohya_photos
 from tests.test_lora_training import lora_config
 from trainers.configs import ResizeLoraConfig
 from trainers.formats.lora import load_lora, save_lora
@@ -46,7 +46,6 @@ def test_each_layer_becomes_its_best_lower_rank_approximation():
 
 
 def test_a_trained_lora_resized_loads_in_diffusers_and_still_changes_the_image(data_paths, tmp_path):
-    from diffusers import StableDiffusionPipeline
     trained = train_lora(lora_config(kohya_photos(tmp_path / "train"), max_train_steps=4,
                                      learning_rate=5e-3, network_dim=4, conv_dim=2),
                          RecordingContext(data_paths))
@@ -59,15 +58,8 @@ def test_a_trained_lora_resized_loads_in_diffusers_and_still_changes_the_image(d
     assert meta["ss_network_dim"] == "2" and "resized from mylora.safetensors" in \
         meta["ss_training_comment"]
     assert "% of its weight change kept" in ctx.events[-1].message
-    pipe = StableDiffusionPipeline.from_pretrained(data_paths.cache / "tiny-demo", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("zxq cat", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    base = image()
-    pipe.load_lora_weights(str(path))
-    assert not np.allclose(base, image())
+    base, with_lora = demo_images_with_lora(data_paths, path)
+    assert not np.allclose(base, with_lora)
 
 
 def test_bad_settings_are_named_and_nothing_is_replaced(data_paths):
