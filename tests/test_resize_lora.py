@@ -76,6 +76,9 @@ def test_bad_settings_are_named_and_nothing_is_replaced(data_paths):
                               data_paths)
     save_lora(data_paths.lora / "taken.safetensors", random_lora(2))
     taken = (data_paths.lora / "taken.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="output_name: taken.safetensors exists .* 'Overwrite'"):
+        check_before_queueing(ResizeLoraConfig(lora="mine.safetensors", output_name="taken"),
+                              data_paths)
     with pytest.raises(FileExistsError, match="taken.safetensors exists"):
         run(ResizeLoraConfig(lora="mine.safetensors", output_name="taken"),
             RecordingContext(data_paths))

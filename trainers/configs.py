@@ -689,6 +689,20 @@ class ExtractLoraConfig(NamesFiles):
             problems.append("checkpoint: must differ from the base model")
         return accept(self, problems)
 
+    def file_problems(self, paths) -> list[str]:
+        return super().file_problems(paths) + lora_output_problems(paths, self.output_name,
+                                                                   self.overwrite)
+
+
+def lora_output_problems(paths, output_name: str, overwrite: bool) -> list[str]:
+    """The LoRA tools' output in models/Lora: an existing file is replaced only with Overwrite
+    (checked before queueing; the tool checks again when it writes)."""
+    name = output_name.strip()
+    if name and not overwrite and (paths.lora / f"{name}.safetensors").exists():
+        return [f"output_name: {name}.safetensors exists in {paths.lora}; tick 'Overwrite' to "
+                "replace it"]
+    return []
+
 
 @dataclass
 class ResizeLoraConfig(NamesFiles):
@@ -724,7 +738,7 @@ class ResizeLoraConfig(NamesFiles):
         name = self.lora.strip()
         if name and not problems and not (paths.lora / name).is_file():
             problems.append(f"lora: no file {name!r} in {paths.lora}")
-        return problems
+        return problems + lora_output_problems(paths, self.output_name, self.overwrite)
 
 
 @dataclass
@@ -780,7 +794,7 @@ class MergeLoraConfig(NamesFiles):
         for name, _ in self.weighted():
             if not (paths.lora / name).is_file():
                 problems.append(f"loras: no file {name!r} in {paths.lora}")
-        return problems
+        return problems + lora_output_problems(paths, self.output_name, self.overwrite)
 
 
 @dataclass
