@@ -242,11 +242,12 @@ def test_a_family_is_one_registered_adapter_that_detection_and_objectives_ask(tm
         families.get("toyflow")
 
 
-def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not_for(paths):
+def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not_for(
+        paths, tmp_path):
     """A toy family registered here with its own demo model: the model dropdown lists the demo
     with its label, `--list` has a column for it, the demo builds and loads with the family's
-    prompt encoder and preview pipeline, and a method that does not list the family refuses
-    its model before queueing, naming the families it trains."""
+    prompt encoder and preview pipeline, a method that does not list the family refuses its
+    model before queueing, naming the families it trains, and the engine trains its demo."""
     import dataclasses
 
     from core.config import ConfigError
@@ -273,6 +274,15 @@ def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not
         with pytest.raises(ConfigError, match="tiny-demo-toy is a Toy 1.x model; LoRA trains "
                                               "SD 1.x, SD 2.x, SDXL models"):
             preflight.check_before_queueing(LoraConfig(model="tiny-demo-toy"), paths)
+        # the engine trains it through its adapter (a method that listed it would queue it)
+        from tests.conftest import RecordingContext, kohya_photos
+        from tests.test_lora_training import lora_config
+        from trainers.formats.lora import load_lora
+        from trainers.methods.lora import run
+        ctx = RecordingContext(paths)
+        trained = run(lora_config(kohya_photos(tmp_path / "train"), model="tiny-demo-toy",
+                                  output_name="toylora", max_train_steps=2), ctx)
+        assert load_lora(trained)[1]["ss_steps"] == "2" and len(ctx.losses) == 2
     finally:
         families.unregister("toy")
     assert "tiny-demo-toy" not in [v for _, v in choices.model_choices(paths)]
