@@ -84,7 +84,8 @@ def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
     network = LoraNetwork(model.unet if lora_spec.train_unet else None,
                           model.text_encoder if lora_spec.train_text_encoder else None,
                           lora_spec, text_encoder_2=model.text_encoder_2
-                          if lora_spec.train_text_encoder else None)
+                          if lora_spec.train_text_encoder else None,
+                          layout=model.spec.hook("lora_layout"))
     try:
         network.load_kohya_state_dict(state)
         for parameter in network.parameters():
@@ -106,7 +107,9 @@ def _embedding_vectors(path: Path, model):
 
 
 def spec_from_state(state):
-    """The LoraSpec (rank, alpha, conv rank/alpha, parts) a kohya state dict was made with."""
+    """The LoraSpec (rank, alpha, conv rank/alpha, parts) a kohya state dict was made with.
+    The smallest linear rank is the network's: a layer fused from several modules (Flux's
+    q/k/v) may hold their adapters side by side."""
     from trainers.lora_network import LoraSpec
     rank = alpha = conv_rank = conv_alpha = None
     for key, tensor in state.items():
@@ -117,7 +120,7 @@ def spec_from_state(state):
         value = float(value.float().reshape(())) if value is not None else float(tensor.shape[0])
         if tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1):
             conv_rank, conv_alpha = conv_rank or int(tensor.shape[0]), conv_alpha or value
-        elif rank is None:
+        elif rank is None or tensor.shape[0] < rank:
             rank, alpha = int(tensor.shape[0]), value
     if rank is None:
         raise ValueError("the LoRA file has no linear adapters")

@@ -20,16 +20,22 @@ SizeInfo = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 @dataclass
-class SdxlCondition:
-    context: torch.Tensor  # [batch, 77, width_1 + width_2]
-    pooled: torch.Tensor   # [batch, projection of the second encoder]
+class PooledCondition:
+    """A context sequence and a pooled text vector per caption (SDXL, Flux)."""
+    context: torch.Tensor  # [batch, tokens, width]
+    pooled: torch.Tensor   # [batch, pooled width]
 
-    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return list(zip(self.context, self.pooled))
+    def rows(self) -> list["PooledCondition"]:
+        """One condition per caption (unbatched tensors), for memoizing captions."""
+        return [type(self)(c, p) for c, p in zip(self.context, self.pooled)]
 
-    @staticmethod
-    def stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "SdxlCondition":
-        return SdxlCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    @classmethod
+    def stack(cls, rows: Sequence["PooledCondition"]) -> "PooledCondition":
+        return cls(torch.stack([r.context for r in rows]), torch.stack([r.pooled for r in rows]))
+
+
+class SdxlCondition(PooledCondition):
+    """[batch, 77, width_1 + width_2] context; the second encoder's pooled projection."""
 
 
 def _hidden_states(encoder: PromptEncoder, rows):
@@ -105,8 +111,10 @@ def sdxl_prompt_encoder(model, embeddings, clip_skip, max_tokens, chunking) -> S
 
 
 def stack_conditions(rows: list):
-    """One batch from per-caption conditionings: tensors, or SdxlCondition.rows() pairs."""
-    return SdxlCondition.stack(rows) if isinstance(rows[0], tuple) else torch.stack(rows)
+    """One batch from per-caption conditionings: tensors, or PooledCondition.rows()."""
+    if isinstance(rows[0], PooledCondition):
+        return type(rows[0]).stack(rows)
+    return torch.stack(rows)
 
 
 def time_ids(sizes: Sequence[SizeInfo] | None, latents: torch.Tensor,
@@ -122,8 +130,10 @@ def time_ids(sizes: Sequence[SizeInfo] | None, latents: torch.Tensor,
 
 def unet_inputs(encoded, latents: torch.Tensor, sizes: Sequence[SizeInfo] | None = None,
                 vae_scale: int = 8) -> tuple[torch.Tensor, dict | None]:
-    """(encoder_hidden_states, added_cond_kwargs or None) for the U-Net call."""
+    """(encoder_hidden_states, the family's extra conditioning or None) for the denoiser."""
     if isinstance(encoded, SdxlCondition):
         return encoded.context, {"text_embeds": encoded.pooled,
                                  "time_ids": time_ids(sizes, latents, vae_scale)}
+    if isinstance(encoded, PooledCondition):
+        return encoded.context, {"pooled_projections": encoded.pooled}
     return encoded, None

@@ -846,12 +846,14 @@ class KohyaBatches:
     holds every image x its repeats; batch(m) is a pure function of (seed, m)."""
 
     def __init__(self, datasets: KohyaDataset | Sequence[KohyaDataset], seed: int,
-                 scaling_factor: float = 0.18215, prior_loss_weight: float = 1.0):
+                 scaling_factor: float = 0.18215, prior_loss_weight: float = 1.0,
+                 shift_factor: float = 0.0):
         self.datasets = [datasets] if isinstance(datasets, KohyaDataset) else list(datasets)
         if not self.datasets:
             raise DatasetError("no dataset")
         self.seed = seed
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor  # Flux's VAE: latents are (mean - shift) * scale
         self.prior_loss_weight = prior_loss_weight
         self.batchers = []
         for number, dataset in enumerate(self.datasets):
@@ -891,7 +893,10 @@ class KohyaBatches:
             texts.append(process_caption(subset, entry.caption, rng, epoch + 1))
             weights.append(self.prior_loss_weight if entry.is_reg else 1.0)
             sizes.append(_size_info(entry))
-        stacked = torch.stack(latents) * self.scaling_factor
+        stacked = torch.stack(latents)
+        if self.shift_factor:
+            stacked = stacked - self.shift_factor
+        stacked = stacked * self.scaling_factor
         return Batch(latents=stacked, texts=texts,
                      weights=self._weights(weights, alphas, stacked.shape[-2:]), sizes=sizes)
 
@@ -930,7 +935,8 @@ def prepare_datasets(configs: DatasetConfig | Iterable[DatasetConfig], vae, seed
     datasets = [scan_dataset(config) for config in configs]
     for dataset in datasets:
         cache_latents(dataset, vae, seed, cache_to_disk, vae_batch_size, report)
-    return KohyaBatches(datasets, seed, vae.config.scaling_factor, prior_loss_weight)
+    return KohyaBatches(datasets, seed, vae.config.scaling_factor, prior_loss_weight,
+                        getattr(vae.config, "shift_factor", None) or 0.0)
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -17,7 +17,7 @@ from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions
 from trainers.lr_schedulers import schedule_rates
 from trainers.models import BaseModel, load_model
-from trainers.conditioning import SdxlCondition, prompt_encoder, stack_conditions
+from trainers.conditioning import PooledCondition, prompt_encoder, stack_conditions
 from trainers.sample_prompts import parse_sample_prompts
 from trainers.sampling import PreviewSettings
 
@@ -161,7 +161,7 @@ def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder:
             missing = [t for t in dict.fromkeys(texts) if t not in memo]
             if missing:
                 encoded = encoder.encode(missing)
-                rows = encoded.rows() if isinstance(encoded, SdxlCondition) else encoded
+                rows = encoded.rows() if isinstance(encoded, PooledCondition) else encoded
                 for text, row in zip(missing, rows):
                     memo[text] = row
             rows = [memo[t] for t in texts]
@@ -218,6 +218,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n, on_nan=cfg.on_nan,
         clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
         clip_value=lambda step: cfg.max_grad_norm,
+        flow=cfg.flow_options() if hasattr(cfg, "flow_options") else None,
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

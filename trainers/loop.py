@@ -71,6 +71,7 @@ class LoopOptions:
     keep_last: int = 0  # keep only the newest N periodic copies; 0 keeps all
     on_nan: str = "stop"  # a NaN/inf loss or gradient: "stop" (keep the last good state) | "skip"
     settings: dict = field(default_factory=dict)  # written to settings-<step>.json
+    flow: object = None  # FlowMatchingOptions, for a flow-matching family
 
 
 @dataclass
@@ -204,7 +205,8 @@ class _Training:
     def __init__(self, model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx):
         self.model, self.data, self.plan, self.opts, self.ctx = model, data, plan, opts, ctx
         self.unet = plan.unet or model.unet
-        self.objective = model.objective()
+        self.objective = model.objective(opts.flow)
+        self.predict = model.spec.hook("predict")
         self.start = self.step = plan.start_step
         self.parallel = distributed.of(ctx)  # None in a one-process run
         self.main = distributed.is_main(ctx)  # only the main process writes files
@@ -329,7 +331,8 @@ class _Training:
                                   device=self.device, dtype=self.dtype,
                                   rows=shard.rows if shard else None,
                                   batch_size=shard.size if shard else None,
-                                  x0_loss=plan.x0_loss(batch) if plan.x0_loss else None)
+                                  x0_loss=plan.x0_loss(batch) if plan.x0_loss else None,
+                                  predict=self.predict)
         return (loss * shard.scale if shard else loss), batch.texts
 
     def _accumulate(self) -> tuple[float, bool, list[str]]:

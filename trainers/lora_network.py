@@ -150,6 +150,36 @@ def find_targets(model: nn.Module, part: str, conv: bool,
     return list(targets.values())
 
 
+class UnetLayout:
+    """Where kohya's LoRA goes in an SD-family model and how its file names them: the U-Net's
+    transformer (and, for LoCon, ResNet) blocks, CLIP text encoders as `lora_te` / `lora_te1`,
+    `lora_te2`; one file key per adapted module. A family with another denoiser names its own
+    layout (`Family.lora_layout`, e.g. trainers/flux_lora.py)."""
+
+    def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
+        return find_targets(model, "unet", conv)
+
+    def text_parts(self, text_encoder, text_encoder_2) -> dict[str, tuple[nn.Module, str]]:
+        """part -> (text encoder, kohya prefix) for the encoders a text-encoder LoRA trains."""
+        prefixes = text_encoder_prefixes(text_encoder_2)
+        parts = {"text_encoder": (text_encoder, prefixes["text_encoder"])}
+        if text_encoder_2 is not None:
+            parts["text_encoder_2"] = (text_encoder_2, prefixes["text_encoder_2"])
+        return parts
+
+    def to_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network's per-module tensors -> the file's keys (the same here)."""
+        return state
+
+    def from_file(self, state: Mapping[str, torch.Tensor],
+                  out_sizes: Mapping[str, int]) -> Mapping[str, torch.Tensor]:
+        """A file's keys -> the network's; `out_sizes`: each target's output features."""
+        return state
+
+
+UNET_LAYOUT = UnetLayout()
+
+
 def _peft_layer_class():
     from peft.tuners.tuners_utils import BaseTunerLayer
     return BaseTunerLayer
@@ -272,9 +302,10 @@ class LoraNetwork:
 
     def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None, spec: LoraSpec,
                  adapter_name: str = "danlu", param_dtype: torch.dtype | None = torch.float32,
-                 text_encoder_2: nn.Module | None = None):
+                 text_encoder_2: nn.Module | None = None, layout: UnetLayout = UNET_LAYOUT):
         spec.validate()
         self.spec = spec
+        self.layout = layout
         self.adapter_name = adapter_name
         self.strength = 1.0
         self._parts: dict[str, _Part] = {}
@@ -282,17 +313,16 @@ class LoraNetwork:
         if spec.train_unet:
             if unet is None:
                 raise ValueError("LoRA: train_unet is set but no U-Net was given")
-            wanted.append(("unet", unet))
+            wanted.append(("unet", unet, None))
         if spec.train_text_encoder:
             if text_encoder is None:
                 raise ValueError("LoRA: train_text_encoder is set but no text encoder was given")
-            wanted.append(("text_encoder", text_encoder))
-            if text_encoder_2 is not None:
-                wanted.append(("text_encoder_2", text_encoder_2))
-        prefixes = text_encoder_prefixes(text_encoder_2)
+            for part, (model, prefix) in layout.text_parts(text_encoder, text_encoder_2).items():
+                wanted.append((part, model, prefix))
         try:
-            for part, model in wanted:
-                targets = find_targets(model, part, spec.uses_conv, prefixes.get(part))
+            for part, model, prefix in wanted:
+                targets = (layout.denoiser_targets(model, spec.uses_conv) if part == "unet"
+                           else find_targets(model, part, spec.uses_conv, prefix))
                 if not targets:
                     raise ValueError(f"LoRA: found no module to adapt in the {part} "
                                      f"({type(model).__name__})")
@@ -337,7 +367,12 @@ class LoraNetwork:
                 yield target.name, down, up, part.rank_alpha[target.name][1]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every target."""
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every key of
+        the file (the layout's: one per target, or fused as the family's file names them)."""
+        return self.layout.to_file(self.module_state_dict(dtype))
+
+    def module_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The same keys for every target (adapted module) before the layout fuses any."""
         state: dict[str, torch.Tensor] = {}
         for name, down, up, alpha in self._entries():
             state[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
@@ -347,6 +382,11 @@ class LoraNetwork:
 
     def load_kohya_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy a kohya state dict into the adapters; it must fit exactly (strict)."""
+        try:
+            state = self.layout.from_file(
+                state, {name: up.shape[0] for name, _down, up, _alpha in self._entries()})
+        except ValueError as error:
+            raise LoraStateError(f"LoRA weights do not fit this network: {error}") from None
         expected: dict[str, tuple[tuple[int, ...], torch.Tensor | None]] = {}
         for name, down, up, _alpha in self._entries():
             expected[f"{name}.lora_down.weight"] = (tuple(down.shape), down)

@@ -30,7 +30,7 @@ class BaseModel:
     source: str
     tokenizer: Any
     text_encoder: Any
-    unet: Any
+    unet: Any  # the denoiser: a U-Net, or a family's transformer (Family.denoiser)
     vae: Any
     scheduler_config: dict
     short_hash: str | None = None
@@ -62,9 +62,10 @@ class BaseModel:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def objective(self):
-        """What the network is trained to predict and how latents are noised (trainers/objectives)."""
-        return self.spec.objective(self.scheduler_config)
+    def objective(self, flow=None):
+        """What the network is trained to predict and how latents are noised
+        (trainers/objectives); `flow`: FlowMatchingOptions for a flow-matching family."""
+        return self.spec.objective(self.scheduler_config, flow)
 
     def freeze(self) -> None:
         for module in (*self.text_encoders, self.unet, self.vae):
@@ -279,6 +280,11 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
             family = folder_family(location)
         elif kind == "file":
             family = file_family(location)
+            if not families.get(family).single_file:
+                raise ModelError(
+                    f"model: {Path(location).name} is a {families.get(family).label} file in "
+                    "the original layout; Danlu loads this family from a diffusers folder "
+                    f"({families.get(family).pipeline} layout) for now")
         else:
             family = None
         if kind in ("demo", "folder"):
@@ -312,7 +318,8 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
     model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
-                      text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+                      text_encoder=pipe.text_encoder,
+                      unet=getattr(pipe, families.get(family).denoiser), vae=pipe.vae,
                       scheduler_config=scheduler_config, short_hash=short_hash,
                       is_demo=kind == "demo", family=family,
                       tokenizer_2=getattr(pipe, "tokenizer_2", None),

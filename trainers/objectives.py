@@ -11,16 +11,10 @@ input, the target and the loss weights, so a family is one objective choice, not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-SIGMA_SAMPLINGS = ("uniform", "sigmoid", "shift", "flux_shift", "mode")
-FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-
-
-class ObjectiveError(ValueError):
-    pass
+from trainers.flow_options import FlowMatchingOptions, ObjectiveError
 
 
 class NoisePrediction:
@@ -40,6 +34,9 @@ class NoisePrediction:
 
     def model_timesteps(self, times: torch.Tensor) -> torch.Tensor:
         return times
+
+    def conditioning(self, added: dict | None, count: int) -> dict | None:
+        return added
 
     def noisy(self, latents, noise, times):
         return self.scheduler.add_noise(latents, noise, times)
@@ -65,31 +62,6 @@ class NoisePrediction:
         if self.kind == "v_prediction":
             return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
         return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-
-
-@dataclass(frozen=True)
-class FlowMatchingOptions:
-    """How sigmas are drawn and the loss weighted (sd-scripts' names)."""
-    sampling: str = "sigmoid"     # uniform | sigmoid (logit-normal) | shift | flux_shift | mode
-    logit_mean: float = 0.0       # logit-normal mean (diffusers' logit_mean)
-    logit_std: float = 1.0        # logit-normal std (sd-scripts' sigmoid_scale)
-    shift: float = 3.0            # discrete_flow_shift, for `shift`
-    mode_scale: float = 1.29      # for `mode`
-    base_shift: float = 0.5       # Flux's resolution-dependent shift: mu from 256 to 4096 tokens
-    max_shift: float = 1.15
-    weighting: str = "none"       # none | sigma_sqrt | cosmap
-
-    def validate(self) -> None:
-        if self.sampling not in SIGMA_SAMPLINGS:
-            raise ObjectiveError(f"timestep sampling: {self.sampling!r} is not one of "
-                                 f"{', '.join(SIGMA_SAMPLINGS)}")
-        if self.weighting not in FLOW_WEIGHTINGS:
-            raise ObjectiveError(f"loss weighting: {self.weighting!r} is not one of "
-                                 f"{', '.join(FLOW_WEIGHTINGS)}")
-        if not self.logit_std > 0:
-            raise ObjectiveError(f"logit std: must be above 0, got {self.logit_std}")
-        if not self.shift > 0:
-            raise ObjectiveError(f"discrete flow shift: must be above 0, got {self.shift}")
 
 
 class FlowMatching:
@@ -126,6 +98,11 @@ class FlowMatching:
 
     def model_timesteps(self, times: torch.Tensor) -> torch.Tensor:
         return times * self.total
+
+    def conditioning(self, added: dict | None, count: int) -> dict:
+        """The extra conditioning plus the guidance value (a guidance-distilled model's input;
+        the family's predict drops it for a model without a guidance embedding)."""
+        return {**(added or {}), "guidance": torch.full((count,), float(self.options.guidance))}
 
     def noisy(self, latents, noise, times):
         sigma = _per_image(times, latents)

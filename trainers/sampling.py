@@ -66,6 +66,8 @@ def _embeds(encoder, settings: PreviewSettings) -> dict:
     encoded as one batch so a long prompt and a short negative get as many chunks."""
     from trainers.conditioning import SdxlCondition
     both = encoder.encode([settings.prompt, settings.negative])
+    if hasattr(both, "pipeline_embeds"):  # a family whose pipeline takes its own arguments
+        return both.pipeline_embeds()
     if isinstance(both, SdxlCondition):
         return {"prompt_embeds": both.context[:1], "negative_prompt_embeds": both.context[1:],
                 "pooled_prompt_embeds": both.pooled[:1],

@@ -23,13 +23,16 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
                    added_cond: dict | None = None, device: torch.device | None = None,
                    dtype: torch.dtype | None = None, rows: slice | None = None,
                    batch_size: int | None = None,
-                   x0_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                   x0_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   predict: Callable | None = None) -> torch.Tensor:
     """Noise the latents at random times, predict, and return the (weighted) MSE against the
     objective's target, plus `x0_loss` of the clean latents the prediction implies, when given.
 
     `objective` is the model family's (`trainers/objectives.py`): it draws the timesteps or
     sigmas, noises the latents, names the target and weighs the loss.
-    `added_cond` is SDXL's extra conditioning (`text_embeds`, `time_ids`), None for SD 1.x/2.x.
+    `added_cond` is the family's extra conditioning (SDXL's `text_embeds`, `time_ids`; Flux's
+    pooled text and guidance), None for SD 1.x/2.x; `predict` is the family's call of its
+    denoiser (`Family.predict`), the U-Net's by default.
     `device` / `dtype` are the U-Net's; the loop passes them once per run, because diffusers'
     `unet.device` / `unet.dtype` walk every sub-module on each call.
     With `rows`, the latents are those rows of a batch of `batch_size` (one process's shard in
@@ -47,10 +50,11 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
     times = objective.sample_times(drawn[0], generator, latents)[rows].to(device)
     noisy = objective.noisy(latents, noise, times)
 
-    extra = {}
+    added_cond = objective.conditioning(added_cond, latents.shape[0])
     if added_cond is not None:
-        extra["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in added_cond.items()}
-    prediction = _predict(unet, noisy, objective.model_timesteps(times), context, extra, dtype)
+        added_cond = {k: v.to(device, dtype) for k, v in added_cond.items()}
+    prediction = (predict or unet_prediction)(unet, noisy, objective.model_timesteps(times),
+                                              context, added_cond, dtype)
     target = objective.target(latents, noise, times)
 
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -66,8 +70,11 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
     return loss
 
 
-def _predict(unet, noisy: torch.Tensor, timesteps: torch.Tensor, context, extra: dict,
-             dtype: torch.dtype) -> torch.Tensor:
+def unet_prediction(unet, noisy: torch.Tensor, timesteps: torch.Tensor, context,
+                    added_cond: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    """The U-Net's output (SD 1.x / 2.x / SDXL), with guidance in the loss for `Guided`."""
+    added_cond = {k: v for k, v in (added_cond or {}).items() if k != "guidance"}
+    extra = {"added_cond_kwargs": added_cond} if added_cond else {}
     if not isinstance(context, Guided):
         return unet(noisy, timesteps, context.to(dtype), **extra).sample
     if "added_cond_kwargs" in extra:  # the same extra conditioning for both halves

@@ -25,11 +25,12 @@ class Demo:
     (trainers/tiny_model.py builds it), so every tab works on a CPU with no download."""
     name: str  # what the model dropdown lists, "tiny-demo-sdxl"
     label: str  # what the dropdown says about it
-    builder: str  # "module:function" -> (unet, vae, text_encoder[, text_encoder_2])
+    builder: str  # "module:function" -> its modules, in the order of `parts`
     scheduler: dict  # its scheduler_config.json
-    index: dict  # its model_index.json entries after the ones every demo has
+    index: dict  # its model_index.json entries after the ones every SD-shaped demo has
     params: tuple[float, float, float]  # U-Net, text encoder(s), VAE parameters
     hypernetwork_sizes: tuple[int, ...]  # context width, then self-attention widths
+    parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "text_encoder_2")  # folder names
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Family:
     prediction: str = "noise"  # noise (epsilon / v, by the scheduler config) | flow
     # per tokenizer folder (tokenizer, tokenizer_2): its pad token; None pads with the end token
     tokenizer_pads: tuple[str | None, ...] = (None,)
+    tokenizer_kinds: tuple[str, ...] = ()  # per tokenizer folder: "clip" (the default) or "t5"
     # original-layout key of each text encoder's token-embedding table
     token_embedding_keys: tuple[str, ...] = ()
     # an embedding's vectors, one set per text encoder under these names; () is one tensor
@@ -59,13 +61,23 @@ class Family:
     hypernetwork_sizes: tuple[int, ...] = ()  # context width, then self-attention widths
     prompt_encoder: str = "trainers.conditioning:clip_prompt_encoder"  # "module:function"
     preview_pipeline: str = "trainers.sampling:sd_pipeline"  # "module:function"
+    # (denoiser, noisy latents, model timesteps, context, extra conditioning, dtype) -> the
+    # prediction, shaped like the latents
+    predict: str = "trainers.step:unet_prediction"
+    denoiser: str = "unet"  # the pipeline component that denoises: "unet" | "transformer"
+    lora_layout: str = "trainers.lora_network:UNET_LAYOUT"  # its LoRA targets and file names
+    # "module:function" (model) -> LoRA metadata keys set (or, None, dropped) over the SD ones
+    lora_metadata: str | None = None
+    single_file: bool = True  # Danlu loads its original-layout single files (a config skeleton)
     demo: Demo | None = None
 
-    def objective(self, scheduler_config: dict):
-        """What its network is trained to predict, and how latents are noised."""
+    def objective(self, scheduler_config: dict, flow=None):
+        """What its network is trained to predict, and how latents are noised; `flow` is the
+        run's FlowMatchingOptions (how sigmas are drawn) for a flow-matching family."""
         from trainers import objectives
         if self.prediction == "flow":
             return objectives.FlowMatching(
+                flow or objectives.FlowMatchingOptions(),
                 num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
         return objectives.NoisePrediction(scheduler_config)
 
@@ -137,7 +149,8 @@ def pipeline_family(pipe) -> str:
              **{name: [None, type(part).__name__] for name, part in pipe.components.items()
                 if part is not None}}
     text = getattr(getattr(pipe, "text_encoder", None), "config", None)
-    return configs_family(index, dict(pipe.unet.config),
+    denoiser = getattr(pipe, "unet", None)
+    return configs_family(index, dict(denoiser.config) if denoiser is not None else {},
                           text.to_dict() if text is not None else {}, type(pipe).__name__)
 
 

@@ -16,7 +16,8 @@ INDEX = {"force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
 
 
 def _is_sdxl_folder(index: dict, unet: dict) -> bool:
-    return "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index \
+    return "XL" in str(index.get("_class_name", "")) \
+        or ("text_encoder_2" in index and "unet" in index) \
         or unet.get("addition_embed_type") == "text_time"
 
 

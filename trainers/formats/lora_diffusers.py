@@ -29,16 +29,17 @@ def diffusers_folder(kohya_path: str | Path) -> Path:
     return kohya_path.with_name(kohya_path.stem + FOLDER_SUFFIX)
 
 
-def _key_path(part: str, path: str) -> str:
+def _key_path(part: str, path: str, denoiser: str = "unet") -> str:
     if part.startswith("text_encoder") and not path.startswith("text_model."):
         path = f"text_model.{path}"  # transformers 5 drops the level; files keep it
-    return f"{part}.{path}"
+    return f"{denoiser if part == 'unet' else part}.{path}"
 
 
-def to_diffusers(kohya_state: Mapping[str, torch.Tensor],
-                 targets: Iterable) -> dict[str, torch.Tensor]:
-    """kohya tensors (`<name>.lora_down/up.weight`, `<name>.alpha`) -> diffusers keys, with the
-    scale alpha / rank folded into lora_B. `targets` name each kohya module's part and path."""
+def to_diffusers(kohya_state: Mapping[str, torch.Tensor], targets: Iterable,
+                 denoiser: str = "unet") -> dict[str, torch.Tensor]:
+    """kohya tensors (`<name>.lora_down/up.weight`, `<name>.alpha`, one name per target) ->
+    diffusers keys, with the scale alpha / rank folded into lora_B. `targets` name each
+    module's part and path; `denoiser` is the pipeline's name for it (`transformer` for Flux)."""
     state: dict[str, torch.Tensor] = {}
     for target in targets:
         down = kohya_state[f"{target.name}.lora_down.weight"].float()
@@ -46,7 +47,7 @@ def to_diffusers(kohya_state: Mapping[str, torch.Tensor],
         alpha = kohya_state.get(f"{target.name}.alpha")
         rank = down.shape[0]
         scale = (float(alpha) if alpha is not None else rank) / rank
-        key = _key_path(target.part, target.path)
+        key = _key_path(target.part, target.path, denoiser)
         state[f"{key}.lora_A.weight"] = down
         state[f"{key}.lora_B.weight"] = up * scale
     if not state:
@@ -55,13 +56,13 @@ def to_diffusers(kohya_state: Mapping[str, torch.Tensor],
 
 
 def save_diffusers_lora(folder: str | Path, kohya_state: Mapping[str, torch.Tensor], targets,
-                        precision: str = "fp32") -> Path:
+                        precision: str = "fp32", denoiser: str = "unet") -> Path:
     """Write `<folder>/pytorch_lora_weights.safetensors` atomically; returns its path."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = to_precision(to_diffusers(kohya_state, targets), precision)
+    tensors = to_precision(to_diffusers(kohya_state, targets, denoiser), precision)
     target = folder / WEIGHT_NAME
     atomic_write(target, lambda temp: safetensors.torch.save_file(tensors, str(temp),
                                                                    metadata={"format": "pt"}))
