@@ -48,6 +48,9 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Loss", KOHYA_LOSS, False),
                ("Speed and memory", KOHYA_MEMORY, False),
                ("Samples and saving", KOHYA_OUTPUT + ["preview_strength", "save_diffusers_format"],
+                False),
+               ("Flow matching (Flux)", ["timestep_sampling", "discrete_flow_shift",
+                                         "sigmoid_scale", "weighting_scheme", "guidance_scale"],
                 False)]
 
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from core.config import ConfigError, accept, check_limits, option
 from trainers import config_forms as cf
+from trainers.flow_options import FLOW_WEIGHTINGS, SIGMA_SAMPLINGS
 
 # the memory estimate's reference: an SD 1.x U-Net's parameters (trainers/families/sd1.py)
 SD1_UNET_PARAMETERS = 859.5e6
@@ -535,10 +536,50 @@ class LoraConfig(KohyaTrainingConfig):
                                          "models/Lora/<name>-diffusers/pytorch_lora_weights"
                                          ".safetensors, for load_lora_weights(folder).",
                                          label="Also save diffusers format")
+    timestep_sampling: str = option("shift", "Flow-matching models (Flux): how sigmas are "
+                                    "drawn — logit-normal ('sigmoid'), shifted toward noise "
+                                    "('shift', kohya's Flux advice), by resolution "
+                                    "('flux_shift'), 'uniform' or SD3's 'mode'.",
+                                    label="Timestep sampling", choices=list(SIGMA_SAMPLINGS))
+    discrete_flow_shift: float = option(3.1582, "Shift for 'shift' sampling.",
+                                        label="Discrete flow shift", min=0.01, max=100.0)
+    sigmoid_scale: float = option(1.0, "Spread of the logit-normal sigmas.",
+                                  label="Sigmoid scale", min=0.01, max=10.0)
+    weighting_scheme: str = option("none", "Flow-matching loss weighting per sigma.",
+                                   label="Loss weighting", choices=list(FLOW_WEIGHTINGS))
+    guidance_scale: float = option(1.0, "The guidance value a guidance-distilled model (Flux.1 "
+                                    "dev) is trained at; 1 is the common choice.",
+                                    label="Guidance scale", min=0.0, max=100.0)
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
         return accept(self, problems)
+
+    def flow_options(self):
+        from trainers.flow_options import FlowMatchingOptions
+        return FlowMatchingOptions(sampling=self.timestep_sampling, shift=self.discrete_flow_shift,
+                                   logit_std=self.sigmoid_scale, weighting=self.weighting_scheme,
+                                   guidance=self.guidance_scale)
+
+    def family_problems(self, family) -> list[str]:
+        """Options that do not apply to a model of `family` (its Family record)."""
+        problems = []
+        if family.prediction == "flow":
+            if self.conv_dim:
+                problems.append(f"conv_dim: {family.label} has no convolutions to adapt "
+                                "(LoCon is for SD U-Nets); set it to 0")
+            if self.min_snr_gamma:
+                problems.append(f"min_snr_gamma: does not apply to flow-matching models like "
+                                f"{family.label}; use the loss weighting instead")
+            if self.resolution % 16:
+                problems.append(f"resolution: {family.label} needs a multiple of 16 (8 px per "
+                                f"latent, 2x2 latents per token), got {self.resolution}")
+            return problems
+        for name in FLOW_FIELDS:
+            if getattr(self, name) != FLOW_DEFAULTS[name]:
+                problems.append(f"{name}: applies to flow-matching models only; "
+                                f"{family.label} is trained with noise prediction")
+        return problems
 
     def frozen_dtype(self) -> str:
         # the LoRA factors train in fp32 beside the frozen base weights
@@ -864,3 +905,8 @@ class AestheticPreviewConfig(NamesFiles):
             if not getattr(self, name).strip():
                 problems.append(f"{name}: required")
         return accept(self, problems)
+
+
+FLOW_FIELDS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "weighting_scheme",
+               "guidance_scale")
+FLOW_DEFAULTS = {name: LoraConfig.__dataclass_fields__[name].default for name in FLOW_FIELDS}

@@ -40,6 +40,11 @@ def check_before_queueing(cfg, paths: Paths) -> None:
     problem = family and catalog.family_problem(method, family, model)
     if problem:
         raise ConfigError([problem])
+    if family and hasattr(cfg, "family_problems"):
+        from trainers import families
+        problems = cfg.family_problems(families.get(family))
+        if problems:
+            raise ConfigError(problems)
     cfg.check_files(paths)
 
 

@@ -107,21 +107,65 @@ def build_sdxl_components(seed: int = 0, width_1: int = 32, width_2: int = 48):
     return unet, vae, text_encoder, text_encoder_2
 
 
+def _flux_vae():
+    """Flux's VAE shape: 16 latent channels, no quant convs, a shift before the scale."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def build_flux_components(seed: int = 0, width: int = 32, t5_width: int = 48):
+    """Flux.1-dev shape: (transformer, vae, text_encoder CLIP-L-like, text_encoder_2 T5-like).
+    One double- and one single-stream block, `width` wide (real: 3072), a guidance embedding;
+    the T5 context is `t5_width` wide (real: 4096) and CLIP's pooled vector `width` (768)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=width // 16, joint_attention_dim=t5_width,
+        pooled_projection_dim=width, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = _flux_vae()
+    text_encoder = CLIPTextModel(_clip_config(width, "quick_gelu"))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=T5_VOCAB, d_model=t5_width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return transformer, vae, text_encoder, text_encoder_2
+
+
+T5_VOCAB = 1000  # the demo's T5 tokenizer (trainers/tokenizer_files.write_t5_tokenizer)
+
+
 def _model_index(family: families.Family) -> dict:
     common = {"_diffusers_version": "0.42.1", "feature_extractor": [None, None],
               "text_encoder": ["transformers", "CLIPTextModel"],
               "tokenizer": ["transformers", "CLIPTokenizer"],
               "unet": ["diffusers", "UNet2DConditionModel"],
               "vae": ["diffusers", "AutoencoderKL"]}
+    if "unet" not in family.demo.parts:  # not SD-shaped: its index lists every component
+        return {"_class_name": family.pipeline, "_diffusers_version": "0.42.1",
+                **family.demo.index}
     return {"_class_name": family.pipeline, **common, **family.demo.index}
 
 
 def write_tokenizers(folder: Path, family: families.Family) -> None:
-    """The family's CLIP tokenizer folders (tokenizer, tokenizer_2, ...) with its pad tokens."""
-    from trainers.tokenizer_files import write_clip_tokenizer
+    """The family's tokenizer folders (tokenizer, tokenizer_2, ...): CLIP ones with its pad
+    tokens, T5 ones (`tokenizer_kinds`) with the demo's small vocabulary."""
+    from trainers.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
     for i, pad in enumerate(family.tokenizer_pads):
-        write_clip_tokenizer(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
-                             pad_token=pad)
+        target = folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
+        kinds = family.tokenizer_kinds
+        if i < len(kinds) and kinds[i] == "t5":
+            write_t5_tokenizer(target, vocab_size=T5_VOCAB)
+        else:
+            write_clip_tokenizer(target, pad_token=pad)
 
 
 def build_tiny_model(folder: Path, seed: int = 0, family: str = "sd1") -> Path:
@@ -137,7 +181,7 @@ def build_tiny_model(folder: Path, seed: int = 0, family: str = "sd1") -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent if folder.parent.exists() else None))
     try:
         parts = families.resolve(spec.demo.builder)(seed)
-        for name, part in zip(("unet", "vae", "text_encoder", "text_encoder_2"), parts):
+        for name, part in zip(spec.demo.parts, parts):
             part.save_pretrained(staging / name)
         write_tokenizers(staging, spec)
         (staging / "scheduler").mkdir()
@@ -145,7 +189,7 @@ def build_tiny_model(folder: Path, seed: int = 0, family: str = "sd1") -> Path:
             json.dumps(spec.demo.scheduler))
         (staging / "model_index.json").write_text(json.dumps(_model_index(spec), indent=1))
         (staging / "DEMO_MODEL.txt").write_text(
-            f"Danlu's built-in {family.upper()}-shaped demo model: random weights, for trying the "
+            f"Danlu's built-in {spec.label}-shaped demo model: random weights, for trying the "
             "app on a CPU. Its images are noise; put a real model in models/Stable-diffusion.\n")
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not folder.exists():

@@ -32,7 +32,8 @@ def run(cfg: LoraConfig, ctx) -> Path:
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too
         torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
         network = LoraNetwork(model.unet, model.text_encoder, spec,
-                              text_encoder_2=model.text_encoder_2 if trains_te else None)
+                              text_encoder_2=model.text_encoder_2 if trains_te else None,
+                              layout=model.spec.hook("lora_layout"))
     try:
         return _train(cfg, ctx, model, batches, network, path, trains_te)
     finally:
@@ -95,6 +96,12 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v_parameterization=model.prediction_type == "v_prediction", **model.spec.kohya_flags,
         title=path.stem, extra={"ss_max_token_length": cfg.max_token_length}))
+    if model.spec.lora_metadata:
+        for key, value in model.spec.hook("lora_metadata")(model).items():
+            if value is None:
+                metadata.pop(key, None)
+            else:
+                metadata[key] = value
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()
@@ -102,7 +109,8 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
                   precision=cfg.save_precision)
         if cfg.save_diffusers_format and target == path:
             folder = diffusers_folder(path)
-            save_diffusers_lora(folder, state, network.targets, cfg.save_precision)
+            save_diffusers_lora(folder, network.module_state_dict(), network.targets,
+                                cfg.save_precision, denoiser=model.spec.denoiser)
             ctx.emit(ev.Saved(step=step, path=str(folder), kind="diffusers folder"))
 
     @contextlib.contextmanager
