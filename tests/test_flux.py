@@ -245,3 +245,17 @@ def test_an_original_layout_flux_file_is_told_apart_and_refused_by_name(family_p
         assert file_family(path) == "flux1"
         with pytest.raises(ModelError, match=f"{path.name} is a Flux.1 file.*diffusers folder"):
             load_model(family_paths, path.name)
+
+
+def test_a_flux_lora_run_is_compared_by_checkpoint_and_strength(family_paths, pictures, tmp_path):
+    from PIL import Image
+    from trainers import runs as rn
+    from trainers.compare import render_grid, spec_for_run
+    run(lora_config(pictures, save_every_n_steps=2, sample_at_first=False,
+                    learning_rate=5e-2), RecordingContext(family_paths))
+    lora = next(r for r in rn.scan_runs(family_paths) if r.method == "lora")
+    spec = spec_for_run(lora, ["4-final", "2"], "0, 1", "zxq cat", "3", steps=2)
+    grid = render_grid(spec, family_paths, cache_dir=tmp_path / "cells")
+    assert grid.rendered == 4 and grid.row_labels[0] == "step 2 · strength 0"
+    cells = {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / "cells").glob("*.png"))}
+    assert len({c.tobytes() for c in cells.values()}) == 3  # strength 0 is the base both times
