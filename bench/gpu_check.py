@@ -90,6 +90,9 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
     found = [(f"lora tiny {mp}", "lora", LoraConfig(output_name=f"check-{mp}", mixed_precision=mp,
                                                      **lora))
              for mp in precisions]
+    found.append(("lora tiny flux bf16", "lora", LoraConfig(
+        **{**lora, "model": "tiny-demo-flux", "network_train_unet_only": True,
+           "mixed_precision": "bf16"}, output_name="check-flux")))
     found.append(("textual inversion tiny", "textual_inversion", TextualInversionConfig(
         model="tiny-demo", embedding="gpucheck", create_missing=True, init_text="dog",
         data_root=str(plain), width=64, height=64, steps=steps, save_every=0, preview_every=0,
