@@ -53,8 +53,8 @@ def test_fp16_keeps_the_vae_in_fp32_and_an_unknown_precision_is_refused(data_pat
     models.store_frozen_in(model, "fp16")
     assert model.unet.dtype == model.text_encoder.dtype == torch.float16
     assert model.vae.dtype == torch.float32 and model.frozen_dtype == "fp16"
-    with pytest.raises(models.ModelError, match="unknown precision 'fp8'"):
-        models.store_frozen_in(model, "fp8")
+    with pytest.raises(models.ModelError, match="unknown precision 'fp4'"):
+        models.store_frozen_in(model, "fp4")
 
 
 def test_the_estimate_counts_half_precision_frozen_weights():
@@ -64,3 +64,51 @@ def test_the_estimate_counts_half_precision_frozen_weights():
     assert half == pytest.approx(full / 2)
     fp16 = estimate(LoraConfig(mixed_precision="fp16"), "sdxl").parts["weights"]
     assert half < fp16 < full  # the VAE stays fp32 under fp16
+
+
+def _weight_bytes(module) -> int:
+    from torch import nn
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("model", ["tiny-demo", "tiny-demo-flux"])
+def test_fp8_base_halves_the_denoiser_weights_and_trains_close_to_bf16(family_paths, tmp_path,
+                                                                       model):
+    from trainers.fp8_weights import FP8
+    folder = kohya_photos(tmp_path / "train")
+    bf16 = models.load_model(family_paths, model, frozen_dtype="bf16")
+    bf16_bytes = _weight_bytes(bf16.unet)
+    extra = {"network_train_unet_only": True} if model == "tiny-demo-flux" else {}
+    runs = {}
+    for precision in ("bf16", "fp8"):
+        ctx = RecordingContext(family_paths)
+        runs[precision] = (run(lora_config(folder, model=model, output_name=f"m-{precision}",
+                                           mixed_precision="bf16", fp8_base=precision == "fp8",
+                                           max_train_steps=4, learning_rate=5e-3,
+                                           sample_every_n_steps=4,
+                                           sample_prompts="zxq cat --w 64 --h 64 --s 2 --d 3",
+                                           **extra), ctx), ctx)
+    fp8 = models.load_model(family_paths, model, frozen_dtype="fp8")
+    assert fp8.frozen_dtype == "fp8" and fp8.text_encoder.dtype == torch.bfloat16
+    assert {m.weight.dtype for m in fp8.unet.modules() if hasattr(m, "fp8_scale")} == {FP8}
+    assert _weight_bytes(fp8.unet) * 2 == bf16_bytes
+    losses = {p: np.array(ctx.losses) for p, (_, ctx) in runs.items()}
+    assert np.all(np.isfinite(losses["fp8"]))
+    # 8-bit weights change the loss by a little, not by what another batch would
+    assert np.abs(losses["fp8"] - losses["bf16"]).max() < 0.1 * losses["bf16"].mean()
+    assert [p.step for p in runs["fp8"][1].of(Preview)] == [4]
+    if model == "tiny-demo":
+        base, with_lora = demo_images_with_lora(family_paths, runs["fp8"][0])
+        assert not np.allclose(base, with_lora)
+
+
+def test_fp8_base_needs_mixed_precision_and_the_estimate_counts_one_byte():
+    from core.config import ConfigError
+    from trainers.configs import LoraConfig
+    with pytest.raises(ConfigError, match="fp8_base: needs mixed precision"):
+        LoraConfig(model="tiny-demo", output_name="x", train_data_dir="d", fp8_base=True).validate()
+    bf16 = estimate(LoraConfig(mixed_precision="bf16"), "flux1").parts["weights"]
+    fp8 = estimate(LoraConfig(mixed_precision="bf16", fp8_base=True), "flux1").parts["weights"]
+    unet = 11.9e9
+    assert bf16 - fp8 == pytest.approx(unet)

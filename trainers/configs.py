@@ -550,9 +550,16 @@ class LoraConfig(KohyaTrainingConfig):
     guidance_scale: float = option(1.0, "The guidance value a guidance-distilled model (Flux.1 "
                                     "dev) is trained at; 1 is the common choice.",
                                     label="Guidance scale", min=0.0, max=100.0)
+    fp8_base: bool = option(False, "Store the frozen U-Net / transformer's Linear and conv "
+                            "weights in 8 bits (kohya's fp8_base): half of bf16's memory for "
+                            "them, slightly less precise; needs mixed precision bf16 or fp16.",
+                            label="fp8 base weights")
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
+        if self.fp8_base and self.mixed_precision not in ("bf16", "fp16"):
+            problems.append("fp8_base: needs mixed precision bf16 or fp16 (the 8-bit weights "
+                            "are up-cast to it for each layer)")
         return accept(self, problems)
 
     def flow_options(self):
@@ -583,6 +590,8 @@ class LoraConfig(KohyaTrainingConfig):
 
     def frozen_dtype(self) -> str:
         # the LoRA factors train in fp32 beside the frozen base weights
+        if self.fp8_base:
+            return "fp8"
         return self.mixed_precision if self.mixed_precision in ("bf16", "fp16") else "fp32"
 
     def trainable_parameters(self, unet: float, text: float) -> float:

@@ -57,8 +57,10 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     demo = families.demo_of(getattr(cfg, "model", ""))
     unet, text, vae = demo.params if demo else families.get(family or "sd1").params
     frozen = cfg.frozen_dtype()
-    half = 2 if frozen in ("bf16", "fp16") else 4
-    weights = (unet + text) * half + vae * (2 if frozen == "bf16" else 4)
+    half = 2 if frozen in ("bf16", "fp16", "fp8") else 4
+    # fp8: the denoiser's Linear / conv weights (nearly all of it) in 1 byte, the rest in bf16
+    weights = unet * (1 if frozen == "fp8" else half) + text * half \
+        + vae * (2 if frozen in ("bf16", "fp8") else 4)
     trainable = cfg.trainable_parameters(unet, text)
     optimizer = OPTIMIZER_BYTES.get(getattr(cfg, "optimizer_type", "AdamW"), 8)
     resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))

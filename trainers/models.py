@@ -216,15 +216,20 @@ HALF = {"bf16": "bfloat16", "fp16": "float16"}
 def store_frozen_in(model: BaseModel, dtype: str) -> None:
     """Store a frozen model's weights in the training precision ("bf16" / "fp16"), as kohya and
     diffusers do: half the bytes, and what trains (LoRA factors) is added in fp32 afterwards.
-    The VAE stays fp32 under fp16 (kohya's no_half_vae: SDXL's VAE overflows in fp16)."""
+    The VAE stays fp32 under fp16 (kohya's no_half_vae: SDXL's VAE overflows in fp16). "fp8"
+    (kohya's fp8_base) stores the denoiser's Linear / conv weights in 8 bits
+    (trainers/fp8_weights.py) and everything else in bf16."""
     if dtype == "fp32":
         return
-    if dtype not in HALF:
-        raise ModelError(f"frozen weights: unknown precision {dtype!r} (fp32, bf16 or fp16)")
+    if dtype not in (*HALF, "fp8"):
+        raise ModelError(f"frozen weights: unknown precision {dtype!r} (fp32, bf16, fp16 or fp8)")
     import torch
-    half = getattr(torch, HALF[dtype])
-    for module in (model.unet, *model.text_encoders) + ((model.vae,) if dtype == "bf16" else ()):
+    half = getattr(torch, HALF.get(dtype, "bfloat16"))
+    for module in (model.unet, *model.text_encoders) + ((model.vae,) if dtype != "fp16" else ()):
         module.to(half)
+    if dtype == "fp8":  # the denoiser's Linear / conv weights in 8 bits, the rest in bf16
+        from trainers.fp8_weights import store_fp8
+        store_fp8(model.unet)
     model.frozen_dtype = dtype
 
 
