@@ -524,6 +524,13 @@ class LoraConfig(KohyaTrainingConfig):
     conv_dim: int = option(0, "Rank for 3x3 conv layers (LoCon); 0 trains no conv layers.",
                            label="Conv rank (dim)", min=0, max=1024)
     conv_alpha: float = option(1.0, "Alpha for conv layers.", label="Conv alpha", min=0.0)
+    network_type: str = option("lora", "What the adapter trains: 'lora' (kohya LoRA / LoCon), "
+                               "LyCORIS 'loha' (Hadamard product of two low-rank pairs) or "
+                               "'lokr' (Kronecker product); LoHa/LoKr for SD1/SD2/SDXL.",
+                               label="Network type", choices=["lora", "loha", "lokr"])
+    lokr_factor: int = option(-1, "LoKr: LyCORIS's factor, the size of the small Kronecker "
+                              "factor's sides; -1 picks the most square split.",
+                              label="LoKr factor", min=-1)
     network_train_unet_only: bool = option(False, "Train the U-Net only (leave the text "
                                            "encoder as it is).", label="Train U-Net only")
     unet_lr: float = option(0.0, "U-Net learning rate; 0 uses the base learning rate.",
@@ -560,7 +567,20 @@ class LoraConfig(KohyaTrainingConfig):
         if self.fp8_base and self.mixed_precision not in ("bf16", "fp16"):
             problems.append("fp8_base: needs mixed precision bf16 or fp16 (the 8-bit weights "
                             "are up-cast to it for each layer)")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            problems.append(f"lokr_factor: -1 (automatic) or 1 and more, got {self.lokr_factor}")
+        if self.network_type in ("loha", "lokr") and self.save_diffusers_format:
+            problems.append(f"save_diffusers_format: diffusers' format holds LoRA only, not "
+                            f"{self.network_type}; untick it")
         return accept(self, problems)
+
+    def adapter_family_problems(self, family) -> list[str]:
+        """Network types a model of `family` cannot train (LyCORIS types: SD U-Nets only)."""
+        if self.network_type != "lora" and (family.prediction == "flow" or
+                                            family.lora_layout != "trainers.lora_network:UNET_LAYOUT"):
+            return [f"network_type: {self.network_type} trains SD1/SD2/SDXL models only; "
+                    f"{family.label} takes 'lora'"]
+        return []
 
     def flow_options(self):
         from trainers.flow_options import FlowMatchingOptions
@@ -570,7 +590,11 @@ class LoraConfig(KohyaTrainingConfig):
 
     def family_problems(self, family) -> list[str]:
         """Options that do not apply to a model of `family` (its Family record)."""
+        from trainers.families import resolve
         problems = []
+        if not self.network_train_unet_only and not resolve(family.lora_layout).trains_text_encoder:
+            problems.append(f"network_train_unet_only: {family.label} has no text-encoder LoRA; "
+                            "tick 'U-Net only'")
         if family.prediction == "flow":
             if self.conv_dim:
                 problems.append(f"conv_dim: {family.label} has no convolutions to adapt "

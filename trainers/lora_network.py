@@ -156,6 +156,8 @@ class UnetLayout:
     `lora_te2`; one file key per adapted module. A family with another denoiser names its own
     layout (`Family.lora_layout`, e.g. trainers/flux_lora.py)."""
 
+    trains_text_encoder = True  # False: the family has no text-encoder LoRA (text_parts is {})
+
     def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
         return find_targets(model, "unet", conv)
 

@@ -164,6 +164,9 @@ def write_tokenizers(folder: Path, family: families.Family) -> None:
         kinds = family.tokenizer_kinds
         if i < len(kinds) and kinds[i] == "t5":
             write_t5_tokenizer(target, vocab_size=T5_VOCAB)
+        elif i < len(kinds) and kinds[i] == "qwen":
+            from trainers.qwen_tokenizer_files import write_qwen_tokenizer
+            write_qwen_tokenizer(target)
         else:
             write_clip_tokenizer(target, pad_token=pad)
 
