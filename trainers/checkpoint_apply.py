@@ -77,11 +77,17 @@ def hypernetwork(spec, paths: Paths, model, path: Path, partners: list[Path]):
 @contextlib.contextmanager
 def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
     from trainers.conditioning import prompt_encoder
-    from trainers.formats.lora import load_lora
-    from trainers.lora_network import LoraNetwork
-    state, _ = load_lora(path)
-    lora_spec = spec_from_state(state)
-    network = LoraNetwork(model.unet if lora_spec.train_unet else None,
+    from trainers.formats.lycoris import algo_of, load_adapter
+    from trainers.lora_network import LoraNetwork, find_targets
+    from trainers import lycoris_network
+    state, _ = load_adapter(path)
+    if algo_of(state) is None:
+        lora_spec, network_class = spec_from_state(state), LoraNetwork
+    else:  # LoHa / LoKr
+        convs = {t.name for t in find_targets(model.unet, "unet", True) if t.conv}
+        lora_spec = lycoris_network.spec_from_state(state, convs)
+        network_class = lycoris_network.LycorisNetwork
+    network = network_class(model.unet if lora_spec.train_unet else None,
                           model.text_encoder if lora_spec.train_text_encoder else None,
                           lora_spec, text_encoder_2=model.text_encoder_2
                           if lora_spec.train_text_encoder else None,

@@ -35,15 +35,17 @@ KOHYA_OPTIM = ["learning_rate", "optimizer_type", "lr_scheduler", "lr_warmup_ste
                "lr_scheduler_num_cycles", "lr_scheduler_power", "train_batch_size",
                "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed",
                "on_nan"]
-KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip", "max_grad_norm"]
+KOHYA_LOSS = ["min_snr_gamma", "noise_offset", "clip_skip", "max_grad_norm",
+              "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
+              "debiased_estimation_loss"]
 KOHYA_MEMORY = ["mixed_precision", "gradient_checkpointing", "attention", "cache_latents_to_disk",
                 "cache_text_encoder_outputs"]
 KOHYA_OUTPUT = ["sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
                 "sample_sampler", "sample_at_first", "save_every_n_steps", "save_every_n_epochs",
                 "save_last_n", "save_precision", "log_directory", "overwrite"]
 LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
-               ("Network", ["network_dim", "network_alpha", "conv_dim", "conv_alpha",
-                            "network_train_unet_only", "unet_lr", "text_encoder_lr"], True),
+               ("Network", ["network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha",
+                            "lokr_factor", "network_train_unet_only", "unet_lr", "text_encoder_lr"], True),
                ("Optimization", KOHYA_OPTIM, False),
                ("Loss", KOHYA_LOSS, False),
                ("Speed and memory", KOHYA_MEMORY + ["fp8_base"], False),

@@ -45,6 +45,8 @@ def check_before_queueing(cfg, paths: Paths) -> None:
         problems = cfg.family_problems(families.get(family))
         if problems:
             raise ConfigError(problems)
+        if problems := getattr(cfg, "adapter_family_problems", lambda _: [])(families.get(family)):
+            raise ConfigError(problems)
     cfg.check_files(paths)
 
 

@@ -12,11 +12,13 @@ from core.atomic import staged_path
 from trainers import catalog, kohya_data
 from trainers import kohya_training as kt
 from trainers.configs import LoraConfig
-from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, load_lora, lora_metadata,
+from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, lora_metadata,
                                    read_lora_metadata, save_lora, update_progress)
 from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
+from trainers.formats.lycoris import load_adapter, lycoris_metadata, save_lycoris
 from trainers.formats.optim_sidecar import load_optim
 from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
+from trainers.lycoris_network import LycorisNetwork, LycorisSpec
 from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.optimizers import create_optimizer
 from trainers.seeds import derive_seed
@@ -27,11 +29,16 @@ def run(cfg: LoraConfig, ctx) -> Path:
     name = cfg.output_name.strip()
     path = kt.output_path(ctx.paths.lora, name, ".safetensors")
     trains_te = not cfg.network_train_unet_only
-    spec = LoraSpec(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
+    settings = dict(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
                     conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
+    if cfg.network_type == "lora":
+        spec, network_class = LoraSpec(**settings), LoraNetwork
+    else:
+        spec = LycorisSpec(**settings, algo=cfg.network_type, factor=cfg.lokr_factor)
+        network_class = LycorisNetwork
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too
         torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-        network = LoraNetwork(model.unet, model.text_encoder, spec,
+        network = network_class(model.unet, model.text_encoder, spec,
                               text_encoder_2=model.text_encoder_2 if trains_te else None,
                               layout=model.spec.hook("lora_layout"))
     try:
@@ -53,7 +60,7 @@ def _resume(cfg: LoraConfig, network: LoraNetwork, path: Path, ctx) -> int:
     if cfg.overwrite or not path.exists():
         return 0
     try:
-        state, metadata = load_lora(path)
+        state, metadata = load_adapter(path)
         payload, _ = load_optim(path, _checksum(path))
         exact = (payload or {}).get("danlu", {}).get("network")
         network.load_kohya_state_dict(exact if exact is not None else state)
@@ -95,17 +102,22 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         sd_model_name=Path(model.name).stem,
         sd_model_path=model.source if Path(model.source).is_file() else None,
         v_parameterization=model.prediction_type == "v_prediction", **model.spec.kohya_flags,
-        title=path.stem, extra={"ss_max_token_length": cfg.max_token_length}))
+        title=path.stem, extra={"ss_max_token_length": cfg.max_token_length,
+                                **kt.schedule_metadata(cfg)}))
     if model.spec.lora_metadata:
         for key, value in model.spec.hook("lora_metadata")(model).items():
             if value is None:
                 metadata.pop(key, None)
             else:
                 metadata[key] = value
+    if cfg.network_type != "lora":
+        metadata = lycoris_metadata(metadata, cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
+                                    cfg.lokr_factor)
+    write = save_lora if cfg.network_type == "lora" else save_lycoris
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()
-        save_lora(target, state, update_progress(metadata, steps=step, epoch=step // per_epoch),
+        write(target, state, update_progress(metadata, steps=step, epoch=step // per_epoch),
                   precision=cfg.save_precision)
         if cfg.save_diffusers_format and target == path:
             folder = diffusers_folder(path)
