@@ -444,6 +444,18 @@ class KohyaTrainingConfig(NamesFiles):
                                   label="Min SNR gamma", min=0.0, max=100.0)
     noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).",
                                  label="Noise offset", min=0.0, max=1.0)
+    v_parameterization: bool = option(False, "Train to predict v (kohya's v_parameterization), "
+                                      "for v-prediction models whose files do not say so "
+                                      "(NoobAI-XL v-pred marks itself and needs no tick).",
+                                      label="v-parameterization")
+    zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero SNR at the last "
+                                     "timestep (kohya's zero_terminal_snr; with v-prediction).",
+                                     label="Zero terminal SNR")
+    scale_v_pred_loss_like_noise_pred: bool = option(
+        False, "Weigh a v-prediction loss by SNR / (SNR + 1), like a noise-prediction loss.",
+        label="Scale v-pred loss like noise pred")
+    debiased_estimation_loss: bool = option(False, "Weigh the loss by 1 / sqrt(SNR) (debiased "
+                                            "estimation).", label="Debiased estimation loss")
     max_grad_norm: float = option(1.0, "Clip the gradients' total norm to this before each "
                                   "optimizer step (kohya's and diffusers' default 1.0); 0 does "
                                   "not clip.", label="Max grad norm", min=0.0, max=1e6)
@@ -511,6 +523,20 @@ class KohyaTrainingConfig(NamesFiles):
     def check_data(self, paths) -> None:
         from trainers import preflight
         preflight.check_kohya_dataset(self, paths)
+
+    def noise_weighting(self):
+        from trainers.flow_options import NoiseWeighting
+        return NoiseWeighting(v_like_noise=self.scale_v_pred_loss_like_noise_pred,
+                              debiased=self.debiased_estimation_loss)
+
+    def scheduler_overrides(self) -> dict:
+        """What the run changes in the model's noise schedule (v target, zero terminal SNR)."""
+        overrides = {}
+        if self.v_parameterization:
+            overrides["prediction_type"] = "v_prediction"
+        if self.zero_terminal_snr:
+            overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        return overrides
 
 
 @dataclass

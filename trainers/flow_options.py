@@ -1,5 +1,6 @@
-"""How a flow-matching run draws its sigmas and weighs its loss (sd-scripts' names); torch-free,
-so configs and the page can name the choices. The objective itself is trainers/objectives.py."""
+"""How a run draws its timesteps and weighs its loss (sd-scripts' names): a flow-matching run's
+sigmas and weighting, a noise-prediction run's extra loss weights; torch-free, so configs and the
+page can name the choices. The objectives themselves are trainers/objectives.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,3 +39,10 @@ class FlowMatchingOptions:
             raise ObjectiveError(f"discrete flow shift: must be above 0, got {self.shift}")
         if not self.guidance >= 0:
             raise ObjectiveError(f"guidance scale: must be 0 or more, got {self.guidance}")
+
+
+@dataclass(frozen=True)
+class NoiseWeighting:
+    """Extra per-image loss weights of a noise-prediction (SD) run, as kohya computes them."""
+    v_like_noise: bool = False  # scale_v_pred_loss_like_noise_pred: x SNR / (SNR + 1)
+    debiased: bool = False      # debiased_estimation_loss: x 1 / sqrt(SNR)

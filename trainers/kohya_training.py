@@ -3,6 +3,7 @@ optimizer and LR-scheduler registries, mixed precision, sample prompts, memory o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -14,9 +15,9 @@ from core.config import ConfigError
 from core.paths import PathError
 from trainers import distributed, kohya_data, resident
 from trainers.configs import KohyaTrainingConfig
-from trainers.loop import LoopOptions
+from trainers.loop import LoopOptions, TrainingError
 from trainers.lr_schedulers import schedule_rates
-from trainers.models import BaseModel, load_model
+from trainers.models import BaseModel, load_model, overridden
 from trainers.conditioning import PooledCondition, prompt_encoder, stack_conditions
 from trainers.sample_prompts import parse_sample_prompts
 from trainers.sampling import PreviewSettings
@@ -95,6 +96,38 @@ def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
                                       **general)]
 
 
+def with_schedule(cfg: KohyaTrainingConfig, model: BaseModel) -> BaseModel:
+    """The model as this run sees it: its noise schedule with the config's overrides (a v
+    target, zero terminal SNR) on a copy sharing the modules, so the cached model keeps its own.
+    Raises TrainingError for a weighting that needs v-prediction on an epsilon model."""
+    overrides = cfg.scheduler_overrides()
+    if overrides and model.spec.prediction == "flow":
+        raise TrainingError(f"{', '.join(sorted(_FIELDS[k] for k in overrides))}: "
+                            f"{model.spec.label} is a flow-matching model (noise schedules of "
+                            "SD models only)")
+    if overrides:
+        model = dataclasses.replace(model, scheduler_config=overridden(model.scheduler_config,
+                                                                       overrides))
+    if cfg.scale_v_pred_loss_like_noise_pred and model.prediction_type != "v_prediction":
+        raise TrainingError("scale_v_pred_loss_like_noise_pred: applies to v-prediction; "
+                            f"{model.name} predicts {model.prediction_type} (tick "
+                            "v_parameterization for a v model whose file does not say so)")
+    return model
+
+
+def schedule_metadata(cfg: KohyaTrainingConfig) -> dict[str, str]:
+    """kohya's metadata for the schedule and loss options a run used (only those set, so the
+    files of runs without them stay as they were)."""
+    keys = {"ss_zero_terminal_snr": cfg.zero_terminal_snr,
+            "ss_debiased_estimation": cfg.debiased_estimation_loss,
+            "ss_scale_v_pred_loss_like_noise_pred": cfg.scale_v_pred_loss_like_noise_pred}
+    return {key: "True" for key, on in keys.items() if on}
+
+
+_FIELDS = {"prediction_type": "v_parameterization", "rescale_betas_zero_snr": "zero_terminal_snr",
+           "timestep_spacing": "zero_terminal_snr"}
+
+
 def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
     """Validate, load the model (its frozen weights stored as the config says) and cache the
     dataset's latents: (model, batches)."""
@@ -103,7 +136,8 @@ def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
     configs = global_batches(dataset_configs(cfg, ctx.paths), ctx)
     with distributed.main_first(ctx):  # the main process builds model and latent caches first
         ctx.emit(ev.Status(f"Loading model {cfg.model}"))
-        model = load_model(ctx.paths, cfg.model, frozen_dtype=cfg.frozen_dtype())
+        model = with_schedule(cfg, load_model(ctx.paths, cfg.model,
+                                              frozen_dtype=cfg.frozen_dtype()))
         ctx.emit(ev.Status("Caching latents"))
         batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
                                               cache_to_disk=cfg.cache_latents_to_disk,
@@ -219,6 +253,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
         clip_value=lambda step: cfg.max_grad_norm,
         flow=cfg.flow_options() if hasattr(cfg, "flow_options") else None,
+        noise=cfg.noise_weighting(),
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

@@ -72,6 +72,7 @@ class LoopOptions:
     on_nan: str = "stop"  # a NaN/inf loss or gradient: "stop" (keep the last good state) | "skip"
     settings: dict = field(default_factory=dict)  # written to settings-<step>.json
     flow: object = None  # FlowMatchingOptions, for a flow-matching family
+    noise: object = None  # NoiseWeighting, for a noise-prediction family
 
 
 @dataclass
@@ -205,7 +206,7 @@ class _Training:
     def __init__(self, model, data: BatchSource, plan: TrainingPlan, opts: LoopOptions, ctx):
         self.model, self.data, self.plan, self.opts, self.ctx = model, data, plan, opts, ctx
         self.unet = plan.unet or model.unet
-        self.objective = model.objective(opts.flow)
+        self.objective = model.objective(opts.flow, opts.noise)
         self.predict = model.spec.hook("predict")
         self.start = self.step = plan.start_step
         self.parallel = distributed.of(ctx)  # None in a one-process run

@@ -62,10 +62,11 @@ class BaseModel:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def objective(self, flow=None):
+    def objective(self, flow=None, noise=None):
         """What the network is trained to predict and how latents are noised
-        (trainers/objectives); `flow`: FlowMatchingOptions for a flow-matching family."""
-        return self.spec.objective(self.scheduler_config, flow)
+        (trainers/objectives); `flow`: FlowMatchingOptions for a flow-matching family, `noise`:
+        NoiseWeighting for a noise-prediction one."""
+        return self.spec.objective(self.scheduler_config, flow, noise)
 
     def freeze(self) -> None:
         for module in (*self.text_encoders, self.unet, self.vae):
@@ -233,6 +234,37 @@ def store_frozen_in(model: BaseModel, dtype: str) -> None:
     model.frozen_dtype = dtype
 
 
+# keys a single file carries to say how it was trained (sd-scripts and ComfyUI write and read
+# them; NoobAI-XL v-pred has both): empty tensors named `v_pred` and `ztsnr`
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+
+
+def overridden(scheduler_config: dict, overrides: dict) -> dict:
+    """A scheduler config with `overrides` that every scheduler built from it keeps: diffusers
+    gives the keys a loaded config lists in `_use_default_values` the new class's defaults."""
+    if not overrides:
+        return scheduler_config
+    defaulted = [k for k in scheduler_config.get("_use_default_values", []) if k not in overrides]
+    return {**scheduler_config, **overrides, "_use_default_values": defaulted}
+
+
+def schedule_markers(path: Path) -> dict:
+    """The scheduler settings a single file's marker keys imply: a v target, zero terminal
+    SNR (with trailing timestep spacing, as samplers need it)."""
+    if path.suffix.lower() != ".safetensors":  # a .ckpt is read whole; only headers here
+        return {}
+    try:
+        keys = families.safetensors_shapes(path)
+    except Exception:  # an unreadable file fails later with diffusers' own message
+        return {}
+    marked = {}
+    if V_PRED_KEY in keys:
+        marked["prediction_type"] = "v_prediction"
+    if ZTSNR_KEY in keys:
+        marked.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return marked
+
+
 def _cache_key(kind: str, location) -> tuple:
     key_extra = ()
     if kind in ("folder", "file"):
@@ -277,6 +309,7 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
 
     short_hash = None
     prediction_type = None
+    marked: dict = {}
     try:
         if kind == "demo":
             family = families.demo_families()[name.strip()]
@@ -304,6 +337,7 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
                 str(path), config=str(config), local_files_only=True,
                 **families.get(family).pipeline_kwargs(), **reuse)
             prediction_type = prediction_type_beside(path)
+            marked = schedule_markers(path)
             short_hash = file_short_hash(path, paths.cache)
         else:
             from diffusers import DiffusionPipeline
@@ -322,6 +356,7 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
     scheduler_config = dict(pipe.scheduler.config)
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
+    scheduler_config = overridden(scheduler_config, marked)
     model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
                       text_encoder=pipe.text_encoder,
                       unet=getattr(pipe, families.get(family).denoiser), vae=pipe.vae,

@@ -14,15 +14,18 @@ import math
 
 import torch
 
-from trainers.flow_options import FlowMatchingOptions, ObjectiveError
+from trainers.flow_options import FlowMatchingOptions, NoiseWeighting, ObjectiveError
+
+SNR_CAP = 1000.0  # kohya caps the SNR at 1000 in its v-like-noise and debiased weights
 
 
 class NoisePrediction:
     """DDPM noising; predict epsilon or v (`prediction_type` of the scheduler config)."""
 
-    def __init__(self, scheduler_config: dict):
+    def __init__(self, scheduler_config: dict, weighting: NoiseWeighting = NoiseWeighting()):
         from diffusers import DDPMScheduler
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.weighting = weighting
         self.kind = self.scheduler.config.prediction_type
         if self.kind not in ("epsilon", "v_prediction"):
             raise ObjectiveError(f"unsupported prediction type {self.kind!r}")
@@ -47,13 +50,24 @@ class NoisePrediction:
         return self.scheduler.get_velocity(latents, noise, times)
 
     def loss_weight(self, times: torch.Tensor, min_snr_gamma: float = 0.0):
-        """Per-image weight of the loss, or None: min-SNR (Hang et al.), as kohya computes it."""
-        if not min_snr_gamma:
+        """Per-image weight of the loss, or None: min-SNR (Hang et al.), v-prediction's loss
+        scaled like noise prediction's, debiased estimation — each as kohya computes it. With a
+        zero-terminal-SNR schedule the last timestep's SNR is 0: its weights stay finite."""
+        w = self.weighting
+        if not (min_snr_gamma or w.v_like_noise or w.debiased):
             return None
         alphas = self.scheduler.alphas_cumprod.to(times.device)[times]
-        snr = alphas / (1 - alphas)
-        clipped = torch.clamp(snr, max=min_snr_gamma)
-        return clipped / (snr + 1) if self.kind == "v_prediction" else clipped / snr
+        snr = (alphas / (1 - alphas)).clamp(min=1e-8)
+        weight = torch.ones_like(snr)
+        if min_snr_gamma:
+            clipped = torch.clamp(snr, max=min_snr_gamma)
+            weight = weight * (clipped / (snr + 1) if self.kind == "v_prediction" else clipped / snr)
+        capped = snr.clamp(max=SNR_CAP)
+        if w.v_like_noise:
+            weight = weight * capped / (capped + 1)
+        if w.debiased:
+            weight = weight / capped.sqrt()
+        return weight
 
     def predicted_latents(self, noisy, prediction, times):
         """The clean latents a prediction implies at these timesteps (x0 from epsilon or v)."""

@@ -71,15 +71,16 @@ class Family:
     single_file: bool = True  # Danlu loads its original-layout single files (a config skeleton)
     demo: Demo | None = None
 
-    def objective(self, scheduler_config: dict, flow=None):
+    def objective(self, scheduler_config: dict, flow=None, noise=None):
         """What its network is trained to predict, and how latents are noised; `flow` is the
-        run's FlowMatchingOptions (how sigmas are drawn) for a flow-matching family."""
+        run's FlowMatchingOptions (how sigmas are drawn) for a flow-matching family, `noise`
+        its NoiseWeighting (extra loss weights) for a noise-prediction one."""
         from trainers import objectives
         if self.prediction == "flow":
             return objectives.FlowMatching(
                 flow or objectives.FlowMatchingOptions(),
                 num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
-        return objectives.NoisePrediction(scheduler_config)
+        return objectives.NoisePrediction(scheduler_config, noise or objectives.NoiseWeighting())
 
     def pipeline_class(self):
         import diffusers

@@ -525,13 +525,14 @@ def original_state_dict(unet, vae, text_encoder, family: str | None = None,
 
 def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype = torch.float16,
                      metadata: Mapping[str, str] | None = None, family: str | None = None,
-                     text_encoder_2=None) -> Path:
+                     text_encoder_2=None, markers: Iterable[str] = ()) -> Path:
     """Write UNet + VAE + text encoder as one original-layout `.safetensors` file, atomically.
 
     Floating tensors are cast to `dtype` (fp16 is what people share; int tensors such as CLIP's
     position ids keep their type). `metadata` lands in the safetensors header (str -> str).
     `family` ('sd1' / 'sd2') is read from the text encoder when not given; SDXL files need
-    `text_encoder_2` as well.
+    `text_encoder_2` as well. `markers` are empty tensors saying how the model was trained
+    (`v_pred`, `ztsnr`: sd-scripts writes them and ComfyUI reads them).
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -542,6 +543,7 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
     source = original_state_dict(unet, vae, text_encoder, family, text_encoder_2)
     check_savable(path.name, source, dtype)
     tensors = {key: _prepare(key, value, dtype) for key, value in source.items()}
+    tensors.update({marker: torch.tensor([]) for marker in markers})
     atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp),
                                                                 metadata=header))
     return path

@@ -60,7 +60,8 @@ def load_for_training(cfg, ctx, path: Path):
     resuming = path.exists() and not cfg.overwrite
     ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first
-        model = load_model(ctx.paths, path.name if resuming else cfg.model, exclusive=True)
+        model = kt.with_schedule(cfg, load_model(ctx.paths, path.name if resuming else cfg.model,
+                                                 exclusive=True))
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
     if resuming and restore_master_weights(model, path):
         ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
@@ -160,7 +161,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
             save_single_file(target, unet, model.vae, text_encoder,
                              dtype=PRECISION[cfg.save_precision], metadata=metadata,
                              family=model.spec.checkpoint_layout,
-                             text_encoder_2=model.text_encoder_2)
+                             text_encoder_2=model.text_encoder_2, markers=schedule_markers(model))
         finally:
             if ema is not None:
                 ema.restore(unet.parameters())
@@ -209,3 +210,14 @@ def _save_diffusers(model, folder: Path) -> None:
     sampler = model.spec.shipped_sampler
     pipe = _pipeline(model, model.unet, make_sampler(sampler, model.scheduler_config))
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def schedule_markers(model) -> list[str]:
+    """The marker keys an SDXL file of this model gets (`v_pred`, `ztsnr`), so that the file
+    says how it predicts where ComfyUI and Danlu look; SD 1.x / 2.x files stay as they were."""
+    from trainers.models import V_PRED_KEY, ZTSNR_KEY
+    if model.spec.checkpoint_layout != "sdxl":
+        return []
+    config = model.scheduler_config
+    return ([V_PRED_KEY] if config.get("prediction_type") == "v_prediction" else []) + \
+        ([ZTSNR_KEY] if config.get("rescale_betas_zero_snr") else [])
