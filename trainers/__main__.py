@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                              "exit code stays 0)")
     parser.add_argument("--confine-paths", action="store_true",
                         help="refuse typed paths outside the data folder (as a shared app does)")
+    parser.add_argument("--memory-report", action="store_true",
+                        help="run one step of the job (LoRA, DreamBooth, fine-tuning) in a scratch "
+                             "folder and print its measured memory, by part, next to the "
+                             "estimate, as JSON")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of a failure (as DANLU_DEBUG=1 does)")
     parser.json_events = "--json-events" in (sys.argv[1:] if argv is None else argv)
@@ -152,6 +156,12 @@ def _run(args, made: list) -> int:
 
     parallel = DataParallel.from_environment() if args.method in catalog.names() else None
     paths = Paths(Path(args.data_dir).resolve(), confine=args.confine_paths).ensure()
+    if args.memory_report:
+        import json
+
+        from trainers.memory_report import measure
+        sys.stdout.write(json.dumps(measure(args.method, cfg, paths), indent=1) + "\n")
+        return 0
     stop_file = Path(args.stop_file) if args.stop_file else None
     if parallel is not None and not parallel.is_main:
         ctx = QuietContext(paths, f"process {parallel.index}", stream=sys.stderr,

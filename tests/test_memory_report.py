@@ -1,0 +1,63 @@
+"""The measured memory of one step (#19 item 5): exact parts on the tiny demo, activations that
+grow with the image, nothing written to the user's folders, the CLI's JSON, refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, kohya_photos
+from tests.test_lora_training import lora_config
+from trainers.memory_report import measure
+
+
+def test_one_lora_step_is_measured_part_by_part(data_paths, tmp_path):
+    from trainers.models import load_model
+    folder = kohya_photos(tmp_path / "train")
+    before = sorted(p.relative_to(data_paths.data_dir) for p in data_paths.data_dir.rglob("*")
+                    if ".cache" not in p.parts)
+    small = measure("lora", lora_config(folder, resolution=64, network_dim=4), data_paths)
+    model = load_model(data_paths, "tiny-demo")
+    assert small["weights"]["unet"]["float32"] == sum(
+        p.numel() * 4 for p in model.unet.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.unet.buffers())
+    trainable = small["trainable_parameters"]
+    assert trainable > 0
+    measured = small["measured"]
+    assert measured["gradients"] == trainable * 4  # fp32 LoRA factors
+    # AdamW: two fp32 moments per parameter, plus a step counter per tensor
+    assert 8 * trainable <= measured["optimizer"] < 8 * trainable + 4096
+    assert measured["activations"] > 0 and small["estimate"]["total"] > 0
+    assert measured["total"] == sum(measured[k] for k in ("weights", "gradients", "optimizer",
+                                                          "activations"))
+    unet_only = dict(network_dim=4, network_train_unet_only=True)
+    small_unet, big = (measure("lora", lora_config(folder, resolution=size, **unet_only),
+                               data_paths)["measured"]["activations"] for size in (64, 128))
+    # the first batch's bucket holds 2.7x the latent pixels at 128 px (16x10 against 10x6)
+    assert big > 1.6 * small_unet
+    bf16 = measure("lora", lora_config(folder, resolution=64, network_dim=4,
+                                       mixed_precision="bf16"), data_paths)
+    assert set(bf16["weights"]["unet"]) == {"bfloat16"}
+    assert bf16["measured"]["weights"] < 0.6 * measured["weights"]
+    after = sorted(p.relative_to(data_paths.data_dir) for p in data_paths.data_dir.rglob("*")
+                   if ".cache" not in p.parts)
+    assert after == before  # the scratch folder took the run's files
+
+
+def test_the_cli_prints_the_report_and_other_methods_are_refused(data_paths, tmp_path):
+    folder = kohya_photos(tmp_path / "train")
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "tiny-demo"\noutput_name = "x"\ntrain_data_dir = "{folder}"\n'
+                      'resolution = 64\nmin_bucket_reso = 32\nbucket_reso_steps = 16\n')
+    done = subprocess.run([sys.executable, "-m", "trainers", "lora", "--config", str(config),
+                           "--data-dir", str(data_paths.data_dir), "--memory-report"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["method"] == "lora" and report["measured"]["activations"] > 0
+    assert set(report["estimate"]) >= {"weights", "activations", "total"}
+    assert not (data_paths.lora / "x.safetensors").exists()
+    with pytest.raises(ValueError, match="memory report: measured for lora, dreambooth"):
+        measure("textual_inversion", None, data_paths)
