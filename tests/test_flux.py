@@ -222,7 +222,8 @@ def test_flux_runs_refuse_what_does_not_apply_and_sd_runs_refuse_flux_options(
     from trainers.configs import TextualInversionConfig
     from trainers.preflight import check_before_queueing
     for changes, field in [({"conv_dim": 4}, "conv_dim"), ({"min_snr_gamma": 5.0}, "min_snr_gamma"),
-                           ({"resolution": 72}, "resolution")]:
+                           ({"resolution": 72}, "resolution"),
+                           ({"mixed_precision": "fp16"}, "mixed_precision: Flux.1 is a bf16 model")]:
         with pytest.raises(ConfigError, match=field):
             check_before_queueing(lora_config(pictures, **changes), family_paths)
     with pytest.raises(ConfigError, match="timestep_sampling: applies to flow-matching models"):
