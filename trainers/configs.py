@@ -628,6 +628,9 @@ class LoraConfig(KohyaTrainingConfig):
             if self.min_snr_gamma:
                 problems.append(f"min_snr_gamma: does not apply to flow-matching models like "
                                 f"{family.label}; use the loss weighting instead")
+            if self.mixed_precision == "fp16":
+                problems.append(f"mixed_precision: {family.label} is a bf16 model whose "
+                                "activations overflow fp16; use bf16")
             if self.resolution % 16:
                 problems.append(f"resolution: {family.label} needs a multiple of 16 (8 px per "
                                 f"latent, 2x2 latents per token), got {self.resolution}")
