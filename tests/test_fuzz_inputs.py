@@ -34,7 +34,8 @@ VALID = {"model": "tiny-demo", "embedding": "fuzzemb", "hypernetwork": "fuzzhn",
          "output_name": "fuzzout", "checkpoint": "other-model", "source": "datasets/cats",
          "destination": "datasets/out", "in_json": "datasets/cats.json",
          "aesthetic_embedding": "fuzzlook", "lora": "fuzzlora.safetensors",
-         "loras": "fuzzlora.safetensors: 0.5, fuzzlora2.safetensors"}
+         "loras": "fuzzlora.safetensors: 0.5, fuzzlora2.safetensors",
+         "run_folder": "datasets/cats"}
 
 
 def config_classes() -> list[type]:

@@ -149,6 +149,13 @@ for _method in (
            help="a LoRA cut to a lower rank by SVD"),
     Method("merge_lora", "Merge LoRAs", configs.MergeLoraConfig, "trainers.merge_lora:run",
            help="several LoRAs merged into one, each at its weight"),
+    Method("merge_into_checkpoint", "Merge LoRAs into a checkpoint",
+           configs.MergeIntoCheckpointConfig, "trainers.merge_into_checkpoint:run",
+           final_folder="models/Stable-diffusion", checkpoint_kind="model",
+           help="LoRAs at their weights baked into a base model, saved as one checkpoint"),
+    Method("lora_ema", "Post-hoc EMA of a LoRA run", configs.LoraEmaConfig,
+           "trainers.lora_ema:run",
+           help="a run's periodic LoRA copies averaged in step order (exponential or EDM2)"),
 ):
     register(_method)
 del _method

@@ -863,17 +863,7 @@ class MergeLoraConfig(NamesFiles):
 
     def weighted(self) -> list[tuple[str, float]]:
         """[(file name, weight)] from `loras` (ConfigError naming `loras` when malformed)."""
-        pairs, problems = [], []
-        for entry in (e.strip() for e in self.loras.split(",")):
-            if not entry:
-                continue
-            name, _, weight = entry.partition(":")
-            name, weight = name.strip(), weight.strip() or "1"
-            problems += check_name("loras", name)
-            try:
-                pairs.append((name, float(weight)))
-            except ValueError:
-                problems.append(f"loras: {weight!r} is not a weight (write name: 0.5)")
+        pairs, problems = weighted_names(self.loras)
         if len(pairs) < 2 and not problems:
             problems.append("loras: name at least two LoRA files, e.g. 'a.safetensors: 0.5, "
                             "b.safetensors: 0.5'")
@@ -897,6 +887,128 @@ class MergeLoraConfig(NamesFiles):
         for name, _ in self.weighted():
             if not (paths.lora / name).is_file():
                 problems.append(f"loras: no file {name!r} in {paths.lora}")
+        return problems + lora_output_problems(paths, self.output_name, self.overwrite)
+
+
+def weighted_names(text: str, field: str = "loras") -> tuple[list[tuple[str, float]], list[str]]:
+    """([(file name, weight)], problems) from "a.safetensors: 0.7, b.safetensors" (no weight
+    is 1); each name must be a bare file name."""
+    pairs, problems = [], []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, weight = entry.partition(":")
+        name, weight = name.strip(), weight.strip() or "1"
+        problems += check_name(field, name)
+        try:
+            pairs.append((name, float(weight)))
+        except ValueError:
+            problems.append(f"{field}: {weight!r} is not a weight (write name: 0.5)")
+    return pairs, problems
+
+
+def checkpoint_output_problems(paths, output_name: str, overwrite: bool) -> list[str]:
+    """A merged checkpoint's output in models/Stable-diffusion, as lora_output_problems."""
+    name = output_name.strip()
+    if name and not overwrite and (paths.stable_diffusion / f"{name}.safetensors").exists():
+        return [f"output_name: {name}.safetensors exists in {paths.stable_diffusion}; tick "
+                "'Overwrite' to replace it"]
+    return []
+
+
+@dataclass
+class MergeIntoCheckpointConfig(NamesFiles):
+    """LoRA / LoCon / LyCORIS files added into a base model's weights, saved as one
+    original-layout checkpoint (trainers/merge_into_checkpoint.py)."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Merge", ["save_precision", "overwrite"], True)], top=["model", "loras", "output_name"],
+        overrides={"loras": {"lines": 2}})
+    model: str = option("", "The base model (SD 1.x, SD 2.x or SDXL) the LoRAs are merged into; "
+                        "it is not changed.", label="Base model", path="model")
+    loras: str = option("", "LoRA files in models/Lora with their weights, e.g. "
+                        "'style.safetensors: 0.7, face.safetensors: 1' (LoHa / LoKr too).",
+                        label="LoRAs and weights")
+    output_name: str = option("", "Name of the merged checkpoint in models/Stable-diffusion.",
+                              label="Output name")
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing checkpoint of the output name.",
+                             label="Overwrite")
+
+    def weighted(self) -> list[tuple[str, float]]:
+        pairs, problems = weighted_names(self.loras)
+        if not pairs and not problems:
+            problems.append("loras: name at least one LoRA file, e.g. 'style.safetensors: 0.8'")
+        if problems:
+            raise ConfigError(problems)
+        return pairs
+
+    def validate(self) -> "MergeIntoCheckpointConfig":
+        problems = check_limits(self) + check_name("output_name", self.output_name)
+        if not self.model.strip():
+            problems.append("model: choose the base model")
+        elif Path(self.model.strip()).name == f"{self.output_name.strip()}.safetensors":
+            problems.append("output_name: choose a name other than the base model's (it is kept)")
+        try:
+            self.weighted()
+        except ConfigError as error:
+            problems += error.problems
+        return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        problems = super().file_problems(paths)
+        for name, _ in self.weighted():
+            if not (paths.lora / name).is_file():
+                problems.append(f"loras: no file {name!r} in {paths.lora}")
+        return problems + checkpoint_output_problems(paths, self.output_name, self.overwrite)
+
+
+# sigma_rel at which the power-function EMA is the plain average (gamma = 0, Karras et al.)
+EQUAL_AVERAGE_SIGMA_REL = 12 ** -0.5
+
+
+@dataclass
+class LoraEmaConfig(NamesFiles):
+    """A training run's periodic LoRA copies averaged in step order: post-hoc EMA
+    (trainers/lora_ema.py)."""
+    form: ClassVar[cf.FormLayout] = cf.FormLayout(
+        [("Average", ["decay", "decay_end", "sigma_rel", "from_step", "include_final",
+                      "save_precision", "overwrite"], True)], top=["run_folder", "output_name"])
+    run_folder: str = option("", "The training run's folder (outputs/<log>/<date>/<name>) or its "
+                             "checkpoints folder: its numbered copies are averaged in step order.",
+                             label="Run folder", path="data")
+    output_name: str = option("", "Name of the averaged LoRA in models/Lora.", label="Output name")
+    decay: float = option(0.95, "EMA decay (beta): each later copy gets 1 - decay of the average; "
+                          "0 keeps only the last copy, closer to 1 keeps more of the early ones.",
+                          label="Decay", min=0.0, max=1.0)
+    decay_end: float = option(-1.0, "Decay for the last copy, moving linearly from Decay over "
+                              "the copies; -1 keeps Decay throughout.", label="Decay at the end",
+                              min=-1.0, max=1.0)
+    sigma_rel: float = option(0.0, "Power-function EMA (EDM2) of this relative width instead of "
+                              "Decay, e.g. 0.1; 0 is off, 0.2887 is the plain average.",
+                              label="Sigma rel", min=0.0, max=round(EQUAL_AVERAGE_SIGMA_REL, 4))
+    from_step: int = option(0, "Leave out copies saved before this step.", label="From step",
+                            min=0)
+    include_final: bool = option(True, "Also the run's final LoRA file, when it is newer than "
+                                 "the last copy.", label="Include the final file")
+    save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
+                                 choices=SAVE_PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing LoRA of the output name.",
+                             label="Overwrite")
+
+    def validate(self) -> "LoraEmaConfig":
+        problems = check_limits(self) + check_name("output_name", self.output_name)
+        if not self.run_folder.strip():
+            problems.append("run_folder: choose the training run's folder")
+        if -1.0 < self.decay_end < 0.0:
+            problems.append("decay_end: -1 (off) or between 0 and 1")
+        return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        problems = super().file_problems(paths)
+        if not problems and self.run_folder.strip() and \
+                not paths.resolve(self.run_folder, "run_folder").is_dir():
+            problems.append(f"run_folder: no folder {self.run_folder.strip()!r}")
         return problems + lora_output_problems(paths, self.output_name, self.overwrite)
 
 
