@@ -812,24 +812,53 @@ class ResizeLoraConfig(NamesFiles):
     """A kohya LoRA / LoCon file made smaller: each layer's weight change cut to a lower rank
     by SVD (trainers/resize_lora.py)."""
     form: ClassVar[cf.FormLayout] = cf.FormLayout(
-        [("Resize", ["rank", "conv_rank", "save_precision", "overwrite"], True)],
+        [("Resize", ["rank", "conv_rank", "dynamic_method", "dynamic_param", "save_precision",
+                     "overwrite"], True)],
         top=["lora", "output_name"])
     lora: str = option("", "The LoRA file in models/Lora to resize (it is not changed).",
                        label="LoRA", path="lora")
     output_name: str = option("", "Name of the resized file in models/Lora.",
                               label="Output name")
     rank: int = option(8, "New rank: lower is smaller and keeps less of the LoRA's change; a "
-                       "layer already at this rank or lower stays as it is.", label="Rank",
+                       "layer already at this rank or lower stays as it is; with a dynamic "
+                       "method, the most a layer gets.", label="Rank",
                        min=1, max=1024)
     conv_rank: int = option(0, "New rank for LoCon's 3x3 convolutions; 0 uses Rank.",
                             label="Conv rank", min=0, max=1024)
+    dynamic_method: str = option(
+        "none", "none: every layer cut to Rank. Otherwise each layer gets its own rank from its "
+        "singular values S (kohya's resize_lora), Rank / Conv rank being the most: sv_ratio "
+        "keeps those above the largest / Dynamic param; sv_cumulative the fewest whose sum "
+        "reaches that share of sum(S); sv_fro the fewest keeping that share of the Frobenius "
+        "norm.", label="Dynamic method", choices=["none", "sv_ratio", "sv_fro", "sv_cumulative"])
+    dynamic_param: float = option(
+        0.0, "The dynamic method's target: sv_ratio a ratio above 1 (e.g. 8); sv_cumulative and "
+        "sv_fro a share in (0, 1] (e.g. 0.9). 0 with no method.", label="Dynamic param")
     save_precision: str = option("fp16", "Precision of saved weights.", label="Save precision",
                                  choices=SAVE_PRECISIONS)
     overwrite: bool = option(False, "Replace an existing LoRA of the output name.",
                              label="Overwrite")
 
     def validate(self) -> "ResizeLoraConfig":
-        problems = check_limits(self) + check_name("output_name", self.output_name)
+        problems = [p for p in check_limits(self) if not p.startswith("dynamic_method:")]
+        problems += check_name("output_name", self.output_name)
+        method, param = str(self.dynamic_method).strip(), self.dynamic_param
+        numeric = isinstance(param, (int, float)) and not isinstance(param, bool)
+        if method == "none":
+            if numeric and param != 0:
+                problems.append("dynamic_param: set only with a dynamic_method (sv_ratio, "
+                                "sv_fro or sv_cumulative); 0 for a fixed rank")
+        elif method == "sv_ratio":
+            if numeric and not param > 1:
+                problems.append(f"dynamic_param: sv_ratio needs a ratio above 1 (the largest "
+                                f"singular value over the smallest kept), not {param:g}")
+        elif method in ("sv_fro", "sv_cumulative"):
+            if numeric and not 0 < param <= 1:
+                problems.append(f"dynamic_param: {method} needs a share in (0, 1], not "
+                                f"{param:g}")
+        else:
+            problems.append(f"dynamic_method: {method!r} is not one of sv_ratio, sv_fro, "
+                            "sv_cumulative or none (a fixed rank)")
         if not self.lora.strip():
             problems.append("lora: choose the LoRA to resize")
         elif Path(self.lora.strip()).stem == self.output_name.strip():
