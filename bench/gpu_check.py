@@ -93,6 +93,11 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
     found.append(("lora tiny flux bf16", "lora", LoraConfig(
         **{**lora, "model": "tiny-demo-flux", "network_train_unet_only": True,
            "mixed_precision": "bf16"}, output_name="check-flux")))
+    found.append(("lora tiny zimage bf16", "lora", LoraConfig(
+        **{**lora, "model": "tiny-demo-zimage", "network_train_unet_only": True,
+           "mixed_precision": "bf16"}, output_name="check-zimage")))
+    found.append(("lora tiny fp8 base", "lora", LoraConfig(
+        **{**lora, "mixed_precision": "bf16", "fp8_base": True}, output_name="check-fp8")))
     found.append(("textual inversion tiny", "textual_inversion", TextualInversionConfig(
         model="tiny-demo", embedding="gpucheck", create_missing=True, init_text="dog",
         data_root=str(plain), width=64, height=64, steps=steps, save_every=0, preview_every=0,

@@ -260,3 +260,30 @@ def test_a_flux_lora_run_is_compared_by_checkpoint_and_strength(family_paths, pi
     assert grid.rendered == 4 and grid.row_labels[0] == "step 2 · strength 0"
     cells = {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / "cells").glob("*.png"))}
     assert len({c.tobytes() for c in cells.values()}) == 3  # strength 0 is the base both times
+
+
+def test_flux_lora_trains_only_the_chosen_blocks_and_compare_rebuilds_them(family_paths, pictures):
+    import json
+    from trainers.checkpoint_apply import lora as apply_lora
+    from trainers.configs import block_indices
+    from trainers.preflight import check_before_queueing
+    path = run(lora_config(pictures, train_single_block_indices="none", output_name="doubles"),
+               RecordingContext(family_paths))
+    state, meta = load_lora(path)
+    assert {k.split(".")[0] for k in state} == {
+        f"lora_unet_double_blocks_0_{n}" for n in (
+            "img_attn_proj", "img_attn_qkv", "img_mlp_0", "img_mlp_2", "img_mod_lin",
+            "txt_attn_proj", "txt_attn_qkv", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin")}
+    assert json.loads(meta["ss_network_args"])["train_single_block_indices"] == "none"
+    model = load_model(family_paths, FLUX)
+    from types import SimpleNamespace
+    with apply_lora(SimpleNamespace(clip_skip=1), family_paths, model, path, []) as (_, strength, _):
+        strength(1.0)  # the Compare grid builds a network that fits the file
+    assert block_indices("0-2,5", 8) == [0, 1, 2, 5] and block_indices("all", 3) == [0, 1, 2]
+    for text, words in [("2-1", "runs backwards"), ("x", "not an index"),
+                        ("7", "past the model's 1 blocks")]:
+        with pytest.raises((ValueError, ConfigError), match=words):
+            run(lora_config(pictures, train_double_block_indices=text), RecordingContext(family_paths))
+    with pytest.raises(ConfigError, match="train_double_block_indices: SD 1.x has no double"):
+        check_before_queueing(lora_config(pictures, model="tiny-demo",
+                                          train_double_block_indices="0"), family_paths)

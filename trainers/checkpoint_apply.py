@@ -83,6 +83,7 @@ def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
     state, _ = load_adapter(path)
     if algo_of(state) is None:
         lora_spec, network_class = spec_from_state(state), LoraNetwork
+        lora_spec.blocks = model.spec.hook("lora_layout").blocks_in(state)
     else:  # LoHa / LoKr
         convs = {t.name for t in find_targets(model.unet, "unet", True) if t.conv}
         lora_spec = lycoris_network.spec_from_state(state, convs)

@@ -15,28 +15,13 @@ from __future__ import annotations
 from torch import nn
 
 from trainers.flux_lora import FluxLayout
-from trainers.formats import flux_lora_keys as keys
-from trainers.lora_network import LoraTarget
 
 BLOCK_CLASSES = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
 
 
 class ChromaLayout(FluxLayout):
     trains_text_encoder = False
-
-    def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
-        targets: dict[str, LoraTarget] = {}
-        for block_path, block in model.named_modules():
-            if type(block).__name__ not in BLOCK_CLASSES:
-                continue
-            for child_path, child in block.named_modules():
-                if not isinstance(child, nn.Linear):
-                    continue
-                path = f"{block_path}.{child_path}"
-                name = keys.kohya_name(path)
-                if name is not None:
-                    targets.setdefault(path, LoraTarget(name, path, "unet", False))
-        return list(targets.values())
+    block_classes = BLOCK_CLASSES
 
     def text_parts(self, text_encoder, text_encoder_2) -> dict[str, tuple[nn.Module, str]]:
         return {}

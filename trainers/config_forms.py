@@ -52,7 +52,9 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Samples and saving", KOHYA_OUTPUT + ["preview_strength", "save_diffusers_format"],
                 False),
                ("Flow matching (Flux)", ["timestep_sampling", "discrete_flow_shift",
-                                         "sigmoid_scale", "weighting_scheme", "guidance_scale"],
+                                         "sigmoid_scale", "weighting_scheme", "guidance_scale",
+                                         "train_double_block_indices",
+                                         "train_single_block_indices"],
                 False)]
 
 

@@ -583,6 +583,13 @@ class LoraConfig(KohyaTrainingConfig):
     guidance_scale: float = option(1.0, "The guidance value a guidance-distilled model (Flux.1 "
                                     "dev) is trained at; 1 is the common choice.",
                                     label="Guidance scale", min=0.0, max=100.0)
+    train_double_block_indices: str = option(
+        "all", "Flux.1 / Chroma: which double-stream blocks get a LoRA — 'all', 'none' or "
+        "indices and ranges such as '0-9,18' (kohya's train_double_block_indices).",
+        label="Double blocks to train")
+    train_single_block_indices: str = option(
+        "all", "The same for the single-stream blocks (kohya's train_single_block_indices).",
+        label="Single blocks to train")
     fp8_base: bool = option(False, "Store the frozen U-Net / transformer's Linear and conv "
                             "weights in 8 bits (kohya's fp8_base): half of bf16's memory for "
                             "them, slightly less precise; needs mixed precision bf16 or fp16.",
@@ -590,6 +597,11 @@ class LoraConfig(KohyaTrainingConfig):
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
+        for name in BLOCK_FIELDS:
+            try:
+                block_indices(getattr(self, name), None)
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
         if self.fp8_base and self.mixed_precision not in ("bf16", "fp16"):
             problems.append("fp8_base: needs mixed precision bf16 or fp16 (the 8-bit weights "
                             "are up-cast to it for each layer)")
@@ -614,10 +626,20 @@ class LoraConfig(KohyaTrainingConfig):
                                    logit_std=self.sigmoid_scale, weighting=self.weighting_scheme,
                                    guidance=self.guidance_scale)
 
+    def blocks(self) -> dict[str, str]:
+        """LoraSpec.blocks: the block kinds whose choice is not 'all'."""
+        return {kind: getattr(self, name) for kind, name in zip(("double", "single"),
+                                                                 BLOCK_FIELDS)
+                if getattr(self, name).strip().lower() != "all"}
+
     def family_problems(self, family) -> list[str]:
         """Options that do not apply to a model of `family` (its Family record)."""
         from trainers.families import resolve
         problems = []
+        kinds = resolve(family.lora_layout).block_kinds
+        problems += [f"train_{kind}_block_indices: {family.label} has no {kind}-stream blocks "
+                     "(the block choice is for Flux.1 and Chroma)"
+                     for kind in self.blocks() if kind not in kinds]
         if not self.network_train_unet_only and not resolve(family.lora_layout).trains_text_encoder:
             problems.append(f"network_train_unet_only: {family.label} has no text-encoder LoRA; "
                             "tick 'U-Net only'")
@@ -1113,3 +1135,29 @@ class AestheticPreviewConfig(NamesFiles):
 FLOW_FIELDS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "weighting_scheme",
                "guidance_scale")
 FLOW_DEFAULTS = {name: LoraConfig.__dataclass_fields__[name].default for name in FLOW_FIELDS}
+
+
+BLOCK_FIELDS = ("train_double_block_indices", "train_single_block_indices")
+
+
+def block_indices(text: str, count: int | None) -> list[int]:
+    """kohya's block choice: 'all', 'none' or '0,2,4-7' -> sorted indices (all of `count`
+    for 'all'); ValueError naming what is wrong, an index past `count` included."""
+    text = str(text).strip().lower()
+    if text == "all":
+        return list(range(count or 0))
+    if text in ("none", ""):
+        return []
+    chosen = set()
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not (first.strip().isdigit() and (not dash or last.strip().isdigit())):
+            raise ValueError(f"{part!r} is not an index or a range (write 'all', 'none' or "
+                             "'0-9,18')")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{part!r} runs backwards")
+        chosen.update(range(low, high + 1))
+    if count is not None and chosen and max(chosen) >= count:
+        raise ValueError(f"index {max(chosen)} is past the model's {count} blocks")
+    return sorted(chosen)

@@ -5,20 +5,29 @@ q/k/v (and single blocks' MLP) adapters that diffusers keeps apart fused into th
 they form (trainers/formats/flux_lora_keys.py). CLIP-L's LoRA is `lora_te1`, as kohya writes it."""
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from trainers.configs import block_indices
 from trainers.formats import flux_lora_keys as keys
 from trainers.lora_network import LoraTarget, UnetLayout
 
 
+BLOCK_NAME = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_")
+BLOCK_LISTS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
 class FluxLayout(UnetLayout):
+    block_classes = keys.BLOCK_CLASSES
+    block_kinds = ("double", "single")
+
     def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
         targets: dict[str, LoraTarget] = {}
         for block_path, block in model.named_modules():
-            if type(block).__name__ not in keys.BLOCK_CLASSES:
+            if type(block).__name__ not in self.block_classes:
                 continue
             for child_path, child in block.named_modules():
                 if not isinstance(child, nn.Linear):
@@ -28,6 +37,30 @@ class FluxLayout(UnetLayout):
                 if name is not None:
                     targets.setdefault(path, LoraTarget(name, path, "unet", False))
         return list(targets.values())
+
+    def select(self, targets: list[LoraTarget], blocks: Mapping[str, str],
+               model: nn.Module) -> list[LoraTarget]:
+        """kohya's train_double_block_indices / train_single_block_indices."""
+        super().select(targets, blocks, model)
+        chosen = {}
+        for kind, text in blocks.items():
+            count = len(getattr(model, BLOCK_LISTS[kind]))
+            try:
+                chosen[kind] = set(block_indices(text, count))
+            except ValueError as error:
+                raise ValueError(f"train_{kind}_block_indices: {error}") from None
+        kept = [t for t in targets if not (m := BLOCK_NAME.match(t.name))
+                or m.group(1) not in chosen or int(m.group(2)) in chosen[m.group(1)]]
+        if not kept:
+            raise ValueError("LoRA: the block choice leaves no block to train")
+        return kept
+
+    def blocks_in(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        found: dict[str, set[int]] = {"double": set(), "single": set()}
+        for key in state:
+            if (m := BLOCK_NAME.match(key)):
+                found[m.group(1)].add(int(m.group(2)))
+        return {kind: ",".join(map(str, sorted(ids))) or "none" for kind, ids in found.items()}
 
     def text_parts(self, text_encoder, text_encoder_2) -> dict[str, tuple[nn.Module, str]]:
         return {"text_encoder": (text_encoder, "lora_te1")}  # T5 is not trained

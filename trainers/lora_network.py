@@ -30,7 +30,7 @@ the base layer's kernel, stride and padding, up a 1x1 Conv2d. `dropout` is peft'
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
@@ -57,6 +57,9 @@ class LoraSpec:
     train_unet: bool = True
     train_text_encoder: bool = True
     dropout: float = 0.0
+    # block kind -> kohya index list ("all", "none", "0,2,4-7"); the layout's kinds (Flux.1:
+    # "double", "single"); an empty dict trains every block
+    blocks: Mapping[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if int(self.rank) < 1:
@@ -157,9 +160,21 @@ class UnetLayout:
     layout (`Family.lora_layout`, e.g. trainers/flux_lora.py)."""
 
     trains_text_encoder = True  # False: the family has no text-encoder LoRA (text_parts is {})
+    block_kinds: tuple[str, ...] = ()  # the kinds of block a LoRA can be limited to by index
 
     def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
         return find_targets(model, "unet", conv)
+
+    def select(self, targets: list[LoraTarget], blocks: Mapping[str, str],
+               model: nn.Module) -> list[LoraTarget]:
+        """The targets inside the blocks `blocks` chooses (LoraSpec.blocks)."""
+        if any(kind not in self.block_kinds for kind in blocks):
+            raise ValueError(f"LoRA: this model has no {', '.join(blocks)} blocks to choose")
+        return targets
+
+    def blocks_in(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """The block choice a file was trained with (for building a network that fits it)."""
+        return {}
 
     def text_parts(self, text_encoder, text_encoder_2) -> dict[str, tuple[nn.Module, str]]:
         """part -> (text encoder, kohya prefix) for the encoders a text-encoder LoRA trains."""
@@ -323,7 +338,8 @@ class LoraNetwork:
                 wanted.append((part, model, prefix))
         try:
             for part, model, prefix in wanted:
-                targets = (layout.denoiser_targets(model, spec.uses_conv) if part == "unet"
+                targets = (layout.select(layout.denoiser_targets(model, spec.uses_conv),
+                                         spec.blocks, model) if part == "unet"
                            else find_targets(model, part, spec.uses_conv, prefix))
                 if not targets:
                     raise ValueError(f"LoRA: found no module to adapt in the {part} "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from core import events as ev
 from core.atomic import staged_path
 from trainers import catalog, kohya_data
 from trainers import kohya_training as kt
-from trainers.configs import LoraConfig
+from trainers.configs import BLOCK_FIELDS, LoraConfig
 from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, lora_metadata,
                                    read_lora_metadata, save_lora, update_progress)
 from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
@@ -32,7 +33,7 @@ def run(cfg: LoraConfig, ctx) -> Path:
     settings = dict(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
                     conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
     if cfg.network_type == "lora":
-        spec, network_class = LoraSpec(**settings), LoraNetwork
+        spec, network_class = LoraSpec(**settings, blocks=cfg.blocks()), LoraNetwork
     else:
         spec = LycorisSpec(**settings, algo=cfg.network_type, factor=cfg.lokr_factor)
         network_class = LycorisNetwork
@@ -110,6 +111,11 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
                 metadata.pop(key, None)
             else:
                 metadata[key] = value
+    if cfg.blocks():  # kohya writes the block choice among its network args
+        args = json.loads(metadata.get("ss_network_args", "{}"))
+        args.update({name: getattr(cfg, name) for name in BLOCK_FIELDS
+                     if name.split("_")[1] in cfg.blocks()})
+        metadata["ss_network_args"] = json.dumps(args)
     if cfg.network_type != "lora":
         metadata = lycoris_metadata(metadata, cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
                                     cfg.lokr_factor)
