@@ -83,6 +83,19 @@ def test_a_trained_lora_resized_loads_in_diffusers_and_still_changes_the_image(d
     base, with_lora = demo_images_with_lora(data_paths, path)
     assert not np.allclose(base, with_lora)
 
+    # Danlu's own network (Compare, resume) takes each layer at its own rank
+    from trainers.checkpoint_apply import spec_from_state
+    from trainers.lora_network import LoraNetwork
+    from trainers.models import load_model
+    model = load_model(data_paths, "tiny-demo")
+    mixed = dict(load_lora(data_paths.lora / "small.safetensors")[0])  # rank 2 everywhere ...
+    for key in [k for k in source if k.startswith(names[0] + ".")]:
+        mixed[key] = source[key]  # ... but one layer at its trained rank 4
+    assert len({v.shape[0] for k, v in mixed.items() if k.endswith("down.weight")}) > 1
+    with LoraNetwork(model.unet, model.text_encoder, spec_from_state(mixed)) as network:
+        network.load_kohya_state_dict(mixed)
+        assert all(torch.equal(network.kohya_state_dict()[k], v.float()) for k, v in mixed.items())
+
 
 def formula_rank(s, method: str, param: float) -> int:
     """The issue's definitions, written out independently of the code under test."""

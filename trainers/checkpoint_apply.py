@@ -115,16 +115,19 @@ def _embedding_vectors(path: Path, model):
 
 def spec_from_state(state):
     """The LoraSpec (rank, alpha, conv rank/alpha, parts) a kohya state dict was made with.
-    The smallest linear rank is the network's: a layer fused from several modules (Flux's
-    q/k/v) may hold their adapters side by side."""
+    Each layer's own rank and alpha go in `ranks` (a file resized per layer has several); the
+    smallest linear rank is the default: a layer fused from several modules (Flux's q/k/v)
+    may hold their adapters side by side."""
     from trainers.lora_network import LoraSpec
     rank = alpha = conv_rank = conv_alpha = None
+    ranks = {}
     for key, tensor in state.items():
         if not key.endswith(".lora_down.weight"):
             continue
         base = key[: -len(".lora_down.weight")]
         value = state.get(f"{base}.alpha")
         value = float(value.float().reshape(())) if value is not None else float(tensor.shape[0])
+        ranks[base] = (int(tensor.shape[0]), value)
         if tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1):
             conv_rank, conv_alpha = conv_rank or int(tensor.shape[0]), conv_alpha or value
         elif rank is None or tensor.shape[0] < rank:
@@ -134,4 +137,5 @@ def spec_from_state(state):
     return LoraSpec(rank=rank, alpha=alpha, conv_rank=conv_rank or 0,
                     conv_alpha=conv_alpha if conv_alpha is not None else 1.0,
                     train_unet=any(k.startswith("lora_unet_") for k in state),
-                    train_text_encoder=any(k.startswith("lora_te") for k in state))
+                    train_text_encoder=any(k.startswith("lora_te") for k in state),
+                    ranks=ranks)

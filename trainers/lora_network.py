@@ -60,6 +60,9 @@ class LoraSpec:
     # block kind -> kohya index list ("all", "none", "0,2,4-7"); the layout's kinds (Flux.1:
     # "double", "single"); an empty dict trains every block
     blocks: Mapping[str, str] = field(default_factory=dict)
+    # kohya name -> (rank, alpha) of a layer whose rank differs from the rest (a file resized
+    # per layer, as kohya's dynamic resize writes it)
+    ranks: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if int(self.rank) < 1:
@@ -232,13 +235,17 @@ class _Part:
         rank, alpha = int(spec.rank), _kohya_alpha(spec.alpha, spec.rank)
         conv_rank = int(spec.conv_rank)
         conv_alpha = _kohya_alpha(spec.conv_alpha, conv_rank) if conv_rank else 0.0
-        self.rank_alpha = {t.name: ((conv_rank, conv_alpha) if t.conv else (rank, alpha))
-                           for t in targets}
-        convs = [re.escape(t.path) for t in targets if t.conv]
+        own = {t.name: (int(r), _kohya_alpha(a, int(r))) for t in targets
+               if (found := spec.ranks.get(t.name)) is not None for r, a in [found]}
+        self.rank_alpha = {t.name: own.get(t.name) or ((conv_rank, conv_alpha) if t.conv
+                                                      else (rank, alpha)) for t in targets}
+        special = {re.escape(t.path): self.rank_alpha[t.name] for t in targets
+                   if t.conv or t.name in own}
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=float(spec.dropout), bias="none",
             init_lora_weights=True, target_modules=[t.path for t in targets],
-            rank_pattern={p: conv_rank for p in convs}, alpha_pattern={p: conv_alpha for p in convs})
+            rank_pattern={p: r for p, (r, _) in special.items()},
+            alpha_pattern={p: a for p, (_, a) in special.items()})
         try:
             inject_adapter_in_model(config, model, adapter_name=adapter_name)
         except BaseException:
