@@ -37,8 +37,9 @@ def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
     model = models.load_model(paths, name)
     assert model.family == family and model.is_demo
     assert type(model.text_encoder).__name__ == {"zimage": "Qwen3Model",
-                                                 "chroma": "T5EncoderModel"}.get(family,
-                                                                                 "CLIPTextModel")
+                                                 "chroma": "T5EncoderModel",
+                                                 "flux2_klein": "Qwen3ForCausalLM"}.get(
+                                                     family, "CLIPTextModel")
     if family == "sdxl":
         assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
         assert model.tokenizer_2.pad_token_id == 0  # OpenCLIP pads with "!"
@@ -58,12 +59,17 @@ def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
         assert type(model.unet).__name__ == "ChromaTransformer2DModel"
         assert type(model.tokenizer).__name__.startswith("T5Tokenizer")
         assert model.text_encoder_2 is None and model.vae.config.shift_factor
+    elif family == "flux2_klein":
+        assert type(model.unet).__name__ == "Flux2Transformer2DModel"
+        assert type(model.vae).__name__ == "AutoencoderKLFlux2"
+        assert model.text_encoder_2 is None and model.vae.config.latent_channels == 32
+        assert model.tokenizer.pad_token == "<|endoftext|>"
     else:
         assert model.text_encoder_2 is None and model.tokenizer_2 is None
     expected = "v_prediction" if family == "sd2" else "epsilon"
-    if family not in ("flux1", "zimage", "chroma"):  # flow matching: the scheduler has no prediction type
+    if family not in ("flux1", "zimage", "chroma", "flux2_klein"):  # flow matching: the scheduler has no prediction type
         assert model.prediction_type == expected
-    if family not in ("zimage", "chroma"):
+    if family not in ("zimage", "chroma", "flux2_klein"):
         assert model.tokenizer.pad_token_id == (0 if family == "sd2" else 49407)
     assert all(not p.requires_grad for m in (model.unet, *model.text_encoders)
                for p in m.parameters())
@@ -112,7 +118,7 @@ def test_unet_only_and_ckpt_files_are_detected(tmp_path):
 
 def test_unknown_files_and_folders_are_refused_by_name(tmp_path):
     safetensors.torch.save_file({"something.else": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image or Chroma"):
+    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma or Flux.2 Klein"):
         families.file_family(tmp_path / "odd.safetensors")
     paths = Paths(tmp_path / "data").ensure()
     (tmp_path / "odd.safetensors").rename(paths.stable_diffusion / "odd.safetensors")
@@ -289,7 +295,7 @@ def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not
         assert context.shape[-1] == model.text_encoder.config.hidden_size
         assert type(_pipeline(model, model.unet, None)).__name__ == "StableDiffusionPipeline"
         with pytest.raises(ConfigError, match="tiny-demo-toy is a Toy 1.x model; LoRA trains "
-                                              "SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma models"):
+                                              "SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma, Flux.2 Klein models"):
             preflight.check_before_queueing(LoraConfig(model="tiny-demo-toy"), paths)
         # the engine trains it through its adapter (a method that listed it would queue it)
         from tests.conftest import RecordingContext, kohya_photos

@@ -35,7 +35,8 @@ def test_listing_offers_files_folders_and_the_demo(tmp_path):
     (paths.stable_diffusion / "empty-folder").mkdir()
     assert models.list_models(paths) == ["a.ckpt", "b.safetensors", "folder", "tiny-demo",
                                         "tiny-demo-sd2", "tiny-demo-sdxl", "tiny-demo-flux",
-                                        "tiny-demo-zimage", "tiny-demo-chroma"]
+                                        "tiny-demo-zimage", "tiny-demo-chroma",
+                                        "tiny-demo-flux2"]
 
 
 def test_single_safetensors_loads_offline_with_the_config_skeleton(single_file):

@@ -134,7 +134,7 @@ for _method in (
     Method("lora", "LoRA", configs.LoraConfig, "trainers.methods.lora:run",
            suffixes=(".safetensors", ".pt", ".ckpt"), strength=True, parallel=True,
            apply=_APPLY + "lora", help="kohya's LoRA / LoCon",
-           families=SD_FAMILIES + ("flux1", "zimage", "chroma")),
+           families=SD_FAMILIES + ("flux1", "zimage", "chroma", "flux2_klein")),
     Method("dreambooth", "DreamBooth", configs.DreamBoothConfig, "trainers.methods.dreambooth:run",
            final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
            checkpoint_kind="model", parallel=True, apply=_APPLY + "whole_model",

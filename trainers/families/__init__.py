@@ -281,4 +281,4 @@ def demo_of(name: str) -> Demo | None:
 
 
 # The families, one module each (registered on import, in this order).
-from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl, flux as _flux, zimage as _zimage, chroma as _chroma  # noqa: E402,F401,E501
+from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl, flux as _flux, zimage as _zimage, chroma as _chroma, flux2 as _flux2  # noqa: E402,F401,E501
