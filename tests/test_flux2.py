@@ -29,18 +29,6 @@ def pictures(tmp_path):
     return kohya_photos(tmp_path / "train")
 
 
-@pytest.fixture
-def wired(family_paths):
-    """The paths, with the cached demo model's VAE seen as the transformer sees it.
-
-    models.load_model does not yet give a family a training view of its VAE, so the test puts
-    trainers.flux2_model.flux2_vae on the cached model, where the runs load it from."""
-    from trainers.flux2_model import flux2_vae
-    model = load_model(family_paths, FLUX2)
-    model.vae = flux2_vae(model.vae)
-    return family_paths
-
-
 def lora_config(folder, model=FLUX2, **changes):
     base = dict(model=model, output_name="klein", train_data_dir=str(folder), resolution=64,
                 min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, network_dim=4,
@@ -141,10 +129,10 @@ def test_flux2_prediction_is_the_velocity_the_pipeline_integrates(family_paths):
                          torch.float32)
 
 
-def test_flux2_lora_trains_previews_and_saves_files_diffusers_loads(wired, pictures):
-    model = load_model(wired, FLUX2)
+def test_flux2_lora_trains_previews_and_saves_files_diffusers_loads(family_paths, pictures):
+    model = load_model(family_paths, FLUX2)
     digests = {n: module_digest(getattr(model, n)) for n in ("unet", "text_encoder", "vae")}
-    ctx = RecordingContext(wired)
+    ctx = RecordingContext(family_paths)
     path = run(lora_config(pictures, sample_every_n_steps=2, save_diffusers_format=True,
                            sample_prompts="zxq cat --w 64 --h 64 --s 2"), ctx)
     assert [p.step for p in ctx.of(Preview)] == [0, 2, 4]
@@ -162,7 +150,7 @@ def test_flux2_lora_trains_previews_and_saves_files_diffusers_loads(wired, pictu
     assert "modelspec.prediction_type" not in meta and meta["ss_steps"] == "4"
     assert {n: module_digest(getattr(model, n)) for n in digests} == digests
 
-    pipe = flux2_pipeline(wired.cache / FLUX2)
+    pipe = flux2_pipeline(family_paths.cache / FLUX2)
     base = image(pipe)
     network = with_network(pipe, path)
     ours = image(pipe)
@@ -179,11 +167,11 @@ def test_flux2_lora_trains_previews_and_saves_files_diffusers_loads(wired, pictu
     assert np.allclose(image(pipe), ours, atol=1e-5)
 
 
-def test_flux2_lora_resumes_exactly(wired, pictures):
+def test_flux2_lora_resumes_exactly(family_paths, pictures):
     cfg = lora_config(pictures, output_name="resumed", max_train_steps=5,
                       lr_scheduler="cosine", train_batch_size=1)
-    repeat_with_interruption(run, cfg, wired, load=lambda p: load_lora(p)[0],
-                             reset=lambda: (wired.lora / "resumed.safetensors").unlink())
+    repeat_with_interruption(run, cfg, family_paths, load=lambda p: load_lora(p)[0],
+                             reset=lambda: (family_paths.lora / "resumed.safetensors").unlink())
 
 
 def test_flux2_runs_refuse_what_does_not_apply(family_paths, pictures):

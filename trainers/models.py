@@ -359,13 +359,18 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
     scheduler_config = overridden(scheduler_config, marked)
     model = BaseModel(name=name, source=str(location), tokenizer=pipe.tokenizer,
                       text_encoder=pipe.text_encoder,
-                      unet=getattr(pipe, families.get(family).denoiser), vae=pipe.vae,
+                      unet=getattr(pipe, families.get(family).denoiser),
+                      vae=_training_vae(families.get(family), pipe.vae),
                       scheduler_config=scheduler_config, short_hash=short_hash,
                       is_demo=kind == "demo", family=family,
                       tokenizer_2=getattr(pipe, "tokenizer_2", None),
                       text_encoder_2=getattr(pipe, "text_encoder_2", None))
     model.freeze()
     return model
+
+
+def _training_vae(spec, vae):
+    return spec.hook("training_vae")(vae) if spec.training_vae else vae
 
 
 def _pretrained(family: str, location, **kwargs):

@@ -66,6 +66,9 @@ class Family:
     predict: str = "trainers.step:unet_prediction"
     denoiser: str = "unet"  # the pipeline component that denoises: "unet" | "transformer"
     lora_layout: str = "trainers.lora_network:UNET_LAYOUT"  # its LoRA targets and file names
+    # "module:function" (vae) -> the VAE as training sees its latents, when the denoiser's
+    # latent space is not the VAE's own (Flux.2: patched 2x2 and batch-normalised)
+    training_vae: str | None = None
     # "module:function" (model) -> LoRA metadata keys set (or, None, dropped) over the SD ones
     lora_metadata: str | None = None
     single_file: bool = True  # Danlu loads its original-layout single files (a config skeleton)

@@ -38,6 +38,7 @@ FAMILY = register(Family(
     prompt_encoder="trainers.flux2_model:flux2_prompt_encoder",
     preview_pipeline="trainers.flux2_model:flux2_pipeline",
     predict="trainers.flux2_model:flux2_prediction", denoiser="transformer",
+    training_vae="trainers.flux2_model:flux2_vae",
     lora_layout="trainers.flux2_lora:FLUX2_LAYOUT", lora_metadata="trainers.flux2_lora:metadata",
     demo=Demo("tiny-demo-flux2", "built-in Flux.2 Klein demo, random weights",
               "trainers.flux2_model:build_flux2_components", SCHEDULER, INDEX,
