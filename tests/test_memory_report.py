@@ -61,3 +61,42 @@ def test_the_cli_prints_the_report_and_other_methods_are_refused(data_paths, tmp
     assert not (data_paths.lora / "x.safetensors").exists()
     with pytest.raises(ValueError, match="memory report: measured for lora, dreambooth"):
         measure("textual_inversion", None, data_paths)
+
+
+SETTINGS = [dict(), dict(mixed_precision="bf16"),
+            dict(mixed_precision="bf16", gradient_checkpointing=True),
+            dict(mixed_precision="bf16", network_train_unet_only=True,
+                 cache_text_encoder_outputs=True)]
+
+
+def _within(report) -> float:
+    return abs(report["estimate"]["total"] - report["measured"]["total"]) / \
+        report["measured"]["total"]
+
+
+@pytest.mark.parametrize("resolution", [64, 256])
+def test_the_estimate_is_within_15_percent_of_the_measurement_on_the_demo(data_paths, tmp_path,
+                                                                          resolution):
+    from bench.fixtures import make_dataset
+    folder = make_dataset(tmp_path / "photos", resolution)["kohya"]
+    for settings in SETTINGS:
+        report = measure("lora", lora_config(folder, resolution=resolution,
+                                             min_bucket_reso=resolution,
+                                             max_bucket_reso=2 * resolution, network_dim=16,
+                                             network_alpha=8.0, **settings), data_paths)
+        assert _within(report) < 0.15, (settings, report["measured"], report["estimate"])
+
+
+def test_the_estimate_is_within_15_percent_of_the_measurement_on_sd15(data_paths, tmp_path):
+    """The SD1.5-shaped random model (bench.fixtures, ~4 GB, built once and cached outside
+    the repo), one LoRA r16 step at 256 px per setting."""
+    from bench.fixtures import build_model, make_dataset
+    model = str(build_model("sd15"))
+    folder = make_dataset(tmp_path / "photos", 256)["kohya"]
+    for settings in SETTINGS:
+        report = measure("lora", lora_config(folder, model=model, resolution=256,
+                                             min_bucket_reso=256, max_bucket_reso=512,
+                                             bucket_reso_steps=64,
+                                             network_dim=16, network_alpha=8.0, **settings),
+                         data_paths)
+        assert _within(report) < 0.15, (settings, report["measured"], report["estimate"])

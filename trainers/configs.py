@@ -56,9 +56,11 @@ class NamesFiles:
             raise ConfigError(problems)
         self.check_data(paths)
 
-    def trainable_parameters(self, unet: float, text: float) -> float:
+    def trainable_parameters(self, unet: float, text: float,
+                             lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
         """About how many parameters it trains on a model with this many U-Net and text
-        encoder parameters (the memory estimate); an embedding's few by default."""
+        encoder parameters (and a LoRA this many per rank: denoiser, text encoders; the
+        memory estimate); an embedding's few by default."""
         return 75 * 1024
 
     def frozen_dtype(self) -> str:
@@ -371,7 +373,8 @@ class HypernetworkTrainingConfig(TemplateTrainingConfig):
         from trainers import preflight
         return super().file_problems(paths) + preflight.hypernetwork_problems(paths, self.hypernetwork)
 
-    def trainable_parameters(self, unet: float, text: float) -> float:
+    def trainable_parameters(self, unet: float, text: float,
+                             lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
         return 4 * 768 * 768 * 2 * 4 * unet / SD1_UNET_PARAMETERS
 
 
@@ -669,10 +672,11 @@ class LoraConfig(KohyaTrainingConfig):
             return "fp8"
         return self.mixed_precision if self.mixed_precision in ("bf16", "fp16") else "fp32"
 
-    def trainable_parameters(self, unet: float, text: float) -> float:
-        per_rank = 0.6e6 * unet / SD1_UNET_PARAMETERS
-        return per_rank * self.network_dim * (0.8 if self.network_train_unet_only else 1.0) + \
-            per_rank * self.conv_dim * 0.5
+    def trainable_parameters(self, unet: float, text: float,
+                             lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
+        denoiser, text_part = lora_per_rank
+        linear = denoiser + (0 if self.network_train_unet_only else text_part)
+        return linear * self.network_dim + 0.5 * denoiser * self.conv_dim  # LoCon: a rough half
 
 
 @dataclass
@@ -698,7 +702,8 @@ class FullModelConfig(KohyaTrainingConfig):
     save_diffusers: bool = option(False, "Also save a diffusers folder beside the file.",
                                   label="Also save diffusers folder")
 
-    def trainable_parameters(self, unet: float, text: float) -> float:
+    def trainable_parameters(self, unet: float, text: float,
+                             lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
         return unet + (text if self.train_text_encoder else 0)
 
 

@@ -1,5 +1,8 @@
-"""A rough peak-memory estimate for a job's settings, shown before a run starts so users on
-8–12 GB cards can choose options. Torch-free; the numbers are estimates, not measurements."""
+"""A peak-memory estimate for a job's settings, shown before a run starts so users on 8–12 GB
+cards can choose options. Torch-free. Weights, gradients and optimizer state follow from the
+parameter counts; a LoRA's trained parameters and the activations kept for backward come from
+the family's `Memory`, measured with `--memory-report` (trainers/memory_report.py) — for SD 1.x
+and its demo; other families scale SD 1.x's by their denoiser's size until measured."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,9 +15,10 @@ MB = 1024 ** 2
 OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "PagedAdamW": 8,
                    "PagedAdamW32bit": 8, "Lion": 4, "Lion8bit": 1, "PagedLion8bit": 1,
                    "Prodigy": 16, "Adafactor": 1, "SGDNesterov": 4, "SGDNesterov8bit": 1}
-# activation memory for one 256 px image through an SD1 U-Net with backward, fp32 (measured
-# order of magnitude on the CPU); it grows with pixels and batch
-ACTIVATIONS_256 = 0.9 * GB
+# what mixed precision and gradient checkpointing leave of the fp32 activations (measured on the
+# SD1.5-shaped model and the demo: 0.52-0.57 and 0.22-0.27)
+HALF_ACTIVATIONS = 0.54
+CHECKPOINTED_ACTIVATIONS = 0.25
 
 
 @dataclass
@@ -55,27 +59,50 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     model is known by name; unknown means SD1."""
     from trainers import families
     demo = families.demo_of(getattr(cfg, "model", ""))
-    unet, text, vae = demo.params if demo else families.get(family or "sd1").params
+    record = demo or families.get(family or "sd1")
+    unet, text, vae = record.params
+    memory = record.memory or _scaled(unet)
     frozen = cfg.frozen_dtype()
     half = 2 if frozen in ("bf16", "fp16", "fp8") else 4
     # fp8: the denoiser's Linear / conv weights (nearly all of it) in 1 byte, the rest in bf16
     weights = unet * (1 if frozen == "fp8" else half) + text * half \
         + vae * (2 if frozen in ("bf16", "fp8") else 4)
-    trainable = cfg.trainable_parameters(unet, text)
+    trainable = cfg.trainable_parameters(unet, text, memory.lora_per_rank)
     optimizer = OPTIMIZER_BYTES.get(getattr(cfg, "optimizer_type", "AdamW"), 8)
     resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))
     batch = getattr(cfg, "train_batch_size", None) or getattr(cfg, "batch_size", 1)
-    scale = unet / SD1_UNET_PARAMETERS
-    activations = ACTIVATIONS_256 * scale * batch * (resolution / 256) ** 2
-    if getattr(cfg, "gradient_checkpointing", False):
-        activations *= 0.35
+    denoiser, text_part = memory.activations_256
+    activations = batch * (denoiser * (resolution / 256) ** 2
+                           + (text_part if _text_in_backward(cfg) else 0))
     if getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16"):
-        activations *= 0.55
+        activations *= HALF_ACTIVATIONS
+    if getattr(cfg, "gradient_checkpointing", False):
+        activations *= CHECKPOINTED_ACTIVATIONS
     parts = {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * optimizer,
              "activations": activations}
     if getattr(cfg, "use_ema", False):
         parts["EMA"] = unet * 4
     return Estimate(parts)
+
+
+def _scaled(unet: float):
+    """SD 1.x's measured costs scaled to a denoiser of `unet` parameters."""
+    from trainers import families
+    sd1 = families.get("sd1").memory
+    scale = unet / SD1_UNET_PARAMETERS
+    return families.Memory(lora_per_rank=(sd1.lora_per_rank[0] * scale, sd1.lora_per_rank[1]),
+                           activations_256=(sd1.activations_256[0] * scale,
+                                            sd1.activations_256[1]))
+
+
+def _text_in_backward(cfg) -> bool:
+    """Whether the text encoder's activations are kept for backward (it trains, or an
+    embedding trains through it)."""
+    if hasattr(cfg, "network_train_unet_only"):
+        return not cfg.network_train_unet_only
+    if hasattr(cfg, "train_text_encoder"):
+        return bool(cfg.train_text_encoder)
+    return hasattr(cfg, "embedding")
 
 
 def estimate_for(cfg, paths) -> Estimate:

@@ -20,6 +20,15 @@ class FamilyError(ValueError):
 
 
 @dataclass(frozen=True)
+class Memory:
+    """What a LoRA step costs on a model, measured with `python3 -m trainers lora --config
+    run.toml --memory-report` (trainers/memory_report.py) and used by the estimate."""
+    lora_per_rank: tuple[float, float]  # trained parameters per rank: denoiser, text encoder(s)
+    activations_256: tuple[float, float]  # bytes kept for backward, fp32, one 256 px image:
+    # the denoiser's (grows with pixels), the text encoder's when it trains
+
+
+@dataclass(frozen=True)
 class Demo:
     """A family's built-in demo model: tiny random weights in the family's real folder layout
     (trainers/tiny_model.py builds it), so every tab works on a CPU with no download."""
@@ -31,6 +40,7 @@ class Demo:
     params: tuple[float, float, float]  # U-Net, text encoder(s), VAE parameters
     hypernetwork_sizes: tuple[int, ...]  # context width, then self-attention widths
     parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "text_encoder_2")  # folder names
+    memory: Memory | None = None  # measured; None: scaled from SD 1.x's by size
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class Family:
     # "module:function" (model) -> LoRA metadata keys set (or, None, dropped) over the SD ones
     lora_metadata: str | None = None
     single_file: bool = True  # Danlu loads its original-layout single files (a config skeleton)
+    memory: Memory | None = None  # measured step costs; None: scaled from SD 1.x's by size
     demo: Demo | None = None
 
     def objective(self, scheduler_config: dict, flow=None, noise=None):

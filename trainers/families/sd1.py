@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x: a U-Net on OpenAI's CLIP ViT-L/14 text encoder (768-wide context),
 predicting the noise."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 
 # the demo's scheduler (runwayml/stable-diffusion-v1-5's PNDM)
 SCHEDULER = {
@@ -17,6 +17,8 @@ def sd_index(scheduler: str) -> dict:
             "scheduler": ["diffusers", scheduler]}
 
 
+MB = 2 ** 20
+
 FAMILY = register(Family(
     name="sd1", label="SD 1.x", context_width=768, pipeline="StableDiffusionPipeline",
     text_activation="quick_gelu", text_key_prefix="cond_stage_model.transformer.",
@@ -24,6 +26,10 @@ FAMILY = register(Family(
                           "token_embedding.weight",),
     checkpoint_layout="sd1", params=(859.5e6, 123.1e6, 83.7e6),
     hypernetwork_sizes=(768, 320, 640, 1280),
+    # measured on the SD1.5-shaped model (bench.fixtures) and the demo, LoRA r16 (BENCHMARKS.md)
+    memory=Memory(lora_per_rank=(423936, 165888), activations_256=(1341 * MB, 435 * MB)),
     demo=Demo("tiny-demo", "built-in SD 1.x demo, random weights",
               "trainers.tiny_model:build_components", SCHEDULER, sd_index("PNDMScheduler"),
-              params=(0.79e6, 1.6e6, 0.26e6), hypernetwork_sizes=(32, 64))))
+              params=(0.79e6, 1.6e6, 0.26e6), hypernetwork_sizes=(32, 64),
+              memory=Memory(lora_per_rank=(5376, 896),
+                            activations_256=(22.1 * MB, 0.5 * MB)))))
