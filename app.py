@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder with models/, embeddings/, outputs/ (an A1111 folder works)")
     parser.add_argument("--demo", action="store_true",
                         help="build the tiny demo model now instead of on first use")
+    parser.add_argument("--vram", metavar="CARD", default=None,
+                        help="the card the Train tab's 'Fit my GPU' starts on: '8 GB', "
+                             "'12 GB', '16 GB (Colab T4)', '24 GB' or 'detect'")
     return parser.parse_args(argv)
 
 
@@ -218,6 +221,11 @@ def start(args: argparse.Namespace):
     login = credentials(args)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(data_dir / ".cache" / "gradio"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.vram:
+        from trainers.vram_fit import CHOICES, DETECT
+        if args.vram not in (*CHOICES, DETECT):
+            sys.exit(f"error: --vram must be one of {', '.join([*CHOICES, DETECT])}")
+        os.environ["DANLU_VRAM"] = args.vram
     from core.malloc_tuning import prefer_huge_pages
     prefer_huge_pages()  # before torch loads, here and in the training worker
 

@@ -61,8 +61,10 @@ def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
         assert model.text_encoder_2 is None and model.vae.config.shift_factor
     elif family == "flux2_klein":
         assert type(model.unet).__name__ == "Flux2Transformer2DModel"
-        assert type(model.vae).__name__ == "AutoencoderKLFlux2"
-        assert model.text_encoder_2 is None and model.vae.config.latent_channels == 32
+        assert type(model.vae).__name__ == "Flux2Latents"  # the training view (Family.training_vae)
+        assert type(model.vae.vae).__name__ == "AutoencoderKLFlux2"
+        assert model.text_encoder_2 is None and model.vae.vae.config.latent_channels == 32
+        assert model.vae.config.latent_channels == 128  # patched 2x2
         assert model.tokenizer.pad_token == "<|endoftext|>"
     else:
         assert model.text_encoder_2 is None and model.tokenizer_2 is None

@@ -228,7 +228,8 @@ def call(block_fn, values: list, event=None):
 
 
 ACCEPTED = ("Started job", "Queued job", "Created `")
-READ_ONLY = {"export_toml", "estimate_memory"}  # show a config, touch no file: types matter
+# show a config or an estimate, touch no file: types matter
+READ_ONLY = {"export_toml", "estimate_memory", "fit_my_gpu"}
 
 
 def handler_values(cls, field) -> tuple[list, list]:

@@ -2,6 +2,7 @@
 live view of the running job (status, loss plot, previews)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gradio as gr
@@ -10,6 +11,7 @@ from core.config import ConfigError, coerce, to_toml
 from core.jobs import Busy, JobRunner
 from core.paths import Paths
 from trainers.launch import process_choices
+from trainers import vram_fit
 from trainers.preflight import check_before_queueing
 from webui import choices as ch
 from webui import live
@@ -106,11 +108,18 @@ def _job_column(page: _Page, picker, runner: JobRunner) -> None:
     with gr.Row():
         for form in page.forms:
             with gr.Row(visible=form is page.forms[0]) as row:
-                page.buttons.append(FormButtons(
+                buttons = FormButtons(
                     row, gr.Button("Train", variant="primary", elem_id="train-start"),
                     gr.Button("Add to queue", elem_id="train-enqueue"),
                     gr.Button("Export config", elem_id="train-export"),
-                    gr.Button("Estimate memory", elem_id="train-memory")))
+                    gr.Button("Estimate memory", elem_id="train-memory"))
+                if "gradient_checkpointing" in form.names:
+                    buttons.vram = gr.Dropdown(
+                        [*vram_fit.CHOICES, vram_fit.DETECT], value=default_vram(),
+                        label="Card", elem_id="train-vram", scale=0, min_width=160,
+                        info="Fit my GPU sets the memory options to the cheapest that fit")
+                    buttons.fit = gr.Button("Fit my GPU", elem_id="train-fit")
+                page.buttons.append(buttons)
         page.interrupt = gr.Button("Interrupt", variant="stop", elem_id="train-interrupt")
     page.processes = gr.Dropdown(
         picker[1] if picker else [1], value=1, label=picker[0] if picker else "GPUs",
@@ -283,6 +292,8 @@ class FormButtons:
     enqueue: gr.Button
     export: gr.Button
     memory: gr.Button
+    vram: gr.Dropdown | None = None  # "Fit my GPU", for the forms with memory options
+    fit: gr.Button | None = None
 
 
 def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _Handlers,
@@ -318,6 +329,24 @@ def _wire_form(form: MethodForm, buttons: FormButtons, page: _Page, handlers: _H
     buttons.enqueue.click(add_to_queue, [processes] + inputs, message, **quiet)
     buttons.export.click(export_toml, inputs, [message, page.exported])
     buttons.memory.click(estimate_memory, inputs, message)
+    if buttons.fit is not None:
+        def fit_my_gpu(choice, *values):
+            skip = [gr.skip()] * len(inputs)
+            try:
+                cfg = to_config(form.config, form.names, values)
+                fitted, said = vram_fit.fit(cfg, paths, vram_fit.card_for(choice))
+            except (ConfigError, vram_fit.FitError) as error:
+                return [*skip, error_text(error)]
+            return [gr.update(value=getattr(fitted, name))
+                    if getattr(fitted, name) != getattr(cfg, name) else gr.skip()
+                    for name in form.names] + [said]
+        buttons.fit.click(fit_my_gpu, [buttons.vram] + inputs, inputs + [message])
+
+
+def default_vram() -> str:
+    """The card the picker starts on: app.py's --vram (the Colab notebook's T4), else 8 GB."""
+    chosen = os.environ.get("DANLU_VRAM", "")
+    return chosen if chosen in (*vram_fit.CHOICES, vram_fit.DETECT) else "8 GB"
 
 
 def _follow_model(form: MethodForm, note) -> None:

@@ -230,6 +230,8 @@ def guess_family(paths, name: str) -> str | None:
         return demo_families()[name]
     candidate = Path(paths.stable_diffusion) / name
     try:
+        if getattr(paths, "confine", False):  # a shared app reads nothing outside its folder
+            candidate = paths.resolve(candidate, "model")
         if candidate.is_dir():
             return folder_family(candidate)
         if candidate.is_file() and candidate.suffix.lower() == ".safetensors":
