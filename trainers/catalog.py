@@ -133,7 +133,7 @@ for _method in (
            help="A1111's hypernetwork"),
     Method("lora", "LoRA", configs.LoraConfig, "trainers.methods.lora:run",
            suffixes=(".safetensors", ".pt", ".ckpt"), strength=True, parallel=True,
-           apply=_APPLY + "lora", help="kohya's LoRA / LoCon",
+           apply=_APPLY + "lora", help="kohya's LoRA / LoCon, LyCORIS LoHa / LoKr",
            families=SD_FAMILIES + ("flux1", "zimage", "chroma", "flux2_klein")),
     Method("dreambooth", "DreamBooth", configs.DreamBoothConfig, "trainers.methods.dreambooth:run",
            final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
