@@ -317,7 +317,28 @@ class _Part:
         self.layers = {}
 
 
-class LoraNetwork:
+class AdaptedParts:
+    """What a network injected into the U-Net / denoiser and text encoders trains, read from
+    its `_parts` (part name -> an object with `targets` and `parameters()`)."""
+    _parts: dict
+
+    @property
+    def targets(self) -> list[LoraTarget]:
+        return [t for part in self._parts.values() for t in part.targets]
+
+    def unet_parameters(self) -> list[nn.Parameter]:
+        part = self._parts.get("unet")
+        return part.parameters() if part else []
+
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for name in ("text_encoder", "text_encoder_2") if name in self._parts
+                for p in self._parts[name].parameters()]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.unet_parameters() + self.text_encoder_parameters()
+
+
+class LoraNetwork(AdaptedParts):
     """kohya-compatible LoRA injected (through peft) into a U-Net and a CLIP text encoder.
 
     The base modules stay in place inside peft wrappers; their weights are never changed.
@@ -356,21 +377,7 @@ class LoraNetwork:
             self.remove()
             raise
 
-    # ---- what is trained -------------------------------------------------------------
-    @property
-    def targets(self) -> list[LoraTarget]:
-        return [t for part in self._parts.values() for t in part.targets]
-
-    def unet_parameters(self) -> list[nn.Parameter]:
-        part = self._parts.get("unet")
-        return part.parameters() if part else []
-
-    def text_encoder_parameters(self) -> list[nn.Parameter]:
-        return [p for name in ("text_encoder", "text_encoder_2") if name in self._parts
-                for p in self._parts[name].parameters()]
-
-    def parameters(self) -> list[nn.Parameter]:
-        return self.unet_parameters() + self.text_encoder_parameters()
+    # ---- what is trained: AdaptedParts ----------------------------------------------
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
         for part in self._parts.values():

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from trainers.formats.lycoris import ALGOS, algo_of
-from trainers.lora_network import (DIFFERENT_CONFIG, UNET_LAYOUT, LoraSpec, LoraStateError,
+from trainers.lora_network import (DIFFERENT_CONFIG, UNET_LAYOUT, AdaptedParts, LoraSpec,
+                                   LoraStateError,
                                    LoraTarget, UnetLayout, _kohya_alpha, _parent_and_attr,
                                    _peft_layer_class, _some, find_targets)
 
@@ -134,7 +135,7 @@ class _LycorisPart:
         self.layers = {}
 
 
-class LycorisNetwork:
+class LycorisNetwork(AdaptedParts):
     """LoHa / LoKr (peft) on the modules kohya's LoRA adapts, with LoraNetwork's interface;
     `kohya_state_dict` gives LyCORIS's keys. The base weights are never changed; `remove()`
     puts the original modules back."""
@@ -170,20 +171,6 @@ class LycorisNetwork:
             self.remove()
             raise
 
-    @property
-    def targets(self) -> list[LoraTarget]:
-        return [t for part in self._parts.values() for t in part.targets]
-
-    def unet_parameters(self) -> list[nn.Parameter]:
-        part = self._parts.get("unet")
-        return part.parameters() if part else []
-
-    def text_encoder_parameters(self) -> list[nn.Parameter]:
-        return [p for name in ("text_encoder", "text_encoder_2") if name in self._parts
-                for p in self._parts[name].parameters()]
-
-    def parameters(self) -> list[nn.Parameter]:
-        return self.unet_parameters() + self.text_encoder_parameters()
 
     def layer(self, name: str) -> nn.Module:
         """The peft layer adapting kohya module `name`."""
