@@ -179,22 +179,42 @@ def rates(cfg: KohyaTrainingConfig, base_lrs: list[float], steps: int):
                           reference_lr=cfg.learning_rate)
 
 
-def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
-    """captions -> context; frozen text encoders run without grad, optionally memoized."""
+def text_outputs_cached(cfg: KohyaTrainingConfig, trains_text_encoder: bool) -> bool:
+    """Whether each caption is encoded once (a frozen text encoder and fixed captions; a
+    token trained by pivotal tuning goes through the encoder at every step)."""
+    varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate
+    return bool(cfg.cache_text_encoder_outputs and not varying and not trains_text_encoder
+                and not getattr(cfg, "pivotal_tuning", False))
+
+
+def offloader(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
+    """What leaves the device during the steps (trainers/offload.py): the VAE (latents are
+    always cached), the text encoders when their outputs are."""
+    from trainers.offload import Offloader, leaving_device
+    return Offloader(model, leaving_device(
+        latents_cached=True, trains_text_encoder=trains_text_encoder,
+        text_outputs_cached=text_outputs_cached(cfg, trains_text_encoder)))
+
+
+def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool,
+                visit=contextlib.nullcontext):
+    """captions -> context; frozen text encoders run without grad, optionally memoized.
+    `visit()` brings offloaded text encoders back for a caption the memo has not seen."""
     encoder = prompt_encoder(model, clip_skip=cfg.clip_skip, max_tokens=cfg.max_token_length,
                              chunking="kohya")
     if trains_text_encoder:
         return encoder, encoder.encode
-    varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate
+    cached = text_outputs_cached(cfg, trains_text_encoder)
     memo: dict[str, object] = {}
 
     def encode(texts: list[str]):
         with torch.no_grad():
-            if not cfg.cache_text_encoder_outputs or varying:
+            if not cached:
                 return encoder.encode(texts)
             missing = [t for t in dict.fromkeys(texts) if t not in memo]
             if missing:
-                encoded = encoder.encode(missing)
+                with visit():
+                    encoded = encoder.encode(missing)
                 rows = encoded.rows() if isinstance(encoded, PooledCondition) else encoded
                 for text, row in zip(missing, rows):
                     memo[text] = row

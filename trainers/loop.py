@@ -99,6 +99,7 @@ class TrainingPlan:
     x0_loss: Callable[[Batch], Callable | None] | None = None  # a batch's loss on predicted x0
     state_tensors: Callable[[], list[torch.Tensor]] | None = None  # more that training changes
     # besides the trainable weights (an EMA), kept with them for a nan/inf stop
+    offload: object = None  # an Offloader (trainers/offload.py): frozen parts off the device
 
 
 # optimizer state entries shaped like their parameter (torch's and bitsandbytes' names); others,
@@ -244,7 +245,7 @@ class _Training:
 
         stopped = False
         self.unet.train()
-        with plan.unet_context():
+        with plan.unet_context(), self._offloaded():
             if self.main and opts.preview_at_start and opts.preview_every and self.step == 0:
                 preview(self.model, plan, self.unet, self.folder, 0, [], ctx)
             while self.step < opts.steps:
@@ -313,6 +314,29 @@ class _Training:
             raise TrainingError(f"steps: the file is already at step {start}, and training ends "
                                 f"at step {opts.steps} or where the learning-rate schedule ends; "
                                 "raise max steps or extend the schedule to train further")
+
+    @contextlib.contextmanager
+    def _offloaded(self):
+        """The plan's frozen parts off the device during the steps; with text outputs cached,
+        the captions of one epoch from here are encoded first (as the steps would encode them),
+        so the text encoders can leave too."""
+        offload = self.plan.offload
+        if offload is None:
+            yield
+            return
+        if offload.text_cached:
+            first = self.step * self.opts.accumulation
+            for micro in range(first, first + self.per_epoch):
+                with self.autocast, torch.no_grad():
+                    self.plan.encode(self._texts(micro))
+        with offload.parked():
+            yield
+
+    def _texts(self, micro: int) -> list[str]:
+        texts = self.data.batch(micro).texts
+        if self.parallel is not None:
+            texts = texts[self.parallel.shard(len(texts)).rows]
+        return texts
 
     # ------------------------------------------------------------------ one step
     def _micro_loss(self, micro: int) -> tuple[torch.Tensor, list[str]]:
@@ -504,8 +528,9 @@ def _prune(folder: Path, plan: TrainingPlan, keep: int) -> None:
 
 
 def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: list[str], ctx):
+    visiting = plan.offload.visiting if plan.offload is not None else contextlib.nullcontext
     for index, settings in enumerate(plan.previews(step, texts)):
-        with plan.preview_context():
+        with plan.preview_context(), visiting():
             image, seed = render(model, plan.prompt_encoder, settings, unet=unet)
         crash_points.reached("preview")
         suffix = f"-{index}" if index else ""

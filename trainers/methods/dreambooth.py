@@ -146,7 +146,8 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
             payload, _ = load_optim(path, _metadata(path).get("danlu.save_id", ""))
             if payload and "ema" in payload.get("danlu", {}):
                 ema.load_state_dict(payload["danlu"]["ema"])
-    encoder, encode = kt.encoder_for(cfg, model, cfg.train_text_encoder)
+    offload = kt.offloader(cfg, model, cfg.train_text_encoder)
+    encoder, encode = kt.encoder_for(cfg, model, cfg.train_text_encoder, visit=offload.visiting)
     save_id = {"value": ""}
 
     def save(target: Path, step: int) -> None:
@@ -176,7 +177,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         save=save, checksum=checksum, final_path=path, copies_folder=catalog.get(method).copies_folder,
         previews=kt.previews(cfg, path.stem), start_step=start,
         unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
-        resume_optimizer=not cfg.overwrite,
+        resume_optimizer=not cfg.overwrite, offload=offload,
         after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
         state_tensors=lambda: list(ema.shadow_params) if ema is not None else [],
         sidecar_extra=lambda: sidecar(cfg, model, ema))

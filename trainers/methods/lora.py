@@ -80,7 +80,8 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
     if trains_te:
         groups.append({"params": network.text_encoder_parameters(), "lr": te_lr})
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
-    encoder, encode = kt.encoder_for(cfg, model, trains_te)
+    offload = kt.offloader(cfg, model, trains_te)
+    encoder, encode = kt.encoder_for(cfg, model, trains_te, visit=offload.visiting)
     started = time.time()
     per_epoch = kt.steps_per_epoch(cfg, batches)
     metadata = lora_metadata(LoraTrainingInfo(
@@ -144,7 +145,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         encode=encode, prompt_encoder=encoder, save=save, checksum=lambda: _checksum(path),
         final_path=path, copies_folder=catalog.get("lora").copies_folder, previews=kt.previews(cfg, path.stem),
         start_step=start, unet_context=lambda: kt.memory_options(cfg, model, trains_te),
-        preview_context=preview_strength, resume_optimizer=not cfg.overwrite,
+        preview_context=preview_strength, resume_optimizer=not cfg.overwrite, offload=offload,
         sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32)})
     opts = kt.loop_options(cfg, model, batches, steps, {"method": "lora", "output": str(path)})
     return train(model, batches, plan, opts, ctx)
