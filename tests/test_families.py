@@ -38,7 +38,9 @@ def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
     assert model.family == family and model.is_demo
     assert type(model.text_encoder).__name__ == {"zimage": "Qwen3Model",
                                                  "chroma": "T5EncoderModel",
-                                                 "flux2_klein": "Qwen3ForCausalLM"}.get(
+                                                 "flux2_klein": "Qwen3ForCausalLM",
+                                                 "qwen_image": "Qwen2_5_VLForConditionalGeneration",
+                                                 }.get(
                                                      family, "CLIPTextModel")
     if family == "sdxl":
         assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -66,12 +68,18 @@ def test_tiny_models_load_in_their_family_pipeline(paths, name, family):
         assert model.text_encoder_2 is None and model.vae.vae.config.latent_channels == 32
         assert model.vae.config.latent_channels == 128  # patched 2x2
         assert model.tokenizer.pad_token == "<|endoftext|>"
+    elif family == "qwen_image":
+        assert type(model.unet).__name__ == "QwenImageTransformer2DModel"
+        assert type(model.vae).__name__ == "QwenImageLatents"  # the training view
+        assert type(model.vae.vae).__name__ == "AutoencoderKLQwenImage"
+        assert model.text_encoder_2 is None and model.vae.config.latent_channels == 16
+        assert model.tokenizer.pad_token == "<|endoftext|>"
     else:
         assert model.text_encoder_2 is None and model.tokenizer_2 is None
     expected = "v_prediction" if family == "sd2" else "epsilon"
-    if family not in ("flux1", "zimage", "chroma", "flux2_klein"):  # flow matching: the scheduler has no prediction type
+    if family not in ("flux1", "zimage", "chroma", "flux2_klein", "qwen_image"):  # flow matching: the scheduler has no prediction type
         assert model.prediction_type == expected
-    if family not in ("zimage", "chroma", "flux2_klein"):
+    if family not in ("zimage", "chroma", "flux2_klein", "qwen_image"):
         assert model.tokenizer.pad_token_id == (0 if family == "sd2" else 49407)
     assert all(not p.requires_grad for m in (model.unet, *model.text_encoders)
                for p in m.parameters())
@@ -120,7 +128,7 @@ def test_unet_only_and_ckpt_files_are_detected(tmp_path):
 
 def test_unknown_files_and_folders_are_refused_by_name(tmp_path):
     safetensors.torch.save_file({"something.else": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma or Flux.2 Klein"):
+    with pytest.raises(families.FamilyError, match="odd.safetensors.*SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma, Flux.2 Klein or Qwen-Image"):
         families.file_family(tmp_path / "odd.safetensors")
     paths = Paths(tmp_path / "data").ensure()
     (tmp_path / "odd.safetensors").rename(paths.stable_diffusion / "odd.safetensors")
@@ -297,7 +305,7 @@ def test_a_family_with_a_demo_is_offered_loaded_and_refused_by_methods_it_is_not
         assert context.shape[-1] == model.text_encoder.config.hidden_size
         assert type(_pipeline(model, model.unet, None)).__name__ == "StableDiffusionPipeline"
         with pytest.raises(ConfigError, match="tiny-demo-toy is a Toy 1.x model; LoRA trains "
-                                              "SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma, Flux.2 Klein models"):
+                                              "SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image, Chroma, Flux.2 Klein, Qwen-Image models"):
             preflight.check_before_queueing(LoraConfig(model="tiny-demo-toy"), paths)
         # the engine trains it through its adapter (a method that listed it would queue it)
         from tests.conftest import RecordingContext, kohya_photos

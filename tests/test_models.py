@@ -36,7 +36,7 @@ def test_listing_offers_files_folders_and_the_demo(tmp_path):
     assert models.list_models(paths) == ["a.ckpt", "b.safetensors", "folder", "tiny-demo",
                                         "tiny-demo-sd2", "tiny-demo-sdxl", "tiny-demo-flux",
                                         "tiny-demo-zimage", "tiny-demo-chroma",
-                                        "tiny-demo-flux2"]
+                                        "tiny-demo-flux2", "tiny-demo-qwenimage"]
 
 
 def test_single_safetensors_loads_offline_with_the_config_skeleton(single_file):

@@ -27,10 +27,12 @@ CHAT_TEMPLATE = (
 
 
 def write_qwen_tokenizer(folder: Path, vocab_size: int = 600,
-                         model_max_length: int = 131072) -> Path:
+                         model_max_length: int = 131072, extra_text: str = "") -> Path:
     """tokenizer.json, tokenizer_config.json (Qwen2Tokenizer, the chat template),
     vocab.json and merges.txt; the same bytes on every run. Ids: the 256 byte symbols and
-    the learnt merges, then the special tokens (<|endoftext|> pads, as in Qwen3)."""
+    the learnt merges, then the special tokens (<|endoftext|> pads, as in Qwen3).
+    `extra_text` is learnt too, often enough that each of its words becomes one token (a
+    pipeline's fixed prompt template then has as many tokens as with the real tokenizer)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,6 +48,7 @@ def write_qwen_tokenizer(folder: Path, vocab_size: int = 600,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[])
     corpus = [" ".join(T5_WORDS[i:i + 12]) for i in range(0, len(T5_WORDS), 12)]
+    corpus += [extra_text] * (8 if extra_text else 0)
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     tokenizer.add_special_tokens(SPECIAL)
     folder.mkdir(parents=True, exist_ok=True)

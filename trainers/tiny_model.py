@@ -157,12 +157,15 @@ def _model_index(family: families.Family) -> dict:
 
 def write_tokenizers(folder: Path, family: families.Family) -> None:
     """The family's tokenizer folders (tokenizer, tokenizer_2, ...): CLIP ones with its pad
-    tokens, T5 ones (`tokenizer_kinds`) with the demo's small vocabulary."""
+    tokens, T5 ones (`tokenizer_kinds`) with the demo's small vocabulary; a kind written as
+    "module:function" is that function's folder."""
     from trainers.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
     for i, pad in enumerate(family.tokenizer_pads):
         target = folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
         kinds = family.tokenizer_kinds
-        if i < len(kinds) and kinds[i] == "t5":
+        if i < len(kinds) and ":" in kinds[i]:
+            families.resolve(kinds[i])(target)
+        elif i < len(kinds) and kinds[i] == "t5":
             write_t5_tokenizer(target, vocab_size=T5_VOCAB)
         elif i < len(kinds) and kinds[i] == "qwen":
             from trainers.qwen_tokenizer_files import write_qwen_tokenizer

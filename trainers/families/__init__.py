@@ -56,7 +56,9 @@ class Family:
     prediction: str = "noise"  # noise (epsilon / v, by the scheduler config) | flow
     # per tokenizer folder (tokenizer, tokenizer_2): its pad token; None pads with the end token
     tokenizer_pads: tuple[str | None, ...] = (None,)
-    tokenizer_kinds: tuple[str, ...] = ()  # per tokenizer folder: "clip" (the default) or "t5"
+    # per tokenizer folder: "clip" (the default), "t5", "qwen", or the "module:function" that
+    # writes the demo's
+    tokenizer_kinds: tuple[str, ...] = ()
     # original-layout key of each text encoder's token-embedding table
     token_embedding_keys: tuple[str, ...] = ()
     # an embedding's vectors, one set per text encoder under these names; () is one tensor
@@ -297,4 +299,4 @@ def demo_of(name: str) -> Demo | None:
 
 
 # The families, one module each (registered on import, in this order).
-from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl, flux as _flux, zimage as _zimage, chroma as _chroma, flux2 as _flux2  # noqa: E402,F401,E501
+from trainers.families import sd1 as _sd1, sd2 as _sd2, sdxl as _sdxl, flux as _flux, zimage as _zimage, chroma as _chroma, flux2 as _flux2, qwenimage as _qwenimage  # noqa: E402,F401,E501
