@@ -597,6 +597,11 @@ class LoraConfig(KohyaTrainingConfig):
                             "weights in 8 bits (kohya's fp8_base): half of bf16's memory for "
                             "them, slightly less precise; needs mixed precision bf16 or fp16.",
                             label="fp8 base weights")
+    blocks_to_swap: int = option(0, "Keep the frozen weights of the denoiser's last N blocks in "
+                                 "CPU memory and copy each to the GPU just before it runs "
+                                 "(kohya's / musubi-tuner's blocks_to_swap): less GPU memory, "
+                                 "slower steps; 0 swaps none.", label="Blocks to swap", min=0,
+                                 max=500)
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()

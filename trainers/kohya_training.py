@@ -238,7 +238,7 @@ def previews(cfg: KohyaTrainingConfig, fallback: str):
 
 @contextlib.contextmanager
 def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
-    """Gradient checkpointing and the attention kernel for the run; undone afterwards, since
+    """Gradient checkpointing, the attention kernel and block swap for the run; undone afterwards, since
     the base model is cached between runs."""
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -248,7 +248,8 @@ def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encod
     if cfg.attention == "xformers":
         model.unet.enable_xformers_memory_efficient_attention()
     try:
-        yield
+        with block_swap(cfg, model):
+            yield
     finally:
         if cfg.gradient_checkpointing:
             model.unet.disable_gradient_checkpointing()
@@ -257,6 +258,30 @@ def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encod
                     text_encoder.gradient_checkpointing_disable()
         if cfg.attention == "xformers":
             model.unet.disable_xformers_memory_efficient_attention()
+
+
+def block_swap(cfg: KohyaTrainingConfig, model: BaseModel):
+    """The denoiser's last `blocks_to_swap` blocks swapped in from CPU memory while entered
+    (trainers/block_swap.py); nothing for 0. Install it after the adapters: what trains then
+    stays on the device."""
+    count = getattr(cfg, "blocks_to_swap", 0)
+    if not count:
+        return contextlib.nullcontext()
+    from trainers.block_swap import BlockSwap, BlockSwapError
+    try:
+        return BlockSwap(model.unet, count)
+    except BlockSwapError as error:
+        raise TrainingError(str(error)) from None
+
+
+def check_block_swap(cfg: KohyaTrainingConfig, model: BaseModel) -> None:
+    """A block count the denoiser does not have is refused before anything trains."""
+    if getattr(cfg, "blocks_to_swap", 0):
+        from trainers.block_swap import BlockSwapError, check_count
+        try:
+            check_count(cfg.blocks_to_swap, model.unet)
+        except BlockSwapError as error:
+            raise TrainingError(str(error)) from None
 
 
 def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int,

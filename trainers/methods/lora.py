@@ -27,6 +27,7 @@ from trainers.seeds import derive_seed
 
 def run(cfg: LoraConfig, ctx) -> Path:
     model, batches = kt.prepare(cfg, ctx)
+    kt.check_block_swap(cfg, model)
     name = cfg.output_name.strip()
     path = kt.output_path(ctx.paths.lora, name, ".safetensors")
     trains_te = not cfg.network_train_unet_only
