@@ -238,8 +238,8 @@ def previews(cfg: KohyaTrainingConfig, fallback: str):
 
 @contextlib.contextmanager
 def memory_options(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
-    """Gradient checkpointing, the attention kernel and block swap for the run; undone afterwards, since
-    the base model is cached between runs."""
+    """Gradient checkpointing, the attention kernel and block swap for the run; undone
+    afterwards, since the base model is cached between runs."""
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if trains_text_encoder:
