@@ -75,6 +75,9 @@ def test_qwenimage_demo_is_a_qwenimage_model_and_encodes_captions_as_its_pipelin
     assert type(model.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert folder_family(family_paths.cache / QWEN) == "qwen_image"
     assert guess_family(family_paths, QWEN) == "qwen_image"
+    from webui import choices  # listed in every model dropdown as its family's demo
+    assert (f"{QWEN} (built-in Qwen-Image demo, random weights)", QWEN) in \
+        choices.model_choices(family_paths)
     pipe = qwen_pipeline(family_paths.cache / QWEN)
     assert (TEMPLATE, DROP) == (pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)
     # the demo's tokenizer gives the template's system turn and user prompt 34 tokens, as the
@@ -269,6 +272,7 @@ def test_qwenimage_lora_lowers_the_loss_on_its_batch_and_resumes_exactly(family_
 
 
 def test_qwenimage_runs_refuse_what_does_not_apply(family_paths, pictures):
+    from trainers.configs import TextualInversionConfig
     from trainers.preflight import check_before_queueing
     for changes, expected in [
             ({"network_train_unet_only": False}, "Qwen-Image has no text-encoder LoRA"),
@@ -279,6 +283,9 @@ def test_qwenimage_runs_refuse_what_does_not_apply(family_paths, pictures):
         with pytest.raises(ConfigError, match=expected):
             check_before_queueing(lora_config(pictures, **changes), family_paths)
     check_before_queueing(lora_config(pictures), family_paths)  # the defaults pass
+    ti = TextualInversionConfig(model=QWEN, embedding="x", data_root=str(pictures))
+    with pytest.raises(ConfigError, match="tiny-demo-qwenimage is a Qwen-Image model"):
+        check_before_queueing(ti, family_paths)
 
 
 def test_qwen_image_shape_gives_the_family_params_and_musubis_lora_names():

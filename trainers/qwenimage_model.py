@@ -80,11 +80,11 @@ class QwenImageLatents(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.vae.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return self.vae.dtype
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.vae.config
