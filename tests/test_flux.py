@@ -235,16 +235,20 @@ def test_flux_runs_refuse_what_does_not_apply_and_sd_runs_refuse_flux_options(
         check_before_queueing(ti, family_paths)
 
 
-def test_an_original_layout_flux_file_is_told_apart_and_refused_by_name(family_paths):
+def test_an_incomplete_original_layout_flux_file_is_refused_by_name(family_paths):
+    """A file with Flux.1's own keys is told apart (with or without ComfyUI's prefix); one that
+    lacks the rest of the transformer is refused saying what it lacks (whole files load:
+    tests/test_transformer_files.py)."""
     import safetensors.torch
     from trainers.families import file_family
     from trainers.models import ModelError
     for prefix in ("", "model.diffusion_model."):
         path = family_paths.stable_diffusion / f"flux1-{len(prefix)}.safetensors"
-        safetensors.torch.save_file({f"{prefix}double_blocks.0.img_attn.qkv.weight":
-                                     torch.zeros(6, 2)}, str(path))
+        safetensors.torch.save_file({f"{prefix}double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2),
+                                     f"{prefix}vector_in.in_layer.weight": torch.zeros(2, 2)},
+                                    str(path))
         assert file_family(path) == "flux1"
-        with pytest.raises(ModelError, match=f"{path.name} is a Flux.1 file.*diffusers folder"):
+        with pytest.raises(ModelError, match=f"{path.name} is not a Flux.1 transformer.*img_in"):
             load_model(family_paths, path.name)
 
 

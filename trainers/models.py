@@ -318,7 +318,7 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
             family = folder_family(location)
         elif kind == "file":
             family = file_family(location)
-            if not families.get(family).single_file:
+            if not families.get(family).single_file and not families.get(family).transformer_file:
                 raise ModelError(
                     f"model: {Path(location).name} is a {families.get(family).label} file in "
                     "the original layout; Danlu loads this family from a diffusers folder "
@@ -327,6 +327,9 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
             family = None
         if kind in ("demo", "folder"):
             pipe = _pretrained(family, location, local_files_only=True, **reuse)
+        elif kind == "file" and families.get(family).transformer_file:
+            pipe = _transformer_file_pipeline(paths, Path(location), family, reuse)
+            short_hash = file_short_hash(Path(location), paths.cache)
         elif kind == "file":
             path = Path(location)
             if path.suffix.lower() == ".ckpt":
@@ -367,6 +370,17 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
                       text_encoder_2=getattr(pipe, "text_encoder_2", None))
     model.freeze()
     return model
+
+
+def _transformer_file_pipeline(paths: Paths, path: Path, family: str, reuse: dict):
+    """A flow family's transformer-only file with the rest of a matching diffusers folder."""
+    from trainers.transformer_file import TransformerFileError, companion_folder, load_transformer
+    try:
+        folder = companion_folder(paths, path, family)
+    except TransformerFileError as error:
+        raise ModelError(str(error)) from error
+    transformer = load_transformer(path, family, folder)
+    return _pretrained(family, folder, local_files_only=True, transformer=transformer, **reuse)
 
 
 def _training_vae(spec, vae):

@@ -57,7 +57,8 @@ def text_tables(paths: Paths, name: str) -> TextTables:
             return _from_folder(name, build_tiny_model(Path(location), family=family), family)
         if kind == "folder":
             return _from_folder(name, Path(location), folder_family(location))
-        if kind == "file" and Path(location).suffix.lower() == ".safetensors":
+        if kind == "file" and Path(location).suffix.lower() == ".safetensors" \
+                and get(file_family(location)).single_file:
             path = Path(location)
             family = file_family(path)
             tables = [_read(path, key) for key in get(family).token_embedding_keys]

@@ -84,6 +84,9 @@ class Family:
     # "module:function" (model) -> LoRA metadata keys set (or, None, dropped) over the SD ones
     lora_metadata: str | None = None
     single_file: bool = True  # Danlu loads its original-layout single files (a config skeleton)
+    # "module:NAME" of the original layout of its transformer-only single files (to_diffusers /
+    # to_original; trainers/formats/transformer_layouts.py), loaded by trainers/transformer_file.py
+    transformer_file: str | None = None
     memory: Memory | None = None  # measured step costs; None: scaled from SD 1.x's by size
     demo: Demo | None = None
 
@@ -196,13 +199,16 @@ def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str | None:
 
     The text encoder decides (`cond_stage_model.transformer.*` is SD1's CLIP,
     `cond_stage_model.model.*` SD2's OpenCLIP, `conditioner.embedders.*` SDXL); a U-Net-only
-    file by a key only one family has (SDXL's `label_emb`) or its cross-attention width."""
+    file by a key only one family has (SDXL's `label_emb`) or its cross-attention width; a flow
+    family's transformer file by a key only its transformer has (Flux.1's `vector_in`, Chroma's
+    `distilled_guidance_layer`), with or without ComfyUI's `model.diffusion_model.`."""
     names = list(keys)
     for family in all_families():
         if family.text_key_prefix and any(k.startswith(family.text_key_prefix) for k in names):
             return family.name
+    bare = [k.removeprefix("model.diffusion_model.") for k in names]  # ComfyUI's prefix
     for family in all_families():
-        if any(k.startswith(m) for m in family.unet_key_markers for k in names):
+        if any(k.startswith(m) for m in family.unet_key_markers for k in (*names, *bare)):
             return family.name
     if isinstance(keys, Mapping):
         for key in names:

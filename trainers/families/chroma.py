@@ -24,6 +24,8 @@ def _is_chroma_folder(index: dict, unet: dict) -> bool:
 FAMILY = register(Family(
     name="chroma", label="Chroma", context_width=4096, pipeline="ChromaPipeline",
     folder_marker=_is_chroma_folder, prediction="flow", single_file=False,
+    unet_key_markers=("distilled_guidance_layer.in_proj.weight",),
+    transformer_file="trainers.formats.transformer_layouts:FLUX",
     tokenizer_pads=(None,), tokenizer_kinds=("t5",),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     # Chroma1-HD's transformer (tests/test_chroma.py builds it on the meta device), T5-XXL's

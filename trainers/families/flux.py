@@ -30,7 +30,8 @@ def _is_flux_folder(index: dict, unet: dict) -> bool:
 FAMILY = register(Family(
     name="flux1", label="Flux.1", context_width=4096, pipeline="FluxPipeline",
     folder_marker=_is_flux_folder, prediction="flow", single_file=False,
-    unet_key_markers=("double_blocks.", "model.diffusion_model.double_blocks."),
+    unet_key_markers=("vector_in.in_layer.weight",),
+    transformer_file="trainers.formats.transformer_layouts:FLUX",
     tokenizer_pads=(None, None), tokenizer_kinds=("clip", "t5"),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     params=(11.9e9, 4.88e9, 83.8e6),

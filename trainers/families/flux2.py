@@ -30,6 +30,8 @@ def _is_flux2_folder(index: dict, unet: dict) -> bool:
 FAMILY = register(Family(
     name="flux2_klein", label="Flux.2 Klein", context_width=7680, pipeline="Flux2KleinPipeline",
     folder_marker=_is_flux2_folder, prediction="flow", single_file=False,
+    unet_key_markers=("single_stream_modulation.lin.weight",),
+    transformer_file="trainers.formats.transformer_layouts:FLUX2",
     tokenizer_pads=(None,), tokenizer_kinds=("qwen",),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     # Klein 4B's transformer (tests/test_flux2.py builds it on the meta device), Qwen3-4B,

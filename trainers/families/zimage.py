@@ -26,6 +26,8 @@ def _is_zimage_folder(index: dict, unet: dict) -> bool:
 FAMILY = register(Family(
     name="zimage", label="Z-Image", context_width=2560, pipeline="ZImagePipeline",
     folder_marker=_is_zimage_folder, prediction="flow", single_file=False,
+    unet_key_markers=("layers.0.adaLN_modulation.0.weight",),
+    transformer_file="trainers.formats.transformer_layouts:ZIMAGE",
     tokenizer_pads=(None,), tokenizer_kinds=("qwen",),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     params=(6.15e9, 4.02e9, 83.8e6),
