@@ -3,6 +3,7 @@
     python3 -m bench                 # quick (~10 min): tiny model, 64 px, every method, UI overhead
     python3 -m bench --full          # SD1.5-shaped random model, 256 px: TI and LoRA (~30-40 min)
     python3 -m bench --full --methods dreambooth      # + full fine-tune (~15 GB RAM per process)
+    python3 -m bench --flux          # Flux.1 LoRA vs train_dreambooth_lora_flux.py (small Flux, 256 px)
     python3 -m bench --methods lora,ui --rounds 2 --no-write
     python3 -m bench --report-only   # re-render BENCHMARKS.md from the last saved measurements
 
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:
 from bench import baselines, fixtures, report  # noqa: E402
 from bench.torchvision_standin import write_standin  # noqa: E402
 
-TRAINING = ["textual_inversion", "hypernetwork", "lora", "lora_cached", "dreambooth"]
+TRAINING = ["textual_inversion", "hypernetwork", "lora", "lora_cached", "dreambooth", "lora_flux"]
 EXTRAS = ["ui", "preprocess"]
 MODES = {
     "quick": {"kind": "tiny", "steps": 30, "rounds": 3, "timeout": 900,
@@ -41,6 +42,10 @@ MODES = {
     "full": {"kind": "sd15", "steps": 10, "rounds": 2, "timeout": 7200,
              "methods": ["textual_inversion", "lora", "lora_cached", "preprocess"], "ui_steps": 60, "ui_rounds": 3,
              "heading": "## Training: Danlu vs diffusers' scripts — full (SD1.5-shaped, 256 px)"},
+    "flux": {"kind": "flux", "steps": 10, "rounds": 2, "timeout": 3600, "methods": ["lora_flux"],
+             "ui_steps": 0, "ui_rounds": 0,
+             "heading": "## Flux.1 LoRA: Danlu vs diffusers' train_dreambooth_lora_flux.py "
+                        "(small Flux-shaped, 256 px)"},
 }
 SEED = 0
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -158,6 +163,22 @@ def versions() -> dict:
 
 def notes(kind: str, methods: list[str]) -> list[str]:
     res = fixtures.MODELS[kind].resolution
+    if kind == "flux":
+        return [
+            f"Same on both sides: the small Flux.1-shaped folder ({fixtures.FLUX_SMALL_NOTE}), the 4 "
+            f"photos square at {res} px with the one caption 'a photo of sks dog', batch 1, fp32, "
+            "AdamW at a constant 1e-4, seed 0, LoRA rank 4 with alpha = rank, guidance 1, T5 "
+            "padded to 512 tokens, latents encoded once (the script's --cache_latents) and the "
+            "prompt encoded once (the script does so by itself for one instance prompt; Danlu's "
+            "cache_text_encoder_outputs), no validation, no intermediate checkpoints, torch's "
+            "default threads.",
+            "Adapters: the script's default targets are the double blocks' attention and "
+            "feed-forward linears; Danlu trains kohya's Flux set (those, the double blocks' "
+            "modulation linears and every single block's linear1 / linear2 / modulation), so it "
+            "trains more LoRA parameters per step.",
+            "Timesteps: the script draws them uniformly (weighting scheme none), Danlu by kohya's "
+            "shift 3.1582 default; a step's cost does not depend on its timestep.",
+        ]
     out = [
         f"Same on both sides: model folder, the 4 photos (scikit-image samples, square at {res} px), "
         f"resolution {res}, batch 1, fp32 (no mixed precision), constant learning rate without "
@@ -208,6 +229,8 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny model, 64 px (default)")
     mode.add_argument("--full", action="store_true", help="SD1.5-shaped random model, 256 px")
+    mode.add_argument("--flux", action="store_true",
+                      help="Flux.1 LoRA on a small Flux-shaped random model, 256 px")
     parser.add_argument("--methods", help="comma list of " + ", ".join(TRAINING + EXTRAS)
                         + " (default: quick = all training methods + ui; full = "
                           "textual_inversion, lora, lora_cached, preprocess)")
@@ -229,7 +252,7 @@ def main(argv=None) -> int:
                         help="OMP/MKL threads for every child (default: torch's default)")
     args = parser.parse_args(argv)
 
-    name = "full" if args.full else "quick"
+    name = "full" if args.full else "flux" if args.flux else "quick"
     settings = MODES[name]
     results_file = fixtures.bench_cache() / f"results-{name}.json"
     if args.report_only:
@@ -248,7 +271,8 @@ def main(argv=None) -> int:
     steps = args.steps or settings["steps"]
     if steps < 5:
         parser.error("--steps must be at least 5 (2 warm-up steps, then timed ones)")
-    command = "python3 -m bench" + (" --full" if args.full else "") + (" --paired" if args.paired else "")
+    command = ("python3 -m bench" + (" --full" if args.full else "") + (" --flux" if args.flux else "")
+               + (" --paired" if args.paired else ""))
     for flag, value in (("--methods", args.methods), ("--rounds", args.rounds),
                         ("--steps", args.steps)):
         if value:

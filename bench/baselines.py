@@ -30,8 +30,10 @@ from bench import fixtures
 SCRIPTS = {"textual_inversion": "textual_inversion/textual_inversion.py",
            "lora": "dreambooth/train_dreambooth_lora.py",
            "lora_cached": "dreambooth/train_dreambooth_lora.py",  # + --pre_compute_text_embeddings
-           "dreambooth": "dreambooth/train_dreambooth.py"}
-LEARNING_RATES = {"textual_inversion": 5e-3, "lora": 1e-4, "lora_cached": 1e-4, "dreambooth": 5e-6}
+           "dreambooth": "dreambooth/train_dreambooth.py",
+           "lora_flux": "dreambooth/train_dreambooth_lora_flux.py"}
+LEARNING_RATES = {"textual_inversion": 5e-3, "lora": 1e-4, "lora_cached": 1e-4, "dreambooth": 5e-6,
+                  "lora_flux": 1e-4}
 LORA_RANK = 4
 NEVER = "1000000"  # checkpoint/save intervals that never trigger in a benchmark run
 
@@ -134,6 +136,10 @@ def script_args(method: str, setup: dict, steps: int, seed: int, output_dir: Pat
         return common + dreambooth + ["--rank", str(LORA_RANK)]
     if method == "lora_cached":  # the script's own text-encoder cache (it has none for latents)
         return common + dreambooth + ["--rank", str(LORA_RANK), "--pre_compute_text_embeddings"]
+    if method == "lora_flux":  # one instance prompt: the script encodes it once by itself
+        return common + dreambooth + ["--rank", str(LORA_RANK), "--cache_latents",
+                                      "--guidance_scale", "1", "--max_sequence_length", "512",
+                                      "--weighting_scheme", "none"]
     return common + dreambooth
 
 

@@ -41,11 +41,15 @@ class ModelSpec:
 
     @property
     def folder_name(self) -> str:
-        return {"tiny": "tiny-sd1", "sd15": "sd15-shaped-random"}[self.kind]
+        return {"tiny": "tiny-sd1", "sd15": "sd15-shaped-random", "flux": "flux-small-random"}[self.kind]
 
 
 MODELS = {"tiny": ModelSpec("tiny", 64, "tiny SD1-shaped (64 px)"),
-          "sd15": ModelSpec("sd15", 256, "SD1.5-shaped, random weights (256 px)")}
+          "sd15": ModelSpec("sd15", 256, "SD1.5-shaped, random weights (256 px)"),
+          "flux": ModelSpec("flux", 256, "small Flux.1-shaped, random weights (256 px)")}
+FLUX_SMALL_NOTE = ("transformer 2 double + 4 single blocks, 256 wide (4 heads of 64), guidance "
+                   "embedding; T5 256 wide, 2 layers; CLIP 256 wide; Flux's 16-channel VAE shape, "
+                   "scale 8: 256 tokens per 256 px image")
 
 
 def bench_cache() -> Path:
@@ -94,6 +98,49 @@ def build_sd15_shaped(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_flux_small(folder: Path, seed: int = 0) -> Path:
+    """A small Flux.1-shaped diffusers folder with random weights (FLUX_SMALL_NOTE), its
+    tokenizers built locally as the Flux demo's are."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from trainers import families
+    from trainers.tiny_model import T5_VOCAB, _clip_config, _flux_vae, _model_index, write_tokenizers
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    family = families.get("flux1")
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.manual_seed(seed)
+    parts = {
+        "transformer": FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+            num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=256,
+            guidance_embeds=True, axes_dims_rope=(8, 28, 28)),
+        "vae": _flux_vae(),
+        "text_encoder": CLIPTextModel(_clip_config(256, "quick_gelu")),
+        "text_encoder_2": T5EncoderModel(T5Config(
+            vocab_size=T5_VOCAB, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
+            relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(staging / name)
+    write_tokenizers(staging, family)
+    (staging / "scheduler").mkdir()
+    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(family.demo.scheduler))
+    (staging / "model_index.json").write_text(json.dumps(_model_index(family), indent=1))
+    (staging / "BENCH_MODEL.txt").write_text(
+        f"Small Flux.1-shaped pipeline with random weights for Danlu's benchmark: {FLUX_SMALL_NOTE}.\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
 def build_model(kind: str) -> Path:
     folder = model_dir(kind)
     if (folder / "model_index.json").exists():
@@ -102,6 +149,8 @@ def build_model(kind: str) -> Path:
     if kind == "tiny":
         from trainers.tiny_model import build_tiny_model
         return build_tiny_model(folder)
+    if kind == "flux":
+        return build_flux_small(folder)
     return build_sd15_shaped(folder)
 
 
@@ -159,6 +208,9 @@ def make_pristine_files(kind: str) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     paths = Paths(target).ensure()
+    if kind == "flux":  # LoRA only: no embedding or hypernetwork to start from
+        (target / "DONE").write_text("ok")
+        return target
     model = str(build_model(kind))
     create_embedding(CreateEmbeddingConfig(name=EMBEDDING_NAME, init_text=INITIALIZER,
                                            vectors_per_token=1, model=model).validate(), paths)
@@ -175,7 +227,7 @@ def fresh_data_dir(kind: str, folder: Path) -> Path:
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     for sub in ("embeddings", "models/hypernetworks"):
-        shutil.copytree(source / sub, folder / sub)
+        shutil.copytree(source / sub, folder / sub, dirs_exist_ok=True)
     for sub in ("models/Stable-diffusion", "models/Lora", "models/VAE", "outputs", ".cache"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return folder

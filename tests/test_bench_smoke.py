@@ -193,3 +193,23 @@ def test_paired_only_results_render_pairs_and_the_paired_sides_time_to_first_ste
     assert "7.00 s" in ttfs and "12.0 s" in ttfs and "| 0.4 s |" in ttfs
     assert not any(line.startswith("| SD1.5-shaped | LoRA") and line.endswith("| — | — |  |")
                    for line in text.splitlines())  # no FLOP row without counted FLOPs
+
+
+def test_flux_lora_settings_match_on_both_sides(tmp_path):
+    """The Flux comparison: the script caches latents and pads T5 to Danlu's 512 tokens, Danlu
+    caches text outputs, both at guidance 1 and rank 4; the report holds it to issue #20's
+    targets."""
+    from bench import baselines, danlu_run, report
+    setup = {"model": str(tmp_path / "m"), "resolution": 256,
+             "data": {"images": "i", "captioned": "c", "kohya": str(tmp_path / "k")}}
+    args = baselines.script_args("lora_flux", setup, 5, 0, tmp_path / "o")
+    assert baselines.SCRIPTS["lora_flux"].endswith("train_dreambooth_lora_flux.py")
+    pairs = dict(zip(args, args[1:]))
+    assert "--cache_latents" in args and pairs["--rank"] == "4" and pairs["--guidance_scale"] == "1"
+    assert pairs["--max_sequence_length"] == "512" and pairs["--resolution"] == "256"
+    spec = dict(method="lora_flux", kind="flux", model=setup["model"], resolution=256,
+                data=setup["data"], steps=5, seed=0)
+    cfg, missing = danlu_run.make_config(spec, preview=False)
+    assert missing == [] and cfg.cache_text_encoder_outputs is True and cfg.guidance_scale == 1.0
+    assert (cfg.network_dim, cfg.network_alpha, cfg.learning_rate) == (4, 4.0, 1e-4)
+    assert report.SPEED_TARGETS["lora_flux"] == 0.8 and "flux" in report.TARGET_KINDS

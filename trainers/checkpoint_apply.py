@@ -97,9 +97,24 @@ def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
         network.load_kohya_state_dict(state)
         for parameter in network.parameters():
             parameter.requires_grad_(False)
-        yield model, network.set_strength, prompt_encoder(model, clip_skip=spec.clip_skip)
+        yield model, network.set_strength, prompt_encoder(model, _bundled(path, model),
+                                                          clip_skip=spec.clip_skip)
     finally:
         network.remove()
+
+
+def _bundled(path: Path, model) -> dict:
+    """The token vectors a LoRA carries (pivotal tuning), so that prompts with its word render
+    as A1111 renders them with the LoRA loaded."""
+    from trainers.formats.bundled_embeddings import read_bundled
+    found = {}
+    for token, vectors in read_bundled(path).items():
+        if isinstance(vectors, dict) != bool(model.spec.embedding_halves):
+            raise ValueError(f"{path.name}: its token {token!r} was trained for another model "
+                             f"family than {model.spec.label}")
+        found[token] = ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
+                        else vectors.float())
+    return found
 
 
 def _embedding_vectors(path: Path, model):

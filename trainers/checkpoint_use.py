@@ -50,10 +50,12 @@ def use_checkpoint(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,
 
 
 def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: str,
-                         overwrite: bool = False) -> list[Path]:
+                         overwrite: bool = False, embeddings: bool = False) -> list[Path]:
     """Copy `checkpoint` of `run` to its final folder as `<name><suffix>`; returns the new
     paths. An APT checkpoint is a pair: `<name>.pt` and `<name>-neg.pt` appear together or not at all.
     Embeddings get `name` as their stored name too (A1111 saves the file's name in it).
+    With `embeddings`, a LoRA's bundled token vectors (pivotal tuning) are also written as
+    `embeddings/<token>.safetensors`, listed after the LoRA (bundled_embedding_files).
 
     Raises ConfigError for a bad name, CheckpointExists when a name is taken and `overwrite`
     is False, FileNotFoundError when a checkpoint file is gone, RefusedCheckpoint when a file
@@ -86,6 +88,7 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
     copy_sidecar = checkpoint.final and sidecar.is_file()
     for source in sources + ([sidecar] if copy_sidecar else []):
         check_before_copy(source)
+    bundled = bundled_embedding_files(paths, checkpoint.path, overwrite) if embeddings else {}
     taken = [p for n in names for p in existing_files(paths, run.method, n)]
     if taken and not overwrite:
         listed = ", ".join(p.name for p in taken)
@@ -109,7 +112,44 @@ def use_checkpoint_files(paths: Paths, run: Run, checkpoint: Checkpoint, name: s
             other.with_name(other.name + SIDECAR).unlink(missing_ok=True)
     for partner in targets[1:]:
         partner.with_name(partner.name + SIDECAR).unlink(missing_ok=True)
-    return targets
+    return targets + write_embeddings(paths, bundled, checkpoint.step)
+
+
+def bundled_embedding_files(paths: Paths, lora: Path, overwrite: bool) -> dict:
+    """{token: vectors} bundled in a LoRA file, checked to be writable as embeddings: an
+    embedding of that name already in embeddings/ (any suffix) is CheckpointExists unless
+    `overwrite`; a file without any is a ValueError."""
+    from trainers.embeddings import find_embedding
+    from trainers.formats.bundled_embeddings import read_bundled
+    bundled = read_bundled(lora)
+    if not bundled:
+        raise ValueError(f"{lora.name} carries no trained token (pivotal tuning); untick "
+                         "'Also write its token as an embedding'")
+    taken = [found.name for token in bundled if (found := find_embedding(paths, token))]
+    if taken and not overwrite:
+        raise CheckpointExists(f"name: the embedding {', '.join(taken)} already exists in "
+                               f"{paths.embeddings}; tick 'Overwrite' to replace it, or rename "
+                               "that file first")
+    return bundled
+
+
+def write_embeddings(paths: Paths, bundled: dict, step: int) -> list[Path]:
+    """`embeddings/<token>.safetensors` per bundled token (kohya's `emb_params`, or SDXL's
+    clip_l / clip_g: what diffusers' load_textual_inversion, A1111 and ComfyUI load)."""
+    from trainers.embeddings import find_embedding
+    from trainers.formats.embedding import EmbeddingFile, save_embedding
+    written = []
+    for token, vectors in bundled.items():
+        target = paths.embeddings / f"{token}.safetensors"
+        existing = find_embedding(paths, token)
+        vectors = ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
+                   else vectors.float())
+        save_embedding(target, EmbeddingFile(name=token, vectors=vectors, step=step))
+        if existing is not None and existing != target:
+            existing.unlink()  # overwrite was confirmed; two files of one name clash in A1111
+        target.with_name(target.name + SIDECAR).unlink(missing_ok=True)
+        written.append(target)
+    return written
 
 
 class RefusedCheckpoint(ValueError):

@@ -23,6 +23,7 @@ CLIP_GRAD_MODES = ["disabled", "value", "norm"]
 NAN_POLICIES = ["stop", "skip"]
 MAX_TOKEN_LENGTHS = [75, 150, 225]  # trainers/prompt_chunks.py
 NAME_PATTERN = re.compile(r"^[^\\/:*?\"<>|\x00-\x1f]+$")
+PIVOTAL_TOKEN = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 
 def check_name(field: str, name: str) -> list[str]:
@@ -602,6 +603,23 @@ class LoraConfig(KohyaTrainingConfig):
                                  "(kohya's / musubi-tuner's blocks_to_swap): less GPU memory, "
                                  "slower steps; 0 swaps none.", label="Blocks to swap", min=0,
                                  max=500)
+    pivotal_tuning: bool = option(False, "Pivotal tuning: also train new token vectors that "
+                                  "the captions' word (below) stands for, bundled in the LoRA "
+                                  "file as A1111 reads them (SD 1.x / 2.x / SDXL).",
+                                  label="Train new token (pivotal tuning)")
+    pivotal_token: str = option("", "The new word, as the captions and prompts write it: "
+                                "lowercase letters, digits, '_' and '-', not a word the text "
+                                "encoder already has (e.g. 'ohwx').", label="Token")
+    pivotal_vectors: int = option(2, "Vectors the word stands for (SDXL: per text encoder).",
+                                  label="Vectors per token", min=1, max=75)
+    pivotal_init_text: str = option("*", "The vectors start as these words' embeddings (spread "
+                                    "over the vectors as A1111 does); empty starts at zeros.",
+                                    label="Initialization text")
+    pivotal_lr: float = option(1e-3, "Learning rate of the token vectors; 0 uses the base "
+                               "learning rate.", label="Token learning rate", min=0.0)
+    pivotal_stop_step: int = option(0, "The vectors stop training after this many steps (the "
+                                    "LoRA goes on); 0 trains them to the end.",
+                                    label="Stop token training after step", min=0)
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
@@ -618,7 +636,24 @@ class LoraConfig(KohyaTrainingConfig):
         if self.network_type in ("loha", "lokr") and self.save_diffusers_format:
             problems.append(f"save_diffusers_format: diffusers' format holds LoRA only, not "
                             f"{self.network_type}; untick it")
+        problems += self.pivotal_problems()
         return accept(self, problems)
+
+    def pivotal_problems(self) -> list[str]:
+        if not self.pivotal_tuning:
+            return []
+        token = self.pivotal_token
+        if not token.strip():
+            return ["pivotal_token: pivotal tuning needs the new word, e.g. 'ohwx'"]
+        if not PIVOTAL_TOKEN.match(token):
+            return [f"pivotal_token: {token!r} may hold only lowercase letters, digits, '_' and "
+                    "'-' (it is the word in captions, the embedding's file name and a key of "
+                    "the LoRA file), at most 64 characters"]
+        if self.cache_text_encoder_outputs:
+            return ["cache_text_encoder_outputs: pivotal tuning trains token vectors through "
+                    "the text encoder, so its outputs change every step and cannot be cached; "
+                    "untick one of them"]
+        return []
 
     def adapter_family_problems(self, family) -> list[str]:
         """Network types a model of `family` cannot train (LyCORIS types: SD U-Nets only)."""
@@ -652,6 +687,9 @@ class LoraConfig(KohyaTrainingConfig):
             problems.append(f"network_train_unet_only: {family.label} has no text-encoder LoRA; "
                             "tick 'U-Net only'")
         if family.prediction == "flow":
+            if self.pivotal_tuning:
+                problems.append(f"pivotal_tuning: trains CLIP token vectors (SD 1.x / 2.x / "
+                                f"SDXL); {family.label} is a flow-matching model without them")
             if self.conv_dim:
                 problems.append(f"conv_dim: {family.label} has no convolutions to adapt "
                                 "(LoCon is for SD U-Nets); set it to 0")

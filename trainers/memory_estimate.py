@@ -98,8 +98,8 @@ def _scaled(unet: float):
 def _text_in_backward(cfg) -> bool:
     """Whether the text encoder's activations are kept for backward (it trains, or an
     embedding trains through it)."""
-    if hasattr(cfg, "network_train_unet_only"):
-        return not cfg.network_train_unet_only
+    if hasattr(cfg, "network_train_unet_only"):  # pivotal tuning trains through it too
+        return not cfg.network_train_unet_only or cfg.pivotal_tuning
     if hasattr(cfg, "train_text_encoder"):
         return bool(cfg.train_text_encoder)
     return hasattr(cfg, "embedding")

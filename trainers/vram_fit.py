@@ -60,7 +60,11 @@ def _steps(cfg, card: Card, flow: bool) -> list[tuple[dict, str]]:
     steps = [({"mixed_precision": half},
               f"{half} mixed precision: half the activations"
               + (" and of the frozen weights" if hasattr(cfg, "network_dim") else ""))]
-    if hasattr(cfg, "network_train_unet_only"):
+    if getattr(cfg, "pivotal_tuning", False):  # token vectors train through the text encoder
+        steps.append(({"network_train_unet_only": True},
+                      "U-Net only: no text-encoder LoRA (its outputs are not cached: the new "
+                      "token's vectors train through it)"))
+    elif hasattr(cfg, "network_train_unet_only"):
         steps.append(({"network_train_unet_only": True, "cache_text_encoder_outputs": True},
                       "U-Net only with the text encoder's outputs cached: no text-encoder "
                       "activations or LoRA"))

@@ -54,6 +54,7 @@ class _Page:
     detail_previews: gr.Gallery
     use_name: gr.Textbox
     use_overwrite: gr.Checkbox
+    use_embedding: gr.Checkbox
     use: gr.Button
     use_message: gr.Markdown
     pick: gr.CheckboxGroup
@@ -146,6 +147,10 @@ def _checkpoint_card(page: _Page) -> None:
                                         "also the word you type in prompts).")
         page.use_overwrite = gr.Checkbox(label="Overwrite a file of this name", scale=2,
                                          elem_id="ckpt-use-overwrite")
+        page.use_embedding = gr.Checkbox(
+            label="Also write its token as an embedding", scale=2, elem_id="ckpt-use-embedding",
+            info="A LoRA trained with pivotal tuning: its token's vectors as "
+                 "embeddings/<token>.safetensors (for ComfyUI and diffusers).")
         page.use = gr.Button("Use this checkpoint", variant="primary", scale=1,
                              elem_id="ckpt-use")
     page.use_message = gr.Markdown(elem_id="ckpt-use-message")
@@ -233,17 +238,23 @@ class _Handlers(Handlers):
         return (_details(run, checkpoint), gr.update(value=previews, visible=bool(previews)),
                 f"{run.name}-{checkpoint.step}", key, "")
 
-    def use_checkpoint(self, run_id, key, name, overwrite):
+    def use_checkpoint(self, run_id, key, name, overwrite, embedding=False):
         from trainers.checkpoint_use import use_checkpoint_files as copy
         run = _load(self.paths, self.runner, run_id)
         checkpoint = run.checkpoint(key) if run is not None and key else None
         if checkpoint is None:
             return "**Error:** click a checkpoint card first.", gr.skip()
         try:
-            targets = copy(self.paths, run, checkpoint, name or "", overwrite=bool(overwrite))
+            targets = copy(self.paths, run, checkpoint, name or "", overwrite=bool(overwrite),
+                           embeddings=bool(embedding))
         except (ConfigError, OSError, ValueError) as error:
             return error_text(error), gr.skip()
         target = targets[0]
+        if embedding:  # the LoRA, then one embedding per token it carries
+            words = ", ".join(f"**{t.stem}**" for t in targets[1:])
+            return (f"Copied {checkpoint.label} to `{target}` and wrote its token as "
+                    f"{', '.join(f'`{t}`' for t in targets[1:])}: type {words} in prompts.",
+                    False)
         if len(targets) > 1:  # APT: the prompt's embedding and the negative prompt's
             return (f"Copied {checkpoint.label} to `{target}` and `{targets[1]}`. Use "
                     f"**{target.stem}** in the prompt and **{targets[1].stem}** in the "
@@ -339,8 +350,8 @@ def _wire(page: _Page, handlers: _Handlers) -> None:
                         [page.details, page.detail_previews, page.use_name, page.selected,
                          page.use_message])
     page.use.click(handlers.use_checkpoint,
-                   [page.shown, page.selected, page.use_name, page.use_overwrite],
-                   [page.use_message, page.use_overwrite])
+                   [page.shown, page.selected, page.use_name, page.use_overwrite,
+                    page.use_embedding], [page.use_message, page.use_overwrite])
     page.compare.click(handlers.start_compare,
                        [page.shown, page.pick, page.strengths, page.prompts, page.seeds,
                         page.steps], [page.compare_status, page.compare_job])

@@ -28,6 +28,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write
+from trainers.formats.bundled_embeddings import PREFIX as BUNDLE_PREFIX, split_bundle
 from trainers.formats.save_check import check_savable
 
 SUFFIX = ".safetensors"
@@ -122,11 +123,12 @@ def save_lora(path: str | Path, state: Mapping[str, torch.Tensor],
     """Write a kohya LoRA file atomically; returns the metadata written (with sshs_* hashes).
 
     `precision` ("fp32"/"fp16"/"bf16") casts every tensor first; None keeps their dtypes.
+    Bundled embeddings (`bundle_emb.*`, trainers/formats/bundled_embeddings.py) may ride along.
     """
     path = Path(path)
     if path.suffix.lower() != SUFFIX:
         raise ValueError(f"{path.name}: LoRA files are written as {SUFFIX}")
-    _check_state(state, path.name)
+    _check_state(split_bundle(state)[0], path.name)
     meta = dict(metadata or {})
     for key, value in meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -165,7 +167,9 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a kohya LoRA (.safetensors; also kohya's .pt) -> (state dict, metadata).
+    """Read a kohya LoRA (.safetensors; also kohya's .pt) -> (state dict, metadata). The
+    state holds the adapter's tensors only: bundled embeddings are read by
+    trainers.formats.bundled_embeddings.read_bundled.
 
     Raises LoraFormatError naming the file for a missing, corrupt or non-LoRA file.
     """
@@ -176,6 +180,7 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         state, metadata = _read_torch(path)
     else:
         state, metadata = _read_safetensors(path)
+    state = {key: value for key, value in state.items() if not key.startswith(BUNDLE_PREFIX)}
     downs = [k for k in state if k.endswith(".lora_down.weight")]
     if not downs:
         sample = ", ".join(sorted(state)[:3]) or "no tensors"

@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 
 from core.atomic import atomic_write
+from trainers.formats.bundled_embeddings import PREFIX as BUNDLE_PREFIX, split_bundle
 from trainers.formats.lora import (LoraFormatError, SUFFIX, load_lora, lora_hashes,
                                    precision_dtype, to_precision)
 from trainers.formats.save_check import check_savable
@@ -116,7 +117,7 @@ def save_lycoris(path: str | Path, state: Mapping[str, torch.Tensor],
     path = Path(path)
     if path.suffix.lower() != SUFFIX:
         raise ValueError(f"{path.name}: LyCORIS files are written as {SUFFIX}")
-    _check_state(state, path.name)
+    _check_state(split_bundle(state)[0], path.name)  # bundled embeddings may ride along
     meta = dict(metadata or {})
     for key, value in meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -136,7 +137,7 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if path.suffix.lower() == SUFFIX and path.is_file():
         try:
             with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-                keys = list(handle.keys())
+                keys = [key for key in handle.keys() if not key.startswith(BUNDLE_PREFIX)]
                 if algo_of(dict.fromkeys(keys)) is not None:
                     metadata = dict(handle.metadata() or {})
                     state = {key: handle.get_tensor(key) for key in keys}

@@ -15,6 +15,8 @@ from trainers import kohya_training as kt
 from trainers.configs import BLOCK_FIELDS, LoraConfig
 from trainers.formats.lora import (LoraFormatError, LoraTrainingInfo, lora_metadata,
                                    read_lora_metadata, save_lora, update_progress)
+from trainers.formats.bundled_embeddings import read_bundled
+from trainers.formats.embedding import save_embedding
 from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
 from trainers.formats.lycoris import load_adapter, lycoris_metadata, save_lycoris
 from trainers.formats.optim_sidecar import load_optim
@@ -22,6 +24,7 @@ from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
 from trainers.lycoris_network import LycorisNetwork, LycorisSpec
 from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.optimizers import create_optimizer
+from trainers.pivotal import PivotalTokens
 from trainers.seeds import derive_seed
 
 
@@ -56,7 +59,8 @@ def _checksum(path: Path) -> str:
     return read_lora_metadata(path).get("sshs_model_hash", "") if path.exists() else ""
 
 
-def _resume(cfg: LoraConfig, network: LoraNetwork, path: Path, ctx) -> int:
+def _resume(cfg: LoraConfig, network: LoraNetwork, path: Path, ctx,
+            tokens: PivotalTokens | None = None) -> int:
     """Load the weights of an existing file of this name (exact fp32 ones from the sidecar
     when they match) and return its step count."""
     if cfg.overwrite or not path.exists():
@@ -69,20 +73,45 @@ def _resume(cfg: LoraConfig, network: LoraNetwork, path: Path, ctx) -> int:
     except (LoraStateError, LoraFormatError) as error:
         raise TrainingError(f"output_name: {path.name} exists but cannot be continued: {error}. "
                             "Tick 'Start over' to replace it, or pick another output name") from None
+    _resume_tokens(tokens, path, (payload or {}).get("danlu", {}).get("pivotal"))
     return int(metadata.get("ss_steps", "0") or 0)
 
 
+def _resume_tokens(tokens: PivotalTokens | None, path: Path, exact) -> None:
+    """The bundled vectors of the file being continued (the sidecar's fp32 ones when it has
+    them); a file and settings that disagree on pivotal tuning are refused by name."""
+    bundled = read_bundled(path)
+    if tokens is None:
+        if bundled:
+            raise TrainingError(f"pivotal_tuning: {path.name} carries the trained token "
+                                f"{', '.join(map(repr, bundled))}; tick pivotal tuning with that "
+                                "token to continue it, or 'Start over'")
+        return
+    if tokens.name not in bundled:
+        held = f"holds {', '.join(map(repr, bundled))}" if bundled else "has no trained token"
+        raise TrainingError(f"pivotal_token: {path.name} {held}, not {tokens.name!r}; tick "
+                            "'Start over' to replace it, or pick another output name")
+    tokens.load(exact if exact is not None else bundled[tokens.name], path.name)
+
+
 def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te: bool) -> Path:
-    start = _resume(cfg, network, path, ctx)
+    tokens = PivotalTokens.create(cfg, model)
+    start = _resume(cfg, network, path, ctx, tokens)
     steps = kt.total_steps(cfg, batches)
     unet_lr = cfg.unet_lr or cfg.learning_rate
     te_lr = cfg.text_encoder_lr or cfg.learning_rate
     groups = [{"params": network.unet_parameters(), "lr": unet_lr}]
     if trains_te:
         groups.append({"params": network.text_encoder_parameters(), "lr": te_lr})
+    if tokens is not None:  # the last group (PivotalTokens.rates), without weight decay
+        groups.append({"params": tokens.parameters(), "lr": cfg.pivotal_lr or cfg.learning_rate,
+                       "weight_decay": 0.0})
+        tokens.at_step(start)
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
     offload = kt.offloader(cfg, model, trains_te)
     encoder, encode = kt.encoder_for(cfg, model, trains_te, visit=offload.visiting)
+    if tokens is not None:  # the new word's vectors spliced into the captions, with grad
+        encoder, encode = tokens.encoder(cfg, model, trains_te)
     started = time.time()
     per_epoch = kt.steps_per_epoch(cfg, batches)
     metadata = lora_metadata(LoraTrainingInfo(
@@ -122,16 +151,26 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         metadata = lycoris_metadata(metadata, cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
                                     cfg.lokr_factor)
     write = save_lora if cfg.network_type == "lora" else save_lycoris
+    if tokens is not None:
+        metadata.update(tokens.metadata())
 
     def save(target: Path, step: int) -> None:
         state = network.kohya_state_dict()
+        if tokens is not None:
+            state.update(tokens.bundle())
         write(target, state, update_progress(metadata, steps=step, epoch=step // per_epoch),
                   precision=cfg.save_precision)
         if cfg.save_diffusers_format and target == path:
             folder = diffusers_folder(path)
             save_diffusers_lora(folder, network.module_state_dict(), network.targets,
                                 cfg.save_precision, denoiser=model.spec.denoiser)
+            if tokens is not None:  # diffusers' LoRA format has no place for them
+                save_embedding(folder / f"{tokens.name}.safetensors", tokens.embedding_file(step))
             ctx.emit(ev.Saved(step=step, path=str(folder), kind="diffusers folder"))
+
+    scheduled = kt.rates(cfg, [g["lr"] for g in groups], steps)
+    rates = scheduled if tokens is None else (
+        lambda step: tokens.rates(scheduled(step), step))
 
     @contextlib.contextmanager
     def preview_strength():
@@ -142,11 +181,13 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
             network.set_strength(1.0)
 
     plan = TrainingPlan(
-        name=path.stem, optimizer=optimizer, rates=kt.rates(cfg, [g["lr"] for g in groups], steps),
+        name=path.stem, optimizer=optimizer, rates=rates,
         encode=encode, prompt_encoder=encoder, save=save, checksum=lambda: _checksum(path),
         final_path=path, copies_folder=catalog.get("lora").copies_folder, previews=kt.previews(cfg, path.stem),
         start_step=start, unet_context=lambda: kt.memory_options(cfg, model, trains_te),
         preview_context=preview_strength, resume_optimizer=not cfg.overwrite, offload=offload,
-        sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32)})
+        sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32),
+                               **({"pivotal": tokens.state()} if tokens is not None else {})},
+        after_step=tokens.at_step if tokens is not None else None)
     opts = kt.loop_options(cfg, model, batches, steps, {"method": "lora", "output": str(path)})
     return train(model, batches, plan, opts, ctx)
