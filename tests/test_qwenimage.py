@@ -2,7 +2,8 @@
 transformer sees it (one frame, normalised by latents_mean / latents_std), the transformer's
 output as Danlu's flow-matching velocity (checked against the pipeline's own transformer call
 and Euler step), LoRA trained from the CLI with previews, musubi-tuner's kohya-style files that
-QwenImagePipeline loads, exact resume, what a Qwen-Image run refuses, and the real shape."""
+QwenImagePipeline loads, Compare, exact resume, what a Qwen-Image run refuses, and the real
+shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from core.events import Preview
 from tests.conftest import RecordingContext, kohya_photos, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers.configs import LoraConfig
@@ -228,6 +228,22 @@ def test_qwenimage_previews_use_true_cfg(family_paths):
                   generator=torch.Generator().manual_seed(5)).images[0]
     assert np.array_equal(np.asarray(guided), np.asarray(theirs))
     assert not np.array_equal(np.asarray(plain), np.asarray(guided))
+
+
+def test_a_qwenimage_lora_run_is_compared_by_checkpoint_and_strength(family_paths, pictures,
+                                                                     tmp_path):
+    from PIL import Image
+
+    from trainers import runs as rn
+    from trainers.compare import render_grid, spec_for_run
+    run(lora_config(pictures, save_every_n_steps=2, sample_at_first=False,
+                    learning_rate=5e-2), RecordingContext(family_paths))
+    lora = next(r for r in rn.scan_runs(family_paths) if r.method == "lora")
+    spec = spec_for_run(lora, ["4-final", "2"], "0, 1", "zxq cat", "3", steps=2)
+    grid = render_grid(spec, family_paths, cache_dir=tmp_path / "cells")
+    assert grid.rendered == 4 and grid.row_labels[0] == "step 2 · strength 0"
+    cells = {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / "cells").glob("*.png"))}
+    assert len({c.tobytes() for c in cells.values()}) == 3  # strength 0 is the base both times
 
 
 def test_qwenimage_lora_lowers_the_loss_on_its_batch_and_resumes_exactly(family_paths, pictures):
