@@ -61,6 +61,7 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                 False)]
 
 
+FULL_MEMORY = ["fused_backward_pass"]  # DreamBooth and fine-tuning
 DREAMBOOTH_GROUPS = [("Instance and class images",
                       ["train_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
                        "num_class_images", "prior_loss_weight", "reg_data_dir"], True),
@@ -69,7 +70,7 @@ DREAMBOOTH_GROUPS = [("Instance and class images",
                                        "stop_text_encoder_training"], False),
                      ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),
                      ("Loss", KOHYA_LOSS, False),
-                     ("Speed and memory", KOHYA_MEMORY, False),
+                     ("Speed and memory", KOHYA_MEMORY + FULL_MEMORY, False),
                      ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
 
 
@@ -84,7 +85,8 @@ FINE_TUNE_GROUPS = [("Images and metadata JSON",
                                       "stop_text_encoder_training"], False),
                     ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),
                     ("Loss", KOHYA_LOSS, False),
-                    ("Speed and memory", [n for n in KOHYA_MEMORY if n != "cache_latents_to_disk"], False),
+                    ("Speed and memory", [n for n in KOHYA_MEMORY if n != "cache_latents_to_disk"]
+                     + FULL_MEMORY, False),
                     ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
 
 

@@ -744,6 +744,21 @@ class FullModelConfig(KohyaTrainingConfig):
     ema_decay: float = option(0.9999, "EMA decay per step.", label="EMA decay", min=0.0, max=1.0)
     save_diffusers: bool = option(False, "Also save a diffusers folder beside the file.",
                                   label="Also save diffusers folder")
+    fused_backward_pass: bool = option(False, "Step each weight as soon as its gradient is "
+                                       "ready and free that gradient (kohya's "
+                                       "fused_backward_pass): the whole model's gradients never "
+                                       "exist at once. AdamW or Adafactor, no gradient "
+                                       "accumulation, max grad norm 0, not fp16.",
+                                       label="Fused backward pass")
+
+    def full_model_problems(self) -> list[str]:
+        problems = self.kohya_problems()
+        if self.fused_backward_pass:
+            from trainers.fused_backward import problems as fused_problems
+            problems += [f"{p} (fused_backward_pass)" for p in fused_problems(
+                self.optimizer_type, self.gradient_accumulation_steps, self.max_grad_norm,
+                self.mixed_precision, self.on_nan)]
+        return problems
 
     def trainable_parameters(self, unet: float, text: float,
                              lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
@@ -770,7 +785,7 @@ class DreamBoothConfig(FullModelConfig):
                                       label="Prior loss weight", min=0.0, max=100.0)
 
     def validate(self) -> "DreamBoothConfig":
-        problems = self.kohya_problems()
+        problems = self.full_model_problems()
         if self.num_class_images and not self.class_data_dir.strip():
             problems.append("class_data_dir: choose a folder for the class images (needed when "
                             "num_class_images is more than 0)")
@@ -814,7 +829,7 @@ class FineTuneConfig(FullModelConfig):
                                        "'young' is dropped).", label="Anime caption rules")
 
     def validate(self) -> "FineTuneConfig":
-        problems = self.kohya_problems()
+        problems = self.full_model_problems()
         if not self.in_json.strip():
             problems.append("in_json: choose the metadata JSON")
         if self.dataset_config.strip():

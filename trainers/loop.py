@@ -100,6 +100,7 @@ class TrainingPlan:
     state_tensors: Callable[[], list[torch.Tensor]] | None = None  # more that training changes
     # besides the trainable weights (an EMA), kept with them for a nan/inf stop
     offload: object = None  # an Offloader (trainers/offload.py): frozen parts off the device
+    fused: object = None  # a FusedBackward (trainers/fused_backward.py): steps during backward
 
 
 # optimizer state entries shaped like their parameter (torch's and bitsandbytes' names); others,
@@ -245,7 +246,7 @@ class _Training:
 
         stopped = False
         self.unet.train()
-        with plan.unet_context(), self._offloaded():
+        with plan.unet_context(), self._offloaded(), plan.fused or contextlib.nullcontext():
             if self.main and opts.preview_at_start and opts.preview_every and self.step == 0:
                 preview(self.model, plan, self.unet, self.folder, 0, [], ctx)
             while self.step < opts.steps:
@@ -259,6 +260,9 @@ class _Training:
                     break
                 for group, rate in zip(plan.optimizer.param_groups, rates):
                     group["lr"] = rate
+                if plan.fused is not None:  # the optimizer steps during backward
+                    self.last_good.keep(self.step)
+                    crash_points.reached("step")
                 total_loss, clipped, last_texts = self._accumulate()
                 if not self._guard(total_loss):
                     continue  # a skipped step
@@ -363,7 +367,9 @@ class _Training:
     def _accumulate(self) -> tuple[float, bool, list[str]]:
         """Every micro-batch's backward; (the step's loss, whether the gradients were clipped
         already, the last captions)."""
-        opts, parallel, scaler = self.opts, self.parallel, self.scaler
+        opts, parallel, scaler, fused = self.opts, self.parallel, self.scaler, self.plan.fused
+        if fused is not None:
+            fused.begin()
         summed, texts = None, []  # the step's loss stays on the device until all micro-batches ran
         for k in range(opts.accumulation):
             micro = self.step * opts.accumulation + k
@@ -378,7 +384,9 @@ class _Training:
         # with fp16 loss scaling overflowing gradients are normal: the scaler skips those
         gauge, clipped = (grad_check.gauge(self.parameters, opts.clip_mode,
                                            opts.clip_value(self.step))
-                          if scaler is None else (None, False))
+                          if scaler is None and fused is None else (None, False))
+        if fused is not None:  # the gradients are gone; their norm was kept on the way
+            gauge = fused.gauge()
         total_loss, self.grad_gauge = grad_check.read(summed, gauge)
         if parallel is not None:
             total_loss = parallel.mean(total_loss)  # the whole batch's loss, on every process
@@ -401,7 +409,8 @@ class _Training:
                                     "changed"))
             return False
         at = self.step + 1
-        kept = self._keep_last_good(math.isfinite(total_loss))
+        # fused: the weights already took the bad step; those before it gave the finite loss
+        kept = self._keep_last_good(math.isfinite(total_loss) and self.plan.fused is None)
         if self.parallel is not None:
             self.parallel.wait()  # the others end only after the main process saved
         several = f" in {self.skipped} steps in a row" if opts.on_nan == "skip" else ""
@@ -409,6 +418,9 @@ class _Training:
 
     def _optimizer_step(self, clipped: bool) -> None:
         plan, opts, scaler = self.plan, self.opts, self.scaler
+        if plan.fused is not None:
+            self._stepped()
+            return
         if opts.clip_mode != "disabled" and not clipped:
             if scaler is not None:
                 scaler.unscale_(plan.optimizer)
@@ -421,6 +433,10 @@ class _Training:
         else:
             plan.optimizer.step()
         plan.optimizer.zero_grad(set_to_none=True)
+        self._stepped()
+
+    def _stepped(self) -> None:
+        plan = self.plan
         self.step += 1
         self.stepped = True
         if plan.after_step is not None:

@@ -14,7 +14,8 @@ from trainers import kohya_training as kt
 from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
 from trainers.formats.sd_checkpoint import save_single_file
-from trainers.loop import TrainingPlan, train
+from trainers.fused_backward import FusedBackward
+from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.models import give_back, load_model
 from trainers.optimizers import create_optimizer
 
@@ -127,6 +128,12 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
                                   if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
+    fused = None
+    if cfg.fused_backward_pass:
+        if distributed.processes(ctx) > 1:
+            raise TrainingError("fused_backward_pass: steps each weight during backward, before "
+                                "the processes average their gradients; train on one process")
+        fused = FusedBackward(optimizer)
     steps = kt.total_steps(cfg, batches)
     base_rates = kt.rates(cfg, [g["lr"] for g in groups], steps)
 
@@ -177,7 +184,7 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
         save=save, checksum=checksum, final_path=path, copies_folder=catalog.get(method).copies_folder,
         previews=kt.previews(cfg, path.stem), start_step=start,
         unet_context=lambda: kt.memory_options(cfg, model, cfg.train_text_encoder),
-        resume_optimizer=not cfg.overwrite, offload=offload,
+        resume_optimizer=not cfg.overwrite, offload=offload, fused=fused,
         after_step=(lambda step: ema.step(unet.parameters())) if ema is not None else None,
         state_tensors=lambda: list(ema.shadow_params) if ema is not None else [],
         sidecar_extra=lambda: sidecar(cfg, model, ema))
