@@ -129,7 +129,7 @@ def _embedding_vectors(path: Path, model):
 
 
 def spec_from_state(state):
-    """The LoraSpec (rank, alpha, conv rank/alpha, parts) a kohya state dict was made with.
+    """The LoraSpec (rank, alpha, conv rank/alpha, parts, DoRA) a kohya state dict was made with.
     Each layer's own rank and alpha go in `ranks` (a file resized per layer has several); the
     smallest linear rank is the default: a layer fused from several modules (Flux's q/k/v)
     may hold their adapters side by side."""
@@ -153,4 +153,4 @@ def spec_from_state(state):
                     conv_alpha=conv_alpha if conv_alpha is not None else 1.0,
                     train_unet=any(k.startswith("lora_unet_") for k in state),
                     train_text_encoder=any(k.startswith("lora_te") for k in state),
-                    ranks=ranks)
+                    ranks=ranks, dora=any(k.endswith(".dora_scale") for k in state))

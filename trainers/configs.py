@@ -561,6 +561,10 @@ class LoraConfig(KohyaTrainingConfig):
     lokr_factor: int = option(-1, "LoKr: LyCORIS's factor, the size of the small Kronecker "
                               "factor's sides; -1 picks the most square split.",
                               label="LoKr factor", min=-1)
+    dora_wd: bool = option(False, "DoRA (LyCORIS's dora_wd): weight-decomposed LoRA, which also "
+                           "trains each layer's magnitude (per output row; saved as "
+                           "dora_scale); for network type 'lora' on SD1/SD2/SDXL.",
+                           label="DoRA (weight-decomposed)")
     network_train_unet_only: bool = option(False, "Train the U-Net only (leave the text "
                                            "encoder as it is).", label="Train U-Net only")
     unet_lr: float = option(0.0, "U-Net learning rate; 0 uses the base learning rate.",
@@ -633,6 +637,12 @@ class LoraConfig(KohyaTrainingConfig):
                             "are up-cast to it for each layer)")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             problems.append(f"lokr_factor: -1 (automatic) or 1 and more, got {self.lokr_factor}")
+        if self.dora_wd and self.network_type != "lora":
+            problems.append(f"dora_wd: DoRA is offered for network type 'lora' (peft's use_dora), "
+                            f"not {self.network_type}; untick it or pick 'lora'")
+        if self.dora_wd and self.fp8_base:
+            problems.append("fp8_base: DoRA takes the norm of every base weight at each step; it "
+                            "is not combined with 8-bit base weights here, untick one of them")
         if self.network_type in ("loha", "lokr") and self.save_diffusers_format:
             problems.append(f"save_diffusers_format: diffusers' format holds LoRA only, not "
                             f"{self.network_type}; untick it")
@@ -656,9 +666,14 @@ class LoraConfig(KohyaTrainingConfig):
         return []
 
     def adapter_family_problems(self, family) -> list[str]:
-        """Network types a model of `family` cannot train (LyCORIS types: SD U-Nets only)."""
-        if self.network_type != "lora" and (family.prediction == "flow" or
-                                            family.lora_layout != "trainers.lora_network:UNET_LAYOUT"):
+        """Network types a model of `family` cannot train (LyCORIS types, DoRA: SD U-Nets
+        only)."""
+        sd_unet = family.prediction != "flow" and \
+            family.lora_layout == "trainers.lora_network:UNET_LAYOUT"
+        if self.dora_wd and not sd_unet:
+            return [f"dora_wd: DoRA trains SD1/SD2/SDXL models only; {family.label} takes "
+                    "plain 'lora'"]
+        if self.network_type != "lora" and not sd_unet:
             return [f"network_type: {self.network_type} trains SD1/SD2/SDXL models only; "
                     f"{family.label} takes 'lora'"]
         return []

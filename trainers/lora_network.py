@@ -26,6 +26,11 @@ up (lora_B) zeros, so a fresh network leaves the output unchanged; scale = alpha
 alpha of 0 means alpha = rank (kohya). Conv adapters are kohya's shape: down is a Conv2d with
 the base layer's kernel, stride and padding, up a 1x1 Conv2d. `dropout` is peft's
 `lora_dropout` (applied to the adapter's input; kohya's `network_dropout` acts after down).
+
+With `dora` (LyCORIS's `dora_wd`) every adapter is peft's DoRA (`use_dora=True`): a magnitude
+per output row beside down / up, saved as `<name>.dora_scale` (trainers/formats/dora.py). Its
+strength interpolates the layer's weight, W + s * (W' - W), as A1111 and ComfyUI apply a file;
+peft's own scale would not give the base model at 0.
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ class LoraSpec:
     # kohya name -> (rank, alpha) of a layer whose rank differs from the rest (a file resized
     # per layer, as kohya's dynamic resize writes it)
     ranks: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    dora: bool = False  # DoRA: peft's use_dora, a trained magnitude per output row
 
     def validate(self) -> None:
         if int(self.rank) < 1:
@@ -241,9 +247,12 @@ class _Part:
                                                       else (rank, alpha)) for t in targets}
         special = {re.escape(t.path): self.rank_alpha[t.name] for t in targets
                    if t.conv or t.name in own}
+        self.dora = bool(spec.dora)
+        self.dora_strength = _Strength()
+        self.hooks = []
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=float(spec.dropout), bias="none",
-            init_lora_weights=True, target_modules=[t.path for t in targets],
+            init_lora_weights=True, target_modules=[t.path for t in targets], use_dora=self.dora,
             rank_pattern={p: r for p, (r, _) in special.items()},
             alpha_pattern={p: a for p, (_, a) in special.items()})
         try:
@@ -263,6 +272,9 @@ class _Part:
                 raise RuntimeError(f"peft gave {target.path} rank {layer.r[adapter_name]}, "
                                    f"alpha {layer.lora_alpha[adapter_name]}; expected {r}, {a}")
             self.layers[target.name] = layer
+            if self.dora:
+                self.hooks.append(layer.lora_magnitude_vector[adapter_name]
+                                  .register_forward_hook(self.dora_strength))
         for layer in self.layers.values():
             for param in self._adapter_params(layer):
                 if param_dtype is not None and param.dtype != param_dtype:
@@ -275,7 +287,8 @@ class _Part:
                 param.requires_grad_(False)
 
     def _adapter_params(self, layer: nn.Module) -> list[nn.Parameter]:
-        return [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
+        params = [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
+        return params + ([layer.lora_magnitude_vector[self.adapter].weight] if self.dora else [])
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in self._adapter_params(layer)]
@@ -284,12 +297,22 @@ class _Part:
         layer = self.layers[name]
         return layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
 
+    def magnitude(self, name: str) -> nn.Parameter | None:
+        """DoRA's magnitude of module `name` (peft's shape: [out], a conv's [1, out, 1, 1])."""
+        return self.layers[name].lora_magnitude_vector[self.adapter].weight if self.dora else None
+
     def set_strength(self, multiplier: float) -> None:
+        if self.dora:
+            self.dora_strength.value = float(multiplier)
+            return
         for layer in self.layers.values():
             layer.set_scale(self.adapter, float(multiplier))
 
     def remove(self) -> None:
         tuner_layer = _peft_layer_class()
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
         for target in self.targets:
             parent, attr = _parent_and_attr(self.model, target.path)
             layer = getattr(parent, attr)
@@ -315,6 +338,16 @@ class _Part:
             if name in self.requires_grad:
                 param.requires_grad_(self.requires_grad[name])
         self.layers = {}
+
+
+class _Strength:
+    """Forward hook on a DoRA module: its output, W' x - W x, times the strength."""
+
+    def __init__(self):
+        self.value = 1.0
+
+    def __call__(self, module, args, output):
+        return None if self.value == 1.0 else output * self.value
 
 
 class AdaptedParts:
@@ -349,6 +382,8 @@ class LoraNetwork(AdaptedParts):
                  adapter_name: str = "danlu", param_dtype: torch.dtype | None = torch.float32,
                  text_encoder_2: nn.Module | None = None, layout: UnetLayout = UNET_LAYOUT):
         spec.validate()
+        if spec.dora and type(layout) is not UnetLayout:
+            raise ValueError("DoRA trains the SD families' U-Net and CLIP encoders only")
         self.spec = spec
         self.layout = layout
         self.adapter_name = adapter_name
@@ -398,6 +433,16 @@ class LoraNetwork(AdaptedParts):
                 down, up = part.down_up(target.name)
                 yield target.name, down, up, part.rank_alpha[target.name][1]
 
+    def _magnitudes(self):
+        """(kohya name, peft magnitude, the file's dora_scale shape) of each DoRA module."""
+        from trainers.formats.dora import file_shape
+        for part in self._parts.values():
+            for target in part.targets:
+                magnitude = part.magnitude(target.name)
+                if magnitude is not None:
+                    weight = part.layers[target.name].get_base_layer().weight
+                    yield target.name, magnitude, file_shape(weight.shape)
+
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every key of
         the file (the layout's: one per target, or fused as the family's file names them)."""
@@ -410,6 +455,8 @@ class LoraNetwork(AdaptedParts):
             state[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
             state[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous().clone()
             state[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        for name, magnitude, shape in self._magnitudes():  # LyCORIS's output-axis dora_scale
+            state[f"{name}.dora_scale"] = magnitude.detach().to("cpu", dtype).reshape(shape).clone()
         return state
 
     def load_kohya_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -424,6 +471,8 @@ class LoraNetwork(AdaptedParts):
             expected[f"{name}.lora_down.weight"] = (tuple(down.shape), down)
             expected[f"{name}.lora_up.weight"] = (tuple(up.shape), up)
             expected[f"{name}.alpha"] = ((), None)
+        for name, magnitude, shape in self._magnitudes():
+            expected[f"{name}.dora_scale"] = (shape, magnitude)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         problems = []
@@ -446,13 +495,14 @@ class LoraNetwork(AdaptedParts):
         if alphas:
             problems.append(f"{len(alphas)} alpha mismatches ({_some(alphas)})")
         if problems:
+            dora = ", DoRA" if self.spec.dora else ""
             raise LoraStateError(f"LoRA weights do not fit this network ({DIFFERENT_CONFIG}; "
-                                 f"rank {self.spec.rank}, conv rank {self.spec.conv_rank}): "
+                                 f"rank {self.spec.rank}, conv rank {self.spec.conv_rank}{dora}): "
                                  + "; ".join(problems))
         with torch.no_grad():
             for key, (_shape, param) in expected.items():
-                if param is not None:
-                    param.copy_(state[key].to(param.device, param.dtype))
+                if param is not None:  # dora_scale [out, 1] -> peft's [out] / [1, out, 1, 1]
+                    param.copy_(state[key].reshape(param.shape).to(param.device, param.dtype))
 
     # ---- teardown -------------------------------------------------------------------
     def remove(self) -> None:
@@ -514,7 +564,8 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None,
 def merge_into(unet: nn.Module | None, text_encoder: nn.Module | None,
                state: Mapping[str, torch.Tensor], multiplier: float = 1.0,
                text_encoder_2: nn.Module | None = None) -> list[str]:
-    """Add multiplier * (alpha/r) * up @ down to each named module's weight, in place.
+    """Add multiplier * (alpha/r) * up @ down to each named module's weight, in place (a DoRA
+    module: multiplier * (W' - W), trainers/formats/dora.py).
 
     Returns the merged kohya names; raises LoraStateError naming keys that match no module.
     """
@@ -528,11 +579,16 @@ def merge_into(unet: nn.Module | None, text_encoder: nn.Module | None,
         for name in names:
             module = modules[name]
             alpha = state.get(f"{name}.alpha")
+            scale = state.get(f"{name}.dora_scale")
             delta = lora_delta(state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"],
-                               None if alpha is None else float(alpha.float().reshape(())), multiplier)
+                               None if alpha is None else float(alpha.float().reshape(())),
+                               multiplier if scale is None else 1.0)
             if tuple(delta.shape) != tuple(module.weight.shape):
                 raise LoraStateError(f"{name}: LoRA delta {list(delta.shape)} does not fit the "
                                      f"weight {list(module.weight.shape)}")
+            if scale is not None:
+                from trainers.formats.dora import dora_delta
+                delta = dora_delta(module.weight, delta, scale, multiplier)
             module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
     return names
 

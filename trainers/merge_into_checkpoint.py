@@ -2,9 +2,12 @@
 
 Each file's change, weight * its delta (kohya LoRA: alpha / rank * up @ down; LoHa / LoKr: the
 formulas in trainers/formats/lycoris.py), is added to the fp32 weight of the module it names;
-the files are added in the order given. The result is written as the single `.safetensors`
-A1111, ComfyUI and Forge load from models/Stable-diffusion (trainers/formats/sd_checkpoint.py),
-so only the families Danlu writes in that layout (SD 1.x, SD 2.x, SDXL) are accepted."""
+the files are added in the order given. A DoRA module (`dora_scale`) changes the weight W it
+meets to W + weight * (W' - W), W' = dora_scale * (W + delta) / ||W + delta|| on the axis
+its dora_scale's shape names (trainers/formats/dora.py), as A1111 and ComfyUI apply it.
+The result is written as the single `.safetensors` A1111, ComfyUI and Forge load from
+models/Stable-diffusion (trainers/formats/sd_checkpoint.py), so only the families Danlu writes
+in that layout (SD 1.x, SD 2.x, SDXL) are accepted."""
 from __future__ import annotations
 
 import json
@@ -15,6 +18,7 @@ import torch
 
 from core import events as ev
 from trainers import families
+from trainers.formats.dora import dora_delta
 from trainers.formats.lora import PRECISIONS, read_lora_metadata
 from trainers.formats.lycoris import algo_of, load_adapter, lycoris_delta
 from trainers.formats.sd_checkpoint import save_single_file
@@ -56,13 +60,14 @@ def module_delta(state: dict, name: str, weight: torch.Tensor, multiplier: float
                  lycoris: bool) -> torch.Tensor:
     """The change file `state` makes to the module `name` whose weight is `weight` (float32)."""
     shape = tuple(weight.shape)
+    scale = state.get(f"{name}.dora_scale")
+    at = multiplier if scale is None else 1.0  # DoRA: the strength applies after decomposing
     if lycoris:
-        delta = lycoris_delta(state, name, multiplier=multiplier)
+        delta = lycoris_delta(state, name, multiplier=at)
     else:
         alpha = state.get(f"{name}.alpha")
         delta = lora_delta(state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"],
-                           None if alpha is None else float(alpha.float().reshape(())),
-                           multiplier)
+                           None if alpha is None else float(alpha.float().reshape(())), at)
     # a Linear's change fits a 1x1 conv of the same size and back (SD1's proj_in / proj_out);
     # LyCORIS keeps a conv's change flattened to [out, in * kh * kw]
     if tuple(delta.shape) != shape and delta.numel() == weight.numel() \
@@ -71,6 +76,8 @@ def module_delta(state: dict, name: str, weight: torch.Tensor, multiplier: float
     if tuple(delta.shape) != shape:
         raise ValueError(f"{name}: its change is {list(delta.shape)} but the model's weight is "
                          f"{list(shape)}")
+    if scale is not None:
+        delta = dora_delta(weight, delta, scale, multiplier)
     return delta
 
 

@@ -4,7 +4,8 @@ A layer's merged change is the weighted sum of the files' changes. Stacking the 
 it exactly: down = [down_1; down_2; ...], up = [w_1 * s_1 * up_1, w_2 * s_2 * up_2, ...] with
 each file's scale s = alpha / rank folded in and alpha = the summed rank, so the ranks add up.
 A rank > 0 then cuts each merged layer to that rank by SVD (trainers/resize_lora.py). A layer
-only some files have is merged from those."""
+only some files have is merged from those. DoRA files are refused (a DoRA layer's change
+depends on the base weight)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from core import events as ev
+from trainers.formats.dora import has_dora
 from trainers.formats.lora import load_lora, save_lora
 from trainers.resize_lora import DOWN, UP, derived_metadata, output_target, resize_state
 
@@ -47,6 +49,10 @@ def run(cfg, ctx) -> Path:
     for name, weight in cfg.weighted():
         ctx.emit(ev.Status(f"Reading {name}"))
         state, metadata = load_lora(paths.resolve(paths.lora / name, "loras"))
+        if has_dora(state):
+            raise ValueError(f"loras: {name} is a DoRA file (dora_scale): its change depends on "
+                             "the base weight it is applied to, so no sum of low-rank factors "
+                             "holds it; merge it into a checkpoint instead")
         weighted.append((state, weight))
         first_meta = first_meta if first_meta is not None else metadata
     merged = merge_states(weighted)

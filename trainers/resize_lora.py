@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from core import events as ev
+from trainers.formats.dora import has_dora
 from trainers.formats.lora import load_lora, save_lora
 
 DOWN, UP = ".lora_down.weight", ".lora_up.weight"
@@ -151,6 +152,10 @@ def run(cfg, ctx) -> Path:
     target = output_target(paths, cfg.output_name, cfg.overwrite)
     ctx.emit(ev.Status(f"Reading {source.name}"))
     state, metadata = load_lora(source)
+    if has_dora(state):
+        raise ValueError(f"lora: {source.name} is a DoRA file (dora_scale): a smaller rank "
+                         "would change the norm its magnitudes divide by, so resizing it is "
+                         "not offered")
     old = {state[k].shape[0] for k in state if k.endswith(DOWN)}
     method = "" if cfg.dynamic_method.strip() == "none" else cfg.dynamic_method.strip()
     resized, report = resize_layers(state, cfg.rank, cfg.conv_rank, method, cfg.dynamic_param)

@@ -7,7 +7,11 @@ Folder `<name>-diffusers/` holding `pytorch_lora_weights.safetensors` (the name 
 
 The diffusers/peft convention without adapter metadata is scale 1 (lora_alpha = rank), so the
 kohya scale alpha / rank is folded into lora_B: the folder gives the same output as the kohya file
-in every loader that reads the diffusers layout, older diffusers versions included."""
+in every loader that reads the diffusers layout, older diffusers versions included.
+
+A DoRA file's `dora_scale` (output axis) becomes `<key>.lora_magnitude_vector.weight`, [out] for a
+Linear and [1, out, 1, 1] for a conv, from which `load_lora_weights` sets up peft's DoRA
+(`use_dora`); diffusers drops `dora_scale` from a kohya file itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,6 +54,11 @@ def to_diffusers(kohya_state: Mapping[str, torch.Tensor], targets: Iterable,
         key = _key_path(target.part, target.path, denoiser)
         state[f"{key}.lora_A.weight"] = down
         state[f"{key}.lora_B.weight"] = up * scale
+        magnitude = kohya_state.get(f"{target.name}.dora_scale")
+        if magnitude is not None:  # peft's shape: [out] for a Linear, [1, out, 1, 1] for a conv
+            magnitude = magnitude.float().flatten()
+            state[f"{key}.lora_magnitude_vector.weight"] = magnitude if down.dim() == 2 else \
+                magnitude.reshape(1, -1, 1, 1)
     if not state:
         raise ValueError("no LoRA modules to write in the diffusers format")
     return state

@@ -155,8 +155,9 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 # ---- metadata -----------------------------------------------------------------------------
 def network_args(algo: str, conv_dim: int = 0, conv_alpha: float = 1.0,
-                 factor: int = -1) -> dict[str, str]:
-    """`ss_network_args` as kohya records LyCORIS's command-line args (all strings)."""
+                 factor: int = -1, dora_wd: bool = False) -> dict[str, str]:
+    """`ss_network_args` as kohya records LyCORIS's command-line args (all strings); DoRA is
+    `dora_wd` with its norm on the output axis (`wd_on_output`, LyCORIS's default)."""
     def text(value) -> str:
         value = float(value)
         return str(int(value)) if value.is_integer() else str(value)
@@ -167,13 +168,18 @@ def network_args(algo: str, conv_dim: int = 0, conv_alpha: float = 1.0,
     args["algo"] = algo
     if algo == "lokr":
         args["factor"] = str(int(factor))
+    if dora_wd:
+        args["dora_wd"] = "True"
+        args["wd_on_output"] = "True"
     return args
 
 
 def lycoris_metadata(metadata: Mapping[str, str], algo: str, conv_dim: int = 0,
-                     conv_alpha: float = 1.0, factor: int = -1) -> dict[str, str]:
+                     conv_alpha: float = 1.0, factor: int = -1,
+                     dora_wd: bool = False) -> dict[str, str]:
     """kohya LoRA metadata (trainers.formats.lora.lora_metadata) made LyCORIS's."""
     meta = dict(metadata)
     meta["ss_network_module"] = NETWORK_MODULE
-    meta["ss_network_args"] = json.dumps(network_args(algo, conv_dim, conv_alpha, factor))
+    meta["ss_network_args"] = json.dumps(network_args(algo, conv_dim, conv_alpha, factor,
+                                                      dora_wd))
     return meta
