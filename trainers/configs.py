@@ -12,6 +12,7 @@ from typing import ClassVar
 from core.config import ConfigError, accept, check_limits, option
 from trainers import config_forms as cf
 from trainers.flow_options import FLOW_WEIGHTINGS, SIGMA_SAMPLINGS
+from trainers.formats.lora_key_maps import FAMILIES as CHECK_FAMILIES
 
 # the memory estimate's reference: an SD 1.x U-Net's parameters (trainers/families/sd1.py)
 SD1_UNET_PARAMETERS = 859.5e6
@@ -1139,6 +1140,38 @@ class LoraEmaConfig(NamesFiles):
                 not paths.resolve(self.run_folder, "run_folder").is_dir():
             problems.append(f"run_folder: no folder {self.run_folder.strip()!r}")
         return problems + lora_output_problems(paths, self.output_name, self.overwrite)
+
+
+@dataclass
+class CheckLoraConfig(NamesFiles):
+    """A LoRA-family file checked against the key maps of A1111, ComfyUI and diffusers
+    (trainers/formats/key_check.py); it writes nothing."""
+    lora: str = option("", "The LoRA / LoCon / LoHa / LoKr file: a name in models/Lora or a "
+                       "path.", label="LoRA", path="lora")
+    family: str = option("auto", "The base model family to check against; auto reads it from "
+                         "the file's metadata (or its layer names).", label="Family",
+                         choices=["auto", *CHECK_FAMILIES])
+
+    def validate(self) -> "CheckLoraConfig":
+        problems = check_limits(self)
+        if not self.lora.strip():
+            problems.append("lora: choose the LoRA file to check")
+        return accept(self, problems)
+
+    def file_problems(self, paths) -> list[str]:
+        problems = super().file_problems(paths)
+        if not problems and self.lora.strip() and self.lora_path(paths) is None:
+            problems.append(f"lora: no file {self.lora.strip()!r} in {paths.lora} or the data "
+                            "folder")
+        return problems
+
+    def lora_path(self, paths) -> Path | None:
+        """The file: a name in models/Lora first, then a path from the data folder."""
+        for typed in (paths.lora / self.lora.strip(), self.lora.strip()):
+            path = paths.resolve(typed, "lora")
+            if path.is_file():
+                return path
+        return None
 
 
 @dataclass

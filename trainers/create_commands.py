@@ -7,12 +7,13 @@ import importlib
 from pathlib import Path
 
 from core import events as ev
-from trainers.configs import (AestheticEmbeddingConfig, CreateEmbeddingConfig,
-                              CreateHypernetworkConfig)
+from trainers.configs import (AestheticEmbeddingConfig, CheckLoraConfig,
+                              CreateEmbeddingConfig, CreateHypernetworkConfig)
 
 CREATE_COMMANDS = {"create_embedding": CreateEmbeddingConfig,
                    "create_hypernetwork": CreateHypernetworkConfig,
-                   "aesthetic_embedding": AestheticEmbeddingConfig}
+                   "aesthetic_embedding": AestheticEmbeddingConfig,
+                   "check_lora": CheckLoraConfig}
 ENGINE = {"create_embedding": ("trainers.embeddings:create_embedding", "embedding"),
           "create_hypernetwork": ("trainers.hypernetworks:create_hypernetwork", "hypernetwork"),
           "aesthetic_embedding": ("trainers.aesthetic:create_aesthetic_embedding",
@@ -25,6 +26,8 @@ def run_create(verb: str, cfg, ctx) -> Path:
     from trainers.preflight import check_before_queueing
     cfg.validate()
     check_before_queueing(cfg, ctx.paths)
+    if verb == "check_lora":
+        return run_check(cfg, ctx)
     target, kind = ENGINE[verb]
     module, function = target.split(":")
     create = getattr(importlib.import_module(module), function)
@@ -44,3 +47,15 @@ def _details(verb: str, cfg) -> str:
     if verb == "create_hypernetwork":
         return f" (modules {', '.join(map(str, cfg.sizes))}, layers {cfg.layer_structure})"
     return f" (from the images in {cfg.data_root})"
+
+
+def run_check(cfg, ctx) -> Path:
+    """`check_lora`: the key-map Check's whole report as Status lines, its summary in
+    Finished (trainers/formats/key_check.py). A file that cannot be read fails by name."""
+    from trainers.formats.key_check import check_file
+    path = cfg.lora_path(ctx.paths)
+    report = check_file(path, None if cfg.family == "auto" else cfg.family)
+    for line in report.text().splitlines()[1:]:
+        ctx.emit(ev.Status(line))
+    ctx.emit(ev.Finished(step=0, path=str(path), message=report.summary()))
+    return path

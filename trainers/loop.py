@@ -100,6 +100,7 @@ class TrainingPlan:
     state_tensors: Callable[[], list[torch.Tensor]] | None = None  # more that training changes
     # besides the trainable weights (an EMA), kept with them for a nan/inf stop
     offload: object = None  # an Offloader (trainers/offload.py): frozen parts off the device
+    final_note: Callable[[Path], str] | None = None  # appended to the final message (a file check)
     fused: object = None  # a FusedBackward (trainers/fused_backward.py): steps during backward
 
 
@@ -271,8 +272,10 @@ class _Training:
                 self._periodic(last_texts)
         path = self._save_or_stop("final")
         ended = "interrupted" if stopped or ctx.should_stop() else "finished"
+        note = plan.final_note(path) if plan.final_note is not None and self.main else ""
         ctx.emit(ev.Finished(step=self.step, path=str(path),
-                             message=f"Training {ended} at step {self.step}; saved {path}"))
+                             message=f"Training {ended} at step {self.step}; saved {path}"
+                                     + (f". {note}" if note else "")))
         return path
 
     # ------------------------------------------------------------------ before the first step

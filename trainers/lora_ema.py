@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core import events as ev
+from trainers.formats.key_check import saved_file_note
 from trainers.formats.lora import save_lora
 from trainers.formats.lycoris import algo_of, load_adapter, save_lycoris
 from trainers.resize_lora import output_target
@@ -156,5 +157,5 @@ def run(cfg, ctx) -> Path:
     ctx.emit(ev.Saved(step=copies[-1][0], path=str(target), kind="final"))
     ctx.emit(ev.Finished(step=copies[-1][0], path=str(target), message=(
         f"Averaged {len(copies)} copies of {name} (steps {copies[0][0]} to {copies[-1][0]}, "
-        f"{rule}; last copy's weight {weights[-1]:.2f}) into {target}")))
+        f"{rule}; last copy's weight {weights[-1]:.2f}) into {target}. {saved_file_note(target)}")))
     return target

@@ -14,6 +14,7 @@ import torch
 
 from core import events as ev
 from trainers.formats.dora import has_dora
+from trainers.formats.key_check import saved_file_note
 from trainers.formats.lora import load_lora, save_lora
 from trainers.resize_lora import DOWN, UP, derived_metadata, output_target, resize_state
 
@@ -65,5 +66,5 @@ def run(cfg, ctx) -> Path:
     ctx.emit(ev.Saved(step=0, path=str(target), kind="final"))
     ctx.emit(ev.Finished(step=0, path=str(target), message=(
         f"Merged {listed} into {len(merged) // 3} layers of rank "
-        f"{'/'.join(map(str, ranks))}: {target}")))
+        f"{'/'.join(map(str, ranks))}: {target}. {saved_file_note(target)}")))
     return target

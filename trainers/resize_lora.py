@@ -27,6 +27,7 @@ import torch
 
 from core import events as ev
 from trainers.formats.dora import has_dora
+from trainers.formats.key_check import saved_file_note
 from trainers.formats.lora import load_lora, save_lora
 
 DOWN, UP = ".lora_down.weight", ".lora_up.weight"
@@ -187,7 +188,7 @@ def run(cfg, ctx) -> Path:
         f"Resized {source.name} to {to}: {len(report)} layers, "
         f"{share:.1f}% of its weight change kept (Frobenius); per layer "
         f"{100 * sum(fros) / len(fros):.1f}% on average, least {100 * worst.fro_retained:.1f}% "
-        f"({worst.name}); saved to {target}")))
+        f"({worst.name}); saved to {target}. {saved_file_note(target)}")))
     return target
 
 

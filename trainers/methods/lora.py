@@ -19,6 +19,7 @@ from trainers.formats.bundled_embeddings import read_bundled
 from trainers.formats.embedding import save_embedding
 from trainers.formats.lora_diffusers import diffusers_folder, save_diffusers_lora
 from trainers.formats.lycoris import load_adapter, lycoris_metadata, save_lycoris
+from trainers.formats.key_check import saved_file_note
 from trainers.formats.optim_sidecar import load_optim
 from trainers.lora_network import LoraNetwork, LoraSpec, LoraStateError
 from trainers.lycoris_network import LycorisNetwork, LycorisSpec
@@ -189,6 +190,7 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         preview_context=preview_strength, resume_optimizer=not cfg.overwrite, offload=offload,
         sidecar_extra=lambda: {"network": network.kohya_state_dict(torch.float32),
                                **({"pivotal": tokens.state()} if tokens is not None else {})},
-        after_step=tokens.at_step if tokens is not None else None)
+        after_step=tokens.at_step if tokens is not None else None,
+        final_note=lambda saved: saved_file_note(saved, model.spec.name))
     opts = kt.loop_options(cfg, model, batches, steps, {"method": "lora", "output": str(path)})
     return train(model, batches, plan, opts, ctx)
