@@ -2,8 +2,8 @@
 transformer sees it (one frame, normalised by latents_mean / latents_std), the transformer's
 output as Danlu's flow-matching velocity (checked against the pipeline's own transformer call
 and Euler step), LoRA trained from the CLI with previews, musubi-tuner's kohya-style files that
-QwenImagePipeline loads, Compare, exact resume, what a Qwen-Image run refuses, and the real
-shape."""
+QwenImagePipeline loads, Compare, exact resume, what a Qwen-Image run refuses, a single
+transformer file, and the real shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -302,6 +302,38 @@ def test_qwenimage_runs_refuse_what_does_not_apply(family_paths, pictures):
     ti = TextualInversionConfig(model=QWEN, embedding="x", data_root=str(pictures))
     with pytest.raises(ConfigError, match="tiny-demo-qwenimage is a Qwen-Image model"):
         check_before_queueing(ti, family_paths)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_a_qwenimage_transformer_file_loads_with_the_demos_parts(tmp_path, prefix):
+    """A single transformer file as ComfyUI ships Qwen-Image (diffusers' names, with or without
+    its prefix) is told apart and loads with a matching folder's text encoder and VAE (here the
+    demo's); a file with a foreign tensor is refused by name."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from core.paths import Paths
+    from trainers.families import guess_family
+    from trainers.models import ModelError
+    from trainers.tiny_model import build_tiny_model
+    paths = Paths(tmp_path / "data").ensure()
+    folder = build_tiny_model(paths.cache / QWEN, family="qwen_image")
+    transformer = DiffusionPipeline.from_pretrained(folder).transformer
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(0.01)
+    state = {prefix + k: v.contiguous() for k, v in transformer.state_dict().items()}
+    save_file(state, str(paths.stable_diffusion / "qwen-ft.safetensors"))
+    assert guess_family(paths, "qwen-ft.safetensors") == "qwen_image"
+    model = load_model(paths, "qwen-ft.safetensors")
+    assert model.family == "qwen_image" and model.short_hash and not model.is_demo
+    loaded = model.unet.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in transformer.state_dict().items())
+    assert type(model.vae).__name__ == "QwenImageLatents" and model.text_encoder is not None
+    save_file({**state, prefix + "extra.weight": torch.zeros(2)},
+              str(paths.stable_diffusion / "qwen-odd.safetensors"))
+    with pytest.raises(ModelError, match="qwen-odd.safetensors holds only a Qwen-Image"):
+        load_model(paths, "qwen-odd.safetensors")
 
 
 def test_qwen_image_shape_gives_the_family_params_and_musubis_lora_names():

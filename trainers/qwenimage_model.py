@@ -238,6 +238,26 @@ def _preview_class():
     return QwenImagePreviewPipeline
 
 
+class QwenImageFileLayout:
+    """Qwen-Image's single transformer files (ComfyUI's `qwen_image_bf16.safetensors`, the DiT
+    musubi-tuner trains) name every tensor as diffusers does, optionally under ComfyUI's
+    `model.diffusion_model.` (Family.transformer_file; trainers/transformer_file.py)."""
+    label = "Qwen-Image"
+
+    def to_diffusers(self, state: dict) -> dict:
+        from trainers.formats.transformer_layouts import PREFIX, TransformerLayoutError
+        state = {key.removeprefix(PREFIX): tensor for key, tensor in state.items()}
+        if "txt_norm.weight" not in state:
+            raise TransformerLayoutError("not a Qwen-Image transformer: no txt_norm.weight")
+        return state
+
+    def to_original(self, state: dict) -> dict:
+        return dict(state)
+
+
+FILE_LAYOUT = QwenImageFileLayout()
+
+
 def write_demo_tokenizer(folder: Path) -> Path:
     """The demo's Qwen tokenizer (Qwen2.5-VL's is Qwen2's), learnt with the pipeline's template
     so the template's first 34 tokens are its system turn and user prompt, as with the real

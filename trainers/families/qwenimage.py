@@ -31,6 +31,8 @@ def _is_qwenimage_folder(index: dict, unet: dict) -> bool:
 FAMILY = register(Family(
     name="qwen_image", label="Qwen-Image", context_width=3584, pipeline="QwenImagePipeline",
     folder_marker=_is_qwenimage_folder, prediction="flow", single_file=False,
+    unet_key_markers=("txt_norm.weight",),  # only its transformer has it
+    transformer_file="trainers.qwenimage_model:FILE_LAYOUT",
     tokenizer_pads=(None,), tokenizer_kinds=("trainers.qwenimage_model:write_demo_tokenizer",),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1328,
     # the transformer, Qwen2.5-VL-7B (text and vision) and the VAE at their published shapes
