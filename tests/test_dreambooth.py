@@ -83,6 +83,48 @@ def test_interrupted_then_resumed_run_repeats_the_uninterrupted_one_when_saving_
     assert any("exact fp32 weights of step 2" in e.text for e in second.of(Status))
 
 
+def _sidecar(path):
+    from trainers.formats.safe_load import safe_torch_load
+    return safe_torch_load(path.with_name(path.name + ".optim"))
+
+
+@pytest.mark.parametrize("te, kept", [(False, {"unet"}), (True, {"unet", "text_encoder"})])
+def test_the_sidecar_keeps_the_fp32_weights_of_only_what_trained(data_paths, instance_dir, te, kept):
+    """Not the frozen VAE or text encoder (resume reads those from the base model)."""
+    path = run(db_config(instance_dir, max_train_steps=1, save_precision="fp16",
+                         train_text_encoder=te), RecordingContext(data_paths))
+    weights = _sidecar(path)["danlu"]["weights"]
+    assert set(weights) == kept
+    base = load_model(data_paths, "tiny-demo")
+    assert set(weights["unet"]) == set(base.unet.state_dict())
+    assert all(t.dtype == torch.float32 for t in weights["unet"].values())
+
+
+def test_a_sidecar_with_every_module_as_older_versions_wrote_still_resumes_exactly(
+        data_paths, instance_dir):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+    from trainers.formats.safe_load import save_torch_legacy
+    cfg = db_config(instance_dir, max_train_steps=4, save_precision="fp16")
+    demo = data_paths.cache / "tiny-demo"
+    frozen = {"text_encoder": CLIPTextModel.from_pretrained(demo / "text_encoder").state_dict(),
+              "vae": AutoencoderKL.from_pretrained(demo / "vae").state_dict()}
+
+    def as_older_versions_wrote(path):
+        payload = _sidecar(path)
+        payload["danlu"]["weights"].update(frozen)
+        save_torch_legacy(payload, path.with_name(path.name + ".optim"))
+
+    def reset():
+        for leftover in data_paths.stable_diffusion.iterdir():
+            leftover.unlink()
+    _, _, second = repeat_with_interruption(run, cfg, data_paths, load=load_file, reset=reset,
+                                            after_first=as_older_versions_wrote)
+    assert any("exact fp32 weights of step 2" in e.text for e in second.of(Status))
+    assert any("Loading model mydb.safetensors" in e.text for e in second.of(Status))
+
+
 def test_text_encoder_trains_when_asked(data_paths, instance_dir):
     base = load_model(data_paths, "tiny-demo")
     before = module_digest(base.text_encoder)

@@ -174,6 +174,29 @@ def test_fine_tune_trains_from_the_json_and_reuses_the_npz(data_paths, images, m
     assert any("0 encoded, 3 latents read from .npz" in e.text for e in again.of(Status))
 
 
+def test_sidecar_keeps_only_what_trained_and_a_resume_repeats_the_run(data_paths, images,
+                                                                       metadata_json):
+    """Saved in fp16 with the text encoder training: the .optim holds the fp32 U-Net and text
+    encoder (not the VAE), and an interrupted run resumed from it is the uninterrupted one."""
+    from safetensors.torch import load_file
+    from tests.conftest import repeat_with_interruption
+    from trainers.formats.safe_load import safe_torch_load
+    cfg = ft_config(images, metadata_json, max_train_steps=4, save_precision="fp16",
+                    train_text_encoder=True)
+
+    def kept(path):
+        weights = safe_torch_load(path.with_name(path.name + ".optim"))["danlu"]["weights"]
+        assert set(weights) == {"unet", "text_encoder"}
+
+    def reset():
+        for leftover in data_paths.stable_diffusion.iterdir():
+            leftover.unlink()
+    _, _, second = repeat_with_interruption(fine_tune.run, cfg, data_paths, load=load_file,
+                                            reset=reset, after_first=kept)
+    assert any("exact fp32 weights of step 2" in e.text for e in second.of(Status))
+    assert any(e.text == "Loading model tiny-demo" for e in second.of(Status))
+
+
 def test_cli_trains_fine_tune(tmp_path, tiny_model_dir, images, metadata_json):
     import shutil
     data = tmp_path / "data"

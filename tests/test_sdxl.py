@@ -319,3 +319,28 @@ def test_lora_extracted_from_an_sdxl_dreambooth_run_loads_and_approximates_it(fa
         assert len(found) == sum(n.startswith(prefix) for n in names)
     with_lora = picture(base)
     assert np.abs(with_lora - tuned_image).mean() < 0.5 * np.abs(base_image - tuned_image).mean()
+
+
+def test_dreambooth_with_both_text_encoders_keeps_both_in_the_sidecar_and_resumes_exactly(
+        family_paths, pictures):
+    """Saved in fp16: the .optim holds the fp32 U-Net and both text encoders (the second one
+    too), and an interrupted run resumed from it repeats the uninterrupted one."""
+    from safetensors.torch import load_file
+    from tests.conftest import repeat_with_interruption
+    from trainers.configs import DreamBoothConfig
+    from trainers.formats.safe_load import safe_torch_load
+    from trainers.methods.dreambooth import run
+    cfg = DreamBoothConfig(model=SDXL, output_name="dbx16", train_data_dir=str(pictures),
+                           instance_prompt="a photo of zxq cat", max_train_steps=3,
+                           learning_rate=1e-3, sample_at_first=False, save_precision="fp16",
+                           seed=3, train_text_encoder=True, **KOHYA).validate()
+
+    def kept(path):
+        weights = safe_torch_load(path.with_name(path.name + ".optim"))["danlu"]["weights"]
+        assert set(weights) == {"unet", "text_encoder", "text_encoder_2"}
+
+    def reset():
+        for leftover in family_paths.stable_diffusion.glob("dbx16*"):
+            leftover.unlink()
+    repeat_with_interruption(run, cfg, family_paths, load=load_file, reset=reset,
+                             after_first=kept)

@@ -51,20 +51,29 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
     return train_full_model(cfg, ctx, model, batches, path, start, base_config, "dreambooth")
 
 
-MASTER_MODULES = ("unet", "text_encoder", "vae")
+# the modules whose fp32 weights a sidecar may hold: what trained (older sidecars: also the
+# frozen text encoder and VAE, which are restored too)
+MASTER_MODULES = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 
 def load_for_training(cfg, ctx, path: Path):
     """(model, start step, base config name): the base model, or the file of this name to
-    continue (with its exact fp32 weights when the sidecar keeps them). The weights change in
-    place, so the model is taken out of the shared cache."""
+    continue. When its sidecar keeps the exact fp32 weights of what trained, the frozen modules
+    come from the base model, as the run began with them (the file holds them rounded), and the
+    trained ones from the sidecar. The weights change in place, so the model is taken out of the
+    shared cache."""
     resuming = path.exists() and not cfg.overwrite
-    ctx.emit(ev.Status(f"Loading model {path.name if resuming else cfg.model}"))
+    weights = saved_master_weights(path) if resuming else None
+    # an older sidecar (it holds the VAE) restores onto the file, as it was written to
+    from_base = weights is not None and "vae" not in weights
+    name = cfg.model if from_base or not resuming else path.name
+    ctx.emit(ev.Status(f"Loading model {name}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first
-        model = kt.with_schedule(cfg, load_model(ctx.paths, path.name if resuming else cfg.model,
-                                                 exclusive=True))
+        model = kt.with_schedule(cfg, load_model(ctx.paths, name, exclusive=True))
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
-    if resuming and restore_master_weights(model, path):
+    if weights is not None:
+        for module, state in weights.items():
+            getattr(model, module).load_state_dict(state)
         ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
     base_config = model.name if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
     return model, start, base_config
@@ -76,23 +85,27 @@ def needs_master_weights(cfg) -> bool:
     return cfg.save_precision != "fp32" or getattr(cfg, "use_ema", False)
 
 
-def master_weights(model) -> dict:
+def trained_modules(cfg, model) -> tuple[str, ...]:
+    """The U-Net, and the text encoders when they train."""
+    encoders = ("text_encoder", "text_encoder_2") if cfg.train_text_encoder else ()
+    return ("unet",) + tuple(name for name in encoders if getattr(model, name) is not None)
+
+
+def master_weights(model, modules) -> dict:
     return {name: {k: v.detach().to("cpu", torch.float32).clone()
                    for k, v in getattr(model, name).state_dict().items()}
-            for name in MASTER_MODULES}
+            for name in modules}
 
 
-def restore_master_weights(model, path: Path) -> bool:
-    """Load the fp32 weights kept in `<path>.optim` (when it belongs to this very file)."""
+def saved_master_weights(path: Path) -> dict | None:
+    """The fp32 weights kept in `<path>.optim` (when it belongs to this very file), or None."""
     from trainers.formats.optim_sidecar import load_optim
     payload, _ = load_optim(path, _metadata(path).get("danlu.save_id", ""))
     weights = (payload or {}).get("danlu", {}).get("weights")
-    if not isinstance(weights, dict) or set(weights) != set(MASTER_MODULES):
-        return False
-    for name in MASTER_MODULES:
-        module = getattr(model, name)
-        module.load_state_dict(weights[name])
-    return True
+    if not isinstance(weights, dict) or "unet" not in weights \
+            or not set(weights) <= set(MASTER_MODULES):
+        return None
+    return weights
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -209,7 +222,7 @@ def sidecar(cfg, model, ema) -> dict:
     if ema is not None:
         extra["ema"] = ema.state_dict()
     if needs_master_weights(cfg):
-        extra["weights"] = master_weights(model)
+        extra["weights"] = master_weights(model, trained_modules(cfg, model))
     return extra
 
 
