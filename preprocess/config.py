@@ -87,7 +87,7 @@ class PreprocessConfig:
         label="Error threshold", min=0.0, max=1.0)
     captioners: list[str] = option(
         [], "Captioners to run on every output image, in order, joined with ', ': "
-        "blip, deepbooru, wd14.", label="Captioners")
+        "blip, deepbooru, wd14 (the WD v2 / v3 taggers).", label="Captioners")
     blip_model: str = option(
         "BLIP", "BLIP captioning model: a folder under models/, a path, or a hub id when online "
         "(falls back to Salesforce/blip-image-captioning-large when online).", path="models")
@@ -106,18 +106,31 @@ class PreprocessConfig:
                                     "literal brackets, not emphasis.")
     deepbooru_filter_tags: str = option("", "DeepDanbooru: comma-separated tags to leave out.")
     wd14_model: str = option(
-        "wd-v1-4-convnext-tagger-v2", "WD14 tagger: a folder name under models/wd14 (with "
-        "model.onnx and selected_tags.csv), a path, or a hub id when online "
-        "(a bare name means SmilingWolf/<name>).", path="models")
-    wd14_general_threshold: float = option(0.35, "WD14: threshold for general tags.",
+        "wd-eva02-large-tagger-v3", "WD tagger (SmilingWolf's v2 or v3 ONNX models, e.g. "
+        "wd-eva02-large-tagger-v3, wd-vit-large-tagger-v3, wd-swinv2-tagger-v3): a folder name "
+        "under models/wd14 holding model.onnx and selected_tags.csv, or a path.",
+        label="WD tagger model", path="models")
+    wd14_general_threshold: float = option(0.35, "WD tagger: threshold for general tags.",
                                            min=0.0, max=1.0)
-    wd14_character_threshold: float = option(0.85, "WD14: threshold for character tags.",
+    wd14_general_mcut: bool = option(
+        False, "WD tagger: choose the general threshold per image by MCut (the middle of the "
+        "largest gap between the sorted probabilities) instead of the number above.",
+        label="wd14: general MCut")
+    wd14_character_threshold: float = option(0.85, "WD tagger: threshold for character tags.",
                                              min=0.0, max=1.0)
-    wd14_undesired_tags: str = option("", "WD14: comma-separated tags to leave out.")
-    wd14_sort_alpha: bool = option(False, "WD14: sort tags alphabetically (otherwise by score).")
-    wd14_use_spaces: bool = option(True, "WD14: spaces instead of underscores.")
-    wd14_escape: bool = option(True, "WD14: escape brackets with \\.")
-    wd14_rating: bool = option(False, "WD14: start with the most likely rating tag.")
+    wd14_character_mcut: bool = option(
+        False, "WD tagger: choose the character threshold per image by MCut (at least 0.15) "
+        "instead of the number above.", label="wd14: character MCut")
+    wd14_character_first: bool = option(True, "WD tagger: character tags before general ones.",
+                                        label="wd14: character tags first")
+    wd14_undesired_tags: str = option("", "WD tagger: comma-separated tags to leave out "
+                                      "(spaces or underscores).")
+    wd14_sort_alpha: bool = option(False, "WD tagger: sort tags alphabetically (otherwise by "
+                                   "score).")
+    wd14_use_spaces: bool = option(True, "WD tagger: spaces instead of underscores (emoticons "
+                                   "such as ^_^ keep theirs).")
+    wd14_escape: bool = option(True, "WD tagger: escape brackets with \\.")
+    wd14_rating: bool = option(False, "WD tagger: start with the most likely rating tag.")
     alpha: str = option("white", "Transparent images: composite on white, or keep the alpha "
                         "channel in the output PNG (e.g. as a loss-weight mask).",
                         label="Alpha handling", choices=ALPHA_MODES)

@@ -4,9 +4,10 @@ locally in a second: for tests, demos and benchmarks without a download.
 - `build_tiny_deepbooru(file, tags)`: a state dict with the real `n_Conv_*` keys, small channel
   counts and a 'tags' list, saved with torch.save like model-resnet_custom_v3.pt.
 - `build_tiny_wd14(folder, table)`: model.onnx (input `input_1:0` N x S x S x 3 BGR, output
-  `predictions_sigmoid` N x tags, like the v2 models) and selected_tags.csv. The graph takes the
+  `predictions_sigmoid` N x tags, like the v2 models; `v3=True` names them `input` / `output`
+  with a `batch_size` axis, as the v3 exports) and selected_tags.csv. The graph takes the
   per-channel mean of the image and applies one linear layer and a sigmoid, so tests can choose
-  weights that react to colours.
+  weights that react to colours (zero weights and bias logit(p) give probability p).
 - `build_tiny_blip(folder)`: a BlipForConditionalGeneration with a few-word BERT vocabulary,
   saved with save_pretrained together with its tokenizer."""
 from __future__ import annotations
@@ -45,9 +46,11 @@ def build_tiny_deepbooru(file: Path, tags: Sequence[str], width: int = 4, seed: 
 
 
 def build_tiny_wd14(folder: Path, table: Sequence[tuple[str, str, Sequence[float], float]],
-                    size: int = 32, opset: int = 13) -> Path:
+                    size: int = 32, opset: int = 13, v3: bool = False) -> Path:
     """table rows: (name, category, (w_b, w_g, w_r), bias); probability of a tag =
     sigmoid(w . mean_bgr + bias) with the channel means in 0..255."""
+    name_in, name_out, batch = ("input", "output", "batch_size") if v3 else \
+        ("input_1:0", "predictions_sigmoid", "N")
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -58,13 +61,13 @@ def build_tiny_wd14(folder: Path, table: Sequence[tuple[str, str, Sequence[float
     bias = np.array([row[3] for row in table], dtype=np.float32)
     n = len(table)
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input_1:0"], ["mean"], axes=[1, 2], keepdims=0),
+        [helper.make_node("ReduceMean", [name_in], ["mean"], axes=[1, 2], keepdims=0),
          helper.make_node("MatMul", ["mean", "W"], ["logits0"]),
          helper.make_node("Add", ["logits0", "B"], ["logits"]),
-         helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"])],
+         helper.make_node("Sigmoid", ["logits"], [name_out])],
         "tiny_wd14",
-        [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info(name_in, TensorProto.FLOAT, [batch, size, size, 3])],
+        [helper.make_tensor_value_info(name_out, TensorProto.FLOAT, [batch, n])],
         [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8

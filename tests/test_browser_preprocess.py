@@ -1,5 +1,5 @@
-"""The Preprocess images tab driven in headless Chromium: a run with flip, split and a WD14
-captioner (tiny weights in the real layout), the live gallery and summary, the dataset editor
+"""The Preprocess images tab driven in headless Chromium: a run with flip, split and a WD v3
+tagger (tiny weights in the real layout), the live gallery and summary, the dataset editor
 (per-image caption, batch tag removal) and a bad-input case.
 
 When webui/app.py includes the tab, the real app (python app.py) is used; until then a small
@@ -36,7 +36,8 @@ def put_dataset(data_dir: Path) -> Path:
         image.save(source / f"{i}-photo.png")
         (source / f"{i}-photo.txt").write_text(caption, encoding="utf-8")
     (source / "broken.jpg").write_bytes(b"this is not an image")
-    build_tiny_wd14(data_dir / "models" / "wd14" / "wd-v1-4-convnext-tagger-v2", WD14_TABLE)
+    build_tiny_wd14(data_dir / "models" / "wd14" / "wd-eva02-large-tagger-v3", WD14_TABLE,
+                    v3=True)
     return source
 
 
@@ -62,7 +63,7 @@ def test_preprocess_gallery_summary_and_dataset_editor(page: Page, server, tmp_p
     page.locator("#PreprocessConfig-flip input").check()
     page.locator("#PreprocessConfig-split input").check()
     open_accordion(page, "Captioners")
-    page.locator("#PreprocessConfig-captioners").get_by_label("WD14 tagger (tags)").check()
+    page.locator("#PreprocessConfig-captioners").get_by_label("WD tagger v2 / v3 (tags)").check()
     expect(page.locator("#PreprocessConfig-wd14_model")).to_be_visible()
     page.locator("#preprocess-start").click()
     expect(page.locator("#preprocess-message")).to_contain_text("Started job", timeout=30_000)

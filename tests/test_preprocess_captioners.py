@@ -67,7 +67,7 @@ def test_spaces_escaping_and_filters():
     # filter tags are typed with spaces or underscores and match the raw tag
     tags = format_tags(SCORES, 0.5, exclude=captioners.parse_tag_list(" long hair , smile"))
     assert tags == ["a b\\\\c", "blue \\(sky\\)"]
-    assert format_tags({"^_^": 0.9, "long_hair": 0.9}, 0.5, keep_short_underscores=True) == \
+    assert format_tags({"^_^": 0.9, "long_hair": 0.9}, 0.5, keep_kaomoji=True) == \
         ["^_^", "long hair"]
 
 
@@ -145,7 +145,8 @@ def test_deepbooru_missing_model_names_where_it_looked(tmp_path):
 # --- WD14 ---------------------------------------------------------------------------------------
 
 def test_wd14_reads_bgr_thresholds_and_formats(data_dir):
-    tagger = captioners.create("wd14", PreprocessConfig(), Paths(data_dir))
+    tagger = captioners.create("wd14", PreprocessConfig(wd14_model="wd-v1-4-convnext-tagger-v2"),
+                               Paths(data_dir))
     assert tagger.size == 32 and tagger.input_name == "input_1:0"
     blue = tagger.caption(Image.new("RGB", (50, 50), (0, 0, 255)))
     red = tagger.caption(Image.new("RGB", (50, 50), (255, 0, 0)))
@@ -165,9 +166,11 @@ def test_wd14_pads_to_a_white_square():
 
 
 def test_wd14_options(data_dir):
-    cfg = PreprocessConfig(wd14_character_threshold=0.5, wd14_general_threshold=0.7,
+    cfg = PreprocessConfig(wd14_model="wd-v1-4-convnext-tagger-v2",
+                           wd14_character_threshold=0.5, wd14_general_threshold=0.7,
                            wd14_undesired_tags="^_^", wd14_sort_alpha=True,
-                           wd14_use_spaces=False, wd14_escape=False, wd14_rating=True)
+                           wd14_use_spaces=False, wd14_escape=False, wd14_rating=True,
+                           wd14_character_first=False)
     tagger = captioners.create("wd14", cfg, Paths(data_dir))
     caption = tagger.caption(Image.new("RGB", (32, 32), (0, 0, 255)))
     assert caption.split(", ") == ["general", "blue_sky", "hatsune_miku"]

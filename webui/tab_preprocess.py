@@ -34,7 +34,7 @@ THUMB_SIZE = 384
 GALLERY_LIMIT = 24          # newest results shown while a job runs
 EDITOR_LIMIT = 2000         # images shown in the dataset editor (batch edits cover all)
 CAPTIONER_LABELS = {"blip": "BLIP (caption)", "deepbooru": "DeepDanbooru (tags)",
-                    "wd14": "WD14 tagger (tags)"}
+                    "wd14": "WD tagger v2 / v3 (tags)"}
 EDIT_ACTIONS = [("Add tags (at the end)", "add"), ("Add tags at the front", "add_front"),
                 ("Remove tags", "remove"), ("Replace tags", "replace"),
                 ("Move tags to the front", "move_front"), ("Remove duplicate tags", "dedupe")]
@@ -55,9 +55,9 @@ CAPTIONER_FIELDS = {
     "blip": ["blip_model", "blip_num_beams", "blip_min_length", "blip_max_length"],
     "deepbooru": ["deepbooru_model", "deepbooru_threshold", "deepbooru_filter_tags",
                   "deepbooru_sort_alpha", "deepbooru_use_spaces", "deepbooru_escape"],
-    "wd14": ["wd14_model", "wd14_general_threshold", "wd14_character_threshold",
-             "wd14_undesired_tags", "wd14_sort_alpha", "wd14_use_spaces", "wd14_escape",
-             "wd14_rating"],
+    "wd14": ["wd14_model", "wd14_undesired_tags", "wd14_general_threshold", "wd14_general_mcut",
+             "wd14_character_threshold", "wd14_character_mcut", "wd14_character_first",
+             "wd14_rating", "wd14_sort_alpha", "wd14_use_spaces", "wd14_escape"],
 }
 
 

@@ -2,7 +2,7 @@
 
     blip       BLIP through transformers      models/BLIP/ (save_pretrained folder) or a hub id
     deepbooru  DeepDanbooru ResNet (PyTorch)  models/deepbooru/model-resnet_custom_v3.pt
-    wd14       SmilingWolf WD14 tagger (ONNX) models/wd14/<name>/{model.onnx,selected_tags.csv}
+    wd14       SmilingWolf WD taggers v2 / v3 (ONNX)  models/wd14/<name>/{model.onnx,selected_tags.csv}
 
 `create(name, cfg, paths)` returns an object with `caption(image) -> str`; its model is loaded on
 first use of that location and kept in `_MODELS` for later runs until `unload_all()`. Nothing
@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 _REGISTRY: dict[str, tuple[str, str]] = {
     "blip": ("blip", "BLIP caption"),
     "deepbooru": ("deepbooru", "DeepDanbooru tags"),
-    "wd14": ("wd14", "WD14 tagger tags"),
+    "wd14": ("wd14", "WD tagger tags"),
 }
 _MODELS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -150,22 +150,34 @@ _SPECIAL = re.compile(r"([\\()])")
 
 
 def normalise_tag(tag: str) -> str:
-    """The form used to compare user-typed tags with model tags: spaces as underscores."""
-    return tag.strip().replace(" ", "_")
+    """The form used to compare user-typed tags with model tags: lower case, spaces as
+    underscores."""
+    return tag.strip().lower().replace(" ", "_")
 
 
 def parse_tag_list(text: str) -> set[str]:
     return {normalise_tag(t) for t in text.split(",") if t.strip()}
 
 
+# Emoticon tags whose underscore is part of the face (the WD tagger space's list)
+KAOMOJI = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<",
+                     "3_3", "6_9", ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+
+
+def is_kaomoji(tag: str) -> bool:
+    """Kept with its underscores: the known emoticons, and (as kohya does) any tag of 3
+    characters or less."""
+    return tag in KAOMOJI or len(tag) <= 3
+
+
 def format_tags(scores: dict[str, float], threshold: float | Callable[[str], float] = 0.5,
                 sort_alpha: bool = True, use_spaces: bool = True, escape: bool = True,
                 exclude: set[str] | frozenset = frozenset(), drop_rating: bool = True,
-                keep_short_underscores: bool = False) -> list[str]:
+                keep_kaomoji: bool = False) -> list[str]:
     """Tags scoring at least the threshold, without `rating:*` tags and excluded ones, sorted
     alphabetically (by the raw tag) or by descending score, then underscores -> spaces and
     brackets and backslashes escaped with a backslash, as A1111 does for DeepDanbooru.
-    `keep_short_underscores` leaves tags of 3 characters or less alone (emoticons like ^_^)."""
+    `keep_kaomoji` leaves emoticons like ^_^ alone (is_kaomoji)."""
     limit = threshold if callable(threshold) else (lambda _tag, t=threshold: t)
     kept = {tag: p for tag, p in scores.items()
             if p >= limit(tag) and not (drop_rating and tag.startswith("rating:"))
@@ -177,7 +189,7 @@ def format_tags(scores: dict[str, float], threshold: float | Callable[[str], flo
     out = []
     for tag in ordered:
         text = tag
-        if use_spaces and not (keep_short_underscores and len(tag) <= 3):
+        if use_spaces and not (keep_kaomoji and is_kaomoji(tag)):
             text = text.replace("_", " ")
         if escape:
             text = _SPECIAL.sub(r"\\\1", text)

@@ -1,10 +1,17 @@
-"""WD14 tagger (SmilingWolf's ONNX models with `selected_tags.csv`) through onnxruntime.
+"""SmilingWolf's WD taggers through onnxruntime: the v2 models (wd-v1-4-*-tagger-v2) and the v3
+ones (wd-eva02-large-tagger-v3, wd-vit-large-tagger-v3, wd-vit-tagger-v3, wd-swinv2-tagger-v3,
+wd-convnext-tagger-v3), from a local folder in the layout they ship: `model.onnx` +
+`selected_tags.csv` (columns tag_id, name, category, count; category 9 = rating, 4 = character,
+anything else general).
 
-Input: the image composited on white, padded to a centred white square, resized to the model's
-input size (448 for the v2/v3 models), as one N x H x W x 3 float32 batch in BGR order with
-values 0..255. Output: one probability per row of selected_tags.csv (columns tag_id, name,
-category, count; category 9 = rating, 4 = character, anything else general). General tags need
-the general threshold (0.35), character tags the character threshold (0.85)."""
+Input, as the tagger space and kohya's script prepare it: the image composited on white, padded
+to a centred white square, resized to the model's input size (read from the ONNX input shape;
+448 for every v2 / v3 model), as an N x H x W x 3 float32 batch in BGR order with values
+0..255. Output: one probability per row of selected_tags.csv.
+
+General tags need the general threshold (0.35), character tags the character threshold (0.85);
+either may instead be MCut's (mcut_threshold, the character one at least 0.15 as in the space).
+Character tags come first, then general ones; the most likely rating can lead."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +27,7 @@ from preprocess.captioners import (CaptionerError, cached, find_model, format_ta
 MODEL_FILE, TAGS_FILE = "model.onnx", "selected_tags.csv"
 DEFAULT_SIZE = 448
 RATING, CHARACTER = "9", "4"
+MIN_CHARACTER_MCUT = 0.15
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class TagTable:
 
 
 def _is_model_dir(location: Path) -> bool:
-    return (location / MODEL_FILE).is_file() and (location / TAGS_FILE).is_file()
+    return (location / MODEL_FILE).is_file() or (location / TAGS_FILE).is_file()
 
 
 def find_files(paths, typed: str) -> tuple[Path, Path]:
@@ -49,6 +57,10 @@ def find_files(paths, typed: str) -> tuple[Path, Path]:
                           expects=f"a folder with {MODEL_FILE} and {TAGS_FILE}",
                           hub_default=hub_default)
     if isinstance(location, Path):
+        for name, what in ((MODEL_FILE, "the ONNX model"),
+                           (TAGS_FILE, "the tag list shipped with it (tag_id,name,category,count)")):
+            if not (location / name).is_file():
+                raise CaptionerError(f"wd14_model: {location} has no {name} ({what})")
         return location / MODEL_FILE, location / TAGS_FILE
     try:
         from huggingface_hub import hf_hub_download
@@ -59,7 +71,12 @@ def find_files(paths, typed: str) -> tuple[Path, Path]:
 
 
 def load_model(model_file: Path, tags_file: Path, device: str = "cpu"):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CaptionerError("wd14_model: the WD taggers run through onnxruntime, which is not "
+                             "installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
+                             ) from None
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in available:
@@ -93,15 +110,29 @@ def prepare(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(array)[None]
 
 
+def mcut_threshold(probs) -> float:
+    """Maximum Cut: sort the probabilities high to low and cut at the middle of the largest gap
+    between neighbours (one value: that value; none: above 1, so nothing passes)."""
+    ordered = np.sort(np.asarray(probs, dtype=np.float64))[::-1]
+    if ordered.size < 2:
+        return float(ordered[0]) if ordered.size else 1.1
+    gaps = ordered[:-1] - ordered[1:]
+    cut = int(gaps.argmax())
+    return float((ordered[cut] + ordered[cut + 1]) / 2)
+
+
 class WD14Captioner:
     name = "wd14"
 
     def __init__(self, session, table: TagTable, general_threshold: float = 0.35,
                  character_threshold: float = 0.85, undesired_tags: str = "",
                  sort_alpha: bool = False, use_spaces: bool = True, escape: bool = True,
-                 rating: bool = False):
+                 rating: bool = False, general_mcut: bool = False, character_mcut: bool = False,
+                 character_first: bool = True):
         self.session, self.table = session, table
         self.general_threshold, self.character_threshold = general_threshold, character_threshold
+        self.general_mcut, self.character_mcut = general_mcut, character_mcut
+        self.character_first = character_first
         self.exclude = parse_tag_list(undesired_tags)
         self.sort_alpha, self.use_spaces, self.escape = sort_alpha, use_spaces, escape
         self.rating = rating
@@ -116,19 +147,41 @@ class WD14Captioner:
         batch = prepare(image, self.size)
         if self.channels_first:
             batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-        return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0][0],
-                          dtype=np.float64)
+        probs = np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0][0],
+                           dtype=np.float64)
+        if probs.shape != (len(self.table.names),):  # a model whose tag count is not fixed
+            raise CaptionerError(f"wd14_model: the model gave {probs.size} probabilities but "
+                                 f"selected_tags.csv lists {len(self.table.names)} tags")
+        return probs
+
+    def thresholds(self, probs: np.ndarray) -> tuple[float, float]:
+        """(general, character) thresholds for one image: the fixed ones or MCut's."""
+        cats = np.asarray(self.table.categories)
+        general, character = self.general_threshold, self.character_threshold
+        if self.general_mcut:
+            general = mcut_threshold(probs[(cats != RATING) & (cats != CHARACTER)])
+        if self.character_mcut:
+            character = max(MIN_CHARACTER_MCUT, mcut_threshold(probs[cats == CHARACTER]))
+        return general, character
 
     def tags(self, image: Image.Image) -> list[str]:
         probs = self.probabilities(image)
         names, cats = self.table.names, self.table.categories
-        scores = {name: float(p) for name, cat, p in zip(names, cats, probs) if cat != RATING}
-        character = {name for name, cat in zip(names, cats) if cat == CHARACTER}
-        out = format_tags(
-            scores, lambda tag: self.character_threshold if tag in character
-            else self.general_threshold, sort_alpha=self.sort_alpha, use_spaces=self.use_spaces,
-            escape=self.escape, exclude=self.exclude, drop_rating=False,
-            keep_short_underscores=True)
+        general_t, character_t = self.thresholds(probs)
+        character = {n: float(p) for n, c, p in zip(names, cats, probs) if c == CHARACTER}
+        general = {n: float(p) for n, c, p in zip(names, cats, probs)
+                   if c not in (RATING, CHARACTER)}
+
+        def chosen(scores, threshold):
+            return format_tags(scores, threshold, sort_alpha=self.sort_alpha,
+                               use_spaces=self.use_spaces, escape=self.escape,
+                               exclude=self.exclude, drop_rating=False, keep_kaomoji=True)
+
+        if self.character_first:
+            out = chosen(character, character_t) + chosen(general, general_t)
+        else:
+            out = chosen({**general, **character},
+                         lambda tag: character_t if tag in character else general_t)
         if self.rating:
             ratings = [(float(p), name) for name, cat, p in zip(names, cats, probs) if cat == RATING]
             if ratings:
@@ -149,4 +202,6 @@ def create(cfg, paths, device: str) -> WD14Captioner:
                          character_threshold=cfg.wd14_character_threshold,
                          undesired_tags=cfg.wd14_undesired_tags, sort_alpha=cfg.wd14_sort_alpha,
                          use_spaces=cfg.wd14_use_spaces, escape=cfg.wd14_escape,
-                         rating=cfg.wd14_rating)
+                         rating=cfg.wd14_rating, general_mcut=cfg.wd14_general_mcut,
+                         character_mcut=cfg.wd14_character_mcut,
+                         character_first=cfg.wd14_character_first)
