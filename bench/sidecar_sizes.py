@@ -110,6 +110,17 @@ def measured_on_demo() -> list[tuple[str, int]]:
         for label, run, cfg in runs:
             path = run(cfg.validate(), RecordingContext(paths))
             out.append((label, path.with_name(path.name + ".optim").stat().st_size))
+        # before #24: every module's fp32 copy (SD 1.x has no second text encoder)
+        current = dreambooth.trained_modules
+        dreambooth.trained_modules = lambda cfg, model: ("unet", "text_encoder", "vae")
+        try:
+            for label, run, cfg in runs[1:3]:
+                cfg = configs.DreamBoothConfig(**{**cfg.__dict__, "output_name": "old-" + cfg.output_name})
+                path = run(cfg.validate(), RecordingContext(paths))
+                out.append((label + ", as before #24",
+                            path.with_name(path.name + ".optim").stat().st_size))
+        finally:
+            dreambooth.trained_modules = current
         path = textual_inversion.run(configs.TextualInversionConfig(
             embedding="zxq", create_missing=True, init_text="dog", model="tiny-demo",
             data_root=str(folder), steps=2, width=64, height=64, save_every=0, preview_every=0,
