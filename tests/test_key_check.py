@@ -155,3 +155,22 @@ def test_a_lora_run_and_the_tools_end_with_the_check(data_paths, tmp_path):
     merge(MergeLoraConfig(loras="checked.safetensors: 0.5, copy.safetensors: 0.5",
                           output_name="both").validate(), ctx)
     assert "Check (SD 1.x): loads in A1111 / ComfyUI / diffusers" in ctx.of(Finished)[-1].message
+
+
+def test_dora_scale_and_bundled_embeddings_are_judged_as_each_loader_reads_them(tmp_path):
+    state = lora_state("sd1")
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    state[f"{layer}.dora_scale"] = torch.ones(320, 1)
+    dora = write(tmp_path / "dora.safetensors", "sd1", state=state)
+    found = loaders(check_file(dora))
+    assert found["A1111"].loads and found["ComfyUI"].loads  # both read dora_scale
+    assert list(found["diffusers"].not_loaded) == [f"{layer}.dora_scale"]
+    state.pop(f"{layer}.dora_scale")
+    state["bundle_emb.zxq.string_to_param.*"] = torch.zeros(2, 768)
+    bundled = tmp_path / "bundled.safetensors"
+    safetensors.torch.save_file(state, str(bundled), {"ss_base_model_version": "sd_v1"})
+    report = check_file(bundled)
+    found = loaders(report)
+    assert report.embeddings == ["zxq"] and found["A1111"].loads
+    assert list(found["ComfyUI"].not_loaded) == ["bundle_emb.zxq.string_to_param.*"]
+    assert "keys without 'lora'" in found["diffusers"].fatal

@@ -20,6 +20,7 @@ from core.paths import Paths
 from trainers import runs as rn
 from webui import choices as ch
 from webui import live
+from webui import lora_tools
 from webui.forms import error_text
 from webui.handlers import Handlers
 
@@ -31,6 +32,8 @@ HISTORY_COLUMNS = ["Started", "Run", "Method", "Base model", "Dataset", "Steps",
 
 def build(paths: Paths, runner: JobRunner) -> dict:
     page = _layout(_scan(paths, runner))
+    with page.tab:
+        lora_tools.build(paths, runner, page.shown, lambda run_id: _load(paths, runner, run_id))
     handlers = _Handlers(paths, runner, page)
     _wire(page, handlers)
     return {"run": page.run_choice, "train_again": page.train_again,

@@ -89,6 +89,7 @@ class KeyReport:
     layers: int
     embeddings: list[str]
     family_note: str = ""
+    demo: str = ""  # the file was trained on this built-in demo model
     problems: list[str] = field(default_factory=list)  # loader-independent: missing alpha, ...
     unmapped: list[str] = field(default_factory=list)  # layer names of no module of the family
     results: list[LoaderResult] = field(default_factory=list)
@@ -112,6 +113,9 @@ class KeyReport:
             text += f" ({' / '.join(skipped)} does not load {self.label} LoRAs)"
         if self.problems:
             text += f"; {len(self.problems)} problem(s): {_some(self.problems)}"
+        if self.demo and not self.clean:
+            text += (f" (made for the demo model {self.demo}, whose layers are not all a "
+                     f"full-size {self.label}'s)")
         return text
 
     def text(self) -> str:
@@ -462,6 +466,9 @@ def check_file(path: str | Path, family: str | None = None,
     modules = family_modules(family)
     report = KeyReport(str(path), family, modules.label, len(layers), sorted(embeddings),
                        family_note=note)
+    from trainers.families import demo_families
+    if metadata.get("ss_sd_model_name", "") in demo_families():
+        report.demo = metadata["ss_sd_model_name"]
     report.problems += [f"{key}: unknown key (not '<layer>.<tensor>')" for key in odd]
     for name, parts in sorted(layers.items()):
         report.problems += layer_problems(name, parts)
