@@ -11,7 +11,8 @@ import torch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "trainers/model_configs"
 VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0", "flux1": "flux1",
-            "chroma": "chroma", "flux2_klein": "flux2", "zimage": "zimage"}
+            "chroma": "chroma", "flux2_klein": "flux2", "zimage": "zimage",
+            "qwen_image": "qwen_image"}
 
 
 def _clip(family: str, folder: str):
@@ -46,7 +47,8 @@ def targets(family: str, conv: bool = False) -> list:
                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
                      timestep_guidance_channels=256, mlp_ratio=3.0,
                      axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
-                 "zimage": diffusers.ZImageTransformer2DModel}[family]()
+                 "zimage": diffusers.ZImageTransformer2DModel,
+                 "qwen_image": diffusers.QwenImageTransformer2DModel}[family]()
         found = [(t, model) for t in layout.denoiser_targets(model, conv)]
         if family == "flux1":
             clip = _clip("sd1", "text_encoder")

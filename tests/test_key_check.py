@@ -26,7 +26,7 @@ def loaders(report) -> dict:
 
 @pytest.mark.parametrize("family,conv", [("sd1", True), ("sd2", False), ("sdxl", True),
                                          ("flux1", False), ("chroma", False),
-                                         ("flux2_klein", False)])
+                                         ("flux2_klein", False), ("qwen_image", False)])
 def test_every_lora_danlu_writes_loads_in_every_loader_of_its_family(tmp_path, family, conv):
     report = check_file(write(tmp_path / f"{family}.safetensors", family, conv))
     assert report.family == family and report.clean, report.text()

@@ -177,7 +177,9 @@ def test_qwenimage_lora_trains_from_the_cli_with_previews_and_diffusers_loads_it
         'network_train_unet_only = true\nsave_diffusers_format = true\n'
         'sample_every_n_steps = 2\nsample_prompts = "zxq cat --w 64 --h 64 --s 2 --l 2"\n')
     assert main(["lora", "--config", str(config), "--data-dir", str(family_paths.data_dir)]) == 0
-    assert "finished at step 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finished at step 4" in err
+    assert "Check (Qwen-Image): loads in ComfyUI / diffusers" in err  # their key maps
     path = family_paths.lora / "qlora.safetensors"
     previews = {p.name for p in family_paths.data_dir.rglob("images/qlora-*.png")}
     assert previews == {"qlora-0.png", "qlora-2.png", "qlora-4.png"}

@@ -60,7 +60,8 @@ COMFY_PARTS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_B.
 KNOWN_PARTS = set(COMFY_PARTS) | A1111_COMMON | {p for _, _, reads in A1111_TYPES for p in reads}
 SCALED = {"lora": "lora_down.weight", "loha": "hada_w1_b", "lokr": None}
 FAMILY_OF_VERSION = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("flux1", "flux1"),
-                     ("chroma", "chroma"), ("zimage", "zimage"), ("flux2", "flux2_klein"))
+                     ("chroma", "chroma"), ("zimage", "zimage"), ("flux2", "flux2_klein"),
+                     ("qwen_image", "qwen_image"))
 LOADERS = ("A1111", "ComfyUI", "diffusers")
 
 
@@ -418,6 +419,9 @@ def comfy_names(modules: FamilyModules) -> set[str]:
             names.add("lycoris_" + diffusers.replace(".", "_"))
             if modules.name == "zimage":
                 names.add("diffusion_model." + diffusers)
+        elif modules.name == "qwen_image":  # its QwenImage map: the bare path, transformer.
+            names |= {diffusers, "transformer." + diffusers,
+                      "lycoris_" + diffusers.replace(".", "_")}
     for prefix, (component, layers, also) in modules.text.items():
         for p in (prefix, *also):
             names |= _clip_names(p, layers)

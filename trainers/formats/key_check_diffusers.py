@@ -16,7 +16,7 @@ from trainers.formats.lora_key_maps import CLIP_LEAVES, FamilyModules
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
              "sdxl": "StableDiffusionXLPipeline", "flux1": "FluxPipeline",
              "chroma": "ChromaPipeline", "flux2_klein": "Flux2KleinPipeline",
-             "zimage": "ZImagePipeline"}
+             "zimage": "ZImagePipeline", "qwen_image": "QwenImagePipeline"}
 # what StableDiffusionXLPipeline.load_lora_weights passes to lora_state_dict (SGM -> diffusers)
 SDXL_UNET_CONFIG = {"layers_per_block": 2}
 ADAPTER_TAIL = re.compile(r"(\.lora_[AB](\.[\w]+)?\.weight|\.lora_magnitude_vector(\.[\w]+)?"

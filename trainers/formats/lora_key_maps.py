@@ -3,7 +3,7 @@ extension, ComfyUI and diffusers look them up (trainers/formats/key_check.py); t
 
 The names are generated from each family's real architecture (SD 1.x / 2.x / SDXL U-Nets and
 CLIP encoders at their published sizes; Flux.1 19 + 38 blocks, Chroma 19 + 38, Flux.2 Klein up
-to 9B's 8 + 24, Z-Image 30 layers), in three spellings:
+to 9B's 8 + 24, Z-Image 30 layers, Qwen-Image 60 blocks), in three spellings:
 
 - original (LDM / SGM / BFL) module paths, which A1111 and ComfyUI build their maps from;
 - diffusers module paths (kohya's SD1/SD2 U-Net names; diffusers' own loaders);
@@ -133,6 +133,22 @@ ZIMAGE_BLOCK = {"attention.to_q": "attention.qkv", "attention.to_k": "attention.
                 "feed_forward.w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}
 
 
+# Qwen-Image: ComfyUI's and the original model's module names are diffusers' own
+QWEN_IMAGE_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                    "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj",
+                    "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1",
+                    "txt_mod.1")
+QWEN_IMAGE_TOP = ("img_in", "txt_in", "proj_out", "norm_out.linear",
+                  "time_text_embed.timestep_embedder.linear_1",
+                  "time_text_embed.timestep_embedder.linear_2")
+
+
+def _qwen_image(blocks: int = 60) -> tuple[tuple[str, str], ...]:
+    names = list(QWEN_IMAGE_TOP) + [f"transformer_blocks.{n}.{leaf}" for n in range(blocks)
+                                    for leaf in QWEN_IMAGE_BLOCK]
+    return tuple((name, name) for name in names)
+
+
 def _blocks(double: dict, single: dict, top: dict, counts: tuple[int, int],
             single_drop: tuple[str, ...] = (), double_drop: tuple[str, ...] = ()):
     pairs = list(top.items())
@@ -206,7 +222,9 @@ def family_modules(name: str) -> FamilyModules:
                              False, "transformer")
     if name == "zimage":
         return FamilyModules(name, "Z-Image", _zimage(), {}, None, False, "transformer")
+    if name == "qwen_image":
+        return FamilyModules(name, "Qwen-Image", _qwen_image(), {}, None, False, "transformer")
     raise ValueError(f"family: {name!r} is not one of {', '.join(FAMILIES)}")
 
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "chroma", "flux2_klein", "zimage")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "chroma", "flux2_klein", "zimage", "qwen_image")
