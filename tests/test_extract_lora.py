@@ -128,3 +128,15 @@ def test_the_checkpoint_is_read_lazily_not_loaded(data_paths, monkeypatch):
     message = ctx.events[-1].message
     assert "relative Frobenius error left per layer: mean 0." in message
     assert "worst 0." in message and "(lora_unet_" in message
+
+
+def test_a_checkpoint_of_another_family_is_refused_by_name_before_anything_is_read(family_paths):
+    from trainers.configs import ExtractLoraConfig
+    from trainers.formats.sd_checkpoint import save_single_file
+    from trainers.models import load_model
+    sd2 = load_model(family_paths, "tiny-demo-sd2")
+    save_single_file(family_paths.stable_diffusion / "other.safetensors", sd2.unet, sd2.vae,
+                     sd2.text_encoder, family="sd2")
+    with pytest.raises(ValueError, match=r"checkpoint: other.safetensors is .*but tiny-demo is"):
+        ex.run(ExtractLoraConfig(checkpoint="other.safetensors", model="tiny-demo",
+                                 output_name="x").validate(), RecordingContext(family_paths))
