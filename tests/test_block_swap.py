@@ -113,3 +113,11 @@ def test_bad_counts_and_methods_are_refused_by_name(data_paths, tmp_path):
         from_dict(DreamBoothConfig, {"blocks_to_swap": 2})
     with pytest.raises(block_swap.BlockSwapError, match="no blocks"):
         block_swap.swappable_blocks(torch.nn.Linear(2, 2))
+
+
+def test_the_estimate_leaves_out_the_swapped_blocks_weights():
+    from trainers.memory_estimate import estimate
+    resident = estimate(LoraConfig(mixed_precision="bf16"), "sdxl").parts["weights"]
+    swapped = estimate(LoraConfig(mixed_precision="bf16", blocks_to_swap=3), "sdxl").parts["weights"]
+    unet = 2567.5e6 * 2  # SDXL's U-Net in bf16: 3 of its 6 blocks wait in CPU memory
+    assert resident - swapped == pytest.approx(unet / 2)

@@ -766,6 +766,11 @@ class FullModelConfig(KohyaTrainingConfig):
                                        "exist at once. AdamW or Adafactor, no gradient "
                                        "accumulation, max grad norm 0, not fp16.",
                                        label="Fused backward pass")
+    full_bf16: bool = option(False, "Keep the whole model in bf16 while it trains (kohya's "
+                             "full_bf16): half the memory of fp32 weights and gradients; each "
+                             "step is taken in fp32 and rounded back stochastically, so small "
+                             "updates are not lost. Needs mixed precision bf16.",
+                             label="Full bf16 (stochastic rounding)")
 
     def full_model_problems(self) -> list[str]:
         problems = self.kohya_problems()
@@ -774,6 +779,9 @@ class FullModelConfig(KohyaTrainingConfig):
             problems += [f"{p} (fused_backward_pass)" for p in fused_problems(
                 self.optimizer_type, self.gradient_accumulation_steps, self.max_grad_norm,
                 self.mixed_precision, self.on_nan)]
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            problems.append("full_bf16: needs mixed precision bf16 (the whole model computes in "
+                            f"it), got {self.mixed_precision!r}")
         return problems
 
     def trainable_parameters(self, unet: float, text: float,

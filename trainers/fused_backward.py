@@ -41,8 +41,9 @@ def problems(optimizer_type: str, accumulation: int, max_grad_norm: float,
 class FusedBackward:
     """While entered, steps `optimizer`'s parameters one by one as backward completes each."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, step_one=None):
         self.optimizer = optimizer
+        self.step_one = step_one or self._step_one  # full_bf16: StochasticRounding.step_one
         self.handles = []
         self.norm_sq: torch.Tensor | None = None  # the squared gradient norm of this step
 
@@ -70,10 +71,13 @@ class FusedBackward:
         grad = param.grad
         squared = grad.detach().float().pow(2).sum()
         self.norm_sq = squared if self.norm_sq is None else self.norm_sq + squared
+        self.step_one(param, group)
+        param.grad = None
+
+    def _step_one(self, param: torch.Tensor, group: dict) -> None:
         groups = self.optimizer.param_groups
         self.optimizer.param_groups = [{**group, "params": [param]}]
         try:
             self.optimizer.step()
         finally:
             self.optimizer.param_groups = groups
-        param.grad = None

@@ -19,6 +19,13 @@ OPTIMIZER_BYTES = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "PagedAdamW"
 # SD1.5-shaped model and the demo: 0.52-0.57 and 0.22-0.27)
 HALF_ACTIVATIONS = 0.54
 CHECKPOINTED_ACTIVATIONS = 0.25
+# blocks a block swap takes from (trainers/block_swap.py), per family; an even share of the
+# denoiser's weights is counted per block (a demo is counted as its family)
+SWAPPABLE_BLOCKS = {"sd1": 8, "sd2": 8, "sdxl": 6, "flux1": 57, "chroma": 57, "flux2_klein": 25,
+                    "zimage": 30, "qwen_image": 60}
+# a fused backward pass keeps only the gradients of the layers being finished: the largest
+# tensors of SD 1.x's U-Net are about 2 % of it
+FUSED_GRADIENTS = 0.02
 
 
 @dataclass
@@ -78,7 +85,18 @@ def estimate(cfg, family: str | None = None) -> Estimate:
         activations *= HALF_ACTIVATIONS
     if getattr(cfg, "gradient_checkpointing", False):
         activations *= CHECKPOINTED_ACTIVATIONS
-    parts = {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * optimizer,
+    gradients = trainable * 4
+    if getattr(cfg, "full_bf16", False):  # what trains is stored in bf16, its gradients too
+        weights -= (unet + (text if cfg.train_text_encoder else 0)) * 2
+        gradients /= 2
+    if getattr(cfg, "fused_backward_pass", False):
+        gradients *= FUSED_GRADIENTS
+    swapped = getattr(cfg, "blocks_to_swap", 0)
+    if swapped:  # the swapped blocks' frozen weights wait in CPU memory
+        blocks = SWAPPABLE_BLOCKS.get(families.demo_families().get(getattr(cfg, "model", ""))
+                                      or family or "sd1", 8)
+        weights -= unet * (1 if frozen == "fp8" else half) * min(swapped, blocks - 1) / blocks
+    parts = {"weights": weights, "gradients": gradients, "optimizer": trainable * optimizer,
              "activations": activations}
     if getattr(cfg, "use_ema", False):
         parts["EMA"] = unet * 4

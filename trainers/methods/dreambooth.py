@@ -18,6 +18,7 @@ from trainers.fused_backward import FusedBackward
 from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.models import give_back, load_model
 from trainers.optimizers import create_optimizer
+from trainers.stochastic_rounding import StochasticRounding
 
 PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -131,6 +132,9 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
     """Train the U-Net (and the text encoder when asked) and save single files; DreamBooth and
     native fine-tuning share it."""
     unet, text_encoder = model.unet, model.text_encoder
+    if cfg.full_bf16:  # what trains, in bf16 (the frozen parts stay as the cache has them)
+        for module in [unet] + (model.text_encoders if cfg.train_text_encoder else []):
+            module.to(torch.bfloat16)
     unet.requires_grad_(True)
     groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:  # SDXL: both encoders, as kohya's sdxl_train
@@ -141,12 +145,13 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
                                   if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
+    rounding = StochasticRounding(optimizer, cfg.seed) if cfg.full_bf16 else None
     fused = None
     if cfg.fused_backward_pass:
         if distributed.processes(ctx) > 1:
             raise TrainingError("fused_backward_pass: steps each weight during backward, before "
                                 "the processes average their gradients; train on one process")
-        fused = FusedBackward(optimizer)
+        fused = FusedBackward(optimizer, rounding.step_one if rounding is not None else None)
     steps = kt.total_steps(cfg, batches)
     base_rates = kt.rates(cfg, [g["lr"] for g in groups], steps)
 
