@@ -1,7 +1,10 @@
 """python -m preprocess --config prep.toml [--set key=value ...] [--print-config]
+python -m preprocess check FOLDER [--resolution 512] [--max-token-length 75] [--tokenizer DIR]
 
 Runs the same `run()` as the Preprocess tab with a console context: a progress bar, status lines
-and the summary at the end. Ctrl-C once stops after the current image; twice aborts."""
+and the summary at the end. Ctrl-C once stops after the current image; twice aborts. `check`
+prints the dataset check of a training folder (preprocess/dataset_check.py), as the dataset
+editor's Check button does."""
 from __future__ import annotations
 
 import argparse
@@ -80,10 +83,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_main(argv) -> int:
+    from preprocess.dataset_check import TOKEN_LIMITS, check_dataset
+    parser = argparse.ArgumentParser(prog="python -m preprocess check", description=(
+        "Report what in a training folder (flat, or kohya <repeats>_<tokens> sub-folders) will "
+        "hurt a run: small images, near-duplicates, missing, empty or over-long captions, and "
+        "the most frequent tags."))
+    parser.add_argument("folder", help="the training folder")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[512], metavar="PX",
+                        help="training resolution: one size, or width height (default 512)")
+    parser.add_argument("--max-token-length", type=int, default=75, choices=TOKEN_LIMITS,
+                        help="the trainer's max_token_length (default 75)")
+    parser.add_argument("--tokenizer", help="a CLIP tokenizer folder or a diffusers model "
+                        "folder (default: CLIP's vocabulary from the openai-clip package)")
+    parser.add_argument("--caption-extension", default=".txt")
+    parser.add_argument("--top", type=int, default=20, help="how many frequent tags to list")
+    args = parser.parse_args(argv)
+    if len(args.resolution) > 2:
+        parser.error("--resolution: give one size or width and height")
+    resolution = tuple(args.resolution * 2)[:2]
+    try:
+        report = check_dataset(_absolute(args.folder), resolution, args.max_token_length,
+                               _absolute(args.tokenizer) if args.tokenizer else None,
+                               args.caption_extension, top=args.top)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0
+
+
 def main(argv=None) -> int:
     from preprocess.config import PreprocessConfig
     from preprocess.pipeline import run
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = load_toml(PreprocessConfig, args.config, args.overrides)

@@ -1,6 +1,6 @@
 """The Preprocess images tab driven in headless Chromium: a run with flip, split and a WD v3
 tagger (tiny weights in the real layout), the live gallery and summary, the dataset editor
-(per-image caption, batch tag removal) and a bad-input case.
+(per-image caption, batch tag removal, the dataset check) and a bad-input case.
 
 When webui/app.py includes the tab, the real app (python app.py) is used; until then a small
 launcher builds a Blocks with just this tab and a JobRunner, launched the way app.py does it
@@ -64,7 +64,7 @@ def test_preprocess_gallery_summary_and_dataset_editor(page: Page, server, tmp_p
     page.locator("#PreprocessConfig-split input").check()
     open_accordion(page, "Captioners")
     page.locator("#PreprocessConfig-captioners").get_by_label("WD tagger v2 / v3 (tags)").check()
-    expect(page.locator("#PreprocessConfig-wd14_model")).to_be_visible()
+    expect(page.locator("#PreprocessConfig-wd14_model")).to_be_visible(timeout=30_000)
     page.locator("#preprocess-start").click()
     expect(page.locator("#preprocess-message")).to_contain_text("Started job", timeout=30_000)
     page.locator("#preprocess-start").click()  # a second request is refused while it runs
@@ -106,7 +106,8 @@ def test_preprocess_gallery_summary_and_dataset_editor(page: Page, server, tmp_p
 
     # Edit one caption
     page.locator("#preprocess-edit-gallery img").first.click()
-    expect(page.locator("#preprocess-edit-selected")).to_contain_text("00000-0-0-photo.png")
+    expect(page.locator("#preprocess-edit-selected")).to_contain_text("00000-0-0-photo.png",
+                                                                      timeout=30_000)
     caption_box = page.locator("#preprocess-edit-caption textarea")
     expect(caption_box).to_have_value("sks, a woman in a space suit, photo", timeout=30_000)
     caption_box.fill("sks, astronaut, photo, photo")
@@ -132,6 +133,18 @@ def test_preprocess_gallery_summary_and_dataset_editor(page: Page, server, tmp_p
                                                                            timeout=30_000)
     assert not list(out.glob(".*.tmp"))  # atomic saves leave no temporary files
     page.screenshot(path=str(tmp_path / "editor.png"), full_page=True)
+
+    # The dataset check: at 512 px every 64 px image is too small; at 64 px none is
+    page.locator("#preprocess-check").click()
+    report = page.locator("#preprocess-check-report textarea")
+    expect(report).to_have_value(re.compile(
+        r"^Dataset check of .*dataset \(flat folder\): 14 images.*14 images smaller than "
+        r"512x512.*00000-0-0-photo\.png \(64x64\).*Most frequent tags: sks \(14\)", re.S),
+        timeout=30_000)
+    fill(page, "preprocess-check-resolution", "64")
+    page.locator("#preprocess-check").click()
+    expect(report).to_have_value(re.compile(r"^(?!.*smaller than).*14 images", re.S),
+                                 timeout=30_000)
 
     # A folder that does not exist is named in the editor's message
     fill(page, "preprocess-edit-folder", "no-such-folder")

@@ -1,6 +1,7 @@
 """Preprocess images tab: the PreprocessConfig form, Preprocess / Interrupt, the live view of the
 job (progress, ETA, a gallery of written images, the summary), and a dataset editor for the
-captions of a folder (per-image edit, batch tag operations, a tag-frequency table).
+captions of a folder (per-image edit, batch tag operations, a tag-frequency table, the dataset
+check of preprocess/dataset_check.py).
 
 Safe paths: typed folders are resolved with `paths.resolve` (confined to the data folder when
 the app is shared). The gallery never shows a user's file directly: every image shown is a
@@ -244,6 +245,10 @@ class _Page:
     summary: gr.Textbox
     folder: gr.Textbox
     load: gr.Button
+    check_resolution: gr.Number
+    check_tokens: gr.Dropdown
+    check: gr.Button
+    check_report: gr.Textbox
     edit_message: gr.Markdown
     browser: gr.Gallery
     selected_name: gr.Markdown
@@ -351,6 +356,16 @@ def _dataset_editor(page: _Page) -> None:
                                  info="Images with <name>.txt captions beside them.",
                                  elem_id="preprocess-edit-folder")
         page.load = gr.Button("Load", scale=0, min_width=90, elem_id="preprocess-edit-load")
+    with gr.Row():
+        page.check_resolution = gr.Number(512, label="Training resolution", precision=0,
+                                          minimum=64, maximum=4096,
+                                          elem_id="preprocess-check-resolution")
+        page.check_tokens = gr.Dropdown([75, 150, 225], value=75, label="Max token length",
+                                        elem_id="preprocess-check-tokens")
+        page.check = gr.Button("Check dataset", elem_id="preprocess-check")
+    page.check_report = gr.Textbox(label="Dataset check (small images, duplicates, captions, "
+                                   "tags)", lines=4, max_lines=30, interactive=False,
+                                   elem_id="preprocess-check-report")
     page.edit_message = gr.Markdown(elem_id="preprocess-edit-message")
     with gr.Row():
         with gr.Column(scale=3):
@@ -485,6 +500,15 @@ class _Handlers(Handlers):
         return (gr.update(value=typed), gr.Tabs(selected="preprocess-editor"),
                 *self.open_folder(typed))
 
+    def check_dataset(self, typed, resolution, tokens):
+        from preprocess.dataset_check import check_dataset
+        try:
+            folder_path = self.resolve_folder(typed or "")
+            size = int(resolution or 0)
+            return check_dataset(folder_path, size, int(tokens or 75)).text()
+        except (PathError, ValueError, OSError) as error:
+            return f"Error: {error}"
+
     @staticmethod
     def select(listed, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else None
@@ -547,6 +571,8 @@ def _wire(page: _Page, handlers: _Handlers) -> None:
     editor_outputs = page.editor_outputs()
     page.load.click(handlers.open_folder, page.folder, editor_outputs)
     page.folder.submit(handlers.open_folder, page.folder, editor_outputs)
+    page.check.click(handlers.check_dataset, [page.folder, page.check_resolution,
+                                              page.check_tokens], page.check_report)
     page.to_editor.click(handlers.open_destination, page.controls["destination"],
                          [page.folder, page.inner] + editor_outputs)
     page.browser.select(handlers.select, page.images, [page.chosen, page.selected_name,
