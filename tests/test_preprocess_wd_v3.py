@@ -176,3 +176,22 @@ def test_a_run_appends_existing_captions_and_the_editor_works_on_the_result(data
     assert caption.read_text() == "hatsune miku, 1girl, long hair sks"
     ce.apply_edit(tmp_path / "out", "remove", "long_hair sks, 1girl")
     assert caption.read_text() == "hatsune miku"
+
+
+def test_models_are_never_downloaded(tmp_path, monkeypatch):
+    import huggingface_hub
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)  # as if online
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    with pytest.raises(CaptionerError, match=r"wd14_model: 'SmilingWolf/wd-vit-tagger-v3' is "
+                                             r"not a local folder; put model\.onnx and "
+                                             r"selected_tags\.csv in .*models/wd14/wd-vit"):
+        captioners.create("wd14", PreprocessConfig(wd14_model="SmilingWolf/wd-vit-tagger-v3"),
+                          Paths(tmp_path))
+    with pytest.raises(CaptionerError, match=r"no model found for 'wd-vit-tagger-v3'"):
+        captioners.create("wd14", PreprocessConfig(wd14_model="wd-vit-tagger-v3"),
+                          Paths(tmp_path))

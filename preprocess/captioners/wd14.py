@@ -51,23 +51,20 @@ def _is_model_dir(location: Path) -> bool:
 
 
 def find_files(paths, typed: str) -> tuple[Path, Path]:
+    """model.onnx and selected_tags.csv of a local folder (models/wd14/<name>, models/<name> or
+    a path); never downloaded."""
     text = typed.strip()
-    hub_default = text if "/" in text else f"SmilingWolf/{text}"
     location = find_model(paths, text, field="wd14_model", subdir="wd14", is_model=_is_model_dir,
-                          expects=f"a folder with {MODEL_FILE} and {TAGS_FILE}",
-                          hub_default=hub_default)
-    if isinstance(location, Path):
-        for name, what in ((MODEL_FILE, "the ONNX model"),
-                           (TAGS_FILE, "the tag list shipped with it (tag_id,name,category,count)")):
-            if not (location / name).is_file():
-                raise CaptionerError(f"wd14_model: {location} has no {name} ({what})")
-        return location / MODEL_FILE, location / TAGS_FILE
-    try:
-        from huggingface_hub import hf_hub_download
-        return (Path(hf_hub_download(location, MODEL_FILE)),
-                Path(hf_hub_download(location, TAGS_FILE)))
-    except Exception as error:
-        raise location.not_found("wd14_model", error) from None
+                          expects=f"a folder with {MODEL_FILE} and {TAGS_FILE}")
+    if isinstance(location, str):  # a hub id typed while online: still only local folders
+        where = paths.models / "wd14" if paths is not None else Path("models/wd14")
+        raise CaptionerError(f"wd14_model: {text!r} is not a local folder; put {MODEL_FILE} and "
+                             f"{TAGS_FILE} in {where / text.split('/')[-1]}")
+    for name, what in ((MODEL_FILE, "the ONNX model"),
+                       (TAGS_FILE, "the tag list shipped with it (tag_id,name,category,count)")):
+        if not (location / name).is_file():
+            raise CaptionerError(f"wd14_model: {location} has no {name} ({what})")
+    return location / MODEL_FILE, location / TAGS_FILE
 
 
 def load_model(model_file: Path, tags_file: Path, device: str = "cpu"):
