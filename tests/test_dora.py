@@ -288,3 +288,13 @@ def test_merging_and_resizing_dora_files_is_refused_by_name(data_paths):
         resize(ResizeLoraConfig(lora="d.safetensors", output_name="r", rank=2),
                RecordingContext(data_paths))
     assert sorted(p.name for p in data_paths.lora.iterdir()) == ["d.safetensors", "p.safetensors"]
+
+
+def test_post_hoc_ema_averages_dora_scale_with_the_other_tensors():
+    from trainers.lora_ema import post_hoc_ema
+    first = {"m.lora_down.weight": torch.zeros(2, 3), "m.lora_up.weight": torch.zeros(4, 2),
+             "m.alpha": torch.tensor(2.0), "m.dora_scale": torch.ones(4, 1)}
+    second = {k: v + 1 if not k.endswith("alpha") else v for k, v in first.items()}
+    averaged = post_hoc_ema([first, second], [0.25])
+    torch.testing.assert_close(averaged["m.dora_scale"], torch.full((4, 1), 1.75))
+    assert float(averaged["m.alpha"]) == 2.0
