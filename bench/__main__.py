@@ -4,6 +4,7 @@
     python3 -m bench --full          # SD1.5-shaped random model, 256 px: TI and LoRA (~30-40 min)
     python3 -m bench --full --methods dreambooth      # + full fine-tune (~15 GB RAM per process)
     python3 -m bench --flux          # Flux.1 LoRA vs train_dreambooth_lora_flux.py (small Flux, 256 px)
+    python3 -m bench --against kohya # vs kohya's sd-scripts (SD1.5-shaped, 256 px; bench/kohya.py)
     python3 -m bench --methods lora,ui --rounds 2 --no-write
     python3 -m bench --report-only   # re-render BENCHMARKS.md from the last saved measurements
 
@@ -30,10 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import baselines, fixtures, report  # noqa: E402
+from bench import baselines, fixtures, kohya, report  # noqa: E402
 from bench.torchvision_standin import write_standin  # noqa: E402
 
-TRAINING = ["textual_inversion", "hypernetwork", "lora", "lora_cached", "dreambooth", "lora_flux"]
+TRAINING = ["textual_inversion", "hypernetwork", "lora", "lora_cached", "lora_te", "locon",
+            "dreambooth", "lora_flux"]
 EXTRAS = ["ui", "preprocess"]
 MODES = {
     "quick": {"kind": "tiny", "steps": 30, "rounds": 3, "timeout": 900,
@@ -46,7 +48,14 @@ MODES = {
              "ui_steps": 0, "ui_rounds": 0,
              "heading": "## Flux.1 LoRA: Danlu vs diffusers' train_dreambooth_lora_flux.py "
                         "(small Flux-shaped, 256 px)"},
+    "kohya": {"kind": "sd15", "steps": 10, "rounds": 2, "timeout": 7200,
+              "methods": ["lora", "lora_te", "locon", "textual_inversion", "dreambooth"],
+              "ui_steps": 0, "ui_rounds": 0,
+              "heading": "## Training: Danlu vs kohya's sd-scripts (SD1.5-shaped, 256 px)"},
 }
+# issue #24's targets against sd-scripts: seconds per step, Danlu / sd-scripts
+KOHYA_TARGETS = {"lora": 0.8, "lora_te": 0.8, "locon": 0.8, "dreambooth": 0.8,
+                 "textual_inversion": 0.8}
 SEED = 0
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
@@ -109,12 +118,14 @@ def run_danlu(method: str, setup: dict, steps: int, round_, work: Path, timeout:
 
 
 def run_baseline(method: str, setup: dict, steps: int, round_, work: Path, timeout: float,
-                 standin: Path, pin: int | None = None) -> dict:
+                 standin: Path, pin: int | None = None, provider=baselines) -> dict:
     folder = work / f"script-{method}-{round_}"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "timing.json"
-    cmd = baselines.command(method, setup, steps, SEED, folder / "output")
+    cmd = provider.command(method, setup, steps, SEED, folder / "output")
     prefix, env = _pinned(pin)
+    if provider is kohya:
+        env["DANLU_BENCH_BAR"] = kohya.BAR
     env.update({"DANLU_BENCH_STANDIN": str(standin), "DANLU_BENCH_OUT": str(out),
                 "DANLU_BENCH_FLOP_STEP": "2" if pin is None else ""})
     result = child_json(prefix + cmd, timeout, folder, env)
@@ -224,6 +235,26 @@ def notes(kind: str, methods: list[str]) -> list[str]:
     return out
 
 
+def kohya_notes() -> list[str]:
+    return [
+        "Same on both sides: the SD1.5-shaped folder, the 4 photos square at 256 px in kohya's "
+        "`1_sks dog` folder with the caption 'a photo of sks dog', batch 1, fp32, AdamW at a "
+        "constant rate (LoRA / LoCon 1e-4, DreamBooth 5e-6, TI 5e-3), seed 0, rank 4 with alpha = "
+        "rank (LoCon: conv rank 4, alpha 4), latents cached once (--cache_latents), SDPA "
+        "attention, gradient-norm clipping at 1.0 (both sides' default), no sampling, no "
+        "intermediate saves, torch's default threads.",
+        "Both sides train kohya's module set (Danlu writes kohya's LoRA format), so the adapters "
+        "are the same; DreamBooth trains the U-Net only (sd-scripts' --stop_text_encoder_training "
+        "-1); textual inversion: sd-scripts' object templates against Danlu's subject.txt.",
+        "sd-scripts runs unchanged in its own environment with its release's pinned libraries "
+        "(accelerate 1.6, transformers 4.54, diffusers 0.32) over the same torch; its CLIP "
+        "tokenizer is given as --tokenizer_cache_dir (it would download it) and torchvision is "
+        "the stand-in below. It builds SD1.5's U-Net from its own fixed config, so the tiny model "
+        "cannot be compared; SDXL-shaped runs are not made (sd-scripts' SDXL scripts with their "
+        "fp32 weights and optimizer state need more than this machine's 24 GB next to Danlu's).",
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -248,11 +279,16 @@ def main(argv=None) -> int:
                         help="instead of A/B in turn, run Danlu and the script at the same time, "
                              "each pinned to its own CPU with 1 thread (swapping CPUs every "
                              "round), so bursts of other load hit both alike")
+    parser.add_argument("--against", choices=["diffusers", "kohya"], default="diffusers",
+                        help="the baseline: diffusers' example scripts (default) or kohya's "
+                             "sd-scripts (SD1.5-shaped model; `python -m bench.kohya setup` first)")
     parser.add_argument("--threads", type=int,
                         help="OMP/MKL threads for every child (default: torch's default)")
     args = parser.parse_args(argv)
 
-    name = "full" if args.full else "flux" if args.flux else "quick"
+    name = ("kohya" if args.against == "kohya" else "full" if args.full else "flux" if args.flux
+            else "quick")
+    provider = kohya if name == "kohya" else baselines
     settings = MODES[name]
     results_file = fixtures.bench_cache() / f"results-{name}.json"
     if args.report_only:
@@ -272,7 +308,7 @@ def main(argv=None) -> int:
     if steps < 5:
         parser.error("--steps must be at least 5 (2 warm-up steps, then timed ones)")
     command = ("python3 -m bench" + (" --full" if args.full else "") + (" --flux" if args.flux else "")
-               + (" --paired" if args.paired else ""))
+               + (" --against kohya" if name == "kohya" else "") + (" --paired" if args.paired else ""))
     for flag, value in (("--methods", args.methods), ("--rounds", args.rounds),
                         ("--steps", args.steps)):
         if value:
@@ -293,6 +329,10 @@ def main(argv=None) -> int:
         "unavailable": {}, "standin": STANDIN_NOTE, "notes": notes(kind, training),
         "examples_dir": str(baselines.examples_dir()), "threads": args.threads or os.cpu_count(),
     }
+    if name == "kohya":
+        results.update(baseline_label="kohya's sd-scripts", baseline_name="sd-scripts",
+                       script_names=kohya.LABELS, targets=KOHYA_TARGETS,
+                       examples_dir=str(kohya.checkout_dir()), notes=kohya_notes())
     results["machine"]["load_start"] = results["machine"].get("load")
     first_round = 0
     if args.append and results_file.exists():
@@ -307,7 +347,8 @@ def main(argv=None) -> int:
                                              f"{results['machine']['load_start']}")
         measured = ({run["method"] for run in previous.get("runs", [])}
                     | {pair["method"] for pair in previous.get("paired", [])} | set(training))
-        previous["versions"], previous["notes"] = results["versions"], notes(kind, sorted(measured))
+        previous["versions"] = results["versions"]
+        previous["notes"] = kohya_notes() if name == "kohya" else notes(kind, sorted(measured))
         started -= previous.get("seconds", 0)
         results = previous
     try:
@@ -323,7 +364,7 @@ def main(argv=None) -> int:
         from bench.danlu_run import available_methods
         available = available_methods()
         try:
-            results["baseline_source"] = baselines.source_info()
+            results["baseline_source"] = provider.source_info()
         except Exception:  # noqa: BLE001 - the report says what is missing
             results["baseline_source"] = {}
         for method in training:
@@ -331,7 +372,7 @@ def main(argv=None) -> int:
                 results["unavailable"][method] = "not available in Danlu yet (not in trainers/registry.py)"
         if args.paired:
             _paired(results, training, available, setup, steps, rounds, work, settings,
-                    standin, results_file)
+                    standin, results_file, provider)
         for round_ in range(first_round, first_round + (0 if args.paired else rounds)):
             for method in training:
                 order = ["danlu", "baseline"] if round_ % 2 == 0 else ["baseline", "danlu"]
@@ -350,15 +391,15 @@ def main(argv=None) -> int:
                                            cached_rerun=round_ == 0 and kind == "tiny")
                     else:
                         try:
-                            baselines.script_path(method)
-                        except baselines.BaselineMissing as error:
-                            if round_ == 0 and method in baselines.SCRIPTS:
+                            provider.script_path(method)
+                        except provider.BaselineMissing as error:
+                            if round_ == 0 and method in provider.SCRIPTS:
                                 results["runs"].append({"side": "baseline", "method": method,
                                                         "kind": kind, "round": round_,
                                                         "error": str(error)})
                             continue
                         result = run_baseline(method, setup, steps, round_, work,
-                                              settings["timeout"], standin)
+                                              settings["timeout"], standin, provider=provider)
                     result.update(side=side, method=method, kind=kind, round=round_)
                     results["runs"].append(result)
                     log(f"round {round_ + 1}/{first_round + rounds} {method} {side}: {_brief(result)}")
@@ -412,11 +453,17 @@ def main(argv=None) -> int:
                           "(see `bench/baselines.py::script_args` for all three)",
         "baseline scripts": "python3 -m bench.baselines extract --git-dir <diffusers clone>/.git",
     }
+    if name == "kohya":
+        results["commands"].update({
+            "one script run": "DANLU_BENCH_BAR=steps DANLU_BENCH_STANDIN=<folder> <venv>/bin/python "
+                              "bench/script_timer.py <sd-scripts>/train_network.py ... (see "
+                              "`bench/kohya.py::script_args`)",
+            "baseline scripts": "python3 -m bench.kohya setup --git-dir <sd-scripts clone>/.git"})
     return _finish(results, args, results_file, save=True)
 
 
 def _paired(results, training, available, setup, steps, rounds, work, settings, standin,
-            results_file) -> None:
+            results_file, provider=baselines) -> None:
     """Danlu and the script at the same time on CPUs 0 and 1 (then 1 and 0), 1 thread each."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -426,7 +473,7 @@ def _paired(results, training, available, setup, steps, rounds, work, settings, 
         for method in training:
             if method not in available:
                 continue
-            if method not in baselines.SCRIPTS:  # no script to pair with (hypernetworks)
+            if method not in provider.SCRIPTS:  # no script to pair with (hypernetworks)
                 if round_ == first:
                     result = run_danlu(method, setup, steps, f"p{round_}", work,
                                        settings["timeout"], False, setup["kind"] == "tiny", 0)
@@ -445,7 +492,7 @@ def _paired(results, training, available, setup, steps, rounds, work, settings, 
                                     settings["timeout"], False,
                                     setup["kind"] == "tiny" and round_ == first, cpu)
                 script = pool.submit(run_baseline, method, setup, steps, f"p{round_}", work,
-                                     settings["timeout"], standin, 1 - cpu)
+                                     settings["timeout"], standin, 1 - cpu, provider)
                 pair = {"method": method, "kind": setup["kind"], "round": round_,
                         "cpus": [cpu, 1 - cpu], "danlu": danlu.result(), "baseline": script.result()}
             pairs.append(pair)

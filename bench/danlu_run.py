@@ -37,10 +37,14 @@ from bench.flopcount import StepRecorder, peak_rss_mib  # noqa: E402
 
 # The settings both sides use (the diffusers scripts get the same numbers, see baselines.py).
 LEARNING_RATES = {"textual_inversion": 5e-3, "hypernetwork": 1e-5, "lora": 1e-4,
-                  "lora_cached": 1e-4, "dreambooth": 5e-6, "lora_flux": 1e-4}
+                  "lora_cached": 1e-4, "dreambooth": 5e-6, "lora_flux": 1e-4, "lora_te": 1e-4,
+                  "locon": 1e-4}
 # benchmark variants of an engine method: (engine method, extra config fields)
 VARIANTS = {"lora_cached": ("lora", {"cache_text_encoder_outputs": True}),
-            "lora_flux": ("lora", {"cache_text_encoder_outputs": True, "guidance_scale": 1.0})}
+            "lora_flux": ("lora", {"cache_text_encoder_outputs": True, "guidance_scale": 1.0}),
+            # against sd-scripts: + text-encoder LoRA at the same rate; LoCon convolutions
+            "lora_te": ("lora", {"network_train_unet_only": False}),
+            "locon": ("lora", {"conv_dim": 4, "conv_alpha": 4.0})}
 
 
 def engine_method(method: str) -> str:

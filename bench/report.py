@@ -22,7 +22,9 @@ METHOD_LABELS = {"textual_inversion": "Textual inversion", "hypernetwork": "Hype
                  "lora": "LoRA (rank 4)",
                  "lora_cached": "LoRA (rank 4), text-encoder outputs cached",
                  "dreambooth": "DreamBooth (full U-Net)",
-                 "lora_flux": "Flux.1 LoRA (rank 4), latents and text outputs cached"}
+                 "lora_flux": "Flux.1 LoRA (rank 4), latents and text outputs cached",
+                 "lora_te": "LoRA (rank 4), U-Net + text encoder",
+                 "locon": "LoCon (rank 4, conv rank 4)"}
 SCRIPT_NAMES = {"textual_inversion": "textual_inversion.py", "lora": "train_dreambooth_lora.py",
                 "lora_cached": "train_dreambooth_lora.py --pre_compute_text_embeddings",
                 "dreambooth": "train_dreambooth.py",
@@ -367,8 +369,8 @@ def render(results: dict) -> str:
 def _ab_lines(results, summary, models, command, steps) -> list[str]:
     lines = []
     lines.append(
-        f"`{command}` — {results.get('rounds', '?')} rounds, Danlu and the diffusers example "
-        "script alternating (A B, then B A, ...), each run in its own process; "
+        f"`{command}` — {results.get('rounds', '?')} rounds, Danlu and "
+        f"{results.get('baseline_label', 'the diffusers example script')} alternating (A B, then B A, ...), each run in its own process; "
         + ", ".join(f"{models.get(k, {}).get('label', k)}: {n} steps per run"
                     for k, n in steps.items())
         + f"; seconds per step are the median of the steps after the first {results.get('warmup', WARMUP)} "
@@ -397,9 +399,10 @@ def _ab_lines(results, summary, models, command, steps) -> list[str]:
             dtext = "not available yet"
         else:
             dtext = _cell(d)
-        btext = "no diffusers script" if method not in SCRIPT_NAMES else _cell(b)
+        btext = "no baseline script" if method not in results.get("script_names", SCRIPT_NAMES) \
+            else _cell(b)
         ratio = row.get("ratio")
-        target = SPEED_TARGETS.get(method)
+        target = results.get("targets", SPEED_TARGETS).get(method)
         speed_ok = None if ratio is None or target is None else ratio <= target
         rss_ok = None if row.get("rss_ratio") is None else row["rss_ratio"] <= RSS_TARGET
         applies = kind in TARGET_KINDS
@@ -453,7 +456,7 @@ def _rest_lines(results, summary, every, models, peak, matmul) -> list[str]:
                              f"{METHOD_LABELS.get(method, method)} | 0 ({entry['failed']} failed) "
                              "| — | — | — | — | — | — |")
                 continue
-            target = SPEED_TARGETS.get(method)
+            target = results.get("targets", SPEED_TARGETS).get(method)
             ok = None if target is None else entry["ratio"] <= target
             count = str(len(entry["pairs"])) + (f" (+{entry['failed']} failed)" if entry["failed"] else "")
             lines.append(
@@ -619,7 +622,7 @@ def _rest_lines(results, summary, every, models, peak, matmul) -> list[str]:
     if versions:
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     if source:
-        lines.append(f"Baseline scripts: diffusers `{source.get('rev', '?')}` "
+        lines.append(f"Baseline scripts: {results.get('baseline_name', 'diffusers')} `{source.get('rev', '?')}` "
                      f"({str(source.get('commit', ''))[:12]}), {source.get('note', '')}; read from "
                      f"`{results.get('examples_dir', '$DANLU_DIFFUSERS_EXAMPLES')}`, never vendored.")
     if results.get("standin"):

@@ -8,7 +8,7 @@ torchvision is installed (transformers checks with `find_spec` alone and caches 
 the libraries keep their no-torchvision code paths, exactly as in a plain install without it,
 and only the script's own `from torchvision import transforms` gets the stand-in.
 
-The scripts advance a tqdm bar named "Steps" once per optimizer step (`progress_bar.update(1)`
+The scripts advance a tqdm bar named "Steps" ($DANLU_BENCH_BAR: sd-scripts' "steps") once per optimizer step (`progress_bar.update(1)`
 after `optimizer.step()`). This wrapper patches `tqdm.std.tqdm.update` so that every update of
 that bar is a step end for a `StepRecorder` (bench/flopcount.py), then runs the script with
 `runpy` as `__main__`, with `sys.argv` and `sys.path[0]` as `python SCRIPT.py ...` would have.
@@ -35,7 +35,7 @@ from flopcount import StepRecorder, peak_rss_mib  # noqa: E402
 sys.path.remove(str(HERE))
 del sys.modules["flopcount"]  # keep the name free; the classes stay alive through these names
 
-BAR_NAME = "Steps"
+BAR_NAME = os.environ.get("DANLU_BENCH_BAR", "Steps")  # sd-scripts' bar is "steps"
 
 
 def main() -> None:

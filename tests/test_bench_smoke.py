@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -213,3 +215,38 @@ def test_flux_lora_settings_match_on_both_sides(tmp_path):
     assert missing == [] and cfg.cache_text_encoder_outputs is True and cfg.guidance_scale == 1.0
     assert (cfg.network_dim, cfg.network_alpha, cfg.learning_rate) == (4, 4.0, 1e-4)
     assert report.SPEED_TARGETS["lora_flux"] == 0.8 and "flux" in report.TARGET_KINDS
+
+
+def test_kohya_baseline_runs_sd_scripts_at_danlus_settings(tmp_path):
+    """sd-scripts gets the same model, kohya folder, size, rank, rate, seed and cached latents
+    as Danlu; its tokenizer comes from the model folder under the hub id it would download;
+    a missing checkout is reported by name, and the pins skip torch and GPU extras."""
+    from bench import danlu_run, kohya
+    model = tmp_path / "model"
+    (model / "tokenizer").mkdir(parents=True)
+    (model / "tokenizer" / "vocab.json").write_text("{}")
+    setup = {"model": str(model), "resolution": 256,
+             "data": {"images": "i", "captioned": "c", "kohya": str(tmp_path / "k")}}
+    tokenizers = kohya.tokenizer_cache(setup, tmp_path)
+    assert (tokenizers / "openai_clip-vit-large-patch14" / "vocab.json").is_file()
+    args = {m: kohya.script_args(m, setup, 7, 0, tmp_path / "o", tokenizers) for m in kohya.SCRIPTS}
+    pairs = dict(zip(args["lora"], args["lora"][1:]))
+    assert pairs["--network_dim"] == pairs["--network_alpha"] == "4" and pairs["--max_train_steps"] == "7"
+    assert "--network_train_unet_only" in args["lora"] and "--network_train_unet_only" not in args["lora_te"]
+    assert "conv_dim=4" in args["locon"] and "--cache_latents" in args["dreambooth"]
+    assert dict(zip(args["dreambooth"], args["dreambooth"][1:]))["--stop_text_encoder_training"] == "-1"
+    assert dict(zip(args["textual_inversion"], args["textual_inversion"][1:]))["--learning_rate"] == "0.005"
+    for method in ("lora_te", "locon"):  # Danlu's side of the same comparison
+        spec = dict(method=method, kind="sd15", model=str(model), resolution=256,
+                    data=setup["data"], steps=5, seed=0)
+        cfg, missing = danlu_run.make_config(spec, preview=False)
+        assert missing == []
+        assert (cfg.network_train_unet_only, cfg.conv_dim) == ((False, 0) if method == "lora_te" else (True, 4))
+    with pytest.raises(kohya.BaselineMissing, match="train_network.py not found"):
+        kohya.script_path("lora", tmp_path / "nowhere")
+    (tmp_path / "req").mkdir()
+    (tmp_path / "req" / "requirements.txt").write_text(
+        "accelerate==1.6.0\ntorch==2.0\nopencv-python==4.10.0.84\ndiffusers[torch]==0.32.1\n"
+        "bitsandbytes\n# comment\n-e .\n")
+    assert kohya.pinned_requirements(tmp_path / "req") == [
+        "accelerate==1.6.0", "opencv-python-headless==4.10.0.84", "diffusers==0.32.1"]
