@@ -87,7 +87,8 @@ class DatasetReport:
         kind = "kohya repeats folders" if self.layout == "kohya" else "flat folder"
         findings = self.findings()
         head = (f"Dataset check of {self.folder} ({kind}): {self.images} images, "
-                + (f"{len(findings)} kinds of problem." if findings else "no problems found."))
+                + (f"{_count(findings, 'kind')} of problem." if findings
+                   else "no problems found."))
         lines = [head] + [f"- {line}" for line in findings]
         if self.token_note:
             lines.append(f"Caption lengths not checked: {self.token_note}")

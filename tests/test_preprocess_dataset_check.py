@@ -78,6 +78,8 @@ def test_a_clean_folder_has_no_findings(tmp_path):
         (tmp_path / f"{i}.txt").write_text(f"photo, subject {i}")
     report = check_dataset(tmp_path)
     assert report.findings() == [] and "no problems found" in report.text()
+    (tmp_path / "0.txt").write_text("")
+    assert "3 images, 1 kind of problem." in check_dataset(tmp_path).text()
 
 
 def test_kohya_repeats_folders(tmp_path):
