@@ -70,14 +70,18 @@ def check_diffusers(path: Path, modules: FamilyModules) -> LoaderResult:
     kwargs = {"unet_config": _Config(SDXL_UNET_CONFIG)} if modules.name == "sdxl" else {}
     collector = _Collect()
     logger = logging.getLogger("diffusers")
-    logger.addHandler(collector)
+    # only here, whatever verbosity the app set (load_model silences diffusers' warnings)
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers, logger.propagate = [collector], False
+    logger.setLevel(logging.WARNING)
     try:
         converted = pipeline.lora_state_dict(dict(state), **kwargs)
     except Exception as error:
         result.fatal = f"{pipeline.__name__}.lora_state_dict: {_first_lines(error)}"
         return result
     finally:
-        logger.removeHandler(collector)
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
     if isinstance(converted, tuple):
         converted = converted[0]
     for message in collector.messages:
