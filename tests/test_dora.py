@@ -298,3 +298,16 @@ def test_post_hoc_ema_averages_dora_scale_with_the_other_tensors():
     averaged = post_hoc_ema([first, second], [0.25])
     torch.testing.assert_close(averaged["m.dora_scale"], torch.full((4, 1), 1.75))
     assert float(averaged["m.alpha"]) == 2.0
+
+
+def test_an_input_axis_dora_file_is_refused_by_the_network_with_the_reason(data_paths):
+    from trainers.lora_network import LoraStateError
+    state = random_dora(data_paths, "tiny-demo", "d.safetensors", seed=4)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    state[f"{name}.dora_scale"] = state[f"{name}.dora_scale"].reshape(1, -1)  # [1, in]
+    model = load_model(data_paths, "tiny-demo")
+    with LoraNetwork(model.unet, model.text_encoder,
+                     LoraSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, dora=True)) as net:
+        with pytest.raises(LoraStateError, match=f"{name}.dora_scale: file \\[1, 32\\].*input "
+                                                 "axis .*wd_on_output=False"):
+            net.load_kohya_state_dict(state)

@@ -486,6 +486,9 @@ class LoraNetwork(AdaptedParts):
                   and not (shape == () and state[key].numel() == 1)]
         if shapes:
             problems.append(f"{len(shapes)} shape mismatches ({_some(shapes)})")
+            if any(".dora_scale:" in text and "file [1, " in text for text in shapes):
+                problems.append("the file's dora_scale is on the input axis (LyCORIS "
+                                "wd_on_output=False), Danlu's DoRA on the output axis")
         alphas = []
         for name, _down, _up, alpha in self._entries():
             key = f"{name}.alpha"
