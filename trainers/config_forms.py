@@ -18,7 +18,8 @@ class FormLayout:
 
 TEMPLATE_DATA = ["data_root", "template", "width", "height", "varsize", "filename_word_regex",
                  "filename_join_string", "shuffle_tags", "tag_drop_out", "latent_sampling",
-                 "use_weight", "max_token_length"]
+                 "use_weight", "masked_loss", "conditioning_data_dir", "alpha_mask",
+                 "max_token_length"]
 TEMPLATE_OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
                   "clip_grad_value", "seed", "on_nan"]
 TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prompt",
@@ -30,7 +31,8 @@ SLIDER = {"widget": "slider"}
 KOHYA_DATA = ["train_data_dir", "reg_data_dir", "dataset_config", "caption_extension",
               "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
               "bucket_reso_steps", "bucket_no_upscale", "shuffle_caption", "keep_tokens",
-              "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug", "max_token_length"]
+              "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug", "masked_loss",
+              "conditioning_data_dir", "alpha_mask", "max_token_length"]
 KOHYA_OPTIM = ["learning_rate", "optimizer_type", "lr_scheduler", "lr_warmup_steps",
                "lr_scheduler_num_cycles", "lr_scheduler_power", "train_batch_size",
                "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed",
@@ -81,7 +83,9 @@ FINE_TUNE_GROUPS = [("Images and metadata JSON",
                     ("Dataset", ["resolution", "enable_bucket", "min_bucket_reso",
                                  "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
                                  "shuffle_caption", "keep_tokens", "caption_dropout_rate",
-                                 "caption_tag_dropout_rate", "flip_aug", "max_token_length"], False),
+                                 "caption_tag_dropout_rate", "flip_aug", "masked_loss",
+                                 "conditioning_data_dir", "alpha_mask", "max_token_length"],
+                     False),
                     ("Text encoder", ["train_text_encoder", "text_encoder_lr",
                                       "stop_text_encoder_training"], False),
                     ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),

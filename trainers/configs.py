@@ -40,6 +40,26 @@ def check_name(field: str, name: str) -> list[str]:
     return []
 
 
+def mask_problems(cfg, toml: bool = False) -> list[str]:
+    """Masked loss (kohya's): a mask folder with masked_loss, or the alpha channel, not both;
+    a dataset TOML names its mask folders per subset."""
+    problems = []
+    folder = cfg.conditioning_data_dir.strip()
+    if folder and not cfg.masked_loss:
+        problems.append("conditioning_data_dir: the mask folder is read with masked_loss on; "
+                        "tick masked loss or clear the folder")
+    if cfg.masked_loss and cfg.alpha_mask:
+        problems.append("alpha_mask: masks come from the mask folder (masked_loss) or the alpha "
+                        "channel, not both; untick one")
+    elif cfg.masked_loss and not folder and not toml:
+        problems.append("conditioning_data_dir: masked_loss needs a mask folder (or use "
+                        "alpha_mask for the images' alpha channel)")
+    if toml and folder:
+        problems.append("conditioning_data_dir: with a dataset config, name each subset's mask "
+                        "folder in the TOML (conditioning_data_dir of [[datasets.subsets]])")
+    return problems
+
+
 class NamesFiles:
     """Every config checks the files and folders it names before its job is queued (page, CLI,
     queue restore): `file_problems` lists what is wrong (a subclass adds its own to its
@@ -150,6 +170,15 @@ class TemplateTrainingConfig(NamesFiles):
                                   label="Clip value")
     use_weight: bool = option(False, "Use the PNG alpha channel as a per-pixel loss weight.",
                               label="Use PNG alpha channel as loss weight")
+    masked_loss: bool = option(False, "Train only where each image's mask is white (kohya's "
+                               "masked_loss): masks are the images' file names in the mask "
+                               "folder, gray = a partial weight.", label="Masked loss")
+    conditioning_data_dir: str = option("", "Mask folder for masked loss: one grayscale image "
+                                        "per training image, same file name and size (kohya's "
+                                        "conditioning_data_dir).", label="Mask folder",
+                                        path="data")
+    alpha_mask: bool = option(False, "Use each image's alpha channel as its loss mask (kohya's "
+                              "alpha_mask; transparent = ignored).", label="Alpha channel as mask")
     seed: int = option(0, "Seed for data order, noise and timesteps; same seed, same run.",
                        label="Training seed", min=0, max=2**63 - 1)
     on_nan: str = option("stop", "When the loss or a gradient becomes NaN/inf: stop (the file "
@@ -184,6 +213,10 @@ class TemplateTrainingConfig(NamesFiles):
                 parse_schedule(text, self.steps, field=field, allow_zero=zero)
             except ScheduleError as error:
                 problems.append(str(error))
+        problems += mask_problems(self)
+        if self.use_weight and (self.masked_loss or self.alpha_mask):
+            problems.append("use_weight: the A1111 alpha loss weight and masked loss are two "
+                            "ways to weigh pixels; use one of them")
         if self.filename_word_regex:
             try:
                 re.compile(self.filename_word_regex)
@@ -426,6 +459,17 @@ class KohyaTrainingConfig(NamesFiles):
     caption_tag_dropout_rate: float = option(0.0, "Chance of dropping each tag.",
                                              label="Tag dropout rate", min=0.0, max=1.0)
     flip_aug: bool = option(False, "Also train on mirrored images.", label="Flip augmentation")
+    masked_loss: bool = option(False, "Train only where each image's mask is white (kohya's "
+                               "masked_loss): masks are the images' file names in the mask "
+                               "folder (a <repeats>_<tokens> sub-folder's in the sub-folder "
+                               "of the same name, if there is one), gray = a partial weight.",
+                               label="Masked loss")
+    conditioning_data_dir: str = option("", "Mask folder for masked loss: one grayscale image "
+                                        "per training image, same file name and size (kohya's "
+                                        "conditioning_data_dir).", label="Mask folder",
+                                        path="data")
+    alpha_mask: bool = option(False, "Use each image's alpha channel as its loss mask (kohya's "
+                              "alpha_mask; transparent = ignored).", label="Alpha channel as mask")
     max_token_length: int = option(75, "Longest caption in tokens: 150 or 225 encode it in "
                                    "75-token chunks, as kohya's --max_token_length does; tokens "
                                    "past the limit are dropped.", label="Max token length",
@@ -519,6 +563,7 @@ class KohyaTrainingConfig(NamesFiles):
             problems.append("train_data_dir: choose an image folder (or a dataset config)")
         if self.min_bucket_reso > self.max_bucket_reso:
             problems.append("min_bucket_reso: larger than max_bucket_reso")
+        problems += mask_problems(self, toml=bool(self.dataset_config.strip()))
         return problems
 
     def file_problems(self, paths) -> list[str]:

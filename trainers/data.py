@@ -15,6 +15,7 @@ from PIL import Image
 from core.images import BOMB_PIXELS, ImageError, describe_skipped, open_image, scan_folder
 from trainers import seeds
 from trainers.captions import filewords_for
+from trainers.masks import MaskError, as_weights, find_masks, open_mask, to_latent
 
 
 class DatasetError(ValueError):
@@ -28,7 +29,7 @@ class Example:
     mean: torch.Tensor  # scaled latent mean [4, h, w]
     std: torch.Tensor | None  # scaled latent std, kept only for 'random' sampling
     latent: torch.Tensor  # the latent used when sampling is 'once' or 'deterministic'
-    weight: torch.Tensor | None = None  # [1, h, w] loss weight from the alpha channel
+    weight: torch.Tensor | None = None  # [1, h, w] loss weight: alpha channel or mask
     pixels: torch.Tensor | None = None  # [3, H, W] in [-1, 1], kept for a reconstruction loss
 
 
@@ -81,30 +82,45 @@ def open_training_image(path: Path, keep_alpha: bool) -> Image.Image:
 def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, batch_size: int,
                  seed: int, latent_sampling: str, use_weight: bool, word_regex: str = "",
                  join_string: str = " ", report: Callable[[str], None] = lambda text: None,
-                 keep_pixels: bool = False) -> Dataset:
+                 keep_pixels: bool = False, mask_dir: Path | None = None,
+                 alpha_mask: bool = False) -> Dataset:
+    """`use_weight`: A1111's alpha-channel loss weight (normalised to mean 1); `mask_dir` /
+    `alpha_mask`: kohya's masked loss from mask files or the alpha channel (trainers/masks.py)."""
     if not folder.exists():
         raise DatasetError(f"data_root: {folder} does not exist")
     if not folder.is_dir():
         raise DatasetError(f"data_root: {folder} is not a folder")
     scan = scan_folder(folder)
     files = scan.images
+    try:
+        masks = find_masks(files, mask_dir) if mask_dir is not None else {}
+    except MaskError as error:
+        raise DatasetError(str(error)) from None
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     factor = vae.config.scaling_factor
     examples, skipped = [], list(scan.skipped)
     for number, path in enumerate(files, 1):
         try:
-            image = open_training_image(path, keep_alpha=use_weight)
+            image = open_training_image(path, keep_alpha=use_weight or alpha_mask)
         except ImageError as error:
             skipped.append((path.name, str(error)[:200]))
             continue
+        try:
+            mask = open_mask(masks[path], image.size) if path in masks else None
+        except MaskError as error:
+            raise DatasetError(f"conditioning_data_dir: {error}") from None
+        if alpha_mask:
+            mask = image.getchannel("A")
         if not varsize:
             image = image.resize((width, height), Image.BICUBIC)
+            mask = mask.resize((width, height), Image.BICUBIC) if mask is not None else None
         else:
             w, h = (image.width // scale) * scale, (image.height // scale) * scale
             if w == 0 or h == 0:
                 skipped.append((path.name, f"smaller than {scale} px"))
                 continue
             image = image.crop((0, 0, w, h))
+            mask = mask.crop((0, 0, w, h)) if mask is not None else None
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         pixels = torch.from_numpy(array[..., :3].copy()).permute(2, 0, 1)[None]
         with torch.no_grad():
@@ -121,6 +137,8 @@ def load_dataset(folder: Path, vae, width: int, height: int, *, varsize: bool, b
             alpha = image.getchannel("A").resize((mean.shape[2], mean.shape[1]), Image.BICUBIC)
             weight = torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
             weight = weight / weight.mean().clamp(min=1e-6)
+        if mask is not None:
+            weight = to_latent(as_weights(mask), mean.shape[1:])
         examples.append(Example(path=path, filewords=filewords_for(path, word_regex, join_string),
                                 mean=mean, std=std if latent_sampling == "random" else None,
                                 latent=latent, weight=weight,

@@ -16,7 +16,7 @@ from trainers.buckets import assign
 from trainers.data import DatasetError
 from trainers.finetune_metadata import caption_of, find_image
 from trainers.kohya_data import (DatasetConfig, ImageEntry, KohyaBatches, KohyaDataset, _place,
-                                 cache_latents, config_buckets, image_size)
+                                 attach_masks, cache_latents, config_buckets, image_size)
 
 
 def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaDataset:
@@ -49,6 +49,8 @@ def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaData
         entries.append(ImageEntry(path=path, subset=0, caption=caption_of(entry), size=size,
                                   placement=place(size), is_reg=False,
                                   repeats=subset.num_repeats))
+    if subset.conditioning_data_dir is not None and entries:
+        attach_masks(entries, subset.conditioning_data_dir)
     if missing:
         shown = ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DatasetError(f"in_json: {len(missing)} listed image(s) not found in {image_dir}: "

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from core.atomic import atomic_write
 from core.config import ConfigError
 from core.images import IMAGE_EXTENSIONS, ImageError, describe_skipped, list_images, scan_folder
-from trainers import latent_memo, seeds
+from trainers import latent_memo, masks, seeds
 from trainers.buckets import BucketBatcher, BucketError, Placement, assign, kohya_crop_ltrb, make_buckets
 from trainers.data import DatasetError, open_training_image
 from trainers.loop import Batch
@@ -71,6 +71,7 @@ class SubsetConfig:
     is_reg: bool = False
     alpha_mask: bool = False
     resize_interpolation: str | None = None
+    conditioning_data_dir: Path | None = None  # masks of masked_loss (trainers/masks.py)
 
 
 @dataclass
@@ -125,7 +126,6 @@ UNSUPPORTED = {
                                              "supported; set it to 1.0"),
     "metadata_file": (lambda v: v is None, "metadata JSON subsets are not supported in a "
                                            "dataset TOML; use the fine_tune method (in_json)"),
-    "conditioning_data_dir": (lambda v: v is None, "ControlNet datasets are not supported"),
     "cache_info": (lambda v: True, ""),
     "custom_attributes": (lambda v: True, ""),
 }
@@ -200,12 +200,18 @@ def _build_subset(table: dict, layers: Sequence[dict], base_dir: Path, where: st
     path = Path(image_dir).expanduser()
     if not path.is_absolute():
         path = base_dir / path
+    if values["conditioning_data_dir"] is not None:
+        masks = Path(values["conditioning_data_dir"]).expanduser()
+        values["conditioning_data_dir"] = masks if masks.is_absolute() else base_dir / masks
     subset = SubsetConfig(image_dir=path, **values)
     _validate_subset(subset, where, problems)
     return subset
 
 
 def _validate_subset(s: SubsetConfig, where: str, problems: list[str]) -> None:
+    if s.conditioning_data_dir is not None and s.alpha_mask:
+        problems.append(f"{where}: 'conditioning_data_dir' (mask images) and 'alpha_mask' are "
+                        "two mask sources; keep one")
     if s.num_repeats < 1:
         problems.append(f"{where}: 'num_repeats' must be at least 1, got {s.num_repeats}")
     if s.keep_tokens < 0:
@@ -278,9 +284,12 @@ def _validate_dataset(d: DatasetConfig, where: str, problems: list[str]) -> None
 
 
 def parse_dataset_toml(text: str, base_dir: Path | str = ".", defaults: dict | None = None,
-                       source: str = "dataset config") -> list[DatasetConfig]:
+                       source: str = "dataset config",
+                       masked_loss: bool = False) -> list[DatasetConfig]:
     """Parse and validate a kohya dataset TOML. Relative image_dir paths are taken relative to
-    `base_dir` (the TOML's folder). `defaults` plays the role of kohya's command-line values."""
+    `base_dir` (the TOML's folder). `defaults` plays the role of kohya's command-line values.
+    A subset's `conditioning_data_dir` is its mask folder, read with `masked_loss` on (kohya
+    reads it as a ControlNet dataset then); otherwise it is refused."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -318,6 +327,10 @@ def parse_dataset_toml(text: str, base_dir: Path | str = ".", defaults: dict | N
             swhere = f"[[datasets.subsets]] #{j} of [[datasets]] #{i}"
             start = len(problems)
             _check_table(subset_table, SUBSET_KEYS, swhere, problems)
+            if "conditioning_data_dir" in subset_table and not masked_loss:
+                problems.append(f"{swhere}: 'conditioning_data_dir' is read as the subset's mask "
+                                "folder with masked_loss on (ControlNet datasets are not "
+                                "supported); tick masked loss or remove it")
             if len(problems) == start:
                 subset = _build_subset(subset_table, [table, general, defaults],
                                        Path(base_dir), swhere, problems)
@@ -330,7 +343,8 @@ def parse_dataset_toml(text: str, base_dir: Path | str = ".", defaults: dict | N
     return datasets
 
 
-def load_dataset_toml(path: Path | str, defaults: dict | None = None) -> list[DatasetConfig]:
+def load_dataset_toml(path: Path | str, defaults: dict | None = None,
+                      masked_loss: bool = False) -> list[DatasetConfig]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset_config: {path} is not a file")
@@ -338,7 +352,8 @@ def load_dataset_toml(path: Path | str, defaults: dict | None = None) -> list[Da
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"dataset_config: cannot read {path} ({error})") from None
-    return parse_dataset_toml(text, path.parent, defaults, source=f"dataset_config {path.name}")
+    return parse_dataset_toml(text, path.parent, defaults, source=f"dataset_config {path.name}",
+                              masked_loss=masked_loss)
 
 
 def parse_folder_name(name: str) -> tuple[int, str]:
@@ -386,9 +401,12 @@ def folder_subsets(folder: Path | str, is_reg: bool, field_name: str, notes: lis
 
 def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None = None,
                    train_tokens: str | None = None, reg_tokens: str | None = None,
-                   **options) -> DatasetConfig:
+                   mask_dir: Path | None = None, **options) -> DatasetConfig:
     """A dataset from kohya's repeats folders. `options` are any [general] keys (resolution,
-    batch_size, enable_bucket, shuffle_caption, keep_tokens, flip_aug, ...) and alpha_mask."""
+    batch_size, enable_bucket, shuffle_caption, keep_tokens, flip_aug, ...) and alpha_mask.
+    `mask_dir` holds the training images' masks (masked_loss): a sub-folder's in the mask
+    folder's sub-folder of the same name when there is one, else in the mask folder itself;
+    regularization images train unmasked."""
     problems: list[str] = []
     _check_table(options, {**GENERAL_KEYS, "alpha_mask": "bool"}, "options", problems)
     for key in ("num_repeats", "class_tokens"):
@@ -400,6 +418,10 @@ def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None =
     notes: list[str] = []
     subsets = folder_subsets(train_data_dir, False, "train_data_dir", notes, subset_options,
                              train_tokens)
+    if mask_dir is not None:
+        for subset in subsets:
+            own = Path(mask_dir) / subset.image_dir.name
+            subset.conditioning_data_dir = own if own.is_dir() else Path(mask_dir)
     if reg_data_dir:
         subsets += folder_subsets(reg_data_dir, True, "reg_data_dir", notes, subset_options,
                                   reg_tokens)
@@ -412,7 +434,8 @@ def folder_dataset(train_data_dir: Path | str, reg_data_dir: Path | str | None =
     return dataset
 
 
-def plain_dataset(image_dir: Path | str, num_repeats: int = 1, **options) -> DatasetConfig:
+def plain_dataset(image_dir: Path | str, num_repeats: int = 1, mask_dir: Path | None = None,
+                  **options) -> DatasetConfig:
     """A dataset of one subset, `image_dir` itself (fine-tuning: its captions come from a
     metadata JSON); `options` are [general] keys as for folder_dataset."""
     problems: list[str] = []
@@ -421,7 +444,8 @@ def plain_dataset(image_dir: Path | str, num_repeats: int = 1, **options) -> Dat
         raise ConfigError(problems)
     subset_options = {f.name: options[f.name] for f in fields(SubsetConfig)
                       if f.name in options and f.name != "num_repeats"}
-    subset = SubsetConfig(image_dir=Path(image_dir), num_repeats=num_repeats, **subset_options)
+    subset = SubsetConfig(image_dir=Path(image_dir), num_repeats=num_repeats,
+                          conditioning_data_dir=mask_dir, **subset_options)
     _validate_subset(subset, "options", problems)
     dataset = _build_dataset(options, [], [subset], "options", problems)
     if problems:
@@ -515,8 +539,9 @@ class ImageEntry:
     repeats: int  # appearances per epoch (regularization images: topped up, 0 = unused)
     latents: torch.Tensor | None = None  # unscaled [C, h, w] (memory cache)
     latents_flipped: torch.Tensor | None = None
-    alpha: torch.Tensor | None = None  # [H, W] in 0..1 at bucket size
+    alpha: torch.Tensor | None = None  # [H, W] in 0..1 at bucket size (alpha or mask file)
     npz: Path | None = None  # disk cache
+    mask: Path | None = None  # the mask file of masked_loss
 
 
 @dataclass
@@ -599,6 +624,8 @@ def scan_dataset(config: DatasetConfig) -> KohyaDataset:
                                       repeats=subset.num_repeats))
         if skipped:
             notes.append(f"{folder.name}: {describe_skipped(skipped)}")
+        if subset.conditioning_data_dir is not None and entries:
+            attach_masks(entries, subset.conditioning_data_dir)
         if not entries:
             kind = "regularization folder" if subset.is_reg else "image folder"
             detail = f" ({describe_skipped(skipped)})" if skipped else ""
@@ -617,6 +644,24 @@ def scan_dataset(config: DatasetConfig) -> KohyaDataset:
                            img_counts=counts, buckets=buckets, notes=notes)
     _balance_regularization(dataset)
     return dataset
+
+
+def attach_masks(entries: list[ImageEntry], folder: Path) -> None:
+    """Each image's mask file, which must have the image's size (kohya asserts both)."""
+    try:
+        found = masks.find_masks([e.path for e in entries], folder)
+    except masks.MaskError as error:
+        raise DatasetError(str(error)) from None
+    for entry in entries:
+        entry.mask = found[entry.path]
+        try:
+            size = image_size(entry.mask)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            raise DatasetError(f"conditioning_data_dir: mask {entry.mask}: {error}") from None
+        if size != tuple(entry.size):
+            raise DatasetError(f"conditioning_data_dir: mask {entry.mask} is {size[0]}x{size[1]}, "
+                               f"its image {entry.path.name} is {entry.size[0]}x{entry.size[1]}; "
+                               "a mask has its image's size")
 
 
 def _balance_regularization(dataset: KohyaDataset) -> None:
@@ -656,8 +701,10 @@ def _npz_path(image: Path) -> Path:
     return image.parent / (image.stem + ".npz")
 
 
-def npz_matches(path: Path, entry: ImageEntry, scale: int, flip: bool, alpha: bool) -> bool:
-    """kohya's test for a reusable cache file, plus the original size must match."""
+def npz_matches(path: Path, entry: ImageEntry, scale: int, flip: bool, alpha: bool,
+                mask: bool = False) -> bool:
+    """kohya's test for a reusable cache file, plus the original size must match; a mask file's
+    mask is kept under `mask` (Danlu's key: kohya reads mask files at each step)."""
     if not path.is_file():
         return False
     bw, bh = entry.placement.bucket
@@ -677,6 +724,8 @@ def npz_matches(path: Path, entry: ImageEntry, scale: int, flip: bool, alpha: bo
             if alpha != ("alpha_mask" in keys):
                 return False
             if alpha and tuple(npz["alpha_mask"].shape) != (bh, bw):
+                return False
+            if mask != ("mask" in keys) or (mask and tuple(npz["mask"].shape) != (bh, bw)):
                 return False
     except (OSError, ValueError, KeyError, EOFError):
         return False
@@ -704,6 +753,14 @@ def _pixels(entry: ImageEntry, subset: SubsetConfig) -> tuple[torch.Tensor, torc
     array = np.asarray(image, dtype=np.float32)
     pixels = torch.from_numpy(array[..., :3] / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     alpha = torch.from_numpy(array[..., 3] / 255.0) if subset.alpha_mask else None
+    if entry.mask is not None:  # the same resize and crop as the image
+        try:
+            mask = masks.open_mask(entry.mask, entry.size)
+        except masks.MaskError as error:
+            raise DatasetError(f"conditioning_data_dir: {error}") from None
+        if placement.resized != mask.size:
+            mask = mask.resize(placement.resized, INTERPOLATIONS[name])
+        alpha = masks.as_weights(mask.crop(placement.crop))
     return pixels, alpha
 
 
@@ -723,8 +780,11 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, name: tuple, seed: int) -> to
 
 
 def _memo_key(entry: ImageEntry, subset) -> tuple | None:
+    mask = latent_memo.image_key(entry.mask) if entry.mask is not None else ()
+    if mask is None:
+        return None
     return latent_memo.image_key(entry.path, entry.size, entry.placement, subset.flip_aug,
-                                 subset.alpha_mask, subset.resize_interpolation)
+                                 subset.alpha_mask, subset.resize_interpolation, mask)
 
 
 def _from_memo(vae, entry: ImageEntry, subset, seed: int) -> bool:
@@ -741,13 +801,14 @@ def _from_memo(vae, entry: ImageEntry, subset, seed: int) -> bool:
     return True
 
 
-def _save_npz(path: Path, latents, original_size, crop_ltrb, flipped, alpha) -> None:
+def _save_npz(path: Path, latents, original_size, crop_ltrb, flipped, alpha,
+              from_file: bool = False) -> None:
     arrays = {"latents": latents.numpy(), "original_size": np.array(original_size),
               "crop_ltrb": np.array(crop_ltrb)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy()
     if alpha is not None:
-        arrays["alpha_mask"] = alpha.float().numpy()
+        arrays["mask" if from_file else "alpha_mask"] = alpha.float().numpy()
 
     def write(temp: Path) -> None:
         with open(temp, "wb") as handle:
@@ -774,7 +835,8 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
                                f"VAE's factor {scale}; check resolution and bucket_reso_steps")
         if cache_to_disk:
             entry.npz = _npz_path(entry.path)
-            if npz_matches(entry.npz, entry, scale, subset.flip_aug, subset.alpha_mask):
+            if npz_matches(entry.npz, entry, scale, subset.flip_aug, subset.alpha_mask,
+                           entry.mask is not None):
                 continue
         elif entry.latents is not None:
             continue
@@ -808,7 +870,8 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
             for entry, (_, alpha), latent, mirror in zip(chunk, prepared, latents, flipped):
                 if cache_to_disk:
                     _save_npz(entry.npz, latent, entry.size,
-                              kohya_crop_ltrb(entry.placement.bucket, entry.size), mirror, alpha)
+                              kohya_crop_ltrb(entry.placement.bucket, entry.size), mirror, alpha,
+                              entry.mask is not None)
                 else:
                     entry.latents, entry.latents_flipped, entry.alpha = latent, mirror, alpha
             done += len(chunk)
@@ -820,7 +883,8 @@ def _load_latents(entry: ImageEntry, flipped: bool) -> tuple[torch.Tensor, torch
     if entry.npz is not None and entry.latents is None:
         with np.load(entry.npz) as npz:
             latents = torch.from_numpy(npz["latents_flipped" if flipped else "latents"].copy())
-            alpha = torch.from_numpy(npz["alpha_mask"].copy()) if "alpha_mask" in npz.files else None
+            key = "mask" if entry.mask is not None else "alpha_mask"
+            alpha = torch.from_numpy(npz[key].copy()) if key in npz.files else None
     else:
         if entry.latents is None:
             raise RuntimeError(f"latents of {entry.path} are not cached; call cache_latents")

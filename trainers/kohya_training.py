@@ -79,21 +79,31 @@ def general_options(cfg: KohyaTrainingConfig) -> dict:
                    bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
                    keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
                    caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
-                   caption_extension=cfg.caption_extension)
+                   caption_extension=cfg.caption_extension, alpha_mask=cfg.alpha_mask)
+
+
+def mask_folder(cfg: KohyaTrainingConfig, paths) -> Path | None:
+    """The form's mask folder of masked loss (a dataset TOML names its own per subset)."""
+    if not cfg.masked_loss or not cfg.conditioning_data_dir.strip():
+        return None
+    return paths.resolve(cfg.conditioning_data_dir, "conditioning_data_dir")
 
 
 def dataset_configs(cfg: KohyaTrainingConfig, paths) -> list:
     general = general_options(cfg)
     if cfg.dataset_config.strip():
         configs = kohya_data.load_dataset_toml(paths.resolve(cfg.dataset_config, "dataset_config"),
-                                               defaults=general)
+                                               defaults=general, masked_loss=cfg.masked_loss)
         for config in configs:  # folders named inside the TOML obey the same confinement
             for subset in config.subsets:
                 paths.resolve(subset.image_dir, "dataset_config image_dir")
+                if subset.conditioning_data_dir is not None:
+                    paths.resolve(subset.conditioning_data_dir,
+                                  "dataset_config conditioning_data_dir")
         return configs
     reg = paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None
     return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
-                                      **general)]
+                                      mask_dir=mask_folder(cfg, paths), **general)]
 
 
 def with_schedule(cfg: KohyaTrainingConfig, model: BaseModel) -> BaseModel:

@@ -3,6 +3,7 @@ preparation, prompt templates, schedule-string learning rates and one preview pr
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from core import events as ev
 from core.images import describe_skipped
@@ -58,7 +59,8 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
                                use_weight=cfg.use_weight, word_regex=cfg.filename_word_regex,
                                join_string=cfg.filename_join_string,
                                report=lambda text: ctx.emit(ev.Status(text)),
-                               keep_pixels=keep_pixels)
+                               keep_pixels=keep_pixels, mask_dir=mask_folder(cfg, paths),
+                               alpha_mask=cfg.alpha_mask)
     except DatasetError as error:
         if processes == 1 or not str(error).startswith("batch_size"):
             raise
@@ -67,6 +69,13 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
     if dataset.skipped:
         ctx.emit(ev.Status(describe_skipped(dataset.skipped)))
     return model, dataset, template_lines
+
+
+def mask_folder(cfg: TemplateTrainingConfig, paths) -> Path | None:
+    """The mask folder of masked loss (None when masks come from alpha, or are off)."""
+    if not cfg.masked_loss:
+        return None
+    return paths.resolve(cfg.conditioning_data_dir, "conditioning_data_dir")
 
 
 def rates(cfg: TemplateTrainingConfig):

@@ -124,7 +124,8 @@ def _datasets(cfg: DreamBoothConfig, paths, class_dir: Path | None) -> list:
     reg = class_dir or (paths.resolve(cfg.reg_data_dir, "reg_data_dir") if cfg.reg_data_dir.strip() else None)
     return [kohya_data.folder_dataset(paths.resolve(cfg.train_data_dir, "train_data_dir"), reg,
                                       train_tokens=cfg.instance_prompt or None,
-                                      reg_tokens=cfg.class_prompt or None, **general)]
+                                      reg_tokens=cfg.class_prompt or None,
+                                      mask_dir=kt.mask_folder(cfg, paths), **general)]
 
 
 def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_config: str | None,

@@ -33,10 +33,10 @@ def check_paths(cfg: FineTuneConfig, paths) -> tuple[Path, Path]:
     return image_dir, in_json
 
 
-def dataset_config(cfg: FineTuneConfig, image_dir: Path):
+def dataset_config(cfg: FineTuneConfig, image_dir: Path, mask_dir: Path | None = None):
     options = kt.general_options(cfg)
     options.pop("caption_extension")  # captions come from the JSON
-    return plain_dataset(image_dir, cfg.dataset_repeats, **options)
+    return plain_dataset(image_dir, cfg.dataset_repeats, mask_dir=mask_dir, **options)
 
 
 def check_dataset(cfg: FineTuneConfig, paths):
@@ -47,7 +47,7 @@ def check_dataset(cfg: FineTuneConfig, paths):
         metadata = load_metadata(in_json)
     except MetadataError as error:
         raise ConfigError(error.user_message) from None
-    config = dataset_config(cfg, image_dir)
+    config = dataset_config(cfg, image_dir, kt.mask_folder(cfg, paths))
     try:
         finetune_data.scan_metadata(config, metadata)
     except DatasetError as error:
