@@ -34,8 +34,9 @@ def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     exact SVD, or a randomized one (Halko et al. 2009, `torch.svd_lowrank`, seeded) when the
     rank is small against the layer, which is as good up to a small tolerance and ~20x faster
     on SD's large layers."""
-    r = min(rank, *diff.shape)
-    if RANDOMIZED_FROM <= min(diff.shape) >= (r + OVERSAMPLE) * RANDOMIZED_BELOW:
+    side = min(diff.shape)
+    r = min(rank, side)
+    if side >= RANDOMIZED_FROM and side >= (r + OVERSAMPLE) * RANDOMIZED_BELOW:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
             u, s, v = torch.svd_lowrank(diff, q=r + OVERSAMPLE, niter=POWER_ITERATIONS)
