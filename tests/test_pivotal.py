@@ -238,3 +238,27 @@ def test_fit_my_gpu_leaves_the_text_encoder_uncached_and_the_estimate_counts_it(
     assert fitted.network_train_unet_only and not fitted.cache_text_encoder_outputs
     assert "its outputs are not cached" in said
     fitted.validate()
+
+
+def test_resize_keeps_the_token_and_post_hoc_ema_averages_it(data_paths, folder):
+    from trainers.configs import LoraEmaConfig, ResizeLoraConfig
+    from trainers.lora_ema import run as ema
+    from trainers.resize_lora import run as resize
+    final = run(pivotal(folder, max_train_steps=4, save_every_n_steps=1, network_dim=4),
+                RecordingContext(data_paths))
+    resized = resize(ResizeLoraConfig(lora=final.name, output_name="small", rank=2,
+                                      save_precision="fp32").validate(),
+                     RecordingContext(data_paths))
+    assert torch.equal(read_bundled(resized)[TOKEN], read_bundled(final)[TOKEN].float())
+    assert {t.shape[0] for k, t in load_lora(resized)[0].items() if k.endswith("down.weight")} \
+        == {2}
+    assert a1111_bundles(resized)[TOKEN]["string_to_param"]["*"].shape == (2, 32)
+
+    run_dir = next((data_paths.outputs / "lora").glob("*/mylora"))
+    copies = sorted(run_dir.glob("checkpoints/*.safetensors"))
+    averaged = ema(LoraEmaConfig(run_folder=str(run_dir.relative_to(data_paths.data_dir)),
+                                 output_name="smooth", decay=0.5,
+                                 save_precision="fp32").validate(), RecordingContext(data_paths))
+    vectors = [read_bundled(p)[TOKEN].float() for p in copies + [final]]  # steps 1, 2, 3, 4
+    want = sum(w * v for w, v in zip([0.125, 0.125, 0.25, 0.5], vectors))
+    torch.testing.assert_close(read_bundled(averaged)[TOKEN], want, atol=1e-6, rtol=1e-5)

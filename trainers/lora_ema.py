@@ -26,6 +26,7 @@ import torch
 
 from core import events as ev
 from trainers.formats.key_check import saved_file_note
+from trainers.formats.bundled_embeddings import bundle_state, read_bundled
 from trainers.formats.lora import save_lora
 from trainers.formats.lycoris import algo_of, load_adapter, save_lycoris
 from trainers.resize_lora import output_target
@@ -133,7 +134,7 @@ def run(cfg, ctx) -> Path:
     for step, path in copies:
         ctx.emit(ev.Status(f"Reading {path.name}"))
         state, metadata = load_adapter(path)
-        states.append(state)
+        states.append({**state, **bundle_state(read_bundled(path))})  # a pivotal token too
     power = cfg.sigma_rel > 0
     decay_end = None if cfg.decay_end < 0 else cfg.decay_end
     betas = ema_betas(len(states), cfg.decay, decay_end, cfg.sigma_rel)

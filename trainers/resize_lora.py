@@ -28,6 +28,7 @@ import torch
 from core import events as ev
 from trainers.formats.dora import has_dora
 from trainers.formats.key_check import saved_file_note
+from trainers.formats.bundled_embeddings import bundle_state, read_bundled
 from trainers.formats.lora import load_lora, save_lora
 
 DOWN, UP = ".lora_down.weight", ".lora_up.weight"
@@ -179,7 +180,9 @@ def run(cfg, ctx) -> Path:
         metadata = derived_metadata(metadata, target, cfg.rank, (
             f"resized from {source.name} (rank {old_text}) to rank {cfg.rank}"))
         to = f"rank {cfg.rank}"
-    save_lora(target, resized, metadata, precision=cfg.save_precision)
+    # a pivotal-tuning token rides along unchanged, as its metadata does
+    save_lora(target, {**resized, **bundle_state(read_bundled(source))}, metadata,
+              precision=cfg.save_precision)
     share = 100.0 * kept / total if total else 100.0
     fros = [r.fro_retained for r in report]
     worst = min(report, key=lambda r: r.fro_retained)

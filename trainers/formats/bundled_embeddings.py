@@ -60,6 +60,12 @@ def split_bundle(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return adapter, bundled
 
 
+def bundle_state(bundled: Mapping[str, Vectors]) -> dict[str, torch.Tensor]:
+    """The file keys of several embeddings ({name: vectors}, as read_bundled returns)."""
+    return {key: tensor for name, vectors in bundled.items()
+            for key, tensor in bundle_tensors(name, vectors).items()}
+
+
 def read_bundled(path: str | Path) -> dict[str, Vectors]:
     """The embeddings bundled in a LoRA .safetensors file (only their tensors are read)."""
     path = Path(path)
