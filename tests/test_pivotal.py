@@ -262,3 +262,34 @@ def test_resize_keeps_the_token_and_post_hoc_ema_averages_it(data_paths, folder)
     vectors = [read_bundled(p)[TOKEN].float() for p in copies + [final]]  # steps 1, 2, 3, 4
     want = sum(w * v for w, v in zip([0.125, 0.125, 0.25, 0.5], vectors))
     torch.testing.assert_close(read_bundled(averaged)[TOKEN], want, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_files_with_bundles_round_trip_and_a_plain_one_has_no_token_to_write(data_paths,
+                                                                                  tmp_path):
+    from trainers.checkpoint_use import bundled_embedding_files
+    from trainers.formats.bundled_embeddings import bundle_state
+    from trainers.formats.lora import save_lora
+    adapter = {"lora_unet_x.lora_down.weight": torch.ones(2, 4),
+               "lora_unet_x.lora_up.weight": torch.ones(4, 2), "lora_unet_x.alpha": torch.tensor(2.)}
+    pair = {"clip_l": torch.ones(3, 8), "clip_g": torch.zeros(3, 16)}
+    save_lora(tmp_path / "b.safetensors", {**adapter, **bundle_state({"one": torch.ones(2, 8),
+                                                                      "two": pair})})
+    assert sorted(load_lora(tmp_path / "b.safetensors")[0]) == sorted(adapter)
+    found = read_bundled(tmp_path / "b.safetensors")
+    assert torch.equal(found["one"], torch.ones(2, 8)) and sorted(found["two"]) == ["clip_g",
+                                                                                     "clip_l"]
+    assert sorted(a1111_bundles(tmp_path / "b.safetensors")["two"]) == ["clip_g", "clip_l"]
+    save_lora(tmp_path / "plain.safetensors", adapter)
+    with pytest.raises(ValueError, match="carries no trained token"):
+        bundled_embedding_files(data_paths, tmp_path / "plain.safetensors", overwrite=False)
+    with pytest.raises(ValueError, match="without dots"):
+        bundle_state({"a.b": torch.ones(1, 8)})
+
+
+def test_loha_carries_the_token_too(data_paths, folder):
+    from trainers.formats.lycoris import algo_of, load_adapter
+    path = run(pivotal(folder, max_train_steps=1, network_type="loha"),
+               RecordingContext(data_paths))
+    state, _ = load_adapter(path)
+    assert algo_of(state) == "loha" and not any(k.startswith("bundle_emb") for k in state)
+    assert list(a1111_bundles(path)) == [TOKEN]
