@@ -117,3 +117,17 @@ def test_the_estimate_counts_bf16_weights_and_fused_gradients():
     assert plain.parts["weights"] - half.parts["weights"] == pytest.approx(2567.5e6 * 2)
     assert half.parts["gradients"] == pytest.approx(plain.parts["gradients"] / 2)
     assert fused.parts["gradients"] == pytest.approx(half.parts["gradients"] * FUSED_GRADIENTS)
+
+
+def test_fit_my_gpu_picks_the_fused_pass_and_full_bf16_for_full_fine_tuning(data_paths):
+    from trainers.vram_fit import card_for, fit
+    cfg = DreamBoothConfig(model="sd15.safetensors", output_name="x", train_data_dir="d",
+                           instance_prompt="a zxq dog", resolution=1024).validate()
+    fitted, said = fit(cfg, data_paths, card_for("8 GB"))
+    assert fitted.fused_backward_pass and fitted.full_bf16
+    assert (fitted.optimizer_type, fitted.max_grad_norm, fitted.mixed_precision) == (
+        "Adafactor", 0.0, "bf16")
+    assert "fused backward pass with Adafactor" in said and "full bf16" in said
+    fitted.validate()  # kohya's limits hold for what it chose
+    t4, said = fit(cfg, data_paths, card_for("16 GB (Colab T4)"))  # fp16: neither applies
+    assert not t4.fused_backward_pass and not t4.full_bf16

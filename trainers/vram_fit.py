@@ -72,9 +72,19 @@ def _steps(cfg, card: Card, flow: bool) -> list[tuple[dict, str]]:
         steps.append(({"train_text_encoder": False}, "the text encoder stays frozen"))
     steps.append(({"gradient_checkpointing": True},
                   "gradient checkpointing: a quarter of the activations, ~20-30 % slower"))
-    if importlib.util.find_spec("bitsandbytes") is not None:
+    whole = hasattr(cfg, "fused_backward_pass") and half == "bf16"  # DreamBooth, fine-tune
+    if whole and cfg.gradient_accumulation_steps == 1:
+        # kohya's way to fit full fine-tuning: no gradients for the whole model at once
+        steps.append(({"fused_backward_pass": True, "optimizer_type": "Adafactor",
+                       "max_grad_norm": 0.0, "on_nan": "stop"},
+                      "the fused backward pass with Adafactor: no whole-model gradients, "
+                      "factored optimizer state (no gradient clipping)"))
+    elif importlib.util.find_spec("bitsandbytes") is not None:
         steps.append(({"optimizer_type": "AdamW8bit"}, "AdamW8bit: a quarter of the optimizer "
                                                        "state (bitsandbytes)"))
+    if whole:
+        steps.append(({"full_bf16": True}, "full bf16: the trained weights and gradients in "
+                                           "bf16, each step rounded stochastically"))
     if hasattr(cfg, "fp8_base"):
         steps.append(({"fp8_base": True}, "fp8 base weights: the denoiser's weights in 8 bits"))
     steps.append(({"train_batch_size": 1}, "batch size 1"))
