@@ -40,14 +40,21 @@ def dora_config(folder, **changes):
     return LoraConfig(**base).validate()
 
 
-def published_weight(weight, down, up, alpha, scale):
-    """The DoRA paper's W' = m * (W + dW) / ||W + dW||, each output row's norm (LyCORIS
-    wd_on_output), dW = alpha / rank * up @ down, written out here independently of Danlu."""
+def published_weight(weight, down, up, alpha, scale, on_output=True):
+    """The DoRA paper's W' = m * (W + dW) / ||W + dW||, dW = alpha / rank * up @ down, with
+    each output row's norm (LyCORIS wd_on_output) or each input column's (A1111's), written out
+    here independently of Danlu."""
     rank = down.shape[0]
     delta = (alpha / rank) * (up.flatten(1).double() @ down.flatten(1).double())
-    merged = weight.double().flatten(1) + delta
-    norms = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
-    return (scale.double().reshape(-1, 1) * merged / norms).reshape(weight.shape)
+    merged = weight.double() + delta.reshape(weight.shape)
+    if on_output:
+        rows = merged.flatten(1)
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        return (scale.double().reshape(-1, 1) * rows / norms).reshape(weight.shape)
+    columns = merged.transpose(0, 1).flatten(1)  # [in, out * kh * kw]
+    norms = torch.linalg.vector_norm(columns, dim=1)
+    shape = (1, -1) + (1,) * (weight.dim() - 2)
+    return scale.double().reshape(shape) * merged / norms.reshape(shape)
 
 
 def network_of(model, state, spec):
@@ -59,7 +66,7 @@ def check_weights_match_peft(model, cfg, state):
     """Every module's output through the trained peft layer equals the layer with the weight
     the file implies, W + s * (W' - W), at strength 1 and 0.5; 0 gives the base exactly."""
     spec = LoraSpec(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
-                    conv_alpha=cfg.conv_alpha, dora=True)
+                    conv_alpha=cfg.conv_alpha, dora=True, dora_on_output=cfg.wd_on_output)
     generator = torch.Generator().manual_seed(0)
     moved = 0
     with network_of(model, state, spec) as network:
@@ -70,12 +77,18 @@ def check_weights_match_peft(model, cfg, state):
             base = layer.get_base_layer()
             name = target.name
             scale = state[f"{name}.dora_scale"]
-            assert tuple(scale.shape) == (base.weight.shape[0],) + (1,) * (base.weight.dim() - 1)
-            norm = base.weight.flatten(1).norm(dim=1)
+            ones = (1,) * (base.weight.dim() - 2)
+            if cfg.wd_on_output:
+                assert tuple(scale.shape) == (base.weight.shape[0], 1) + ones
+                norm = base.weight.flatten(1).norm(dim=1)
+            else:
+                assert tuple(scale.shape) == (1, base.weight.shape[1]) + ones
+                norm = base.weight.transpose(0, 1).flatten(1).norm(dim=1)
             moved += not torch.allclose(scale.flatten(), norm, rtol=1e-4)
             implied = published_weight(base.weight, state[f"{name}.lora_down.weight"],
                                        state[f"{name}.lora_up.weight"],
-                                       float(state[f"{name}.alpha"]), scale).float()
+                                       float(state[f"{name}.alpha"]), scale,
+                                       cfg.wd_on_output).float()
             if isinstance(base, torch.nn.Linear):
                 x = torch.randn(2, 3, base.in_features, generator=generator)
                 apply = (lambda w: F.linear(x, w, base.bias))
@@ -93,10 +106,11 @@ def check_weights_match_peft(model, cfg, state):
     assert moved > len(network.targets) // 2  # the magnitudes trained, most of them
 
 
+@pytest.mark.parametrize("on_output", [True, False])
 def test_dora_run_writes_dora_scale_and_the_weight_its_formula_implies_is_what_peft_trained(
-        data_paths, kohya_folder):
+        data_paths, kohya_folder, on_output):
     model = load_model(data_paths, "tiny-demo")
-    cfg = dora_config(kohya_folder, conv_dim=2, conv_alpha=1.0)
+    cfg = dora_config(kohya_folder, conv_dim=2, conv_alpha=1.0, wd_on_output=on_output)
     path = run(cfg, RecordingContext(data_paths))
     state, meta = load_lora(path)
     names = {key.split(".", 1)[0] for key in state}
@@ -104,12 +118,14 @@ def test_dora_run_writes_dora_scale_and_the_weight_its_formula_implies_is_what_p
                                                       "alpha", "dora_scale"}
     assert all(f"{name}.dora_scale" in state for name in names)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # LoCon with DoRA: [out, 1, 1, 1]
-    assert tuple(state[f"{conv}.dora_scale"].shape) == (32, 1, 1, 1)
-    assert tuple(state["lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale"].shape) == (64, 1)
+    fc1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"  # [64, 32]
+    assert tuple(state[f"{conv}.dora_scale"].shape) == ((32, 1, 1, 1) if on_output
+                                                        else (1, 32, 1, 1))
+    assert tuple(state[f"{fc1}.dora_scale"].shape) == ((64, 1) if on_output else (1, 32))
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"]) == {
         "conv_dim": "2", "conv_alpha": "1", "algo": "lora", "dora_wd": "True",
-        "wd_on_output": "True"}
+        "wd_on_output": str(on_output)}
     check_weights_match_peft(model, cfg, state)
 
 
@@ -169,9 +185,11 @@ def test_diffusers_loads_the_dora_copy_and_renders_what_the_network_renders(
     assert not any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
 
 
-def test_interrupted_then_resumed_dora_run_repeats_the_uninterrupted_run(data_paths, kohya_folder):
+@pytest.mark.parametrize("on_output", [True, False])
+def test_interrupted_then_resumed_dora_run_repeats_the_uninterrupted_run(data_paths, kohya_folder,
+                                                                         on_output):
     cfg = dora_config(kohya_folder, max_train_steps=4, lr_scheduler="cosine", train_batch_size=2,
-                      conv_dim=2, conv_alpha=1.0)
+                      conv_dim=2, conv_alpha=1.0, wd_on_output=on_output)
 
     def reset():
         for leftover in data_paths.lora.iterdir():
@@ -184,6 +202,10 @@ def test_bad_dora_settings_are_named(family_paths, kohya_folder):
     from trainers.preflight import check_before_queueing
     with pytest.raises(ConfigError, match="dora_wd: DoRA is offered for network type 'lora'"):
         dora_config(kohya_folder, network_type="loha")
+    with pytest.raises(ConfigError, match="wd_on_output: applies to DoRA only"):
+        dora_config(kohya_folder, dora_wd=False, wd_on_output=False)
+    with pytest.raises(ConfigError, match="save_diffusers_format: diffusers .peft. takes DoRA's"):
+        dora_config(kohya_folder, wd_on_output=False, save_diffusers_format=True)
     with pytest.raises(ConfigError, match="fp8_base: DoRA"):
         dora_config(kohya_folder, fp8_base=True, mixed_precision="bf16")
     with pytest.raises(ConfigError, match="dora_wd: DoRA trains SD1/SD2/SDXL models only"):
@@ -251,12 +273,14 @@ def test_merge_into_checkpoint_renders_as_the_base_with_the_dora_network(family_
         np.testing.assert_allclose(picture(merged), ours, atol=2e-3)
 
 
-def test_compare_applies_a_dora_file_and_strength_zero_is_the_base(data_paths, kohya_folder):
+@pytest.mark.parametrize("on_output", [True, False])
+def test_compare_applies_a_dora_file_and_strength_zero_is_the_base(data_paths, kohya_folder,
+                                                                   on_output):
     from types import SimpleNamespace
 
     from trainers.checkpoint_apply import lora
-    path = run(dora_config(kohya_folder, network_train_unet_only=True, conv_dim=2),
-               RecordingContext(data_paths))
+    path = run(dora_config(kohya_folder, network_train_unet_only=True, conv_dim=2,
+                           wd_on_output=on_output), RecordingContext(data_paths))
     model = load_model(data_paths, "tiny-demo")
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     context = torch.randn(1, 77, model.text_encoder.config.hidden_size,
@@ -308,6 +332,6 @@ def test_an_input_axis_dora_file_is_refused_by_the_network_with_the_reason(data_
     model = load_model(data_paths, "tiny-demo")
     with LoraNetwork(model.unet, model.text_encoder,
                      LoraSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, dora=True)) as net:
-        with pytest.raises(LoraStateError, match=f"{name}.dora_scale: file \\[1, 32\\].*input "
-                                                 "axis .*wd_on_output=False"):
+        with pytest.raises(LoraStateError, match=f"{name}.dora_scale: file \\[1, 32\\].*on the "
+                                                 "input axis, this network's on the output"):
             net.load_kohya_state_dict(state)

@@ -293,3 +293,22 @@ def test_loha_carries_the_token_too(data_paths, folder):
     state, _ = load_adapter(path)
     assert algo_of(state) == "loha" and not any(k.startswith("bundle_emb") for k in state)
     assert list(a1111_bundles(path)) == [TOKEN]
+
+
+def test_the_checkpoints_tab_writes_the_token_when_asked(data_paths, folder):
+    from core.jobs import JobRunner
+    from trainers import runs as rn
+    from webui.tab_checkpoints import _Handlers
+    run(pivotal(folder, max_train_steps=1), RecordingContext(data_paths))
+    lora_run = next(r for r in rn.scan_runs(data_paths) if r.method == "lora")
+    runner = JobRunner(data_paths, worker_process=False)
+    try:
+        handlers = _Handlers(data_paths, runner, page=None)
+        key = lora_run.checkpoints[-1].key
+        message, _ = handlers.use_checkpoint(lora_run.id, key, "tabcopy", False, True)
+        assert "wrote its token as" in message and f"**{TOKEN}**" in message
+        assert (data_paths.embeddings / f"{TOKEN}.safetensors").is_file()
+        message, _ = handlers.use_checkpoint(lora_run.id, key, "tabcopy2", False, True)
+        assert "already exists" in message and not (data_paths.lora / "tabcopy2.safetensors").exists()
+    finally:
+        runner.shutdown()

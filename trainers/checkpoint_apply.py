@@ -149,8 +149,10 @@ def spec_from_state(state):
             rank, alpha = int(tensor.shape[0]), value
     if rank is None:
         raise ValueError("the LoRA file has no linear adapters")
+    scales = [v for k, v in state.items() if k.endswith(".dora_scale")]  # [1, in]: input axis
     return LoraSpec(rank=rank, alpha=alpha, conv_rank=conv_rank or 0,
                     conv_alpha=conv_alpha if conv_alpha is not None else 1.0,
                     train_unet=any(k.startswith("lora_unet_") for k in state),
                     train_text_encoder=any(k.startswith("lora_te") for k in state),
-                    ranks=ranks, dora=any(k.endswith(".dora_scale") for k in state))
+                    ranks=ranks, dora=bool(scales),
+                    dora_on_output=not scales or scales[0].shape[0] != 1)

@@ -47,8 +47,8 @@ KOHYA_OUTPUT = ["sample_every_n_steps", "sample_every_n_epochs", "sample_prompts
                 "save_last_n", "save_precision", "log_directory", "overwrite"]
 LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Network", ["network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha",
-                            "lokr_factor", "dora_wd", "network_train_unet_only", "unet_lr",
-                            "text_encoder_lr"], True),
+                            "lokr_factor", "dora_wd", "wd_on_output", "network_train_unet_only",
+                            "unet_lr", "text_encoder_lr"], True),
                ("Pivotal tuning (new token)", ["pivotal_tuning", "pivotal_token",
                                                "pivotal_vectors", "pivotal_init_text",
                                                "pivotal_lr", "pivotal_stop_step"], False),

@@ -611,6 +611,10 @@ class LoraConfig(KohyaTrainingConfig):
                            "trains each layer's magnitude (per output row; saved as "
                            "dora_scale); for network type 'lora' on SD1/SD2/SDXL.",
                            label="DoRA (weight-decomposed)")
+    wd_on_output: bool = option(True, "DoRA's norm per output row (LyCORIS's wd_on_output, its "
+                                "default; ComfyUI, LyCORIS and diffusers' copy read it) or, "
+                                "unticked, per input column (the older files A1111 reads).",
+                                label="DoRA norm on the output axis")
     network_train_unet_only: bool = option(False, "Train the U-Net only (leave the text "
                                            "encoder as it is).", label="Train U-Net only")
     unet_lr: float = option(0.0, "U-Net learning rate; 0 uses the base learning rate.",
@@ -686,6 +690,11 @@ class LoraConfig(KohyaTrainingConfig):
         if self.dora_wd and self.network_type != "lora":
             problems.append(f"dora_wd: DoRA is offered for network type 'lora' (peft's use_dora), "
                             f"not {self.network_type}; untick it or pick 'lora'")
+        if not self.wd_on_output and not self.dora_wd:
+            problems.append("wd_on_output: applies to DoRA only; tick dora_wd or leave it on")
+        if self.dora_wd and not self.wd_on_output and self.save_diffusers_format:
+            problems.append("save_diffusers_format: diffusers (peft) takes DoRA's norm on the "
+                            "output axis only; untick it or tick wd_on_output")
         if self.dora_wd and self.fp8_base:
             problems.append("fp8_base: DoRA takes the norm of every base weight at each step; it "
                             "is not combined with 8-bit base weights here, untick one of them")

@@ -30,7 +30,8 @@ the base layer's kernel, stride and padding, up a 1x1 Conv2d. `dropout` is peft'
 With `dora` (LyCORIS's `dora_wd`) every adapter is peft's DoRA (`use_dora=True`): a magnitude
 per output row beside down / up, saved as `<name>.dora_scale` (trainers/formats/dora.py). Its
 strength interpolates the layer's weight, W + s * (W' - W), as A1111 and ComfyUI apply a file;
-peft's own scale would not give the base model at 0.
+peft's own scale would not give the base model at 0. `dora_on_output = False` puts the norm on
+the input axis instead (LyCORIS `wd_on_output = False`; trainers/dora_input_axis.py).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class LoraSpec:
     # per layer, as kohya's dynamic resize writes it)
     ranks: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     dora: bool = False  # DoRA: peft's use_dora, a trained magnitude per output row
+    dora_on_output: bool = True  # False: per input column (LyCORIS wd_on_output=False)
 
     def validate(self) -> None:
         if int(self.rank) < 1:
@@ -272,6 +274,9 @@ class _Part:
                 raise RuntimeError(f"peft gave {target.path} rank {layer.r[adapter_name]}, "
                                    f"alpha {layer.lora_alpha[adapter_name]}; expected {r}, {a}")
             self.layers[target.name] = layer
+            if self.dora and not spec.dora_on_output:
+                from trainers.dora_input_axis import InputAxisDora
+                layer.lora_magnitude_vector[adapter_name] = InputAxisDora(layer.get_base_layer())
             if self.dora:
                 self.hooks.append(layer.lora_magnitude_vector[adapter_name]
                                   .register_forward_hook(self.dora_strength))
@@ -434,14 +439,16 @@ class LoraNetwork(AdaptedParts):
                 yield target.name, down, up, part.rank_alpha[target.name][1]
 
     def _magnitudes(self):
-        """(kohya name, peft magnitude, the file's dora_scale shape) of each DoRA module."""
+        """(kohya name, magnitude, the file's dora_scale shape) of each DoRA module."""
         from trainers.formats.dora import file_shape
         for part in self._parts.values():
             for target in part.targets:
                 magnitude = part.magnitude(target.name)
                 if magnitude is not None:
                     weight = part.layers[target.name].get_base_layer().weight
-                    yield target.name, magnitude, file_shape(weight.shape)
+                    shape = (file_shape(weight.shape) if self.spec.dora_on_output
+                             else tuple(magnitude.shape))  # the input-axis module's own
+                    yield target.name, magnitude, shape
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every key of
@@ -486,9 +493,10 @@ class LoraNetwork(AdaptedParts):
                   and not (shape == () and state[key].numel() == 1)]
         if shapes:
             problems.append(f"{len(shapes)} shape mismatches ({_some(shapes)})")
-            if any(".dora_scale:" in text and "file [1, " in text for text in shapes):
-                problems.append("the file's dora_scale is on the input axis (LyCORIS "
-                                "wd_on_output=False), Danlu's DoRA on the output axis")
+            if any(".dora_scale:" in text for text in shapes):
+                axes = ("output", "input") if self.spec.dora_on_output else ("input", "output")
+                problems.append("the file's dora_scale is on the {1} axis, this network's on the "
+                                "{0} (LyCORIS wd_on_output)".format(*axes))
         alphas = []
         for name, _down, _up, alpha in self._entries():
             key = f"{name}.alpha"

@@ -155,9 +155,10 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 # ---- metadata -----------------------------------------------------------------------------
 def network_args(algo: str, conv_dim: int = 0, conv_alpha: float = 1.0,
-                 factor: int = -1, dora_wd: bool = False) -> dict[str, str]:
+                 factor: int = -1, dora_wd: bool = False,
+                 wd_on_output: bool = True) -> dict[str, str]:
     """`ss_network_args` as kohya records LyCORIS's command-line args (all strings); DoRA is
-    `dora_wd` with its norm on the output axis (`wd_on_output`, LyCORIS's default)."""
+    `dora_wd` with the axis of its norm, `wd_on_output`."""
     def text(value) -> str:
         value = float(value)
         return str(int(value)) if value.is_integer() else str(value)
@@ -170,16 +171,16 @@ def network_args(algo: str, conv_dim: int = 0, conv_alpha: float = 1.0,
         args["factor"] = str(int(factor))
     if dora_wd:
         args["dora_wd"] = "True"
-        args["wd_on_output"] = "True"
+        args["wd_on_output"] = str(bool(wd_on_output))
     return args
 
 
 def lycoris_metadata(metadata: Mapping[str, str], algo: str, conv_dim: int = 0,
                      conv_alpha: float = 1.0, factor: int = -1,
-                     dora_wd: bool = False) -> dict[str, str]:
+                     dora_wd: bool = False, wd_on_output: bool = True) -> dict[str, str]:
     """kohya LoRA metadata (trainers.formats.lora.lora_metadata) made LyCORIS's."""
     meta = dict(metadata)
     meta["ss_network_module"] = NETWORK_MODULE
     meta["ss_network_args"] = json.dumps(network_args(algo, conv_dim, conv_alpha, factor,
-                                                      dora_wd))
+                                                      dora_wd, wd_on_output))
     return meta

@@ -38,7 +38,8 @@ def run(cfg: LoraConfig, ctx) -> Path:
     settings = dict(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
                     conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
     if cfg.network_type == "lora":
-        spec = LoraSpec(**settings, blocks=cfg.blocks(), dora=cfg.dora_wd)
+        spec = LoraSpec(**settings, blocks=cfg.blocks(), dora=cfg.dora_wd,
+                        dora_on_output=cfg.wd_on_output)
         network_class = LoraNetwork
     else:
         spec = LycorisSpec(**settings, algo=cfg.network_type, factor=cfg.lokr_factor)
@@ -151,7 +152,8 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         metadata["ss_network_args"] = json.dumps(args)
     if cfg.network_type != "lora" or cfg.dora_wd:  # DoRA: LyCORIS's algo=lora, dora_wd=True
         metadata = lycoris_metadata(metadata, cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
-                                    cfg.lokr_factor, dora_wd=cfg.dora_wd)
+                                    cfg.lokr_factor, dora_wd=cfg.dora_wd,
+                                    wd_on_output=cfg.wd_on_output)
     write = save_lora if cfg.network_type == "lora" else save_lycoris
     if tokens is not None:
         metadata.update(tokens.metadata())
