@@ -19,6 +19,7 @@ class Progress:
     epoch_step: int = 0
     start_step: int = 0  # the step this run (or resumed run) began at
     elapsed: float = 0.0  # seconds since that step, for it/s and ETA
+    validation_loss: float | None = None  # the held-out loss, at steps that validate
 
 
 @dataclass(frozen=True)

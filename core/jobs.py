@@ -53,6 +53,7 @@ class Job:
     ended: float | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     losses: list = field(default_factory=list)  # (step, loss, learn_rate)
+    validation: list = field(default_factory=list)  # (step, held-out loss)
     previews: list = field(default_factory=list)  # ev.Preview
     saved: list = field(default_factory=list)  # ev.Saved
     log: deque = field(default_factory=lambda: deque(maxlen=200))
@@ -65,6 +66,8 @@ class Job:
             if isinstance(event, ev.Progress):
                 self.last_progress = event
                 self.losses.append((event.step, event.loss, event.learn_rate))
+                if event.validation_loss is not None:
+                    self.validation.append((event.step, event.validation_loss))
             elif isinstance(event, ev.Preview):
                 self.previews.append(event)
             elif isinstance(event, ev.Saved):
@@ -84,6 +87,7 @@ class Job:
             return {
                 "id": self.id, "name": self.name, "kind": self.kind, "state": self.state,
                 "losses": self.losses[max(0, losses_from):], "loss_count": len(self.losses),
+                "validation": list(self.validation),
                 "previews": list(self.previews),
                 "saved": list(self.saved), "log": list(self.log),
                 "progress": self.last_progress, "result": self.result,

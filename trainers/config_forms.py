@@ -22,9 +22,11 @@ TEMPLATE_DATA = ["data_root", "template", "width", "height", "varsize", "filenam
                  "max_token_length"]
 TEMPLATE_OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
                   "clip_grad_value", "seed", "on_nan"]
+VALIDATION = ["validation_split", "validation_data_dir", "validate_every_n_steps",
+              "validation_seed", "log_with"]
 TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prompt",
                    "preview_negative", "preview_seed", "preview_steps", "preview_cfg",
-                   "preview_sampler"]
+                   "preview_sampler"] + VALIDATION
 
 
 SLIDER = {"widget": "slider"}
@@ -44,7 +46,7 @@ KOHYA_MEMORY = ["mixed_precision", "gradient_checkpointing", "attention", "cache
                 "cache_text_encoder_outputs"]
 KOHYA_OUTPUT = ["sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
                 "sample_sampler", "sample_at_first", "save_every_n_steps", "save_every_n_epochs",
-                "save_last_n", "save_precision", "log_directory", "overwrite"]
+                "save_last_n", "save_precision", "log_directory", "overwrite"] + VALIDATION
 LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Network", ["network_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha",
                             "lokr_factor", "dora_wd", "wd_on_output", "network_train_unet_only",

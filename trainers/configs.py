@@ -60,6 +60,27 @@ def mask_problems(cfg, toml: bool = False) -> list[str]:
     return problems
 
 
+def validation_problems(cfg) -> list[str]:
+    """Validation loss: a held-out share below 1 or a folder, not both, and how often."""
+    problems = []
+    if not 0.0 <= cfg.validation_split < 1.0:
+        problems.append("validation_split: the held-out share must be at least 0 and below 1, "
+                        f"got {cfg.validation_split}")
+    folder = cfg.validation_data_dir.strip()
+    if folder and cfg.validation_split:
+        problems.append("validation_data_dir: validation images come from a folder or a held-out "
+                        "share (validation_split), not both")
+    if (folder or cfg.validation_split) and not cfg.validate_every_n_steps:
+        problems.append("validate_every_n_steps: set how often to compute the validation loss "
+                        "(or clear validation_split / validation_data_dir)")
+    if cfg.log_with == "tensorboard":
+        from importlib.util import find_spec
+        if find_spec("tensorboard") is None:
+            problems.append("log_with: TensorBoard is not installed; pip install tensorboard "
+                            "(or choose none)")
+    return problems
+
+
 class NamesFiles:
     """Every config checks the files and folders it names before its job is queued (page, CLI,
     queue restore): `file_problems` lists what is wrong (a subclass adds its own to its
@@ -179,6 +200,22 @@ class TemplateTrainingConfig(NamesFiles):
                                         path="data")
     alpha_mask: bool = option(False, "Use each image's alpha channel as its loss mask (kohya's "
                               "alpha_mask; transparent = ignored).", label="Alpha channel as mask")
+    validation_split: float = option(0.0, "Share of the training images held out for the "
+                                     "validation loss (kohya's validation_split); 0 holds out "
+                                     "none.", label="Validation split", min=0.0, max=1.0)
+    validation_data_dir: str = option("", "A folder of validation images (with captions) instead "
+                                      "of a held-out share.", label="Validation folder",
+                                      path="data")
+    validate_every_n_steps: int = option(0, "Compute the validation loss every N steps (fixed "
+                                         "timesteps and noise, no gradients); 0 never.",
+                                         label="Validate every N steps", min=0)
+    validation_seed: int = option(-1, "Seed of the held-out choice and the validation noise; -1 "
+                                  "uses the training seed.", label="Validation seed", min=-1,
+                                  max=2**63 - 1)
+    log_with: str = option("none", "Also log the loss, learning rates, validation loss, "
+                           "previews and settings for TensorBoard (kohya's log_with), in the "
+                           "run folder's tensorboard/; needs pip install tensorboard.",
+                           label="Log with", choices=["none", "tensorboard"])
     seed: int = option(0, "Seed for data order, noise and timesteps; same seed, same run.",
                        label="Training seed", min=0, max=2**63 - 1)
     on_nan: str = option("stop", "When the loss or a gradient becomes NaN/inf: stop (the file "
@@ -213,7 +250,7 @@ class TemplateTrainingConfig(NamesFiles):
                 parse_schedule(text, self.steps, field=field, allow_zero=zero)
             except ScheduleError as error:
                 problems.append(str(error))
-        problems += mask_problems(self)
+        problems += mask_problems(self) + validation_problems(self)
         if self.use_weight and (self.masked_loss or self.alpha_mask):
             problems.append("use_weight: the A1111 alpha loss weight and masked loss are two "
                             "ways to weigh pixels; use one of them")
@@ -470,6 +507,22 @@ class KohyaTrainingConfig(NamesFiles):
                                         path="data")
     alpha_mask: bool = option(False, "Use each image's alpha channel as its loss mask (kohya's "
                               "alpha_mask; transparent = ignored).", label="Alpha channel as mask")
+    validation_split: float = option(0.0, "Share of the training images held out for the "
+                                     "validation loss (kohya's validation_split); 0 holds out "
+                                     "none.", label="Validation split", min=0.0, max=1.0)
+    validation_data_dir: str = option("", "A folder of validation images (with captions) instead "
+                                      "of a held-out share.", label="Validation folder",
+                                      path="data")
+    validate_every_n_steps: int = option(0, "Compute the validation loss every N steps (fixed "
+                                         "timesteps and noise, no gradients); 0 never.",
+                                         label="Validate every N steps", min=0)
+    validation_seed: int = option(-1, "Seed of the held-out choice and the validation noise; -1 "
+                                  "uses the training seed.", label="Validation seed", min=-1,
+                                  max=2**63 - 1)
+    log_with: str = option("none", "Also log the loss, learning rates, validation loss, "
+                           "previews and settings for TensorBoard (kohya's log_with), in the "
+                           "run folder's tensorboard/; needs pip install tensorboard.",
+                           label="Log with", choices=["none", "tensorboard"])
     max_token_length: int = option(75, "Longest caption in tokens: 150 or 225 encode it in "
                                    "75-token chunks, as kohya's --max_token_length does; tokens "
                                    "past the limit are dropped.", label="Max token length",
@@ -564,6 +617,7 @@ class KohyaTrainingConfig(NamesFiles):
         if self.min_bucket_reso > self.max_bucket_reso:
             problems.append("min_bucket_reso: larger than max_bucket_reso")
         problems += mask_problems(self, toml=bool(self.dataset_config.strip()))
+        problems += validation_problems(self)
         return problems
 
     def file_problems(self, paths) -> list[str]:
@@ -915,6 +969,9 @@ class FineTuneConfig(FullModelConfig):
                             "leave the dataset config empty")
         if self.reg_data_dir.strip():
             problems.append("reg_data_dir: fine-tuning has no regularization images; leave it empty")
+        if self.validation_data_dir.strip():
+            problems.append("validation_data_dir: fine-tuning's captions come from the metadata "
+                            "JSON; hold out a share of it with validation_split instead")
         for name in ("caption_extension", "tag_extension"):
             value = getattr(self, name)
             if not value.startswith(".") or len(value) < 2:

@@ -40,6 +40,7 @@ class Dataset:
     seed: int
     latent_sampling: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    held_out: list[Example] = field(default_factory=list)  # validation images, never trained
 
     @property
     def batches_per_epoch(self) -> int:

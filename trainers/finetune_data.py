@@ -16,10 +16,11 @@ from trainers.buckets import assign
 from trainers.data import DatasetError
 from trainers.finetune_metadata import caption_of, find_image
 from trainers.kohya_data import (DatasetConfig, ImageEntry, KohyaBatches, KohyaDataset, _place,
-                                 attach_masks, cache_latents, config_buckets, image_size)
+                                 _split_off, attach_masks, cache_latents, config_buckets,
+                                 image_size)
 
 
-def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaDataset:
+def scan_metadata(config: DatasetConfig, metadata: dict[str, dict], seed: int = 0) -> KohyaDataset:
     subset = config.subsets[0]
     image_dir = subset.image_dir
     listed = [tuple(e["train_resolution"]) for e in metadata.values() if "train_resolution" in e]
@@ -56,17 +57,21 @@ def scan_metadata(config: DatasetConfig, metadata: dict[str, dict]) -> KohyaData
         raise DatasetError(f"in_json: {len(missing)} listed image(s) not found in {image_dir}: "
                            f"{shown}")
     used = {e.path.resolve() for e in entries}
+    held: list[ImageEntry] = []
+    if config.validation_split:
+        entries = _split_off(entries, config, seed, held, image_dir.name)
     unlisted = [(p.name, "not in the metadata JSON") for p in list_images(image_dir)
                 if p.resolve() not in used]
     if unlisted:
         notes.append(f"{image_dir.name}: {describe_skipped(unlisted)}")
     return KohyaDataset(config=config, train_images=entries, reg_images=[],
-                        img_counts=[len(entries)], buckets=buckets, notes=notes)
+                        img_counts=[len(entries)], buckets=buckets, notes=notes,
+                        validation_images=held)
 
 
 def prepare(config: DatasetConfig, metadata: dict[str, dict], vae, seed: int,
             report: Callable[[str], None] = lambda text: None) -> tuple[KohyaBatches, int]:
     """Scan, cache latents to `<stem>.npz` (reusing matching files): (batches, images encoded)."""
-    dataset = scan_metadata(config, metadata)
+    dataset = scan_metadata(config, metadata, seed)
     encoded = cache_latents(dataset, vae, seed, cache_to_disk=True, report=report)
     return KohyaBatches([dataset], seed, vae.config.scaling_factor), encoded

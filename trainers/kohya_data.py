@@ -21,6 +21,7 @@ stored unscaled, [4, h/8, w/8]) and reused when the file matches the bucket size
 `KohyaBatches.batch(m)` is a pure function of (seed, m): resumed runs repeat exactly."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
@@ -40,6 +41,7 @@ from trainers import latent_memo, masks, seeds
 from trainers.buckets import BucketBatcher, BucketError, Placement, assign, kohya_crop_ltrb, make_buckets
 from trainers.data import DatasetError, open_training_image
 from trainers.loop import Batch
+from trainers.validation import ValidationError, check_split, split_indices
 
 FOLDER_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 INTERPOLATIONS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
@@ -84,6 +86,8 @@ class DatasetConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0  # a share of each training subset held out (validation loss)
+    validation_seed: int | None = None  # which images are held out; None: the training seed
     notes: list[str] = field(default_factory=list)
 
 
@@ -120,8 +124,6 @@ UNSUPPORTED = {
     "face_crop_aug_range": (lambda v: v is None, "face-crop augmentation is not supported"),
     "token_warmup_step": (lambda v: v == 0, "token warmup is not supported; set it to 0"),
     "token_warmup_min": (lambda v: True, ""),
-    "validation_split": (lambda v: v == 0, "validation splits are not supported; set it to 0"),
-    "validation_seed": (lambda v: True, ""),
     "network_multiplier": (lambda v: v == 1, "per-dataset network multipliers are not "
                                              "supported; set it to 1.0"),
     "metadata_file": (lambda v: v is None, "metadata JSON subsets are not supported in a "
@@ -253,6 +255,7 @@ def _validate_dataset(d: DatasetConfig, where: str, problems: list[str]) -> None
                         f"{w}x{h}")
     if d.batch_size < 1:
         problems.append(f"{where}: 'batch_size' must be at least 1, got {d.batch_size}")
+    problems += [f"{where}: {p}" for p in check_split(d.validation_split)]
     if d.bucket_reso_steps < 8 or d.bucket_reso_steps % 8:
         problems.append(f"{where}: 'bucket_reso_steps' must be a positive multiple of 8 (kohya "
                         f"asks 64 for SD1/2, 32 for SDXL), got {d.bucket_reso_steps}")
@@ -552,6 +555,7 @@ class KohyaDataset:
     img_counts: list[int]  # images found per subset
     buckets: list[tuple[int, int]]  # predefined buckets ([] with bucket_no_upscale)
     notes: list[str] = field(default_factory=list)
+    validation_images: list[ImageEntry] = field(default_factory=list)  # held out, never trained
 
     @property
     def entries(self) -> list[ImageEntry]:
@@ -596,11 +600,13 @@ def config_buckets(config: DatasetConfig) -> list[tuple[int, int]]:
         raise ConfigError(str(error)) from None
 
 
-def scan_dataset(config: DatasetConfig) -> KohyaDataset:
-    """Find images and captions, measure them and place them in buckets (no VAE needed)."""
+def scan_dataset(config: DatasetConfig, seed: int = 0) -> KohyaDataset:
+    """Find images and captions, measure them and place them in buckets (no VAE needed); with
+    validation_split, each training subset's held-out share is set apart (`seed`: the training
+    seed, used when the dataset names no validation_seed)."""
     notes = list(config.notes)
     buckets = config_buckets(config)
-    train, reg, counts = [], [], []
+    train, reg, counts, held = [], [], [], []
     for index, subset in enumerate(config.subsets):
         folder = subset.image_dir
         if not folder.is_dir():
@@ -636,14 +642,30 @@ def scan_dataset(config: DatasetConfig) -> KohyaDataset:
                 "an empty caption"
             notes.append(f"{folder.name}: {missing} image(s) without a {subset.caption_extension} "
                          f"file use {fallback}")
+        if config.validation_split and not subset.is_reg:
+            entries = _split_off(entries, config, seed, held, folder.name)
         counts.append(len(entries))
         (reg if subset.is_reg else train).extend(entries)
     if not train:
         raise DatasetError("image_dir: no training images, only regularization images")
     dataset = KohyaDataset(config=config, train_images=train, reg_images=reg,
-                           img_counts=counts, buckets=buckets, notes=notes)
+                           img_counts=counts, buckets=buckets, notes=notes,
+                           validation_images=held)
     _balance_regularization(dataset)
     return dataset
+
+
+def _split_off(entries: list[ImageEntry], config: DatasetConfig, seed: int,
+               held: list[ImageEntry], name: str) -> list[ImageEntry]:
+    """The subset's entries left to train on; its held-out ones go to `held`."""
+    chosen = config.validation_seed if config.validation_seed is not None else seed
+    try:
+        keep, out = split_indices([e.path.name for e in entries], config.validation_split,
+                                  chosen, where=f"validation_split ({name})")
+    except ValidationError as error:
+        raise DatasetError(str(error)) from None
+    held.extend(entries[i] for i in out)
+    return [entries[i] for i in keep]
 
 
 def attach_masks(entries: list[ImageEntry], folder: Path) -> None:
@@ -824,7 +846,7 @@ def cache_latents(dataset: KohyaDataset, vae, seed: int = 0, cache_to_disk: bool
     Returns how many images went through the VAE (0 when every disk cache was reused)."""
     scale = _vae_scale(vae)
     todo: dict[tuple[int, int], list[ImageEntry]] = {}
-    entries = dataset.entries
+    entries = dataset.entries + dataset.validation_images
     # one image per VAE call gives the same numbers in every run, so earlier ones can be reused
     memo = not cache_to_disk and vae_batch_size <= 1
     for entry in entries:
@@ -911,7 +933,7 @@ class KohyaBatches:
 
     def __init__(self, datasets: KohyaDataset | Sequence[KohyaDataset], seed: int,
                  scaling_factor: float = 0.18215, prior_loss_weight: float = 1.0,
-                 shift_factor: float = 0.0):
+                 shift_factor: float = 0.0, validation: Sequence[KohyaDataset] = ()):
         self.datasets = [datasets] if isinstance(datasets, KohyaDataset) else list(datasets)
         if not self.datasets:
             raise DatasetError("no dataset")
@@ -919,6 +941,7 @@ class KohyaBatches:
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor  # Flux's VAE: latents are (mean - shift) * scale
         self.prior_loss_weight = prior_loss_weight
+        self.validation = list(validation)  # datasets of a validation folder
         self.batchers = []
         for number, dataset in enumerate(self.datasets):
             items = [(key, entry.placement.bucket)
@@ -981,6 +1004,26 @@ class KohyaBatches:
             weight = weight * torch.cat(masks)
         return weight
 
+    def validation_batches(self) -> list[Batch]:
+        """One fixed batch per held-out image (or validation folder image): not flipped, its
+        caption without shuffling or drop-out (prefix, suffix and wildcards, drawn once)."""
+        out = []
+        for number, dataset in enumerate(self.datasets + self.validation):
+            for position, entry in enumerate(dataset.validation_images):
+                subset = dataset.config.subsets[entry.subset]
+                fixed = dataclasses.replace(subset, shuffle_caption=False, caption_dropout_rate=0.0,
+                                            caption_dropout_every_n_epochs=0,
+                                            caption_tag_dropout_rate=0.0)
+                text = process_caption(fixed, entry.caption,
+                                       seeds.rng(self.seed, "validation caption", number, position))
+                latent, alpha = _load_latents(entry, False)
+                latent = (latent - self.shift_factor if self.shift_factor else latent)
+                latent = (latent * self.scaling_factor)[None]
+                out.append(Batch(latents=latent, texts=[text],
+                                 weights=self._weights([1.0], [alpha], latent.shape[-2:]),
+                                 sizes=[_size_info(entry)]))
+        return out
+
     @property
     def num_train_images(self) -> int:
         return sum(d.num_train_images for d in self.datasets)
@@ -993,14 +1036,27 @@ class KohyaBatches:
 def prepare_datasets(configs: DatasetConfig | Iterable[DatasetConfig], vae, seed: int = 0,
                      cache_to_disk: bool = False, vae_batch_size: int = 1,
                      prior_loss_weight: float = 1.0,
-                     report: Callable[[str], None] = lambda text: None) -> KohyaBatches:
-    """Scan, bucket and cache latents of one or more datasets; return their batch source."""
+                     report: Callable[[str], None] = lambda text: None,
+                     validation: DatasetConfig | None = None) -> KohyaBatches:
+    """Scan, bucket and cache latents of one or more datasets; return their batch source.
+    `validation`: a dataset whose every image is a validation image (validation_data_dir)."""
     configs = [configs] if isinstance(configs, DatasetConfig) else list(configs)
-    datasets = [scan_dataset(config) for config in configs]
-    for dataset in datasets:
+    datasets = [scan_dataset(config, seed) for config in configs]
+    held = [validation_dataset(validation)] if validation is not None else []
+    for dataset in datasets + held:
         cache_latents(dataset, vae, seed, cache_to_disk, vae_batch_size, report)
     return KohyaBatches(datasets, seed, vae.config.scaling_factor, prior_loss_weight,
-                        getattr(vae.config, "shift_factor", None) or 0.0)
+                        getattr(vae.config, "shift_factor", None) or 0.0, validation=held)
+
+
+def validation_dataset(config: DatasetConfig) -> KohyaDataset:
+    """A validation folder's dataset: every image is held out (none trains)."""
+    try:
+        dataset = scan_dataset(config)
+    except DatasetError as error:
+        raise DatasetError(str(error).replace("image_dir:", "validation_data_dir:", 1)) from None
+    dataset.validation_images, dataset.train_images = dataset.train_images, []
+    return dataset
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -79,7 +79,28 @@ def general_options(cfg: KohyaTrainingConfig) -> dict:
                    bucket_no_upscale=cfg.bucket_no_upscale, shuffle_caption=cfg.shuffle_caption,
                    keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate,
                    caption_tag_dropout_rate=cfg.caption_tag_dropout_rate, flip_aug=cfg.flip_aug,
-                   caption_extension=cfg.caption_extension, alpha_mask=cfg.alpha_mask)
+                   caption_extension=cfg.caption_extension, alpha_mask=cfg.alpha_mask,
+                   validation_split=cfg.validation_split,
+                   **({"validation_seed": cfg.validation_seed} if cfg.validation_seed >= 0 else {}))
+
+
+def validation_config(cfg: KohyaTrainingConfig, paths):
+    """The validation folder as a dataset of one subset (its images are all held out)."""
+    if not cfg.validation_data_dir.strip():
+        return None
+    folder = paths.resolve(cfg.validation_data_dir, "validation_data_dir")
+    options = {k: v for k, v in general_options(cfg).items()
+               if k not in ("validation_split", "validation_seed")}
+    return kohya_data.plain_dataset(folder, **options)
+
+
+def validation(cfg: KohyaTrainingConfig):
+    """The loop's validation settings (the batches come from KohyaBatches)."""
+    from trainers.validation import Validation
+    if not (cfg.validation_split or cfg.validation_data_dir.strip()):
+        return None
+    return Validation(batches=None, every=cfg.validate_every_n_steps,
+                      seed=cfg.validation_seed if cfg.validation_seed >= 0 else cfg.seed)
 
 
 def mask_folder(cfg: KohyaTrainingConfig, paths) -> Path | None:
@@ -152,7 +173,8 @@ def prepare(cfg: KohyaTrainingConfig, ctx, prior_loss_weight: float = 1.0):
         batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
                                               cache_to_disk=cfg.cache_latents_to_disk,
                                               prior_loss_weight=prior_loss_weight,
-                                              report=lambda text: ctx.emit(ev.Status(text)))
+                                              report=lambda text: ctx.emit(ev.Status(text)),
+                                              validation=validation_config(cfg, ctx.paths))
     resident.page_out(model.vae)  # latents are cached: the steps never read the VAE
     for dataset in batches.datasets:
         for note in dataset.notes:
@@ -308,7 +330,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
         clip_value=lambda step: cfg.max_grad_norm,
         flow=cfg.flow_options() if hasattr(cfg, "flow_options") else None,
-        noise=cfg.noise_weighting(),
+        noise=cfg.noise_weighting(), validation=validation(cfg),
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

@@ -73,6 +73,8 @@ class LoopOptions:
     settings: dict = field(default_factory=dict)  # written to settings-<step>.json
     flow: object = None  # FlowMatchingOptions, for a flow-matching family
     noise: object = None  # NoiseWeighting, for a noise-prediction family
+    validation: object = None  # a Validation (trainers/validation.py): held-out loss every N
+    tensorboard: object = None  # a TensorBoardLog (trainers/tensorboard_log.py)
 
 
 @dataclass
@@ -225,6 +227,8 @@ class _Training:
         self._resume_optimizer()
         self._open_run_folder()
         self.per_epoch = self.data.batches_per_epoch
+        if opts.validation is not None and opts.validation.batches is None:
+            opts.validation.batches = self.data.validation_batches()
         began = time.perf_counter()
         last_texts: list[str] = []
         self.parameters = _parameters(plan)
@@ -268,7 +272,7 @@ class _Training:
                 if not self._guard(total_loss):
                     continue  # a skipped step
                 self._optimizer_step(clipped)
-                self._report(total_loss, rates[0], began)
+                self._report(total_loss, rates, began, self._validate())
                 self._periodic(last_texts)
         path = self._save_or_stop("final")
         ended = "interrupted" if stopped or ctx.should_stop() else "finished"
@@ -336,6 +340,9 @@ class _Training:
             for micro in range(first, first + self.per_epoch):
                 with self.autocast, torch.no_grad():
                     self.plan.encode(self._texts(micro))
+            for batch in self.opts.validation.batches if self.opts.validation else []:
+                with self.autocast, torch.no_grad():
+                    self.plan.encode(batch.texts)
         with offload.parked():
             yield
 
@@ -445,15 +452,34 @@ class _Training:
         if plan.after_step is not None:
             plan.after_step(self.step)
 
-    def _report(self, total_loss: float, rate: float, began: float) -> None:
-        opts, step = self.opts, self.step
+    def _validate(self) -> float | None:
+        """The held-out loss every N steps (main process; trainers/validation.py)."""
+        validation = self.opts.validation
+        if (validation is None or not self.main or not validation.every
+                or self.step % validation.every):
+            return None
+        from trainers.validation import validation_loss
+        return validation_loss(self.model, self.unet, self.objective, validation,
+                               self.plan.encode, predict=self.predict, device=self.device,
+                               dtype=self.dtype, autocast=self.autocast,
+                               min_snr_gamma=self.opts.min_snr_gamma,
+                               noise_offset=self.opts.noise_offset)
+
+    def _report(self, total_loss: float, rates: list[float], began: float,
+                validation: float | None = None) -> None:
+        opts, step, rate = self.opts, self.step, rates[0]
         epoch, within = divmod(step * opts.accumulation, self.per_epoch)
         epoch_step = within // opts.accumulation
         if self.folder is not None:
             self.folder.log_loss(step, epoch, epoch_step, total_loss, rate)
+            if validation is not None:
+                self.folder.log_validation(step, validation)
+        if opts.tensorboard is not None and self.main:
+            opts.tensorboard.step(step, total_loss, rates, validation)
         self.ctx.emit(ev.Progress(step=step, total=opts.steps, loss=total_loss, learn_rate=rate,
                                   epoch=epoch, epoch_step=epoch_step, start_step=self.start,
-                                  elapsed=time.perf_counter() - began))
+                                  elapsed=time.perf_counter() - began,
+                                  validation_loss=validation))
 
     def _periodic(self, last_texts: list[str]) -> None:
         """The numbered copy and the preview every N steps (main process only)."""

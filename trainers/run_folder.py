@@ -10,6 +10,7 @@ from pathlib import Path
 from core.atomic import atomic_write_text
 
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+VALIDATION_CSV = "validation.csv"  # step, loss: the held-out loss (trainers/validation.py)
 
 
 @dataclass
@@ -38,6 +39,17 @@ class RunFolder:
         self._pending.append([step, epoch, epoch_step, f"{loss:.7f}", f"{learn_rate:.8g}"])
         if len(self._pending) >= 50:
             self.flush()
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """Written at once: one row every N steps."""
+        path = self.root / VALIDATION_CSV
+        _drop_cut_line(path)
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "loss"])
+            writer.writerow([step, f"{loss:.7f}"])
 
     def flush(self) -> None:
         if not self._pending:

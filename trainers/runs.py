@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 from core.paths import Paths
 from trainers.loss_log import read_losses
+from trainers.run_folder import VALIDATION_CSV
 
 MODEL_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt")
 FINAL_KEYS = ("embedding", "hypernetwork", "output", "final")
@@ -97,6 +98,7 @@ class Run:
     method: str
     sessions: list[Session]
     losses: list[tuple[int, float, float]]  # (step, loss, learn rate)
+    validation: list = field(default_factory=list)  # (step, held-out loss, nan)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     previews: list[PreviewImage] = field(default_factory=list)
     final_path: Path | None = None
@@ -258,7 +260,8 @@ def _read_run(folder: Path, root: Path, paths: Paths) -> Run | None:
     csv_path = next((folder / n for n in csv_names() if (folder / n).is_file()), None)
     losses = read_losses(csv_path) if csv_path else []
     run = Run(id=folder.relative_to(root).as_posix(), root=folder, name=folder.name,
-              method=method, sessions=sessions, losses=losses)
+              method=method, sessions=sessions, losses=losses,
+              validation=read_losses(folder / VALIDATION_CSV))
     run.final_path = _final_path(settings, method, folder.name, paths)
     run.target_steps = _target_steps(run)
     return run

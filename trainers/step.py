@@ -24,7 +24,8 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
                    dtype: torch.dtype | None = None, rows: slice | None = None,
                    batch_size: int | None = None,
                    x0_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   predict: Callable | None = None) -> torch.Tensor:
+                   predict: Callable | None = None,
+                   times: torch.Tensor | None = None) -> torch.Tensor:
     """Noise the latents at random times, predict, and return the (weighted) MSE against the
     objective's target, plus `x0_loss` of the clean latents the prediction implies, when given.
 
@@ -32,7 +33,8 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
     sigmas, noises the latents, names the target and weighs the loss.
     `added_cond` is the family's extra conditioning (SDXL's `text_embeds`, `time_ids`; Flux's
     pooled text and guidance), None for SD 1.x/2.x; `predict` is the family's call of its
-    denoiser (`Family.predict`), the U-Net's by default.
+    denoiser (`Family.predict`), the U-Net's by default. `times` fixes the timesteps (sigmas for
+    a flow family) instead of drawing them (validation, trainers/validation.py).
     `device` / `dtype` are the U-Net's; the loop passes them once per run, because diffusers'
     `unet.device` / `unet.dtype` walk every sub-module on each call.
     With `rows`, the latents are those rows of a batch of `batch_size` (one process's shard in
@@ -47,7 +49,9 @@ def diffusion_loss(unet, objective, latents: torch.Tensor, context: torch.Tensor
     if noise_offset:
         offset = torch.randn(drawn[:2] + (1, 1), generator=generator)[rows].to(latents)
         noise = noise + noise_offset * offset
-    times = objective.sample_times(drawn[0], generator, latents)[rows].to(device)
+    if times is None:
+        times = objective.sample_times(drawn[0], generator, latents)[rows]
+    times = times.to(device)
     noisy = objective.noisy(latents, noise, times)
 
     added_cond = objective.conditioning(added_cond, latents.shape[0])

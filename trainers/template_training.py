@@ -16,6 +16,7 @@ from trainers.models import BaseModel, load_model
 from trainers.preflight import check_before_queueing
 from trainers.sampling import PreviewSettings
 from trainers.schedule import parse_schedule
+from trainers.validation import Validation, ValidationError, split_indices
 
 
 @dataclass
@@ -36,6 +37,19 @@ class TemplateBatches:
                              self.cfg.tag_drop_out) for i in chosen]
         return Batch(self.dataset.latents(micro, chosen), texts, self.dataset.weights(chosen),
                      pixels=self.dataset.pixels(chosen))
+
+    def validation_batches(self) -> list[Batch]:
+        """One fixed batch per held-out image: its mean latent when latents are sampled per
+        step, a prompt of the template drawn once (no tag shuffle or drop-out)."""
+        seed = validation_seed(self.cfg)
+        out = []
+        for index, example in enumerate(self.dataset.held_out):
+            text = make_prompt(self.template_lines, self.name, example.filewords,
+                               seeds.rng(seed, "validation prompt", index))
+            latent = example.mean if self.dataset.latent_sampling == "random" else example.latent
+            out.append(Batch(latent[None], [text],
+                             example.weight[None] if example.weight is not None else None))
+        return out
 
 
 def prepare(cfg: TemplateTrainingConfig, ctx,
@@ -68,7 +82,48 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
                            "processes)") from None
     if dataset.skipped:
         ctx.emit(ev.Status(describe_skipped(dataset.skipped)))
+    hold_out(cfg, paths, dataset, model.vae, ctx)
     return model, dataset, template_lines
+
+
+def validation_seed(cfg) -> int:
+    return cfg.validation_seed if cfg.validation_seed >= 0 else cfg.seed
+
+
+def hold_out(cfg: TemplateTrainingConfig, paths, dataset: Dataset, vae, ctx) -> None:
+    """The validation images: a held-out share of the dataset (never trained on) or a folder."""
+    if cfg.validation_split:
+        try:
+            keep, held = split_indices([e.path.name for e in dataset.examples],
+                                       cfg.validation_split, validation_seed(cfg))
+        except ValidationError as error:
+            raise DatasetError(str(error)) from None
+        if len(keep) < dataset.batch_size:
+            raise DatasetError(f"batch_size: {dataset.batch_size} is larger than the {len(keep)} "
+                               f"images left to train on after validation_split holds out "
+                               f"{len(held)}")
+        dataset.held_out = [dataset.examples[i] for i in held]
+        dataset.examples = [dataset.examples[i] for i in keep]
+    elif cfg.validation_data_dir.strip():
+        folder = paths.resolve(cfg.validation_data_dir, "validation_data_dir")
+        try:
+            dataset.held_out = load_dataset(
+                folder, vae, cfg.width, cfg.height, varsize=cfg.varsize, batch_size=1,
+                seed=cfg.seed, latent_sampling=cfg.latent_sampling, use_weight=cfg.use_weight,
+                word_regex=cfg.filename_word_regex, join_string=cfg.filename_join_string,
+                alpha_mask=cfg.alpha_mask).examples
+        except DatasetError as error:
+            raise DatasetError(str(error).replace("data_root:", "validation_data_dir:", 1)) from None
+    if dataset.held_out:
+        ctx.emit(ev.Status(f"Validation loss on {len(dataset.held_out)} image(s) every "
+                           f"{cfg.validate_every_n_steps} steps"))
+
+
+def validation(cfg) -> Validation | None:
+    """The loop's validation settings (the batches come from the batch source)."""
+    if not (cfg.validation_split or cfg.validation_data_dir.strip()):
+        return None
+    return Validation(batches=None, every=cfg.validate_every_n_steps, seed=validation_seed(cfg))
 
 
 def mask_folder(cfg: TemplateTrainingConfig, paths) -> Path | None:
@@ -96,7 +151,7 @@ def loop_options(cfg: TemplateTrainingConfig, model: BaseModel, csv_name: str,
         save_every=cfg.save_every, preview_every=cfg.preview_every,
         log_directory=cfg.log_directory, csv_name=csv_name, clip_mode=cfg.clip_grad_mode,
         clip_value=(lambda step: clip.rate(step) or 0.0) if clip else (lambda step: 0.0),
-        on_nan=cfg.on_nan,
+        on_nan=cfg.on_nan, validation=validation(cfg),
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   **extra})
 

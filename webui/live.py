@@ -39,6 +39,18 @@ def loss_frame(losses: list[tuple[int, float, float]], limit: int = 2000) -> pd.
     return pd.DataFrame(rows)
 
 
+VALIDATION_COLOR = "#756bb1"  # the held-out loss in both loss plots
+
+
+def with_validation(frame: pd.DataFrame | None, validation) -> pd.DataFrame | None:
+    """The loss frame plus the held-out loss as its own series ("validation")."""
+    if frame is None or not validation:
+        return frame
+    points = pd.DataFrame([(step, loss, "validation") for step, loss, *_ in validation],
+                          columns=["step", "loss", "series"])
+    return pd.concat([frame, points], ignore_index=True)
+
+
 class LossSeries:
     """One job's loss curve as the page plots it, fed only new points: at most `limit` points
     (every `stride`-th; the stride doubles when the limit is passed) and the `window`-step moving
@@ -53,6 +65,7 @@ class LossSeries:
         self.smooth: list[float] = []
         self._recent: deque[float] = deque()
         self._total = 0.0
+        self.validation: list[tuple[int, float]] = []  # (step, held-out loss), every point
 
     def extend(self, rows) -> None:
         for step, loss, *_ in rows:
@@ -75,8 +88,9 @@ class LossSeries:
         if not self.steps:
             return None
         n = len(self.steps)
-        return pd.DataFrame({"step": self.steps * 2, "loss": self.values + self.smooth,
-                             "series": ["loss"] * n + ["smoothed"] * n})
+        frame = pd.DataFrame({"step": self.steps * 2, "loss": self.values + self.smooth,
+                              "series": ["loss"] * n + ["smoothed"] * n})
+        return with_validation(frame, self.validation)
 
 
 @dataclass
@@ -106,6 +120,7 @@ def refresh(runner, watch: Watch) -> dict:
     out: dict = {"status": status_text(snap)}
     if snap["losses"] or new_job:
         watch.series.extend(snap["losses"])
+        watch.series.validation = snap.get("validation", [])
         out["plot"] = watch.series.frame()
     if new_job or key[2] != watch.key[2]:
         out["gallery"] = gallery_items(snap["previews"])

@@ -131,7 +131,7 @@ def _run_view(page: _Page, runs: list[rn.Run]) -> None:
     with gr.Row():
         page.plot = gr.LinePlot(_plot_frame(None), x="step", y="loss", color="series",
                                 title="Loss (green lines: saved checkpoints)", height=280,
-                                color_map=_color_map(None), colors_in_legend=["loss", "smoothed"],
+                                color_map=_color_map(None), colors_in_legend=["loss", "smoothed", "validation"],
                                 elem_id="ckpt-loss", scale=1)
         page.gallery = gr.Gallery(label="Checkpoints (click one)", columns=3, height=300,
                                   allow_preview=False, elem_id="ckpt-gallery", scale=1)
@@ -508,7 +508,7 @@ def _plot_frame(run: rn.Run | None, losses=None) -> pd.DataFrame | None:
     losses = list(losses if losses is not None else (run.losses if run else []))
     if not losses:
         return None
-    frame = live.loss_frame(losses)
+    frame = live.with_validation(live.loss_frame(losses), run.validation if run else [])
     if run is None or not run.checkpoints:
         return frame
     low, high = float(frame["loss"].min()), float(frame["loss"].max())
@@ -521,7 +521,7 @@ def _plot_frame(run: rn.Run | None, losses=None) -> pd.DataFrame | None:
 
 
 def _color_map(run: rn.Run | None) -> dict[str, str]:
-    colors = {"loss": "#9ab8e6", "smoothed": "#e6550d"}
+    colors = {"loss": "#9ab8e6", "smoothed": "#e6550d", "validation": live.VALIDATION_COLOR}
     for checkpoint in run.checkpoints if run else []:
         colors[f"checkpoint {checkpoint.step}"] = MARK_COLOR
     return colors

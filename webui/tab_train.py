@@ -132,7 +132,8 @@ def _job_column(page: _Page, picker, runner: JobRunner) -> None:
     page.status = gr.Markdown(live.status_text(_snap(runner)), elem_id="train-status")
     page.plot = gr.LinePlot(None, x="step", y="loss", color="series",
                             title="Loss", height=260, elem_id="train-loss",
-                            color_map={"loss": "#9ab8e6", "smoothed": "#e6550d"})
+                            color_map={"loss": "#9ab8e6", "smoothed": "#e6550d",
+                                       "validation": live.VALIDATION_COLOR})
     page.gallery = gr.Gallery(label="Previews (newest first)", columns=4, height=320,
                               elem_id="train-previews")
     with gr.Accordion("Queue", open=True):

@@ -47,7 +47,8 @@ def run(cfg: DreamBoothConfig, ctx) -> Path:
         batches = kohya_data.prepare_datasets(configs, model.vae, seed=cfg.seed,
                                               cache_to_disk=cfg.cache_latents_to_disk,
                                               prior_loss_weight=cfg.prior_loss_weight,
-                                              report=lambda text: ctx.emit(ev.Status(text)))
+                                              report=lambda text: ctx.emit(ev.Status(text)),
+                                              validation=kt.validation_config(cfg, paths))
     resident.page_out(model.vae)  # latents are cached: the steps never read the VAE
     return train_full_model(cfg, ctx, model, batches, path, start, base_config, "dreambooth")
 
