@@ -19,8 +19,7 @@ $DANLU_SD_SCRIPTS or ~/.cache/danlu-bench/sd-scripts-v0.10.1, run by a Python th
 imports (`--sd-scripts-python`; opencv-python-headless and einops on top of this environment's
 packages were enough for v0.10.1: `python3 -m venv --system-site-packages
 ~/.cache/danlu-bench/sd-scripts-venv`, then its pip) and with bench/torchvision_standin.py as its
-torchvision (no
-build exists for this torch), through bench/script_timer.py. It gets `--min_diff 1e-4` so that,
+torchvision (no build exists for this torch), through bench/script_timer.py. It gets `--min_diff 1e-4` so that,
 as Danlu does, it extracts the text encoder's change (its default 0.01 skips a change this small).
 """
 from __future__ import annotations
