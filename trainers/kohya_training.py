@@ -330,7 +330,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
         clip_value=lambda step: cfg.max_grad_norm,
         flow=cfg.flow_options() if hasattr(cfg, "flow_options") else None,
-        noise=cfg.noise_weighting(), validation=validation(cfg),
+        noise=cfg.noise_weighting(), validation=validation(cfg), log_with=cfg.log_with,
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   "images": batches.num_train_images, **extra})
 

@@ -74,7 +74,7 @@ class LoopOptions:
     flow: object = None  # FlowMatchingOptions, for a flow-matching family
     noise: object = None  # NoiseWeighting, for a noise-prediction family
     validation: object = None  # a Validation (trainers/validation.py): held-out loss every N
-    tensorboard: object = None  # a TensorBoardLog (trainers/tensorboard_log.py)
+    log_with: str = "none"  # "tensorboard": also <run>/tensorboard/ (trainers/tensorboard_log.py)
 
 
 @dataclass
@@ -220,9 +220,17 @@ class _Training:
         self.saved_step: int | None = None  # the state the file holds
         self.stepped = False  # any good step yet
         self.skipped = 0  # bad steps in a row (on_nan="skip")
+        self.tensorboard = None  # a TensorBoardLog when the run logs with TensorBoard
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _run(self) -> Path:
         plan, opts, ctx = self.plan, self.opts, self.ctx
         self._resume_optimizer()
         self._open_run_folder()
@@ -253,7 +261,7 @@ class _Training:
         self.unet.train()
         with plan.unet_context(), self._offloaded(), plan.fused or contextlib.nullcontext():
             if self.main and opts.preview_at_start and opts.preview_every and self.step == 0:
-                preview(self.model, plan, self.unet, self.folder, 0, [], ctx)
+                self._preview(0, [])
             while self.step < opts.steps:
                 if self._stopping():
                     stopped = True
@@ -321,6 +329,9 @@ class _Training:
                                            self.plan.name, opts.csv_name)
             self.folder.write_settings(start, {**opts.settings, "start_step": start,
                                                "processes": distributed.processes(ctx)})
+            if opts.log_with == "tensorboard":
+                from trainers.tensorboard_log import TensorBoardLog
+                self.tensorboard = TensorBoardLog(self.folder.root, opts.settings, start)
         if start >= opts.steps or self.plan.rates(start) is None:
             raise TrainingError(f"steps: the file is already at step {start}, and training ends "
                                 f"at step {opts.steps} or where the learning-rate schedule ends; "
@@ -474,8 +485,8 @@ class _Training:
             self.folder.log_loss(step, epoch, epoch_step, total_loss, rate)
             if validation is not None:
                 self.folder.log_validation(step, validation)
-        if opts.tensorboard is not None and self.main:
-            opts.tensorboard.step(step, total_loss, rates, validation)
+        if self.tensorboard is not None:
+            self.tensorboard.step(step, total_loss, rates, validation)
         self.ctx.emit(ev.Progress(step=step, total=opts.steps, loss=total_loss, learn_rate=rate,
                                   epoch=epoch, epoch_step=epoch_step, start_step=self.start,
                                   elapsed=time.perf_counter() - began,
@@ -498,7 +509,12 @@ class _Training:
             if opts.keep_last:
                 _prune(copies, plan, opts.keep_last)
         if opts.preview_every and step % opts.preview_every == 0:
-            preview(self.model, plan, self.unet, self.folder, step, last_texts, self.ctx)
+            self._preview(step, last_texts)
+
+    def _preview(self, step: int, texts: list[str]) -> None:
+        written = preview(self.model, self.plan, self.unet, self.folder, step, texts, self.ctx)
+        if self.tensorboard is not None:
+            self.tensorboard.previews(step, written)
 
     def _stopping(self) -> bool:  # every process stops at the same step
         asked = self.ctx.should_stop()
@@ -572,7 +588,10 @@ def _prune(folder: Path, plan: TrainingPlan, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: list[str], ctx):
+def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: list[str],
+            ctx) -> list[Path]:
+    """Render the plan's previews of `step`; returns the PNGs written."""
+    written = []
     visiting = plan.offload.visiting if plan.offload is not None else contextlib.nullcontext
     for index, settings in enumerate(plan.previews(step, texts)):
         with plan.preview_context(), visiting():
@@ -581,7 +600,9 @@ def preview(model, plan: TrainingPlan, unet, run: RunFolder, step: int, texts: l
         suffix = f"-{index}" if index else ""
         path = run.sub("images") / f"{plan.name}-{step}{suffix}.png"
         atomic_write(path, lambda temp: image.save(temp, format="PNG"))
+        written.append(path)
         if plan.on_preview is not None and index == 0:
             plan.on_preview(image, step, run)
         ctx.emit(ev.Preview(step=step, path=str(path),
                             caption=f"step {step}, seed {seed}: {settings.prompt}"))
+    return written

@@ -151,7 +151,7 @@ def loop_options(cfg: TemplateTrainingConfig, model: BaseModel, csv_name: str,
         save_every=cfg.save_every, preview_every=cfg.preview_every,
         log_directory=cfg.log_directory, csv_name=csv_name, clip_mode=cfg.clip_grad_mode,
         clip_value=(lambda step: clip.rate(step) or 0.0) if clip else (lambda step: 0.0),
-        on_nan=cfg.on_nan, validation=validation(cfg),
+        on_nan=cfg.on_nan, validation=validation(cfg), log_with=cfg.log_with,
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   **extra})
 
