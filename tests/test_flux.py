@@ -50,11 +50,11 @@ def image(pipe, prompt="zxq cat"):
 
 def with_network(pipe, path, strength=1.0):
     """The pipeline with the LoRA file applied by Danlu's own network (the trained modules)."""
-    from trainers.checkpoint_apply import spec_from_state
+    from trainers.checkpoint_apply import fitting_spec
     from trainers.flux_lora import FLUX_LAYOUT
     from trainers.lora_network import LoraNetwork
     state, _ = load_lora(path)
-    spec = spec_from_state(state)
+    spec = fitting_spec(state, pipe.transformer, FLUX_LAYOUT)  # as Compare fits the file
     network = LoraNetwork(pipe.transformer, pipe.text_encoder if spec.train_text_encoder else None,
                           spec, layout=FLUX_LAYOUT)
     network.load_kohya_state_dict(state)
@@ -291,3 +291,48 @@ def test_flux_lora_trains_only_the_chosen_blocks_and_compare_rebuilds_them(famil
     with pytest.raises(ConfigError, match="train_double_block_indices: SD 1.x has no double"):
         check_before_queueing(lora_config(pictures, model="tiny-demo",
                                           train_double_block_indices="0"), family_paths)
+
+
+def test_a_rank_per_layer_type_is_trained_saved_and_loaded(family_paths, pictures):
+    """kohya's type_dims: each kind of layer at its own rank (and alpha), 0 leaving it out; the
+    file says so in ss_network_args, diffusers loads it as Danlu's network applies it, and the
+    same settings continue from the file; bad types and values are refused by name."""
+    import json
+    from trainers.preflight import check_before_queueing
+    name = _double_block_only_demo(family_paths)
+    path = run(lora_config(pictures, model=name, output_name="typed",
+                           type_dims="img_attn=8/4, txt_mod=0, txt_mlp_dim=2"),
+               RecordingContext(family_paths))
+    state, meta = load_lora(path)
+    prefix = "lora_unet_double_blocks_0_"
+    assert state[prefix + "img_attn_proj.lora_down.weight"].shape[0] == 8
+    assert float(state[prefix + "img_attn_proj.alpha"]) == 4.0
+    assert state[prefix + "txt_mlp_0.lora_down.weight"].shape[0] == 2
+    assert float(state[prefix + "txt_mlp_0.alpha"]) == 2.0  # the network alpha
+    assert state[prefix + "txt_attn_proj.lora_down.weight"].shape[0] == 4  # not named: network_dim
+    assert not any(k.startswith(prefix + "txt_mod_lin") for k in state)
+    args = json.loads(meta["ss_network_args"])
+    assert (args["img_attn_dim"], args["img_attn_alpha"], args["txt_mod_dim"]) == ("8", "4", "0")
+    pipe = flux_pipeline(family_paths.stable_diffusion / name)
+    base = image(pipe)
+    network = with_network(pipe, path)
+    ours = image(pipe)
+    network.remove()
+    pipe.load_lora_weights(str(path))
+    loaded = image(pipe)
+    assert not np.allclose(loaded, base) and np.allclose(loaded, ours, atol=1e-4)
+    from core.events import Progress
+    ctx = RecordingContext(family_paths)
+    again = run(lora_config(pictures, model=name, output_name="typed", max_train_steps=6,
+                            type_dims="img_attn=8/4, txt_mod=0, txt_mlp_dim=2"), ctx)
+    steps = [e.step for e in ctx.events if isinstance(e, Progress)]
+    assert steps[0] == 5 and load_lora(again)[1]["ss_steps"] == "6"  # continued from the file
+    for text, words in [("img_attn=-1", "rank of 0 or more"), ("img_attn", "name=rank"),
+                        ("img_attn=2, img_attn=3", "given twice")]:
+        with pytest.raises(ConfigError, match=f"type_dims: .*{words}"):
+            lora_config(pictures, type_dims=text)
+    with pytest.raises(ConfigError, match="type_dims: Flux.1 has no cross_attn layers"):
+        check_before_queueing(lora_config(pictures, type_dims="cross_attn=4"), family_paths)
+    with pytest.raises(ConfigError, match="type_dims: SD 1.x has no img_attn layers"):
+        check_before_queueing(lora_config(pictures, model="tiny-demo", type_dims="img_attn=4"),
+                              family_paths)

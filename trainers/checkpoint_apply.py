@@ -82,8 +82,8 @@ def lora(spec, paths: Paths, model, path: Path, partners: list[Path]):
     from trainers import lycoris_network
     state, _ = load_adapter(path)
     if algo_of(state) is None:
-        lora_spec, network_class = spec_from_state(state), LoraNetwork
-        lora_spec.blocks = model.spec.hook("lora_layout").blocks_in(state)
+        lora_spec = fitting_spec(state, model.unet, model.spec.hook("lora_layout"))
+        network_class = LoraNetwork
     else:  # LoHa / LoKr
         convs = {t.name for t in find_targets(model.unet, "unet", True) if t.conv}
         lora_spec = lycoris_network.spec_from_state(state, convs)
@@ -126,6 +126,20 @@ def _embedding_vectors(path: Path, model):
                          f"{model.spec.label}")
     return ({k: v.float() for k, v in vectors.items()} if isinstance(vectors, dict)
             else vectors.float())
+
+
+def fitting_spec(state, denoiser, layout):
+    """The LoraSpec of a network that fits a kohya file on this denoiser: its layers' own ranks
+    and alphas read after the layout splits fused layers into their modules, the blocks it
+    trains (`blocks_in`) and the layer types it leaves out (`type_ranks_in`)."""
+    sizes = {}
+    for target in layout.denoiser_targets(denoiser, True):
+        module = denoiser.get_submodule(target.path)
+        sizes[target.name] = getattr(module, "out_features", None) or module.out_channels
+    spec = spec_from_state(layout.from_file(state, sizes))
+    spec.blocks = layout.blocks_in(state)
+    spec.type_ranks = layout.type_ranks_in(state)
+    return spec
 
 
 def spec_from_state(state):

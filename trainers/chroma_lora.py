@@ -22,6 +22,7 @@ BLOCK_CLASSES = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
 class ChromaLayout(FluxLayout):
     trains_text_encoder = False
     block_classes = BLOCK_CLASSES
+    layer_types = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "single")  # no modulation layers
 
     def text_parts(self, text_encoder, text_encoder_2) -> dict[str, tuple[nn.Module, str]]:
         return {}

@@ -62,7 +62,7 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Flow matching (Flux)", ["timestep_sampling", "discrete_flow_shift",
                                          "sigmoid_scale", "weighting_scheme", "guidance_scale",
                                          "train_double_block_indices",
-                                         "train_single_block_indices"],
+                                         "train_single_block_indices", "type_dims"],
                 False)]
 
 

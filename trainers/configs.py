@@ -702,6 +702,11 @@ class LoraConfig(KohyaTrainingConfig):
     train_single_block_indices: str = option(
         "all", "The same for the single-stream blocks (kohya's train_single_block_indices).",
         label="Single blocks to train")
+    type_dims: str = option(
+        "", "Flux.1 / Chroma: a rank per kind of layer, kohya's type_dims — e.g. 'img_attn=16, "
+        "txt_attn=8, img_mlp=16, txt_mlp=8, img_mod=0, txt_mod=0, single=16, single_mod=0'; 0 "
+        "leaves that kind untrained, 'name=rank/alpha' sets its alpha too; kinds not named keep "
+        "the network rank and alpha.", label="Rank per layer type")
     fp8_base: bool = option(False, "Store the frozen U-Net / transformer's Linear and conv "
                             "weights in 8 bits (kohya's fp8_base): half of bf16's memory for "
                             "them, slightly less precise; needs mixed precision bf16 or fp16.",
@@ -731,6 +736,10 @@ class LoraConfig(KohyaTrainingConfig):
 
     def validate(self) -> "LoraConfig":
         problems = self.kohya_problems()
+        try:
+            self.type_ranks()
+        except ValueError as error:
+            problems.append(f"type_dims: {error}")
         for name in BLOCK_FIELDS:
             try:
                 block_indices(getattr(self, name), None)
@@ -799,10 +808,22 @@ class LoraConfig(KohyaTrainingConfig):
                                                                  BLOCK_FIELDS)
                 if getattr(self, name).strip().lower() != "all"}
 
+    def type_ranks(self) -> dict[str, tuple[int, float | None]]:
+        """LoraSpec.type_ranks from `type_dims`: layer type -> (rank, alpha or None)."""
+        return parse_type_dims(self.type_dims)
+
     def family_problems(self, family) -> list[str]:
         """Options that do not apply to a model of `family` (its Family record)."""
         from trainers.families import resolve
         problems = []
+        layer_types = resolve(family.lora_layout).layer_types
+        unknown = [name for name in self.type_ranks() if name not in layer_types]
+        if unknown:
+            problems.append(f"type_dims: {family.label} has no {', '.join(unknown)} layers"
+                            + (f" (its layer types: {', '.join(layer_types)})" if layer_types
+                               else " (a rank per layer type is for Flux.1 and Chroma)"))
+        if self.type_dims.strip() and self.network_type != "lora":
+            problems.append("type_dims: a rank per layer type is for network type 'lora'")
         kinds = resolve(family.lora_layout).block_kinds
         problems += [f"train_{kind}_block_indices: {family.label} has no {kind}-stream blocks "
                      "(the block choice is for Flux.1 and Chroma)"
@@ -1368,6 +1389,30 @@ FLOW_DEFAULTS = {name: LoraConfig.__dataclass_fields__[name].default for name in
 
 
 BLOCK_FIELDS = ("train_double_block_indices", "train_single_block_indices")
+
+
+def parse_type_dims(text: str) -> dict[str, tuple[int, float | None]]:
+    """'img_attn=16, txt_mod=0, single=8/4' -> {type: (rank, alpha or None)} (ValueError naming
+    the bad part). Types are checked against the model's layout when the family is known."""
+    out: dict[str, tuple[int, float | None]] = {}
+    for part in (p.strip() for p in (text or "").replace(";", ",").split(",")):
+        if not part:
+            continue
+        name, sep, value = (s.strip() for s in part.partition("="))
+        name = name.removesuffix("_dim")  # kohya's network_args spell them img_attn_dim=...
+        rank_text, _, alpha_text = (s.strip() for s in value.partition("/"))
+        try:
+            rank = int(rank_text)
+            alpha = float(alpha_text) if alpha_text else None
+        except ValueError:
+            raise ValueError(f"'{part}' is not name=rank or name=rank/alpha") from None
+        if not sep or not name or rank < 0 or (alpha is not None and alpha < 0):
+            raise ValueError(f"'{part}': a layer type, then = a rank of 0 or more (and "
+                             "optionally / an alpha of 0 or more)")
+        if name in out:
+            raise ValueError(f"{name} is given twice")
+        out[name] = (rank, alpha)
+    return out
 
 
 def block_indices(text: str, count: int | None) -> list[int]:

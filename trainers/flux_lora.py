@@ -20,9 +20,19 @@ BLOCK_NAME = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_")
 BLOCK_LISTS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
 
+# kohya's Flux type_dims, each the name parts that mark it, first match wins (networks/lora_flux)
+LAYER_TYPES = (("img_attn", ("img_attn",)), ("txt_attn", ("txt_attn",)), ("img_mlp", ("img_mlp",)),
+               ("txt_mlp", ("txt_mlp",)), ("img_mod", ("img_mod",)), ("txt_mod", ("txt_mod",)),
+               ("single", ("single_blocks", "linear")), ("single_mod", ("modulation",)))
+
+
 class FluxLayout(UnetLayout):
     block_classes = keys.BLOCK_CLASSES
     block_kinds = ("double", "single")
+    layer_types = tuple(name for name, _ in LAYER_TYPES)
+
+    def layer_type(self, name: str) -> str | None:
+        return next((kind for kind, marks in LAYER_TYPES if all(m in name for m in marks)), None)
 
     def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
         targets: dict[str, LoraTarget] = {}

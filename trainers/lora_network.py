@@ -36,7 +36,7 @@ the input axis instead (LyCORIS `wd_on_output = False`; trainers/dora_input_axis
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 import torch
@@ -69,6 +69,9 @@ class LoraSpec:
     # kohya name -> (rank, alpha) of a layer whose rank differs from the rest (a file resized
     # per layer, as kohya's dynamic resize writes it)
     ranks: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    # layer type (the layout's layer_types, kohya's type_dims) -> (rank, alpha or None: the
+    # network's); rank 0 leaves that type untrained
+    type_ranks: Mapping[str, tuple[int, float | None]] = field(default_factory=dict)
     dora: bool = False  # DoRA: peft's use_dora, a trained magnitude per output row
     dora_on_output: bool = True  # False: per input column (LyCORIS wd_on_output=False)
 
@@ -172,6 +175,36 @@ class UnetLayout:
 
     trains_text_encoder = True  # False: the family has no text-encoder LoRA (text_parts is {})
     block_kinds: tuple[str, ...] = ()  # the kinds of block a LoRA can be limited to by index
+    layer_types: tuple[str, ...] = ()  # the kinds of layer a rank can be set for (type_dims)
+
+    def layer_type(self, name: str) -> str | None:
+        """The layer type (one of layer_types) of a target's kohya name."""
+        return None
+
+    def type_ranks_in(self, state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, None]]:
+        """The layer types a file leaves out (rank 0), for building a network that fits it."""
+        present = {self.layer_type(key.split(".", 1)[0]) for key in state}
+        return {kind: (0, None) for kind in self.layer_types if kind not in present}
+
+    def with_type_ranks(self, targets: list[LoraTarget], spec: "LoraSpec"
+                        ) -> tuple[list[LoraTarget], dict[str, tuple[int, float]]]:
+        """The targets whose type is not set to rank 0, and spec.ranks plus each typed
+        target's own (rank, alpha)."""
+        unknown = [t for t in spec.type_ranks if t not in self.layer_types]
+        if unknown:
+            raise ValueError(f"LoRA: this model has no {', '.join(unknown)} layers to set a "
+                             "rank for")
+        ranks, kept = dict(spec.ranks), []
+        for target in targets:
+            found = spec.type_ranks.get(self.layer_type(target.name) or "")
+            if found is None or target.name in spec.ranks:
+                kept.append(target)
+            elif found[0] > 0:
+                kept.append(target)
+                ranks[target.name] = (found[0], spec.alpha if found[1] is None else found[1])
+        if not kept:
+            raise ValueError("LoRA: the ranks per layer type leave no layer to train")
+        return kept, ranks
 
     def denoiser_targets(self, model: nn.Module, conv: bool) -> list[LoraTarget]:
         return find_targets(model, "unet", conv)
@@ -406,13 +439,20 @@ class LoraNetwork(AdaptedParts):
                 wanted.append((part, model, prefix))
         try:
             for part, model, prefix in wanted:
-                targets = (layout.select(layout.denoiser_targets(model, spec.uses_conv),
-                                         spec.blocks, model) if part == "unet"
-                           else find_targets(model, part, spec.uses_conv, prefix))
+                part_spec = spec
+                if part == "unet":
+                    targets = layout.select(layout.denoiser_targets(model, spec.uses_conv),
+                                            spec.blocks, model)
+                    if spec.type_ranks:
+                        targets, ranks = layout.with_type_ranks(targets, spec)
+                        part_spec = replace(spec, ranks=ranks)
+                else:
+                    targets = find_targets(model, part, spec.uses_conv, prefix)
                 if not targets:
                     raise ValueError(f"LoRA: found no module to adapt in the {part} "
                                      f"({type(model).__name__})")
-                self._parts[part] = _Part(model, part, targets, spec, adapter_name, param_dtype)
+                self._parts[part] = _Part(model, part, targets, part_spec, adapter_name,
+                                          param_dtype)
         except BaseException:
             self.remove()
             raise

@@ -38,8 +38,8 @@ def run(cfg: LoraConfig, ctx) -> Path:
     settings = dict(rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
                     conv_alpha=cfg.conv_alpha, train_unet=True, train_text_encoder=trains_te)
     if cfg.network_type == "lora":
-        spec = LoraSpec(**settings, blocks=cfg.blocks(), dora=cfg.dora_wd,
-                        dora_on_output=cfg.wd_on_output)
+        spec = LoraSpec(**settings, blocks=cfg.blocks(), type_ranks=cfg.type_ranks(),
+                        dora=cfg.dora_wd, dora_on_output=cfg.wd_on_output)
         network_class = LoraNetwork
     else:
         spec = LycorisSpec(**settings, algo=cfg.network_type, factor=cfg.lokr_factor)
@@ -149,6 +149,13 @@ def _train(cfg, ctx, model, batches, network: LoraNetwork, path: Path, trains_te
         args = json.loads(metadata.get("ss_network_args", "{}"))
         args.update({name: getattr(cfg, name) for name in BLOCK_FIELDS
                      if name.split("_")[1] in cfg.blocks()})
+        metadata["ss_network_args"] = json.dumps(args)
+    if cfg.type_ranks():  # as kohya's network_args: img_attn_dim=16 (and Danlu's img_attn_alpha)
+        args = json.loads(metadata.get("ss_network_args", "{}"))
+        for kind, (rank, alpha) in cfg.type_ranks().items():
+            args[f"{kind}_dim"] = str(rank)
+            if alpha is not None:
+                args[f"{kind}_alpha"] = f"{alpha:g}"
         metadata["ss_network_args"] = json.dumps(args)
     if cfg.network_type != "lora" or cfg.dora_wd:  # DoRA: LyCORIS's algo=lora, dora_wd=True
         metadata = lycoris_metadata(metadata, cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
