@@ -166,3 +166,32 @@ def test_textual_inversion_holds_out_and_validates(data_paths, photo_dataset):
     assert any("Validation loss on 1 image(s)" in s.text for s in ctx.of(Status))
     run_dir = next((data_paths.outputs / "textual_inversion").glob("*/zxqtok"))
     assert (run_dir / "validation.csv").read_text().count("\n") == 3
+
+
+def test_flow_families_validate_at_fixed_sigmas():
+    from trainers.objectives import FlowMatching
+    objective = FlowMatching()
+    assert fixed_times(objective) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    unet = TinyUNet().train()
+    batch = Batch(latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                  texts=["x"])
+    validation = Validation(batches=[batch], every=1, seed=3)
+    encode = lambda texts: torch.zeros(len(texts), 2, 8)  # noqa: E731
+    first = validation_loss(None, unet, objective, validation, encode)
+    assert first == validation_loss(None, unet, objective, validation, encode) and first > 0
+
+
+def test_dreambooth_with_a_mask_folder_and_validation(data_paths, kohya_folder, tmp_path):
+    """The full-model path: masks from a folder and a held-out share in one DreamBooth run."""
+    from PIL import Image
+    from tests.test_dreambooth import db_config
+    from trainers.methods.dreambooth import run as run_db
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in (kohya_folder / "2_zxq cat").glob("*.png"):
+        with Image.open(image) as opened:
+            Image.new("L", opened.size, 255).save(masks / image.name)
+    ctx = RecordingContext(data_paths)
+    run_db(db_config(kohya_folder, masked_loss=True, conditioning_data_dir=str(masks),
+                     validation_split=0.34, validate_every_n_steps=3), ctx)
+    assert [p.validation_loss is not None for p in ctx.of(Progress)] == [False, False, True]
