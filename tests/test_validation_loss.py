@@ -195,3 +195,16 @@ def test_dreambooth_with_a_mask_folder_and_validation(data_paths, kohya_folder, 
     run_db(db_config(kohya_folder, masked_loss=True, conditioning_data_dir=str(masks),
                      validation_split=0.34, validate_every_n_steps=3), ctx)
     assert [p.validation_loss is not None for p in ctx.of(Progress)] == [False, False, True]
+
+
+def test_dataset_toml_split_validates_with_the_form_interval(data_paths, kohya_folder, tmp_path):
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\nvalidation_split = 0.34\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{kohya_folder / "2_zxq cat"}"\n')
+    ctx = RecordingContext(data_paths)
+    run(lora_config(kohya_folder, train_data_dir="", dataset_config=str(toml),
+                    validation_split=0.0, max_train_steps=2), ctx)
+    assert [p.validation_loss is not None for p in ctx.of(Progress)] == [False, True]
+    ctx = RecordingContext(data_paths)  # no split anywhere: the interval alone validates nothing
+    run(lora_config(kohya_folder, validation_split=0.0, max_train_steps=2, overwrite=True), ctx)
+    assert all(p.validation_loss is None for p in ctx.of(Progress))

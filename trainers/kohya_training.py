@@ -95,9 +95,11 @@ def validation_config(cfg: KohyaTrainingConfig, paths):
 
 
 def validation(cfg: KohyaTrainingConfig):
-    """The loop's validation settings (the batches come from KohyaBatches)."""
+    """The loop's validation settings (the batches come from KohyaBatches; a dataset TOML may
+    hold images out with its own validation_split)."""
     from trainers.validation import Validation
-    if not (cfg.validation_split or cfg.validation_data_dir.strip()):
+    if not (cfg.validation_split or cfg.validation_data_dir.strip()
+            or cfg.validate_every_n_steps):
         return None
     return Validation(batches=None, every=cfg.validate_every_n_steps,
                       seed=cfg.validation_seed if cfg.validation_seed >= 0 else cfg.seed)

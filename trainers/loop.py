@@ -237,6 +237,8 @@ class _Training:
         self.per_epoch = self.data.batches_per_epoch
         if opts.validation is not None and opts.validation.batches is None:
             opts.validation.batches = self.data.validation_batches()
+        if opts.validation is not None and not opts.validation.batches:
+            opts.validation = None  # nothing held out (a dataset TOML without a split)
         began = time.perf_counter()
         last_texts: list[str] = []
         self.parameters = _parameters(plan)
