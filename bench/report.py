@@ -343,8 +343,9 @@ def render(results: dict) -> str:
     steps = results.get("steps", {})
     if paired_only and results.get("paired"):
         lines += [
-            f"`{command}` — paired mode only: Danlu and the diffusers example script run at the "
-            "same time, each pinned to its own CPU with 1 thread (see *Paired runs*); "
+            f"`{command}` — paired mode only: Danlu and "
+            f"{results.get('baseline_label', 'the diffusers example script')} run at the same "
+            "time, each pinned to its own CPU with 1 thread (see *Paired runs*); "
             + ", ".join(f"{models.get(k, {}).get('label', k)}: {n} steps per run"
                         for k, n in steps.items())
             + ". Ratios are Danlu / script: below 1 means Danlu is faster or smaller."
