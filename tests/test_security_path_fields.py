@@ -42,6 +42,8 @@ NOT_PATHS = {
     "save_diffusers": "a switch: also write a diffusers folder beside the output",
     "loras": "bare file names inside models/Lora with weights (MergeLoraConfig.weighted runs "
              "check_name on each, which refuses path characters)",
+    "masked_loss": "a switch; the mask folder it reads is conditioning_data_dir, marked path=data",
+    "log_with": "a choice of logger ('none' or 'tensorboard'); its events go in the run folder",
 }
 
 

@@ -278,7 +278,8 @@ def test_the_train_tabs_direct_poll_needs_the_login_and_keeps_the_page_state(sha
         components = {c["id"]: c for c in config["components"]}
         polls = [d for d in config["dependencies"]
                  if any(t[1] == "tick" for t in d.get("targets", []))]
-        assert len(polls) == 3 and all(d["queue"] is False for d in polls), polls
+        # the Train tab's, the Checkpoints tab's and its LoRA tools', and the Preprocess tab's
+        assert len(polls) == 4 and all(d["queue"] is False for d in polls), polls
         train = next(d for d in polls if any(components[i]["props"].get("elem_id") ==
                                              "train-status" for i in d["outputs"]))
         route = "/gradio_api/run/" + train["api_name"]
