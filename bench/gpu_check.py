@@ -3,7 +3,9 @@
     python3 -m bench.gpu_check [--steps 20] [--sd15] [--json PATH]
 
 It trains the built-in demo models on whatever device the engine picks (the first CUDA GPU when
-there is one) — LoRA in fp32 / fp16 / bf16 mixed precision, textual inversion and DreamBooth —
+there is one) — LoRA in fp32 / fp16 / bf16 mixed precision, fp8 base weights, block swap and
+offloaded text encoders, the flow families' demos, textual inversion, and DreamBooth (also with
+full_bf16 and the fused backward pass) —
 and prints, per case, the device, seconds per step after the first, the peak GPU memory, the
 last loss and whether the saved file loads. `--sd15` adds a LoRA on a random SD1.5-shaped model
 at 512 px (the real model's sizes, ~4 GB of weights built from configs), whose peak memory is
@@ -98,6 +100,16 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
            "mixed_precision": "bf16"}, output_name="check-zimage")))
     found.append(("lora tiny fp8 base", "lora", LoraConfig(
         **{**lora, "mixed_precision": "bf16", "fp8_base": True}, output_name="check-fp8")))
+    found.append(("lora tiny bf16 block swap 2, TE cached (offloaded)", "lora", LoraConfig(
+        **{**lora, "mixed_precision": "bf16", "blocks_to_swap": 2,
+           "cache_text_encoder_outputs": True, "network_train_unet_only": True},
+        output_name="check-swap")))
+    found.append(("lora tiny flux bf16 block swap 1", "lora", LoraConfig(
+        **{**lora, "model": "tiny-demo-flux", "network_train_unet_only": True,
+           "mixed_precision": "bf16", "blocks_to_swap": 1}, output_name="check-flux-swap")))
+    found.append(("lora tiny qwenimage bf16", "lora", LoraConfig(
+        **{**lora, "model": "tiny-demo-qwenimage", "network_train_unet_only": True,
+           "mixed_precision": "bf16"}, output_name="check-qwen")))
     found.append(("textual inversion tiny", "textual_inversion", TextualInversionConfig(
         model="tiny-demo", embedding="gpucheck", create_missing=True, init_text="dog",
         data_root=str(plain), width=64, height=64, steps=steps, save_every=0, preview_every=0,
@@ -107,6 +119,13 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
         min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
         instance_prompt="a photo of zxq dog", max_train_steps=steps, learning_rate=1e-5,
         sample_at_first=False, save_precision="fp16", mixed_precision="bf16", seed=3)))
+    found.append(("dreambooth tiny full_bf16 + fused backward (Adafactor)", "dreambooth",
+                  DreamBoothConfig(
+        model="tiny-demo", output_name="check-db-fused", train_data_dir=str(kohya), resolution=64,
+        min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
+        instance_prompt="a photo of zxq dog", max_train_steps=steps, learning_rate=1e-5,
+        sample_at_first=False, save_precision="fp16", mixed_precision="bf16", seed=3,
+        optimizer_type="Adafactor", max_grad_norm=0.0, full_bf16=True, fused_backward_pass=True)))
     if sd15:
         big = make_images(work / "kohya512", 512, kohya=True)
         found.append(("lora sd1.5-shaped 512px bf16", "lora", LoraConfig(

@@ -14,7 +14,10 @@ def test_the_gpu_check_trains_every_case_and_reports_it(tmp_path, capsys):
     assert report["environment"]["torch"] and "cuda" in report["environment"]
     cases = {r["case"]: r for r in report["results"]}
     assert {"lora tiny no", "lora tiny bf16", "lora tiny flux bf16", "lora tiny zimage bf16",
-            "lora tiny fp8 base", "textual inversion tiny", "dreambooth tiny bf16"} <= set(cases)
+            "lora tiny fp8 base", "textual inversion tiny", "dreambooth tiny bf16",
+            "lora tiny bf16 block swap 2, TE cached (offloaded)", "lora tiny flux bf16 block swap 1",
+            "lora tiny qwenimage bf16",
+            "dreambooth tiny full_bf16 + fused backward (Adafactor)"} <= set(cases)
     for name, result in cases.items():
         assert "error" not in result, (name, result.get("error"))
         assert result["finite"] and result["loads"], name
