@@ -32,11 +32,10 @@ def _norm(original: str, diffusers: str) -> tuple:
     return (f"{original}.scale", (f"{diffusers}.weight",), "same")
 
 
-def _double(i: int) -> list:
-    o, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+def _double_attention(o: str, d: str) -> list:
+    """A double block's attention: fused q/k/v, q/k norms and output projections (Flux.1,
+    Chroma and Flux.2 name them alike)."""
     return [
-        *_linear(o + "img_mod.lin", d + "norm1.linear"),
-        *_linear(o + "txt_mod.lin", d + "norm1_context.linear"),
         *_linear(o + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], "qkv"),
         *_linear(o + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj",
                                       d + "attn.add_v_proj"], "qkv"),
@@ -44,12 +43,21 @@ def _double(i: int) -> list:
         _norm(o + "img_attn.norm.key_norm", d + "attn.norm_k"),
         _norm(o + "txt_attn.norm.query_norm", d + "attn.norm_added_q"),
         _norm(o + "txt_attn.norm.key_norm", d + "attn.norm_added_k"),
+        *_linear(o + "img_attn.proj", d + "attn.to_out.0"),
+        *_linear(o + "txt_attn.proj", d + "attn.to_add_out"),
+    ]
+
+
+def _double(i: int) -> list:
+    o, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+    return [
+        *_linear(o + "img_mod.lin", d + "norm1.linear"),
+        *_linear(o + "txt_mod.lin", d + "norm1_context.linear"),
+        *_double_attention(o, d),
         *_linear(o + "img_mlp.0", d + "ff.net.0.proj"),
         *_linear(o + "img_mlp.2", d + "ff.net.2"),
         *_linear(o + "txt_mlp.0", d + "ff_context.net.0.proj"),
         *_linear(o + "txt_mlp.2", d + "ff_context.net.2"),
-        *_linear(o + "img_attn.proj", d + "attn.to_out.0"),
-        *_linear(o + "txt_attn.proj", d + "attn.to_add_out"),
     ]
 
 
@@ -68,15 +76,7 @@ def _single(i: int) -> list:
 def _flux2_double(i: int) -> list:
     o, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
     return [
-        *_linear(o + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], "qkv"),
-        *_linear(o + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj",
-                                      d + "attn.add_v_proj"], "qkv"),
-        _norm(o + "img_attn.norm.query_norm", d + "attn.norm_q"),
-        _norm(o + "img_attn.norm.key_norm", d + "attn.norm_k"),
-        _norm(o + "txt_attn.norm.query_norm", d + "attn.norm_added_q"),
-        _norm(o + "txt_attn.norm.key_norm", d + "attn.norm_added_k"),
-        *_linear(o + "img_attn.proj", d + "attn.to_out.0"),
-        *_linear(o + "txt_attn.proj", d + "attn.to_add_out"),
+        *_double_attention(o, d),
         *_linear(o + "img_mlp.0", d + "ff.linear_in"),
         *_linear(o + "img_mlp.2", d + "ff.linear_out"),
         *_linear(o + "txt_mlp.0", d + "ff_context.linear_in"),
