@@ -55,6 +55,7 @@ def test_zimage_loads_in_diffusers_and_comfyui_takes_only_the_feed_forward(tmp_p
     missing = found["ComfyUI"].not_loaded
     assert missing and all("_attention_to_" in key for key in missing)
     assert "lora_unet_layers_0_attention_to_q.lora_down.weight" in missing
+    assert not report.broken  # a partial load is reported; the CLI still exits 0
 
 
 def test_an_unknown_key_a_misnamed_layer_and_a_missing_alpha_are_named(tmp_path):
@@ -70,7 +71,7 @@ def test_an_unknown_key_a_misnamed_layer_and_a_missing_alpha_are_named(tmp_path)
     safetensors.torch.save_file(state, str(path), {"ss_base_model_version": "sd_v1"})
     report = check_file(path)
     text = report.text()
-    assert not report.clean
+    assert not report.clean and report.broken
     assert f"{layer}.lora_weird.weight: unknown key" in text
     assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha: missing" in text
     assert report.unmapped == [bad]
@@ -134,6 +135,15 @@ def test_the_cli_verb_prints_the_report_and_refuses_a_missing_file(tmp_path):
                            str(data), "--set", "lora=nothere.safetensors"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "lora: no file 'nothere.safetensors'" in done.stderr
+    state = lora_state("sd2")
+    state.pop("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha")
+    safetensors.torch.save_file(state, str(data / "models" / "Lora" / "b.safetensors"),
+                                {"ss_base_model_version": "sd_v2"})
+    done = subprocess.run([sys.executable, "-m", "trainers", "check_lora", "--data-dir",
+                           str(data), "--set", "lora=b.safetensors"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # a broken file fails the command
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha: missing" in done.stderr
 
 
 def test_a_lora_run_and_the_tools_end_with_the_check(data_paths, tmp_path):

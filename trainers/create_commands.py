@@ -51,11 +51,14 @@ def _details(verb: str, cfg) -> str:
 
 def run_check(cfg, ctx) -> Path:
     """`check_lora`: the key-map Check's whole report as Status lines, its summary in
-    Finished (trainers/formats/key_check.py). A file that cannot be read fails by name."""
+    Finished, or in Failed when the file is broken (trainers/formats/key_check.py). A file
+    that cannot be read fails by name."""
     from trainers.formats.key_check import check_file
     path = cfg.lora_path(ctx.paths)
     report = check_file(path, None if cfg.family == "auto" else cfg.family)
     for line in report.text().splitlines()[1:]:
         ctx.emit(ev.Status(line))
-    ctx.emit(ev.Finished(step=0, path=str(path), message=report.summary()))
+    summary = ev.Failed(report.summary()) if report.broken else \
+        ev.Finished(step=0, path=str(path), message=report.summary())
+    ctx.emit(summary)  # a broken file makes the CLI exit 1
     return path

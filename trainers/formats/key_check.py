@@ -100,6 +100,13 @@ class KeyReport:
         return not self.problems and not self.unmapped and all(
             r.loads for r in self.results if r.applies)
 
+    @property
+    def broken(self) -> bool:
+        """What the CLI exits 1 for: keys no loader reads, or layers of no module of the family.
+        A loader that takes only part of a well-formed file (ComfyUI and Z-Image's attention)
+        is reported but is not a broken file."""
+        return bool(self.problems or self.unmapped)
+
     def summary(self) -> str:
         """One line: "loads in A1111 / ComfyUI / diffusers" or what would not load."""
         ok = [r.loader for r in self.results if r.loads]
