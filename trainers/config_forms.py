@@ -21,7 +21,7 @@ TEMPLATE_DATA = ["data_root", "template", "width", "height", "varsize", "filenam
                  "use_weight", "masked_loss", "conditioning_data_dir", "alpha_mask",
                  "max_token_length"]
 TEMPLATE_OPTIM = ["learn_rate", "batch_size", "gradient_accumulation", "steps", "clip_grad_mode",
-                  "clip_grad_value", "seed", "on_nan"]
+                  "clip_grad_value", "seed", "on_nan", "mixed_precision", "fp8_base"]
 VALIDATION = ["validation_split", "validation_data_dir", "validate_every_n_steps",
               "validation_seed", "log_with"]
 TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prompt",

@@ -230,6 +230,14 @@ class TemplateTrainingConfig(NamesFiles):
                                    "75-token chunks side by side, as A1111 does for long "
                                    "prompts; tokens past the limit are dropped.",
                                    label="Max token length", choices=MAX_TOKEN_LENGTHS)
+    mixed_precision: str = option("no", "Compute precision (bf16 also works on CPUs); the base "
+                                  "model stays frozen, so its weights are stored in it too, half "
+                                  "the memory. What trains stays fp32.", label="Mixed precision",
+                                  choices=["no", "fp16", "bf16"])
+    fp8_base: bool = option(False, "Store the frozen U-Net's Linear and conv weights in 8 bits "
+                            "(kohya's fp8_base): half of bf16's memory for them, slightly less "
+                            "precise; needs mixed precision bf16 or fp16.",
+                            label="fp8 base weights")
 
     def common_problems(self) -> list[str]:
         from trainers.schedule import ScheduleError, parse_schedule
@@ -254,6 +262,9 @@ class TemplateTrainingConfig(NamesFiles):
         if self.use_weight and (self.masked_loss or self.alpha_mask):
             problems.append("use_weight: the A1111 alpha loss weight and masked loss are two "
                             "ways to weigh pixels; use one of them")
+        if self.fp8_base and self.mixed_precision not in ("bf16", "fp16"):
+            problems.append("fp8_base: needs mixed precision bf16 or fp16 (the 8-bit weights "
+                            "are up-cast to it for each layer)")
         if self.filename_word_regex:
             try:
                 re.compile(self.filename_word_regex)
@@ -264,6 +275,12 @@ class TemplateTrainingConfig(NamesFiles):
     def file_problems(self, paths) -> list[str]:
         from trainers import preflight
         return super().file_problems(paths) + preflight.template_problems(self, paths)
+
+    def frozen_dtype(self) -> str:
+        # every base weight stays frozen: what trains (vectors, MLPs) is fp32 beside them
+        if self.fp8_base:
+            return "fp8"
+        return self.mixed_precision if self.mixed_precision in ("bf16", "fp16") else "fp32"
 
 
 @dataclass

@@ -60,7 +60,7 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
     template_lines = read_template(paths.templates, cfg.template)
     ctx.emit(ev.Status(f"Loading model {cfg.model}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first
-        model = load_model(paths, cfg.model)
+        model = load_model(paths, cfg.model, frozen_dtype=cfg.frozen_dtype())
     ctx.emit(ev.Status("Preparing dataset"))
     processes = distributed.processes(ctx)  # data-parallel: each step draws batch x processes
     if processes > 1 and cfg.varsize:
@@ -152,8 +152,15 @@ def loop_options(cfg: TemplateTrainingConfig, model: BaseModel, csv_name: str,
         log_directory=cfg.log_directory, csv_name=csv_name, clip_mode=cfg.clip_grad_mode,
         clip_value=(lambda step: clip.rate(step) or 0.0) if clip else (lambda step: 0.0),
         on_nan=cfg.on_nan, validation=validation(cfg), log_with=cfg.log_with,
+        autocast=autocast_dtype(cfg.mixed_precision),
         settings={"config": asdict(cfg), "model": model.name, "model_hash": model.short_hash,
                   **extra})
+
+
+def autocast_dtype(precision: str):
+    """The loop's autocast dtype for a mixed precision ("no": none, fp32)."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def previews(cfg: TemplateTrainingConfig, fallback: str):
