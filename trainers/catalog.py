@@ -18,6 +18,8 @@ from trainers.apt_prompts import NEGATIVE_SUFFIX
 # the U-Net families (trainers/families/) every method here was built for; a method lists
 # the families it trains, so a new family is offered only by the methods that opt in
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
+# the flow-matching transformer families: LoRA, and DreamBooth / fine-tuning of the transformer
+FLOW_FAMILIES = ("flux1", "zimage", "chroma", "flux2_klein", "qwen_image")
 
 
 @dataclass(frozen=True)
@@ -134,15 +136,16 @@ for _method in (
     Method("lora", "LoRA", configs.LoraConfig, "trainers.methods.lora:run",
            suffixes=(".safetensors", ".pt", ".ckpt"), strength=True, parallel=True,
            apply=_APPLY + "lora", help="kohya's LoRA / LoCon, LyCORIS LoHa / LoKr",
-           families=SD_FAMILIES + ("flux1", "zimage", "chroma", "flux2_klein",
-                                   "qwen_image")),
+           families=SD_FAMILIES + FLOW_FAMILIES),
     Method("dreambooth", "DreamBooth", configs.DreamBoothConfig, "trainers.methods.dreambooth:run",
            final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
            checkpoint_kind="model", parallel=True, apply=_APPLY + "whole_model",
+           families=SD_FAMILIES + FLOW_FAMILIES,
            help="the whole model, with prior preservation"),
     Method("fine_tune", "Fine-tune", configs.FineTuneConfig, "trainers.methods.fine_tune:run",
            final_folder="models/Stable-diffusion", suffixes=_MODEL_SUFFIXES,
            checkpoint_kind="model", apply=_APPLY + "whole_model",
+           families=SD_FAMILIES + FLOW_FAMILIES,
            help="kohya's native fine-tuning from a metadata JSON"),
     Method("extract_lora", "Extract LoRA", configs.ExtractLoraConfig,
            "trainers.extract_lora:run", help="a LoRA from a fine-tune's difference to its base"),

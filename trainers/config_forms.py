@@ -30,6 +30,9 @@ TEMPLATE_OUTPUT = ["log_directory", "save_every", "preview_every", "preview_prom
 
 
 SLIDER = {"widget": "slider"}
+# flow-matching models (Flux.1, Chroma, Z-Image, Flux.2, Qwen-Image): LoRA, DreamBooth, fine-tune
+FLOW = ["timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "weighting_scheme",
+        "guidance_scale"]
 KOHYA_DATA = ["train_data_dir", "reg_data_dir", "dataset_config", "caption_extension",
               "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
               "bucket_reso_steps", "bucket_no_upscale", "shuffle_caption", "keep_tokens",
@@ -59,10 +62,8 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                ("Speed and memory", KOHYA_MEMORY + ["fp8_base", "blocks_to_swap"], False),
                ("Samples and saving", KOHYA_OUTPUT + ["preview_strength", "save_diffusers_format"],
                 False),
-               ("Flow matching (Flux)", ["timestep_sampling", "discrete_flow_shift",
-                                         "sigmoid_scale", "weighting_scheme", "guidance_scale",
-                                         "train_double_block_indices",
-                                         "train_single_block_indices", "type_dims"],
+               ("Flow matching (Flux)", FLOW + ["train_double_block_indices",
+                                                "train_single_block_indices", "type_dims"],
                 False)]
 
 
@@ -76,7 +77,8 @@ DREAMBOOTH_GROUPS = [("Instance and class images",
                      ("Optimization", KOHYA_OPTIM + ["use_ema", "ema_decay"], False),
                      ("Loss", KOHYA_LOSS, False),
                      ("Speed and memory", KOHYA_MEMORY + FULL_MEMORY, False),
-                     ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
+                     ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False),
+                     ("Flow matching (Flux, Z-Image, Qwen-Image)", FLOW, False)]
 
 
 FINE_TUNE_GROUPS = [("Images and metadata JSON",
@@ -94,7 +96,8 @@ FINE_TUNE_GROUPS = [("Images and metadata JSON",
                     ("Loss", KOHYA_LOSS, False),
                     ("Speed and memory", [n for n in KOHYA_MEMORY if n != "cache_latents_to_disk"]
                      + FULL_MEMORY, False),
-                    ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False)]
+                    ("Samples and saving", KOHYA_OUTPUT + ["save_diffusers"], False),
+                    ("Flow matching (Flux, Z-Image, Qwen-Image)", FLOW, False)]
 
 
 # the CLI's way to make a missing embedding; the page picks an existing one (Create embedding tab)

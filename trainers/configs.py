@@ -661,7 +661,59 @@ class KohyaTrainingConfig(NamesFiles):
 
 
 @dataclass
-class LoraConfig(KohyaTrainingConfig):
+class FlowMatchingFields:
+    """The flow-matching options (sd-scripts' names) of every method that trains a flow
+    family's transformer (LoRA, DreamBooth, fine-tuning), and what a model's family says
+    about them and the SD-only options."""
+    timestep_sampling: str = option("shift", "Flow-matching models (Flux): how sigmas are "
+                                    "drawn — logit-normal ('sigmoid'), shifted toward noise "
+                                    "('shift', kohya's Flux advice), by resolution "
+                                    "('flux_shift'), 'uniform' or SD3's 'mode'.",
+                                    label="Timestep sampling", choices=list(SIGMA_SAMPLINGS))
+    discrete_flow_shift: float = option(3.1582, "Shift for 'shift' sampling.",
+                                        label="Discrete flow shift", min=0.01, max=100.0)
+    sigmoid_scale: float = option(1.0, "Spread of the logit-normal sigmas.",
+                                  label="Sigmoid scale", min=0.01, max=10.0)
+    weighting_scheme: str = option("none", "Flow-matching loss weighting per sigma.",
+                                   label="Loss weighting", choices=list(FLOW_WEIGHTINGS))
+    guidance_scale: float = option(1.0, "The guidance value a guidance-distilled model (Flux.1 "
+                                    "dev) is trained at; 1 is the common choice.",
+                                    label="Guidance scale", min=0.0, max=100.0)
+
+    def flow_options(self):
+        from trainers.flow_options import FlowMatchingOptions
+        return FlowMatchingOptions(sampling=self.timestep_sampling, shift=self.discrete_flow_shift,
+                                   logit_std=self.sigmoid_scale, weighting=self.weighting_scheme,
+                                   guidance=self.guidance_scale)
+
+    def flow_family_problems(self, family) -> list[str]:
+        """On a flow-matching model: the noise-prediction options and sizes that do not apply;
+        on an SD model: flow-matching options changed from their defaults."""
+        problems = []
+        if family.prediction != "flow":
+            return [f"{name}: applies to flow-matching models only; {family.label} is trained "
+                    "with noise prediction" for name in FLOW_FIELDS
+                    if getattr(self, name) != FLOW_DEFAULTS[name]]
+        if self.min_snr_gamma:
+            problems.append(f"min_snr_gamma: does not apply to flow-matching models like "
+                            f"{family.label}; use the loss weighting instead")
+        problems += [f"{name}: applies to the noise schedules of SD models; {family.label} is "
+                     "a flow-matching model" for name in SD_SCHEDULE_FIELDS if getattr(self, name)]
+        if self.mixed_precision == "fp16":
+            problems.append(f"mixed_precision: {family.label} is a bf16 model whose "
+                            "activations overflow fp16; use bf16")
+        if self.resolution % 16:
+            problems.append(f"resolution: {family.label} needs a multiple of 16 (8 px per "
+                            f"latent, 2x2 latents per token), got {self.resolution}")
+        return problems
+
+
+SD_SCHEDULE_FIELDS = ("v_parameterization", "zero_terminal_snr",
+                      "scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss")
+
+
+@dataclass
+class LoraConfig(FlowMatchingFields, KohyaTrainingConfig):
     form: ClassVar[cf.FormLayout] = cf.FormLayout(
         cf.LORA_GROUPS, top=["output_name", "model"],
         overrides={"sample_prompts": {"lines": 3}, "preview_strength": cf.SLIDER})
@@ -698,20 +750,6 @@ class LoraConfig(KohyaTrainingConfig):
                                          "models/Lora/<name>-diffusers/pytorch_lora_weights"
                                          ".safetensors, for load_lora_weights(folder).",
                                          label="Also save diffusers format")
-    timestep_sampling: str = option("shift", "Flow-matching models (Flux): how sigmas are "
-                                    "drawn — logit-normal ('sigmoid'), shifted toward noise "
-                                    "('shift', kohya's Flux advice), by resolution "
-                                    "('flux_shift'), 'uniform' or SD3's 'mode'.",
-                                    label="Timestep sampling", choices=list(SIGMA_SAMPLINGS))
-    discrete_flow_shift: float = option(3.1582, "Shift for 'shift' sampling.",
-                                        label="Discrete flow shift", min=0.01, max=100.0)
-    sigmoid_scale: float = option(1.0, "Spread of the logit-normal sigmas.",
-                                  label="Sigmoid scale", min=0.01, max=10.0)
-    weighting_scheme: str = option("none", "Flow-matching loss weighting per sigma.",
-                                   label="Loss weighting", choices=list(FLOW_WEIGHTINGS))
-    guidance_scale: float = option(1.0, "The guidance value a guidance-distilled model (Flux.1 "
-                                    "dev) is trained at; 1 is the common choice.",
-                                    label="Guidance scale", min=0.0, max=100.0)
     train_double_block_indices: str = option(
         "all", "Flux.1 / Chroma: which double-stream blocks get a LoRA — 'all', 'none' or "
         "indices and ranges such as '0-9,18' (kohya's train_double_block_indices).",
@@ -813,12 +851,6 @@ class LoraConfig(KohyaTrainingConfig):
                     f"{family.label} takes 'lora'"]
         return []
 
-    def flow_options(self):
-        from trainers.flow_options import FlowMatchingOptions
-        return FlowMatchingOptions(sampling=self.timestep_sampling, shift=self.discrete_flow_shift,
-                                   logit_std=self.sigmoid_scale, weighting=self.weighting_scheme,
-                                   guidance=self.guidance_scale)
-
     def blocks(self) -> dict[str, str]:
         """LoraSpec.blocks: the block kinds whose choice is not 'all'."""
         return {kind: getattr(self, name) for kind, name in zip(("double", "single"),
@@ -855,21 +887,7 @@ class LoraConfig(KohyaTrainingConfig):
             if self.conv_dim:
                 problems.append(f"conv_dim: {family.label} has no convolutions to adapt "
                                 "(LoCon is for SD U-Nets); set it to 0")
-            if self.min_snr_gamma:
-                problems.append(f"min_snr_gamma: does not apply to flow-matching models like "
-                                f"{family.label}; use the loss weighting instead")
-            if self.mixed_precision == "fp16":
-                problems.append(f"mixed_precision: {family.label} is a bf16 model whose "
-                                "activations overflow fp16; use bf16")
-            if self.resolution % 16:
-                problems.append(f"resolution: {family.label} needs a multiple of 16 (8 px per "
-                                f"latent, 2x2 latents per token), got {self.resolution}")
-            return problems
-        for name in FLOW_FIELDS:
-            if getattr(self, name) != FLOW_DEFAULTS[name]:
-                problems.append(f"{name}: applies to flow-matching models only; "
-                                f"{family.label} is trained with noise prediction")
-        return problems
+        return problems + self.flow_family_problems(family)
 
     def frozen_dtype(self) -> str:
         # the LoRA factors train in fp32 beside the frozen base weights
@@ -885,7 +903,7 @@ class LoraConfig(KohyaTrainingConfig):
 
 
 @dataclass
-class FullModelConfig(KohyaTrainingConfig):
+class FullModelConfig(FlowMatchingFields, KohyaTrainingConfig):
     """Options of the methods that train the whole model (DreamBooth, native fine-tuning)."""
     # full fine-tuning wants a far smaller rate than LoRA (diffusers' DreamBooth default)
     learning_rate: float = option(5e-6, "Base learning rate.", label="Learning rate", min=0.0)
@@ -929,6 +947,15 @@ class FullModelConfig(KohyaTrainingConfig):
             problems.append("full_bf16: needs mixed precision bf16 (the whole model computes in "
                             f"it), got {self.mixed_precision!r}")
         return problems
+
+    def family_problems(self, family) -> list[str]:
+        """Options that do not apply to a model of `family`: a flow family's text encoders
+        stay frozen (as in kohya's flux_train and musubi-tuner), and the flow / SD options."""
+        problems = []
+        if family.prediction == "flow" and self.train_text_encoder:
+            problems.append(f"train_text_encoder: {family.label} full fine-tuning trains the "
+                            "transformer only; untick it")
+        return problems + self.flow_family_problems(family)
 
     def trainable_parameters(self, unet: float, text: float,
                              lora_per_rank: tuple[float, float] = (0.0, 0.0)) -> float:
@@ -1402,7 +1429,8 @@ class AestheticPreviewConfig(NamesFiles):
 
 FLOW_FIELDS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "weighting_scheme",
                "guidance_scale")
-FLOW_DEFAULTS = {name: LoraConfig.__dataclass_fields__[name].default for name in FLOW_FIELDS}
+FLOW_DEFAULTS = {name: FlowMatchingFields.__dataclass_fields__[name].default
+                 for name in FLOW_FIELDS}
 
 
 BLOCK_FIELDS = ("train_double_block_indices", "train_single_block_indices")

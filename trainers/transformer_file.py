@@ -3,8 +3,8 @@ download: `flux1-dev.safetensors`, a Chroma release, a Z-Image fine-tune) loaded
 pipeline. The transformer comes from the file, read in its original layout (the family's
 `transformer_file` hook, trainers/formats/transformer_layouts.py); the text encoders, tokenizers, VAE
 and scheduler from a diffusers folder of the same family whose transformer has the file's shapes:
-the first such folder in models/Stable-diffusion, else the family's built-in demo when the file
-is demo-shaped."""
+the folder a Danlu fine-tune names as its base model, else the first such folder in
+models/Stable-diffusion, else the family's built-in demo when the file is demo-shaped."""
 from __future__ import annotations
 
 import json
@@ -56,6 +56,17 @@ def _candidates(paths, family_name: str) -> list[Path]:
     return folders
 
 
+def _base_first(folders: list[Path], path: Path) -> list[Path]:
+    """The folder a Danlu fine-tune was trained from (its `danlu.base_model`) before the rest."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            base = (handle.metadata() or {}).get("danlu.base_model")
+    except Exception:  # an unreadable header is refused by the shape check with its reason
+        return folders
+    return sorted(folders, key=lambda folder: folder.name != base)
+
+
 def companion_folder(paths, path: Path, family_name: str) -> Path:
     """The diffusers folder whose text encoders, tokenizers and VAE go with this file."""
     from trainers.tiny_model import build_tiny_model
@@ -69,7 +80,7 @@ def companion_folder(paths, path: Path, family_name: str) -> Path:
         raise TransformerFileError(f"model: {path.name} is not a {family.label} transformer in the "
                                    f"original layout: {error}") from error
     tried = []
-    for folder in _candidates(paths, family_name):
+    for folder in _base_first(_candidates(paths, family_name), path):
         if _expected_shapes(folder) == wanted:
             return folder
         tried.append(folder.name)

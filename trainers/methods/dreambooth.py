@@ -1,5 +1,7 @@
 """DreamBooth: fine-tune the whole U-Net (and optionally the text encoder), with prior
-preservation, saved as one original-layout .safetensors that A1111 and ComfyUI load."""
+preservation, saved as one original-layout .safetensors that A1111 and ComfyUI load; for a
+flow-matching family the whole transformer (text encoders frozen), saved as a transformer-only
+file in the family's original layout (docs/flow-fine-tune.md)."""
 from __future__ import annotations
 
 import uuid
@@ -14,6 +16,7 @@ from trainers import kohya_training as kt
 from trainers.class_images import ensure_class_images
 from trainers.configs import DreamBoothConfig
 from trainers.formats.sd_checkpoint import save_single_file
+from trainers.formats.transformer_checkpoint import save_transformer_file
 from trainers.fused_backward import FusedBackward
 from trainers.loop import TrainingError, TrainingPlan, train
 from trainers.models import give_back, load_model
@@ -71,7 +74,13 @@ def load_for_training(cfg, ctx, path: Path):
     name = cfg.model if from_base or not resuming else path.name
     ctx.emit(ev.Status(f"Loading model {name}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first
-        model = kt.with_schedule(cfg, load_model(ctx.paths, name, exclusive=True))
+        model = load_model(ctx.paths, name, exclusive=True)
+    try:
+        check_family(cfg, model)
+    except ConfigError:
+        give_back(model, set())  # unchanged: the next run reuses it
+        raise
+    model = kt.with_schedule(cfg, model)
     start = int(_metadata(path).get("danlu.steps", "0")) if resuming else 0
     if weights is not None:
         for module, state in weights.items():
@@ -79,6 +88,20 @@ def load_for_training(cfg, ctx, path: Path):
         ctx.emit(ev.Status(f"Restored the exact fp32 weights of step {start} from {path.name}.optim"))
     base_config = model.name if model.is_demo else _metadata(Path(model.source)).get("danlu.base_config")
     return model, start, base_config
+
+
+def check_family(cfg, model) -> None:
+    """The method trains the model's family, and the options fit it (the preflight checks the
+    same before queueing, from the model's configs; this holds for the CLI and any file)."""
+    from trainers.families import FamilyError
+    method = catalog.for_config(type(cfg))
+    try:
+        catalog.require_family(method.name, model, cfg.model)
+    except FamilyError as error:
+        raise ConfigError(str(error)) from None
+    problems = cfg.family_problems(model.spec)
+    if problems:
+        raise ConfigError(problems)
 
 
 def needs_master_weights(cfg) -> bool:
@@ -186,10 +209,15 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
         try:
-            save_single_file(target, unet, model.vae, text_encoder,
-                             dtype=PRECISION[cfg.save_precision], metadata=metadata,
-                             family=model.spec.checkpoint_layout,
-                             text_encoder_2=model.text_encoder_2, markers=schedule_markers(model))
+            if model.spec.checkpoint_layout:
+                save_single_file(target, unet, model.vae, text_encoder,
+                                 dtype=PRECISION[cfg.save_precision], metadata=metadata,
+                                 family=model.spec.checkpoint_layout,
+                                 text_encoder_2=model.text_encoder_2,
+                                 markers=schedule_markers(model))
+            else:  # a flow family: the transformer alone, in its original layout
+                save_transformer_file(target, unet, model.spec.hook("transformer_file"),
+                                      PRECISION[cfg.save_precision], metadata)
         finally:
             if ema is not None:
                 ema.restore(unet.parameters())
@@ -236,7 +264,12 @@ def sidecar(cfg, model, ema) -> dict:
 def _save_diffusers(model, folder: Path) -> None:
     from trainers.sampling import _pipeline, make_sampler
     sampler = model.spec.shipped_sampler
-    pipe = _pipeline(model, model.unet, make_sampler(sampler, model.scheduler_config))
+    # a flow family's pipeline takes its own flow-matching scheduler from the model's config
+    scheduler = None if model.spec.prediction == "flow" else make_sampler(
+        sampler, model.scheduler_config)
+    pipe = _pipeline(model, model.unet, scheduler)
+    if type(pipe).__name__ != model.spec.pipeline:  # a preview subclass: the family's own class
+        pipe = model.spec.pipeline_class()(**pipe.components)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
