@@ -100,3 +100,30 @@ def test_the_estimate_is_within_15_percent_of_the_measurement_on_sd15(data_paths
                                              network_dim=16, network_alpha=8.0, **settings),
                          data_paths)
         assert _within(report) < 0.15, (settings, report["measured"], report["estimate"])
+
+
+def test_block_swap_is_reported_as_the_weights_the_device_keeps(data_paths, tmp_path):
+    """On the CPU the device is the CPU: the report says what a GPU would hold (the blocks not
+    swapped, and the one in flight), and that is what the estimate is compared with."""
+    from bench.fixtures import make_dataset
+    from trainers.block_swap import swappable_blocks
+    from trainers.models import load_model
+    folder = make_dataset(tmp_path / "photos", 64)["kohya"]
+    settings = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=16,
+                    network_alpha=8.0, mixed_precision="bf16")
+    plain = measure("lora", lora_config(folder, **settings), data_paths)
+    swapped = measure("lora", lora_config(folder, blocks_to_swap=3, **settings), data_paths)
+    assert plain["block_swap"] is None
+    blocks = swappable_blocks(load_model(data_paths, "tiny-demo", frozen_dtype="bf16").unet)
+    sizes = [sum(t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()])
+             for b in blocks[1:]]  # the demo's 4 blocks: the last 3 swapped
+    swap = swapped["block_swap"]
+    assert (swap["blocks"], swap["of"]) == (3, 4)
+    assert swap["parked"] == sum(sizes) and swap["in_flight"] == max(sizes)
+    assert swap["resident"] == swap["denoiser"] - sum(sizes) + max(sizes)
+    # fewer resident bytes by the swapped blocks' size (less the block that runs)
+    assert plain["measured"]["weights"] - swapped["measured"]["weights"] == \
+        sum(sizes) - max(sizes)
+    assert swapped["weights"] == plain["weights"]  # nothing else changed
+    assert swapped["estimate"]["weights"] < plain["estimate"]["weights"]
+    assert _within(swapped) < 0.15, (swapped["measured"], swapped["estimate"])

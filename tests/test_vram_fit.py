@@ -52,7 +52,32 @@ def test_flow_models_are_fitted_in_bf16_and_unmeasured_families_say_so(data_path
     fitted, said = fit(cfg, data_paths, card_for("24 GB"))
     assert fitted.mixed_precision == "bf16" and fitted.fp8_base
     with pytest.raises(FitError, match="Z-Image's activations are scaled from SD 1.x's"):
-        fit(cfg, data_paths, card_for("16 GB (Colab T4)"))
+        fit(cfg, data_paths, card_for("12 GB"))  # even with all but one block swapped
+
+
+def test_a_lora_that_fits_only_with_block_swap_swaps_the_fewest_blocks_and_says_so(data_paths):
+    import dataclasses
+    import json
+    folder = data_paths.stable_diffusion / "flux-dev"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    cfg = LoraConfig(model="flux-dev", output_name="x", train_data_dir="d", resolution=512,
+                     network_train_unet_only=True).validate()
+    budget = 24 * GB * 0.9
+    fitted, said = fit(cfg, data_paths, card_for("24 GB"))
+    count = fitted.blocks_to_swap
+    assert fitted.fp8_base and fitted.gradient_checkpointing and 0 < count < 57
+    assert estimate_for(fitted, data_paths).total <= budget
+    # every other option was not enough, and one block fewer would not fit
+    assert estimate_for(dataclasses.replace(fitted, blocks_to_swap=0), data_paths).total > budget
+    assert estimate_for(dataclasses.replace(fitted, blocks_to_swap=count - 1),
+                        data_paths).total > budget
+    assert f"block swap: the frozen weights of the last {count} of Flux.1's 57 denoiser " \
+           "blocks wait in CPU memory" in said
+    assert said.index("fp8 base weights") < said.index("block swap")
+    # an SD 1.x LoRA that fits without it is not given one
+    small, said = fit(LoraConfig(**SD15, resolution=512).validate(), data_paths, card_for("8 GB"))
+    assert small.blocks_to_swap == 0 and "block swap" not in said
 
 
 def test_a_job_that_cannot_fit_says_what_it_would_need(data_paths):

@@ -23,6 +23,8 @@ CHECKPOINTED_ACTIVATIONS = 0.25
 # denoiser's weights is counted per block (a demo is counted as its family)
 SWAPPABLE_BLOCKS = {"sd1": 8, "sd2": 8, "sdxl": 6, "flux1": 57, "chroma": 57, "flux2_klein": 25,
                     "zimage": 30, "qwen_image": 60}
+# swapped blocks on the device at once during a step: the running one and the one prefetched
+IN_FLIGHT = 2
 # a fused backward pass keeps only the gradients of the layers being finished: the largest
 # tensors of SD 1.x's U-Net are about 2 % of it
 FUSED_GRADIENTS = 0.02
@@ -92,15 +94,29 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     if getattr(cfg, "fused_backward_pass", False):
         gradients *= FUSED_GRADIENTS
     swapped = getattr(cfg, "blocks_to_swap", 0)
-    if swapped:  # the swapped blocks' frozen weights wait in CPU memory
-        blocks = SWAPPABLE_BLOCKS.get(families.demo_families().get(getattr(cfg, "model", ""))
-                                      or family or "sd1", 8)
-        weights -= unet * (1 if frozen == "fp8" else half) * min(swapped, blocks - 1) / blocks
+    if swapped:  # the swapped blocks' frozen weights wait in CPU memory, but those in flight
+        blocks = swappable_count(cfg, family)
+        weights -= unet * (1 if frozen == "fp8" else half) * parked_share(swapped, blocks)
     parts = {"weights": weights, "gradients": gradients, "optimizer": trainable * optimizer,
              "activations": activations}
     if getattr(cfg, "use_ema", False):
         parts["EMA"] = unet * 4
     return Estimate(parts)
+
+
+def swappable_count(cfg, family: str | None) -> int:
+    """How many blocks a block swap takes from (a demo model counts as its family)."""
+    from trainers import families
+    return SWAPPABLE_BLOCKS.get(families.demo_families().get(getattr(cfg, "model", ""))
+                                or family or "sd1", 8)
+
+
+def parked_share(swapped: int, blocks: int) -> float:
+    """The share of the denoiser's weights off the device with `swapped` of `blocks` swapped:
+    an even share per block, less the blocks in flight (the one running and, on CUDA, the next
+    one copied ahead; trainers/block_swap.py)."""
+    swapped = min(swapped, blocks - 1)
+    return (swapped - min(swapped, IN_FLIGHT)) / blocks
 
 
 def _scaled(unet: float):

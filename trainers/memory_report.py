@@ -9,7 +9,9 @@ hooks:
 - optimizer state, after its first step;
 - activations: the tensors autograd keeps for the backward pass of that step (each storage
   once; weights it keeps are counted with the weights), which is what grows with resolution
-  and batch; on CUDA also torch's allocator peak.
+  and batch; on CUDA also torch's allocator peak;
+- with block swap, the denoiser's bytes that stay on the device, those parked in CPU memory and
+  those in flight; the measured weights are what the device holds.
 
 Reported next to `memory_estimate.estimate` for the same settings."""
 from __future__ import annotations
@@ -102,6 +104,28 @@ def weight_bytes(model) -> dict[str, dict[str, int]]:
     return found
 
 
+def swapped_bytes(denoiser, count: int) -> dict | None:
+    """With `count` blocks swapped (trainers/block_swap.py): the denoiser's bytes that stay on
+    the device, those parked in CPU memory, and those in flight at the peak — the largest
+    swapped block, plus the largest other one on CUDA, where the next block is copied ahead.
+    On the CPU the device and the CPU are the same memory: this is what a GPU would hold."""
+    if not count:
+        return None
+    from trainers.block_swap import check_count
+    blocks = check_count(count, denoiser)
+    sizes = sorted((_module_bytes(block) for block in blocks[len(blocks) - count:]),
+                   reverse=True)
+    in_flight = sum(sizes[:2 if torch.cuda.is_available() else 1])
+    total = _module_bytes(denoiser)
+    return {"blocks": count, "of": len(blocks), "denoiser": total, "parked": sum(sizes),
+            "in_flight": in_flight, "resident": total - sum(sizes) + in_flight}
+
+
+def _module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in list(module.parameters()) + list(module.buffers()))
+
+
 def _sandbox(paths, root: Path):
     """A data folder that reads the user's base models and model cache and writes nowhere
     else."""
@@ -164,14 +188,19 @@ def measure(method: str, cfg, paths) -> dict:
         with probe.watching():
             runner(method)(step_cfg, _QuietContext(sandbox))
         frozen = cfg.frozen_dtype() if method == "lora" else "fp32"
-        weights = weight_bytes(load_model(sandbox, cfg.model, frozen_dtype=frozen))
+        model = load_model(sandbox, cfg.model, frozen_dtype=frozen)
+        weights = weight_bytes(model)
+        swap = swapped_bytes(model.unet, getattr(cfg, "blocks_to_swap", 0))
     estimated = estimate_for(cfg, paths).parts
-    measured = {"weights": sum(sum(parts.values()) for parts in weights.values()),
+    resident = sum(sum(parts.values()) for parts in weights.values())
+    if swap:  # what the device holds: the blocks not swapped and those in flight
+        resident -= swap["parked"] - swap["in_flight"]
+    measured = {"weights": resident,
                 "gradients": probe.gradients, "optimizer": probe.optimizer_state,
                 "activations": probe.activations}
     return {"method": method, "model": cfg.model,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "weights": weights, "trainable_parameters": probe.trainable,
+            "weights": weights, "block_swap": swap, "trainable_parameters": probe.trainable,
             "measured": {**measured, "total": sum(measured.values())},
             "cuda_peak": probe.cuda_peak,
             "estimate": {**{k: int(v) for k, v in estimated.items()},

@@ -9,7 +9,7 @@ import importlib.util
 import shutil
 import subprocess
 
-from trainers.memory_estimate import GB, estimate_for, size_text
+from trainers.memory_estimate import GB, estimate_for, size_text, swappable_count
 
 CHOICES = {"8 GB": 8, "12 GB": 12, "16 GB (Colab T4)": 16, "24 GB": 24}
 DETECT = "detect"
@@ -109,6 +109,9 @@ def fit(cfg, paths, card: Card) -> tuple[object, str]:
         cfg = dataclasses.replace(cfg, **changes)
         total = estimate_for(cfg, paths).total
         chosen.append(why)
+    if total > budget and getattr(cfg, "blocks_to_swap", None) == 0:
+        cfg, total, why = _swap_blocks(cfg, paths, family, budget)
+        chosen.append(why)
     if total > budget:
         scaled = "" if families.get(family).memory else (
             f" ({families.get(family).label}'s activations are scaled from SD 1.x's, not "
@@ -120,3 +123,22 @@ def fit(cfg, paths, card: Card) -> tuple[object, str]:
     kept = f"chose {'; '.join(chosen)}" if chosen else "the settings fit as they are"
     return cfg, (f"Fits {card.name}: {kept}. Estimated peak {size_text(total)} of "
                  f"{size_text(card.gigabytes * GB)}.")
+
+
+def _swap_blocks(cfg, paths, family: str, budget: float) -> tuple[object, float, str]:
+    """The last step, when nothing else fits (LoRA): the fewest denoiser blocks swapped in from
+    CPU memory that bring the estimate under `budget`, or all but one when none does."""
+    from trainers import families
+    blocks = swappable_count(cfg, family)
+    before = estimate_for(cfg, paths).parts["weights"]
+    for count in range(1, blocks):
+        swapped = dataclasses.replace(cfg, blocks_to_swap=count)
+        total = estimate_for(swapped, paths).total
+        if total <= budget:
+            break
+    saved = before - estimate_for(swapped, paths).parts["weights"]
+    label = families.get(families.demo_families().get(getattr(cfg, "model", "")) or family).label
+    return swapped, total, (
+        f"block swap: the frozen weights of the last {count} of {label}'s {blocks} denoiser "
+        f"blocks wait in CPU memory and each is copied in as it runs ({size_text(saved)} "
+        "less on the card; slower steps)")
