@@ -16,6 +16,7 @@ OBJECTIVES = ["Maximize area", "Minimize error"]
 ALPHA_MODES = ["white", "keep"]
 FACE_DETECTORS = ["auto", "opencv", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
+CAPTION_LAYOUTS = ["in order", "tags, caption", "caption, tags", "separate files"]
 PIL_MAX_PIXELS = WARNING_PIXELS  # Pillow's own decompression-bomb warning limit
 
 
@@ -87,7 +88,18 @@ class PreprocessConfig:
         label="Error threshold", min=0.0, max=1.0)
     captioners: list[str] = option(
         [], "Captioners to run on every output image, in order, joined with ', ': "
-        "blip, deepbooru, wd14 (the WD v2 / v3 taggers).", label="Captioners")
+        "blip, deepbooru, wd14 (the WD v2 / v3 taggers), vlm (Florence-2, Qwen-VL, JoyCaption).",
+        label="Captioners")
+    caption_layout: str = option(
+        "in order", "How the captioners' outputs are written: joined in the order listed, tags "
+        "(deepbooru, wd14) before or after the natural captions (blip, vlm) in <name>.txt, or "
+        "separate files: tags in <name>.txt and natural captions in <name>.caption (kohya's "
+        "extensions).", label="Caption files", choices=CAPTION_LAYOUTS)
+    skip_existing: bool = option(
+        False, "Resume: leave alone every output image that is already in the destination with "
+        "its caption file(s) and caption only the missing ones (run with the same settings). "
+        "Off: outputs with the same name are replaced and the summary counts them.",
+        label="Skip images already captioned")
     blip_model: str = option(
         "BLIP", "BLIP captioning model: a folder under models/, a path, or a hub id when online "
         "(falls back to Salesforce/blip-image-captioning-large when online).", path="models")
@@ -131,6 +143,20 @@ class PreprocessConfig:
                                    "such as ^_^ keep theirs).")
     wd14_escape: bool = option(True, "WD tagger: escape brackets with \\.")
     wd14_rating: bool = option(False, "WD tagger: start with the most likely rating tag.")
+    vlm_model: str = option(
+        "Florence-2-large-ft", "Vision-language captioner: a model folder under models/vlm (or "
+        "models/, or a path) holding the repository's files: Florence-2 in transformers' layout "
+        "(florence-community/Florence-2-*), Qwen2.5-VL, Qwen3-VL or a LLaVA model such as "
+        "JoyCaption. Never downloaded.", label="VLM model", path="models")
+    vlm_prompt: str = option(
+        "", "VLM: the instruction. Empty: the model's default (Florence-2 <DETAILED_CAPTION>; "
+        "Qwen-VL 'Describe this image in detail.'; LLaVA / JoyCaption 'Write a descriptive "
+        "caption for this image in a formal tone.'). Florence-2 takes <CAPTION>, "
+        "<DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>.", label="VLM prompt")
+    vlm_max_new_tokens: int = option(256, "VLM: longest caption, in tokens.",
+                                     label="VLM max new tokens", min=1, max=4096)
+    vlm_batch_size: int = option(1, "VLM: images captioned together (more is faster on a GPU "
+                                 "and uses more memory).", label="VLM batch size", min=1, max=64)
     alpha: str = option("white", "Transparent images: composite on white, or keep the alpha "
                         "channel in the output PNG (e.g. as a loss-weight mask).",
                         label="Alpha handling", choices=ALPHA_MODES)
@@ -143,7 +169,7 @@ class PreprocessConfig:
 
         Raises ConfigError naming each bad field. `paths` (core.paths.Paths) resolves typed
         paths relative to the data folder and confines them when the app is shared."""
-        from preprocess.captioners import names as captioner_names
+        from preprocess.captioners import is_tagger, names as captioner_names
 
         problems = check_limits(self)
         src = dst = None
@@ -188,6 +214,10 @@ class PreprocessConfig:
                                 f"(known: {', '.join(known)})")
         if len(set(self.captioners)) != len(self.captioners):
             problems.append("captioners: a captioner is listed twice")
+        if self.caption_layout == "separate files" and self.captioners and all(
+                is_tagger(name) for name in self.captioners):
+            problems.append("caption_layout: separate files puts natural captions (blip or vlm) "
+                            "in <name>.caption; choose one, or another layout")
         if paths is not None:  # captioner model paths (source and destination are above)
             problems += path_problems(self, paths)
         if problems:

@@ -6,7 +6,13 @@ shape differs from the output's), an auto-sized crop (if multicrop), the origina
 keep_original_size); when none of these produced anything, the centre crop-and-resize to
 width x height. Every output is saved as `{index:05}-{subindex}-{stem}.png` (index = position
 of the file in the source listing) with `<same name>.txt` when its caption is not empty, and,
-with flip, followed by its mirror image with its own caption.
+with flip, followed by its mirror image with its own caption. caption_layout orders tags and
+natural captions in the .txt, or puts the natural ones in `<same name>.caption`.
+
+Outputs are captioned a batch at a time (the largest captioner batch_size; 1 writes each file's
+outputs at once); Progress counts the files whose outputs are all written. With skip_existing an
+output whose .png and caption files are already in the destination is left alone (resume);
+without it, an output of the same name is replaced and counted in the Summary.
 
 The source folder is only read. Files of other types than core.images.IMAGE_EXTENSIONS and
 images that cannot be read are skipped and named in the Summary."""
@@ -25,6 +31,7 @@ from preprocess.config import PreprocessConfig
 from core.images import IMAGE_EXTENSIONS, ImageError, flatten, not_an_image_reason, open_image
 
 CAPTION_EXT = ".txt"
+NATURAL_EXT = ".caption"  # caption_layout "separate files": kohya's extension for captions
 MAX_STEM_BYTES = 180
 
 
@@ -36,6 +43,8 @@ class Summary:
     processed: int = 0                 # of which read and processed
     written: list[str] = field(default_factory=list)   # output images (flips included)
     captions: int = 0                  # caption files written
+    kept: int = 0                      # outputs already captioned, left alone (skip_existing)
+    replaced: int = 0                  # outputs that replaced a file of the same name
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
     notes: list[str] = field(default_factory=list)     # e.g. no auto-size found
     debug_images: list[str] = field(default_factory=list)
@@ -47,6 +56,10 @@ class Summary:
         lines = [f"{head}: {self.processed} of {self.total} files from {self.source} -> "
                  f"{len(self.written)} images and {self.captions} captions in {self.destination} "
                  f"({self.seconds:.1f} s)."]
+        if self.kept:
+            lines.append(f"Kept {self.kept} images already captioned in the destination.")
+        if self.replaced:
+            lines.append(f"Replaced {self.replaced} images of an earlier run in the destination.")
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)}:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -137,34 +150,61 @@ def variants(image: Image.Image, cfg: PreprocessConfig, face_detector=None,
         yield "resize", tf.resize_crop(image, width, height)
 
 
+@dataclass
+class _Output:
+    image: Image.Image
+    path: Path                 # the .png to write
+    existing: str | None       # the source's caption, for the existing-caption action
+    step: int
+
+
+def caption_texts(parts: list[tuple[str, str]], layout: str) -> tuple[str, str | None]:
+    """(<name>.txt text, <name>.caption text or None) from (captioner name, output) pairs in
+    the listed order, by caption_layout."""
+    from preprocess.captioners import is_tagger
+
+    def join(items):
+        return ", ".join(text for _, text in items if text)
+
+    tags = [p for p in parts if is_tagger(p[0])]
+    natural = [p for p in parts if not is_tagger(p[0])]
+    if layout == "separate files":
+        return join(tags), join(natural)
+    if layout == "tags, caption":
+        return join(tags + natural), None
+    if layout == "caption, tags":
+        return join(natural + tags), None
+    return join(parts), None
+
+
 class _Writer:
-    """Saves one source image's outputs: names, flips, captions, events."""
+    """Saves source images' outputs: names, flips, captions (a batch at a time), events."""
 
     def __init__(self, cfg: PreprocessConfig, dst: Path, captioners: list, ctx, summary: Summary):
         self.cfg, self.dst, self.captioners, self.ctx = cfg, dst, captioners, ctx
         self.summary = summary
+        self.names = list(cfg.captioners)[:len(captioners)]
+        self.separate = cfg.caption_layout == "separate files"
 
-    def caption_for(self, image: Image.Image, existing: str | None) -> str:
-        rgb = flatten(image) if image.mode == "RGBA" else image.convert("RGB")
-        parts = [c.caption(rgb) for c in self.captioners]
-        generated = ", ".join(p for p in parts if p)
-        return combine_caption(generated, existing, self.cfg.existing_caption)
+    def caption_files(self, path: Path) -> list[Path]:
+        """The caption files a finished output has (for skip_existing)."""
+        if not self.captioners:
+            return []
+        if not self.separate:
+            return [path.with_suffix(CAPTION_EXT)]
+        from preprocess.captioners import is_tagger
+        files = [path.with_suffix(NATURAL_EXT)]
+        if any(is_tagger(n) for n in self.names):
+            files.append(path.with_suffix(CAPTION_EXT))
+        return files
 
-    def save(self, image: Image.Image, base: str, existing: str | None, step: int) -> None:
-        caption = self.caption_for(image, existing)
-        path = self.dst / f"{base}.png"
-        image.save(path, format="PNG")
-        text_file = path.with_suffix(CAPTION_EXT)
-        if caption:
-            text_file.write_text(caption, encoding="utf-8")
-            self.summary.captions += 1
-        elif text_file.exists():  # stale caption of an earlier run with the same name
-            text_file.unlink()
-        self.summary.written.append(str(path))
-        self.ctx.emit(ev.Preview(step=step, path=str(path), caption=caption))
+    def done(self, path: Path) -> bool:
+        return self.cfg.skip_existing and path.is_file() and all(
+            f.is_file() for f in self.caption_files(path))
 
-    def process(self, image: Image.Image, index: int, file: Path, detector) -> None:
-        """Write every output of one source image (and its flip) with captions."""
+    def outputs(self, image: Image.Image, index: int, file: Path, detector) -> list[_Output]:
+        """Every output of one source image (and its flip) still to write; debug images are
+        written at once."""
         cfg = self.cfg
         existing = read_existing_caption(file) if cfg.existing_caption != "ignore" else None
         flipped_existing = existing
@@ -172,16 +212,60 @@ class _Writer:
             flipped_existing = tf.swap_left_right(existing)
         stem = safe_stem(file.stem)
         subindex = 0
+        out = []
         for kind, output in variants(image, cfg, detector, self.summary.notes, file.name):
             if kind == "focal-debug":
                 self.save_debug(output, index, stem)
                 continue
-            self.save(output, f"{index:05}-{subindex}-{stem}", existing, index + 1)
-            subindex += 1
+            pairs = [(output, existing)]
             if cfg.flip:
-                self.save(tf.mirror(output), f"{index:05}-{subindex}-{stem}", flipped_existing,
-                          index + 1)
+                pairs.append((tf.mirror(output), flipped_existing))
+            for picture, text in pairs:
+                path = self.dst / f"{index:05}-{subindex}-{stem}.png"
                 subindex += 1
+                if self.done(path):
+                    self.summary.kept += 1
+                    continue
+                out.append(_Output(picture, path, text, index + 1))
+        return out
+
+    def generated(self, images: list[Image.Image]) -> list[list[tuple[str, str]]]:
+        """Per image, (captioner name, output) for every captioner; captioners with
+        caption_batch get the whole batch at once."""
+        rgb = [flatten(i) if i.mode == "RGBA" else i.convert("RGB") for i in images]
+        per_captioner = []
+        for captioner in self.captioners:
+            batch = getattr(captioner, "caption_batch", None)
+            per_captioner.append(batch(rgb) if batch else [captioner.caption(i) for i in rgb])
+        return [[(name, texts[i]) for name, texts in zip(self.names, per_captioner)]
+                for i in range(len(images))]
+
+    def write(self, outputs: list[_Output]) -> None:
+        if not outputs:
+            return
+        generated = self.generated([o.image for o in outputs])
+        for output, parts in zip(outputs, generated):
+            main, natural = caption_texts(parts, self.cfg.caption_layout)
+            caption = combine_caption(main, output.existing, self.cfg.existing_caption)
+            self.save(output, caption, natural)
+
+    def save(self, output: _Output, caption: str, natural: str | None) -> None:
+        path = output.path
+        if path.exists():
+            self.summary.replaced += 1
+        output.image.save(path, format="PNG")
+        files = [(path.with_suffix(CAPTION_EXT), caption)]
+        if natural is not None:
+            files.append((path.with_suffix(NATURAL_EXT), natural.strip()))
+        for text_file, text in files:
+            if text:
+                text_file.write_text(text, encoding="utf-8")
+                self.summary.captions += 1
+            elif text_file.exists():  # stale caption of an earlier run with the same name
+                text_file.unlink()
+        self.summary.written.append(str(path))
+        shown = caption if natural is None else " | ".join(t for t in (caption, natural) if t)
+        self.ctx.emit(ev.Preview(step=output.step, path=str(path), caption=shown))
 
     def save_debug(self, image: Image.Image, index: int, stem: str) -> None:
         folder = self.dst / "debug"
@@ -196,8 +280,22 @@ def load_captioners(cfg: PreprocessConfig, paths, ctx) -> list:
     loaded = []
     for name in cfg.captioners:
         ctx.emit(ev.Status(f"Loading {captioners.label(name)} model..."))
-        loaded.append(captioners.create(name, cfg, paths))
+        captioner = captioners.create(name, cfg, paths)
+        if hasattr(captioner, "should_stop"):
+            captioner.should_stop = ctx.should_stop
+        loaded.append(captioner)
     return loaded
+
+
+def _flush(writer: _Writer, pending: list[_Output], summary: Summary) -> bool:
+    """Caption and write the pending outputs; False when a stop request ended the batch."""
+    from preprocess.captioners import Stopped
+    try:
+        writer.write(pending)
+    except Stopped:
+        summary.stopped = True
+        return False
+    return True
 
 
 def run(cfg: PreprocessConfig, ctx=None) -> Summary:
@@ -228,6 +326,9 @@ def run(cfg: PreprocessConfig, ctx=None) -> Summary:
     summary.total = len(files)
     dst.mkdir(parents=True, exist_ok=True)
     writer = _Writer(cfg, dst, captioners, ctx, summary)
+    batch = max([int(getattr(c, "batch_size", 1)) for c in captioners] + [1])
+    pending: list[_Output] = []   # outputs waiting for a full captioning batch
+    waiting = 0                   # source files whose outputs are pending
     ctx.emit(ev.Status(f"Preprocessing {len(files)} files from {src} into {dst}"))
     for index, file in enumerate(files):
         if ctx.should_stop():
@@ -242,9 +343,16 @@ def run(cfg: PreprocessConfig, ctx=None) -> Summary:
             summary.skipped.append((file.name, str(error)))
             ctx.emit(ev.Status(f"Skipped {file.name}: {error}"))
         else:
-            writer.process(image, index, file, detector)
-            summary.processed += 1
-        ctx.emit(ev.Progress(step=index + 1, total=len(files), loss=0.0, learn_rate=0.0))
+            pending += writer.outputs(image, index, file, detector)
+            waiting += 1
+        if pending and (len(pending) >= batch or index == len(files) - 1):
+            if not _flush(writer, pending, summary):
+                break
+            pending = []
+        if not pending:
+            summary.processed += waiting
+            waiting = 0
+            ctx.emit(ev.Progress(step=index + 1, total=len(files), loss=0.0, learn_rate=0.0))
     summary.seconds = time.monotonic() - started
     ctx.emit(ev.Finished(step=summary.processed, path=str(dst), message=summary.text()))
     return summary

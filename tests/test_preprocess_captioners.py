@@ -72,7 +72,7 @@ def test_spaces_escaping_and_filters():
 
 
 def test_registry_names_and_unknown_captioner():
-    assert captioners.names() == ["blip", "deepbooru", "wd14"]
+    assert captioners.names() == ["blip", "deepbooru", "wd14", "vlm"]
     with pytest.raises(CaptionerError, match="unknown captioner 'clip'"):
         captioners.create("clip", PreprocessConfig(), None)
 

@@ -35,7 +35,8 @@ THUMB_SIZE = 384
 GALLERY_LIMIT = 24          # newest results shown while a job runs
 EDITOR_LIMIT = 2000         # images shown in the dataset editor (batch edits cover all)
 CAPTIONER_LABELS = {"blip": "BLIP (caption)", "deepbooru": "DeepDanbooru (tags)",
-                    "wd14": "WD tagger v2 / v3 (tags)"}
+                    "wd14": "WD tagger v2 / v3 (tags)",
+                    "vlm": "VLM: Florence-2, Qwen-VL, JoyCaption (caption)"}
 EDIT_ACTIONS = [("Add tags (at the end)", "add"), ("Add tags at the front", "add_front"),
                 ("Remove tags", "remove"), ("Replace tags", "replace"),
                 ("Move tags to the front", "move_front"), ("Remove duplicate tags", "dedupe")]
@@ -59,7 +60,9 @@ CAPTIONER_FIELDS = {
     "wd14": ["wd14_model", "wd14_undesired_tags", "wd14_general_threshold", "wd14_general_mcut",
              "wd14_character_threshold", "wd14_character_mcut", "wd14_character_first",
              "wd14_rating", "wd14_sort_alpha", "wd14_use_spaces", "wd14_escape"],
+    "vlm": ["vlm_model", "vlm_prompt", "vlm_max_new_tokens", "vlm_batch_size"],
 }
+CAPTION_RUN = ["device", "caption_layout", "skip_existing"]  # beside the captioner choice
 
 
 # --- thumbnails: the only image files the page ever shows ---------------------------------------
@@ -216,7 +219,8 @@ def _field_names() -> list[str]:
 def form_layout() -> list[str]:
     """Every PreprocessConfig field in the order the form shows them."""
     names = TOP + [n for _, group, _ in GROUPS for n in group]
-    names += ["captioners", "device"] + [n for group in CAPTIONER_FIELDS.values() for n in group]
+    names += ["captioners"] + CAPTION_RUN + [n for group in CAPTIONER_FIELDS.values()
+                                             for n in group]
     return names
 
 
@@ -315,7 +319,9 @@ def _config_form() -> tuple[dict[str, gr.components.Component], dict[str, gr.Gro
             [(CAPTIONER_LABELS.get(n, n), n) for n in CAPTIONER_FIELDS],
             value=[], label=label_of(CFG, "captioners"),
             info=help_of(CFG, "captioners"), elem_id=f"{CFG.__name__}-captioners")
-        controls["device"] = control(CFG, "device")
+        with gr.Row():
+            for name in CAPTION_RUN:
+                controls[name] = control(CFG, name)
         for key, names in CAPTIONER_FIELDS.items():
             with gr.Group(visible=False) as group:
                 gr.Markdown(f"**{CAPTIONER_LABELS[key]}**")

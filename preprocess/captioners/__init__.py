@@ -3,6 +3,8 @@
     blip       BLIP through transformers      models/BLIP/ (save_pretrained folder) or a hub id
     deepbooru  DeepDanbooru ResNet (PyTorch)  models/deepbooru/model-resnet_custom_v3.pt
     wd14       SmilingWolf WD taggers v2 / v3 (ONNX)  models/wd14/<name>/{model.onnx,selected_tags.csv}
+    vlm        Florence-2, Qwen2.5-VL, Qwen3-VL, LLaVA / JoyCaption through transformers
+               models/vlm/<name>/ (the model repository's files)
 
 `create(name, cfg, paths)` returns an object with `caption(image) -> str`; its model is loaded on
 first use of that location and kept in `_MODELS` for later runs until `unload_all()`. Nothing
@@ -21,15 +23,24 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "blip": ("blip", "BLIP caption"),
     "deepbooru": ("deepbooru", "DeepDanbooru tags"),
     "wd14": ("wd14", "WD tagger tags"),
+    "vlm": ("vlm", "VLM caption"),
 }
+# Captioners whose output is a tag list; the others write natural-language captions
+TAGGERS = {"deepbooru", "wd14"}
 _MODELS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 
 
 class Captioner(Protocol):
+    """May also have `caption_batch(images) -> list[str]` and `batch_size` (the pipeline then
+    gathers that many images), and `should_stop` (set to the job's stop check)."""
     name: str
 
     def caption(self, image) -> str: ...
+
+
+class Stopped(Exception):
+    """A stop request ended a captioner in the middle of a batch; that batch has no captions."""
 
 
 class CaptionerError(RuntimeError):
@@ -48,9 +59,15 @@ def label(name: str) -> str:
     return _REGISTRY[name][1]
 
 
-def register(name: str, module: str, label: str) -> None:
+def is_tagger(name: str) -> bool:
+    return name in TAGGERS
+
+
+def register(name: str, module: str, label: str, tagger: bool = False) -> None:
     """Add a captioner: `module` (importable) must define create(cfg, paths, device)."""
     _REGISTRY[name] = (module, label)
+    if tagger:
+        TAGGERS.add(name)
 
 
 def create(name: str, cfg, paths, device: str | None = None) -> Captioner:
