@@ -178,14 +178,43 @@ def test_class_images_come_from_the_family_pipeline(family_paths, pictures, tmp_
                                                               "class-00001.png"]
 
 
-def test_compare_loads_a_flow_fine_tune_as_a_whole_model(family_paths, pictures):
-    from trainers.checkpoint_apply import whole_model
+def test_run_history_use_this_checkpoint_compare_and_continuing(family_paths, pictures):
+    """A periodic copy is listed with its step, *Use this checkpoint* puts it where Danlu loads
+    it, Compare loads it as a whole model, and a second run of the same name continues the file."""
     from types import SimpleNamespace
-    path = dreambooth.run(db_config(pictures, "zimage", max_train_steps=1),
-                          RecordingContext(family_paths))
+
+    from core.events import Status
+    from trainers import checkpoint_use, runs
+    from trainers.checkpoint_apply import whole_model
+    cfg = db_config(pictures, "zimage", max_train_steps=2, save_every_n_steps=1)
+    path = dreambooth.run(cfg, RecordingContext(family_paths))
+    [run] = runs.scan_runs(family_paths)
+    assert run.method == "dreambooth"
+    first = next(c for c in run.checkpoints if c.step == 1)
+    copied = checkpoint_use.use_checkpoint(family_paths, run, first, "picked")
+    assert copied == family_paths.stable_diffusion / "picked.safetensors"
+    assert load_model(family_paths, "picked.safetensors").family == "zimage"
     with whole_model(SimpleNamespace(clip_skip=1), family_paths, None, path, []) as (own, _, enc):
         assert own.family == "zimage" and own.name == str(path)
         assert enc.encode(["zxq cat"]) is not None
+    ctx = RecordingContext(family_paths)
+    dreambooth.run(db_config(pictures, "zimage", max_train_steps=3), ctx)
+    assert any("Resuming at step 2" in e.text for e in ctx.of(Status)) and len(ctx.losses) == 1
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["danlu.steps"] == "3"
+
+
+def test_extract_lora_refuses_a_flow_model_by_name(family_paths):
+    from trainers.configs import ExtractLoraConfig
+    from trainers.extract_lora import run as extract
+    cfg = ExtractLoraConfig(checkpoint="flowdb.safetensors", model=DEMOS["chroma"],
+                            output_name="fromflow").validate()
+    from trainers.preflight import check_before_queueing
+    words = "model: tiny-demo-chroma is a Chroma model; Extract LoRA trains SD 1.x"
+    with pytest.raises(ConfigError, match=words):
+        check_before_queueing(cfg, family_paths)
+    with pytest.raises(families.FamilyError, match=words):
+        extract(cfg, RecordingContext(family_paths))
 
 
 @pytest.mark.parametrize("changes, words", [

@@ -137,6 +137,8 @@ def run(cfg: ExtractLoraConfig, ctx) -> Path:
     target = output_target(paths, cfg.output_name, cfg.overwrite)
     ctx.emit(ev.Status(f"Loading {cfg.model}"))
     base = load_model(paths, cfg.model)
+    from trainers.catalog import require_family
+    require_family("extract_lora", base, cfg.model)  # its layer names are the SD U-Nets'
     ctx.emit(ev.Status(f"Opening {cfg.checkpoint}"))
     tuned, family, close = _open_tuned(paths, cfg.checkpoint, base)
     if family != base.family:
