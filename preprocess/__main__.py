@@ -1,8 +1,9 @@
-"""python -m preprocess --config prep.toml [--set key=value ...] [--print-config]
+"""python -m preprocess --config prep.toml [--set key=value ...] [--resume] [--print-config]
 python -m preprocess check FOLDER [--resolution 512] [--max-token-length 75] [--tokenizer DIR]
 
 Runs the same `run()` as the Preprocess tab with a console context: a progress bar, status lines
-and the summary at the end. Ctrl-C once stops after the current image; twice aborts. `check`
+and the summary at the end. Ctrl-C once stops after the current image (a VLM stops inside its
+generation; that batch is captioned again by a run with --resume); twice aborts. `check`
 prints the dataset check of a training folder (preprocess/dataset_check.py), as the dataset
 editor's Check button does."""
 from __future__ import annotations
@@ -80,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=os.environ.get("DANLU_DATA_DIR", str(REPO_DIR)),
                         help="folder holding models/ (default: $DANLU_DATA_DIR or the repo)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip outputs already captioned in the destination (skip_existing): "
+                        "continue a stopped run with the same settings")
     return parser.parse_args(argv)
 
 
@@ -121,8 +125,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
     args = parse_args(argv)
+    overrides = args.overrides + (["skip_existing=true"] if args.resume else [])
     try:
-        cfg = load_toml(PreprocessConfig, args.config, args.overrides)
+        cfg = load_toml(PreprocessConfig, args.config, overrides)
     except ConfigError as error:
         print(error.user_message, file=sys.stderr)
         return 2

@@ -223,3 +223,26 @@ def test_bad_models_and_settings_are_refused_by_name_before_any_image(data_dir):
     refused(config("bad8", "qwen2_5_vl", vlm_batch_size=0), "vlm_batch_size", ConfigError)
     refused(config("bad9", "qwen2_5_vl", caption_layout="separate files",
                    captioners=["wd14"]), "caption_layout", ConfigError)
+
+
+def test_cli_resume_captions_only_what_is_missing(data_dir):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run(config("out-cli", "florence2"), Ctx(data_dir))
+    dest = data_dir / "out-cli"
+    first = {p.name: p.read_bytes() for p in dest.iterdir()}
+    (dest / "00001-0-img1.txt").unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocess", "--data-dir", str(data_dir), "--quiet", "--resume",
+         "--set", "source='raw'", "--set", "destination='out-cli'", "--set", "width=64",
+         "--set", "height=64", "--set", "captioners=['vlm']", "--set", "vlm_model='florence2'",
+         "--set", f"vlm_max_new_tokens={TOKENS}", "--set", "device='cpu'"],
+        cwd=data_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Kept 2 images already captioned" in result.stdout
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == first  # the same caption again
