@@ -116,11 +116,12 @@ def _sidecar(path):
 
 
 def test_an_interrupted_flow_dreambooth_resumes_exactly(family_paths, pictures):
-    """Saved in bf16, so the resumed run starts from the sidecar's fp32 transformer (only what
-    trained: the base model gives the frozen text encoder and VAE)."""
+    """Saved in bf16 with the EMA weights, so the resumed run starts from the sidecar's fp32
+    transformer and EMA (only what trained: the base model gives the frozen text encoder and
+    VAE)."""
     from core.events import Status
     cfg = db_config(pictures, "zimage", max_train_steps=5, save_precision="bf16",
-                    lr_scheduler="cosine")
+                    lr_scheduler="cosine", use_ema=True, ema_decay=0.5)
 
     def reset():
         for leftover in family_paths.stable_diffusion.iterdir():
