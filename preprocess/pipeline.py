@@ -278,13 +278,24 @@ class _Writer:
 def load_captioners(cfg: PreprocessConfig, paths, ctx) -> list:
     from preprocess import captioners
     loaded = []
-    for name in cfg.captioners:
-        ctx.emit(ev.Status(f"Loading {captioners.label(name)} model..."))
-        captioner = captioners.create(name, cfg, paths)
-        if hasattr(captioner, "should_stop"):
-            captioner.should_stop = ctx.should_stop
-        loaded.append(captioner)
+    try:
+        for name in cfg.captioners:
+            ctx.emit(ev.Status(f"Loading {captioners.label(name)} model..."))
+            captioner = captioners.create(name, cfg, paths)
+            if hasattr(captioner, "should_stop"):
+                captioner.should_stop = ctx.should_stop
+            loaded.append(captioner)
+    except BaseException:
+        close_captioners(loaded)
+        raise
     return loaded
+
+
+def close_captioners(loaded: list) -> None:
+    """Let go of the models a run loaded for itself (the VLM's); cached ones stay."""
+    for captioner in loaded:
+        if hasattr(captioner, "close"):
+            captioner.close()
 
 
 def _flush(writer: _Writer, pending: list[_Output], summary: Summary) -> bool:
@@ -321,7 +332,17 @@ def run(cfg: PreprocessConfig, ctx=None) -> Summary:
                                  "uses entropy and edges only.")
             ctx.emit(ev.Status(summary.notes[-1]))
     captioners = load_captioners(cfg, model_paths, ctx)
+    try:
+        _process(cfg, ctx, src, dst, captioners, detector, summary)
+    finally:
+        close_captioners(captioners)
+    summary.seconds = time.monotonic() - started
+    ctx.emit(ev.Finished(step=summary.processed, path=str(dst), message=summary.text()))
+    return summary
 
+
+def _process(cfg: PreprocessConfig, ctx, src: Path, dst: Path, captioners: list, detector,
+             summary: Summary) -> None:
     files = list_sources(src)
     summary.total = len(files)
     dst.mkdir(parents=True, exist_ok=True)
@@ -353,6 +374,3 @@ def run(cfg: PreprocessConfig, ctx=None) -> Summary:
             summary.processed += waiting
             waiting = 0
             ctx.emit(ev.Progress(step=index + 1, total=len(files), loss=0.0, learn_rate=0.0))
-    summary.seconds = time.monotonic() - started
-    ctx.emit(ev.Finished(step=summary.processed, path=str(dst), message=summary.text()))
-    return summary

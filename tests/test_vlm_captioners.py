@@ -203,12 +203,12 @@ def test_bad_models_and_settings_are_refused_by_name_before_any_image(data_dir):
 
     name = broken_copy(data_dir, "qwen2_5_vl", "no-processor")
     (data_dir / "models" / "vlm" / name / "preprocessor_config.json").unlink()
-    refused(config("bad3", name), r"vlm_model: .*no the image processor "
+    refused(config("bad3", name), r"vlm_model: .*lacks the image processor "
                                   r"\(preprocessor_config.json\)")
 
     name = broken_copy(data_dir, "qwen3_vl", "no-template")
     (data_dir / "models" / "vlm" / name / "chat_template.json").unlink()
-    refused(config("bad4", name), r"vlm_model: .*no a chat template")
+    refused(config("bad4", name), r"vlm_model: .*lacks a chat template")
 
     name = broken_copy(data_dir, "florence2", "remote-code")
     cfg_file = data_dir / "models" / "vlm" / name / "config.json"
@@ -246,3 +246,17 @@ def test_cli_resume_captions_only_what_is_missing(data_dir):
     assert result.returncode == 0, result.stderr
     assert "Kept 2 images already captioned" in result.stdout
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == first  # the same caption again
+
+
+def test_the_model_is_let_go_when_the_run_ends_or_fails(data_dir, monkeypatch):
+    from preprocess.captioners import vlm
+    closed = []
+    real_close = vlm.VlmCaptioner.close
+    monkeypatch.setattr(vlm.VlmCaptioner, "close",
+                        lambda self: (closed.append(self.family.model_type), real_close(self)))
+    run(config("out-close", "qwen2_5_vl", vlm_max_new_tokens=1), Ctx(data_dir))
+    assert closed == ["qwen2_5_vl"] and not captioners.loaded()
+    with pytest.raises(CaptionerError, match="wd14_model"):  # the second captioner is missing
+        run(config("out-close-2", "qwen2_5_vl", captioners=["vlm", "wd14"],
+                   wd14_model="missing"), Ctx(data_dir))
+    assert closed == ["qwen2_5_vl"] * 2

@@ -16,7 +16,8 @@ the model's 3-D rotary positions.
 
 Decoding is greedy (do_sample=False, one beam) and the prompt is cut from the output; on CUDA the
 model runs in bf16 (fp16 where bf16 is missing), on the CPU in fp32. Images are captioned
-`batch_size` at a time (left padding) and a stop request ends the current generation."""
+`batch_size` at a time (left padding) and a stop request ends the current generation. The model
+is loaded for each run and let go at its end (close), not kept in the captioner cache."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from preprocess.captioners import CaptionerError, Stopped, cached, find_model
+from preprocess.captioners import CaptionerError, Stopped, find_model
 
 FIELD = "vlm_model"
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -138,8 +139,8 @@ def check_folder(folder: Path, family: Family) -> None:
         missing.append("a chat template (chat_template.json, chat_template.jinja or "
                        "tokenizer_config.json's chat_template)")
     if missing:
-        raise CaptionerError(f"{FIELD}: {folder} ({family.label}) has no {' and no '.join(missing)}"
-                             "; download every file of the model's repository into it")
+        raise CaptionerError(f"{FIELD}: {folder} ({family.label}) lacks {'; '.join(missing)}. "
+                             "Download every file of the model's repository into it")
 
 
 def check_prompt(family: Family, prompt: str) -> str:
@@ -193,7 +194,7 @@ def load_model(folder: Path, family: Family, device: str):
 
 
 _THINKING = re.compile(r"^.*?</think>", re.DOTALL)
-_ROLE = re.compile(r"^\s*(assistant|ASSISTANT|Assistant)\s*:?\s*\n?")
+_ROLE = re.compile(r"^\s*assistant\s*(:|\n)\s*", re.IGNORECASE)
 
 
 def clean(text: str) -> str:
@@ -292,6 +293,17 @@ class VlmCaptioner:
     def caption(self, image) -> str:
         return self.caption_batch([image])[0]
 
+    def close(self) -> None:
+        """Let the model go and hand its GPU memory back (the pipeline calls this at the end of
+        a run)."""
+        import gc
+
+        import torch
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _generate(self, images: list) -> list[str]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -324,8 +336,8 @@ def create(cfg, paths, device: str) -> VlmCaptioner:
     family = family_of(folder)
     prompt = check_prompt(family, cfg.vlm_prompt)
     check_folder(folder, family)
-    key = ("vlm", str(folder.resolve()), device)
-    model, processor = cached(key, lambda: load_model(folder, family, device))
+    # not kept in the captioner cache: a multi-GB model leaves the GPU when the run ends
+    model, processor = load_model(folder, family, device)
     template = None if family.own_processor else chat_template(folder, processor[0])
     return VlmCaptioner(model, processor, family, prompt, device,
                         max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size,
