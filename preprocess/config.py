@@ -155,6 +155,9 @@ class PreprocessConfig:
         "<DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>.", label="VLM prompt")
     vlm_max_new_tokens: int = option(256, "VLM: longest caption, in tokens.",
                                      label="VLM max new tokens", min=1, max=4096)
+    vlm_num_beams: int = option(1, "VLM: beams of the beam search (1 = greedy; Florence-2's "
+                                "model card uses 3). Either way the caption is deterministic.",
+                                label="VLM beams", min=1, max=8)
     vlm_batch_size: int = option(1, "VLM: images captioned together (more is faster on a GPU "
                                  "and uses more memory).", label="VLM batch size", min=1, max=64)
     alpha: str = option("white", "Transparent images: composite on white, or keep the alpha "

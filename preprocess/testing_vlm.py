@@ -87,13 +87,13 @@ def _florence(folder: Path) -> None:
         pad_token="<pad>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in FLORENCE_SPECIAL}
     text = dict(model_type="bart", vocab_size=len(tokenizer), max_position_embeddings=128,
-                encoder_layers=1, encoder_ffn_dim=16, encoder_attention_heads=1,
-                decoder_layers=1, decoder_ffn_dim=16, decoder_attention_heads=1, d_model=16,
+                encoder_layers=1, encoder_ffn_dim=64, encoder_attention_heads=2,
+                decoder_layers=1, decoder_ffn_dim=64, decoder_attention_heads=2, d_model=32,
                 bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
                 decoder_start_token_id=ids["</s>"])
     vision = dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3],
-                  patch_prenorm=[False], embed_dim=[16], num_heads=[1], num_groups=[1],
-                  window_size=4, projection_dim=16, drop_path_rate=0.0)
+                  patch_prenorm=[False], embed_dim=[32], num_heads=[2], num_groups=[2],
+                  window_size=4, projection_dim=32, drop_path_rate=0.0)
     model = Florence2ForConditionalGeneration(Florence2Config(
         text_config=text, vision_config=vision, image_token_id=ids["<image>"]))
     image_processor = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)

@@ -73,7 +73,7 @@ def config(destination: str, model_type: str, **changes) -> PreprocessConfig:
 
 # --- the reference: the model's own generate() on inputs built here ------------------------------
 
-def reference_caption(folder: Path, model_type: str, image: Image.Image) -> str:
+def reference_caption(folder: Path, model_type: str, image: Image.Image, beams: int = 1) -> str:
     import transformers
     from preprocess.captioners.vlm import FAMILIES
 
@@ -101,7 +101,7 @@ def reference_caption(folder: Path, model_type: str, image: Image.Image) -> str:
         pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         inputs = {**ids, **vision, "mm_token_type_ids": (ids["input_ids"] == pad).int()}
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, num_beams=beams)
     if model_type != "florence2":
         out = out[:, inputs["input_ids"].shape[1]:]
     return " ".join(tokenizer.decode(out[0], skip_special_tokens=True).split())
@@ -124,6 +124,18 @@ def test_each_family_captions_as_its_generate_decodes(data_dir, model_type):
         assert caption and caption == caption.strip() and "\n" not in caption
         expected = reference_caption(folder, model_type, Image.open(image).convert("RGB"))
         assert caption == expected, image.name
+
+
+def test_beam_search_captions_as_generate_with_beams(data_dir):
+    run(config("out-beams", "qwen3_vl", vlm_num_beams=3), Ctx(data_dir))
+    folder = data_dir / "models" / "vlm" / "qwen3_vl"
+    greedy = 0
+    for image in written(data_dir / "out-beams"):
+        picture = Image.open(image).convert("RGB")
+        caption = image.with_suffix(".txt").read_text()
+        assert caption == reference_caption(folder, "qwen3_vl", picture, beams=3)
+        greedy += caption == reference_caption(folder, "qwen3_vl", picture)
+    assert greedy < 3  # the beams made a difference
 
 
 def test_qwen_template_and_files_are_the_real_layout(data_dir):

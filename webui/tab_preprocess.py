@@ -60,7 +60,7 @@ CAPTIONER_FIELDS = {
     "wd14": ["wd14_model", "wd14_undesired_tags", "wd14_general_threshold", "wd14_general_mcut",
              "wd14_character_threshold", "wd14_character_mcut", "wd14_character_first",
              "wd14_rating", "wd14_sort_alpha", "wd14_use_spaces", "wd14_escape"],
-    "vlm": ["vlm_model", "vlm_prompt", "vlm_max_new_tokens", "vlm_batch_size"],
+    "vlm": ["vlm_model", "vlm_prompt", "vlm_max_new_tokens", "vlm_batch_size", "vlm_num_beams"],
 }
 CAPTION_RUN = ["device", "caption_layout", "skip_existing"]  # beside the captioner choice
 

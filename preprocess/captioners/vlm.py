@@ -14,10 +14,11 @@ does: the chat template's image placeholder is repeated once per merged patch of
 (grid t*h*w / merge_size^2) and those positions are marked as image tokens (mm_token_type_ids) for
 the model's 3-D rotary positions.
 
-Decoding is greedy (do_sample=False, one beam) and the prompt is cut from the output; on CUDA the
-model runs in bf16 (fp16 where bf16 is missing), on the CPU in fp32. Images are captioned
-`batch_size` at a time (left padding) and a stop request ends the current generation. The model
-is loaded for each run and let go at its end (close), not kept in the captioner cache."""
+Decoding is greedy (do_sample=False; vlm_num_beams > 1: beam search) and the prompt is cut from
+the output; on CUDA the model runs in bf16 (fp16 where bf16 is missing), on the CPU in fp32.
+Images are captioned `batch_size` at a time (left padding) and a stop request ends the current
+generation. The model is loaded for each run and let go at its end (close), not kept in the
+captioner cache."""
 from __future__ import annotations
 
 import json
@@ -212,10 +213,12 @@ class VlmCaptioner:
     name = "vlm"
 
     def __init__(self, model, processor, family: Family, prompt: str, device: str = "cpu",
-                 max_new_tokens: int = 256, batch_size: int = 1, template: str | None = None):
+                 max_new_tokens: int = 256, batch_size: int = 1, template: str | None = None,
+                 num_beams: int = 1):
         self.model, self.processor, self.family, self.device = model, processor, family, device
         self.template = template  # Qwen-VL: the folder's chat template
         self.prompt, self.max_new_tokens, self.batch_size = prompt, max_new_tokens, batch_size
+        self.num_beams = num_beams
         self.should_stop: Callable[[], bool] = lambda: False
         self.text = self.prompt_text()
 
@@ -278,7 +281,8 @@ class VlmCaptioner:
         return {**encoded, **vision, "mm_token_type_ids": (encoded["input_ids"] == token_id).int()}
 
     def generate_kwargs(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_beams": 1}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": False,
+                "num_beams": self.num_beams}
 
     def tokenizer(self):
         return self.processor.tokenizer if self.family.own_processor else self.processor[0]
@@ -341,4 +345,4 @@ def create(cfg, paths, device: str) -> VlmCaptioner:
     template = None if family.own_processor else chat_template(folder, processor[0])
     return VlmCaptioner(model, processor, family, prompt, device,
                         max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size,
-                        template=template)
+                        template=template, num_beams=cfg.vlm_num_beams)
