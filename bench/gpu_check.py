@@ -5,7 +5,7 @@
 It trains the built-in demo models on whatever device the engine picks (the first CUDA GPU when
 there is one) — LoRA in fp32 / fp16 / bf16 mixed precision, fp8 base weights, block swap and
 offloaded text encoders, the flow families' demos, textual inversion, and DreamBooth (also with
-full_bf16 and the fused backward pass) —
+full_bf16 and the fused backward pass, and of Chroma's whole transformer) —
 and prints, per case, the device, seconds per step after the first, the peak GPU memory, the
 last loss and whether the saved file loads. `--sd15` adds a LoRA on a random SD1.5-shaped model
 at 512 px (the real model's sizes, ~4 GB of weights built from configs), whose peak memory is
@@ -126,6 +126,14 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
         instance_prompt="a photo of zxq dog", max_train_steps=steps, learning_rate=1e-5,
         sample_at_first=False, save_precision="fp16", mixed_precision="bf16", seed=3,
         optimizer_type="Adafactor", max_grad_norm=0.0, full_bf16=True, fused_backward_pass=True)))
+    found.append(("dreambooth tiny chroma transformer, full_bf16 + fused, TE cached", "dreambooth",
+                  DreamBoothConfig(
+        model="tiny-demo-chroma", output_name="check-db-chroma", train_data_dir=str(kohya),
+        resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
+        max_train_steps=steps, learning_rate=1e-5, sample_at_first=False, save_precision="bf16",
+        mixed_precision="bf16", seed=3, optimizer_type="Adafactor", max_grad_norm=0.0,
+        full_bf16=True, fused_backward_pass=True, gradient_checkpointing=True,
+        cache_text_encoder_outputs=True)))
     if sd15:
         big = make_images(work / "kohya512", 512, kohya=True)
         found.append(("lora sd1.5-shaped 512px bf16", "lora", LoraConfig(

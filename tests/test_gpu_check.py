@@ -17,7 +17,8 @@ def test_the_gpu_check_trains_every_case_and_reports_it(tmp_path, capsys):
             "lora tiny fp8 base", "textual inversion tiny", "dreambooth tiny bf16",
             "lora tiny bf16 block swap 2, TE cached (offloaded)", "lora tiny flux bf16 block swap 1",
             "lora tiny qwenimage bf16",
-            "dreambooth tiny full_bf16 + fused backward (Adafactor)"} <= set(cases)
+            "dreambooth tiny full_bf16 + fused backward (Adafactor)",
+            "dreambooth tiny chroma transformer, full_bf16 + fused, TE cached"} <= set(cases)
     for name, result in cases.items():
         assert "error" not in result, (name, result.get("error"))
         assert result["finite"] and result["loads"], name
