@@ -226,17 +226,12 @@ def test_chroma_runs_refuse_what_does_not_apply(family_paths, pictures):
 
 def test_chroma1_hd_shape_gives_the_family_params_and_the_lora_names():
     """Chroma1-HD's published transformer config (diffusers' defaults are that config)."""
-    from diffusers import ChromaTransformer2DModel
 
     from trainers import families
     from trainers.chroma_lora import CHROMA_LAYOUT
     from trainers.flux_lora import slot_sizes
-    with torch.device("meta"):
-        transformer = ChromaTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-            axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
-            approximator_hidden_dim=5120, approximator_layers=5)
+    from trainers.published_shapes import shape
+    transformer = shape("chroma").build()
     count = sum(p.numel() for p in transformer.parameters())
     assert abs(count - families.get("chroma").params[0]) / count < 0.01  # 8.9 B
     targets = CHROMA_LAYOUT.denoiser_targets(transformer, conv=False)

@@ -187,17 +187,14 @@ def test_flux2_runs_refuse_what_does_not_apply(family_paths, pictures):
 
 def test_klein_4b_shape_gives_the_family_params_and_the_lora_names():
     """FLUX.2-klein-4B's published transformer config, built on the meta device."""
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2
 
     from trainers import families
     from trainers.flux2_lora import FLUX2_LAYOUT, metadata
     from trainers.flux_lora import slot_sizes
+    from trainers.published_shapes import shape
+    transformer = shape("flux2_klein").build()
     with torch.device("meta"):
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
-            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
-            timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
-            rope_theta=2000, guidance_embeds=False)
         vae = AutoencoderKLFlux2()
     params = families.get("flux2_klein").params
     count = sum(p.numel() for p in transformer.parameters())

@@ -3,20 +3,13 @@ the family record gives the estimates, and the LoRA a run would train — kohya'
 names (19 double blocks x 10, 38 single blocks x 3) from diffusers' 494 Linears."""
 from __future__ import annotations
 
-import torch
-
 from trainers import families
 from trainers.flux_lora import FLUX_LAYOUT, slot_sizes
-
-FLUX_1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                  pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+from trainers.published_shapes import shape
 
 
 def test_flux_1_dev_shape_gives_the_family_params_and_kohyas_lora_names():
-    from diffusers import FluxTransformer2DModel
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**FLUX_1_DEV)
+    transformer = shape("flux1").build()
     count = sum(p.numel() for p in transformer.parameters())
     assert abs(count - families.get("flux1").params[0]) / count < 0.01  # 11.9 B
     targets = FLUX_LAYOUT.denoiser_targets(transformer, conv=False)

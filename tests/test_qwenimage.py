@@ -341,17 +341,15 @@ def test_a_qwenimage_transformer_file_loads_with_the_demos_parts(tmp_path, prefi
 def test_qwen_image_shape_gives_the_family_params_and_musubis_lora_names():
     """Qwen/Qwen-Image's published configs (transformer, VAE, Qwen2.5-VL-7B), built on the
     meta device."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from diffusers import AutoencoderKLQwenImage
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from trainers import families
     from trainers.memory_estimate import estimate
     from trainers.qwenimage_lora import QWENIMAGE_LAYOUT
+    from trainers.published_shapes import shape
+    transformer = shape("qwen_image").build()
     with torch.device("meta"):
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
-            axes_dims_rope=(16, 56, 56))
         vae = AutoencoderKLQwenImage()
         text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,

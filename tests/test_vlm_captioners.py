@@ -222,6 +222,12 @@ def test_bad_models_and_settings_are_refused_by_name_before_any_image(data_dir):
     (data_dir / "models" / "vlm" / name / "chat_template.json").unlink()
     refused(config("bad4", name), r"vlm_model: .*lacks a chat template")
 
+    name = broken_copy(data_dir, "qwen2_5_vl", "template-without-image")
+    (data_dir / "models" / "vlm" / name / "chat_template.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}{{ m['role'] }}{% endfor %}"}))
+    refused(config("bad4b", name), r"vlm_model: the chat template .* does not place one "
+                                   r"<\|image_pad\|>")
+
     name = broken_copy(data_dir, "florence2", "remote-code")
     cfg_file = data_dir / "models" / "vlm" / name / "config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
@@ -272,3 +278,11 @@ def test_the_model_is_let_go_when_the_run_ends_or_fails(data_dir, monkeypatch):
         run(config("out-close-2", "qwen2_5_vl", captioners=["vlm", "wd14"],
                    wd14_model="missing"), Ctx(data_dir))
     assert closed == ["qwen2_5_vl"] * 2
+
+
+def test_output_cleaning():
+    from preprocess.captioners.vlm import clean
+    assert clean("<think>\nthe image has a cat\n</think>\n\nA cat on a mat.\n") == \
+        "A cat on a mat."
+    assert clean("assistant:\n  A red car,\n parked.  ") == "A red car, parked."
+    assert clean("Assistant coach on a field") == "Assistant coach on a field"

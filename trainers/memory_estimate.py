@@ -25,6 +25,9 @@ SWAPPABLE_BLOCKS = {"sd1": 8, "sd2": 8, "sdxl": 6, "flux1": 57, "chroma": 57, "f
                     "zimage": 30, "qwen_image": 60}
 # swapped blocks on the device at once during a step: the running one and the one prefetched
 IN_FLIGHT = 2
+# latent tokens of a 256 px image in a flow transformer (8x VAE, 2x2 patches); for a U-Net only
+# the ratio matters, which is the pixels'
+IMAGE_TOKENS_256 = 256
 # a fused backward pass keeps only the gradients of the layers being finished: the largest
 # tensors of SD 1.x's U-Net are about 2 % of it
 FUSED_GRADIENTS = 0.02
@@ -81,12 +84,18 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))
     batch = getattr(cfg, "train_batch_size", None) or getattr(cfg, "batch_size", 1)
     denoiser, text_part = memory.activations_256
-    activations = batch * (denoiser * (resolution / 256) ** 2
-                           + (text_part if _text_in_backward(cfg) else 0))
+    text_part = text_part if _text_in_backward(cfg) else 0
+    if getattr(cfg, "gradient_checkpointing", False):
+        if memory.checkpointed_256 is not None:
+            denoiser = memory.checkpointed_256
+        else:
+            denoiser *= CHECKPOINTED_ACTIVATIONS
+        text_part *= CHECKPOINTED_ACTIVATIONS
+    tokens = IMAGE_TOKENS_256 * (resolution / 256) ** 2  # what the denoiser's cost follows
+    grows = (tokens + memory.context_tokens) / (IMAGE_TOKENS_256 + memory.context_tokens)
+    activations = batch * (denoiser * grows + text_part)
     if getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16"):
         activations *= HALF_ACTIVATIONS
-    if getattr(cfg, "gradient_checkpointing", False):
-        activations *= CHECKPOINTED_ACTIVATIONS
     gradients = trainable * 4
     if getattr(cfg, "full_bf16", False):  # what trains is stored in bf16, its gradients too
         weights -= (unet + (text if cfg.train_text_encoder else 0)) * 2

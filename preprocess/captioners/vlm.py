@@ -209,6 +209,16 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def release(device: str) -> None:
+    """Hand the memory of models no longer referenced back (to the GPU for other processes)."""
+    import gc
+
+    import torch
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VlmCaptioner:
     name = "vlm"
 
@@ -298,15 +308,9 @@ class VlmCaptioner:
         return self.caption_batch([image])[0]
 
     def close(self) -> None:
-        """Let the model go and hand its GPU memory back (the pipeline calls this at the end of
-        a run)."""
-        import gc
-
-        import torch
+        """Let the model go (the pipeline calls this at the end of a run)."""
         self.model = None
-        gc.collect()
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release(self.device)
 
     def _generate(self, images: list) -> list[str]:
         import torch
@@ -343,6 +347,12 @@ def create(cfg, paths, device: str) -> VlmCaptioner:
     # not kept in the captioner cache: a multi-GB model leaves the GPU when the run ends
     model, processor = load_model(folder, family, device)
     template = None if family.own_processor else chat_template(folder, processor[0])
-    return VlmCaptioner(model, processor, family, prompt, device,
-                        max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size,
-                        template=template, num_beams=cfg.vlm_num_beams)
+    try:
+        return VlmCaptioner(model, processor, family, prompt, device,
+                            max_new_tokens=cfg.vlm_max_new_tokens,
+                            batch_size=cfg.vlm_batch_size, template=template,
+                            num_beams=cfg.vlm_num_beams)
+    except CaptionerError:  # a chat template without the image: the model goes at once
+        del model
+        release(device)
+        raise

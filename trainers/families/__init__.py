@@ -26,6 +26,13 @@ class Memory:
     lora_per_rank: tuple[float, float]  # trained parameters per rank: denoiser, text encoder(s)
     activations_256: tuple[float, float]  # bytes kept for backward, fp32, one 256 px image:
     # the denoiser's (grows with pixels), the text encoder's when it trains
+    # the denoiser's with gradient checkpointing, its one recomputed block included, when
+    # measured (bench/flow_memory.py); None: a share of activations_256
+    checkpointed_256: float | None = None
+    # text tokens in the denoiser's sequence beside a 256 px image's 256 (Flux's 512 T5 tokens):
+    # they do not grow with the image; 0: everything grows with the pixels (U-Nets, and the
+    # families that drop a caption's padding)
+    context_tokens: int = 0
 
 
 @dataclass(frozen=True)

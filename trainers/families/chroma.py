@@ -2,7 +2,7 @@
 blocks, 3072 wide, on T5-XXL states only (no CLIP, no guidance embedding), the per-block
 modulation layers replaced by one small "distilled guidance" approximator; Flux's 16-channel
 VAE, latents packed 2x2 into tokens."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 from trainers.families.flux import SCHEDULER
 
 INDEX = {
@@ -31,6 +31,9 @@ FAMILY = register(Family(
     # Chroma1-HD's transformer (tests/test_chroma.py builds it on the meta device), T5-XXL's
     # encoder, Flux's VAE
     params=(8.9e9, 4.76e9, 83.8e6),
+    # measured per block at the published width: python3 -m bench.flow_memory --families chroma
+    memory=Memory(lora_per_rank=(4.086e6, 0), activations_256=(3.767e10, 0),
+                  checkpointed_256=1.167e9),
     prompt_encoder="trainers.chroma_model:chroma_prompt_encoder",
     preview_pipeline="trainers.chroma_model:chroma_pipeline",
     predict="trainers.chroma_model:chroma_prediction", denoiser="transformer",

@@ -1,7 +1,7 @@
 """Flux.1 (dev, schnell) and Chroma-style flow-matching transformers: a 19 double- and 38
 single-stream block transformer on T5-XXL states, with CLIP-L's pooled vector and (dev) a
 guidance embedding; 16-channel latents packed 2x2 into tokens."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 
 # black-forest-labs/FLUX.1-dev's scheduler
 SCHEDULER = {
@@ -35,6 +35,9 @@ FAMILY = register(Family(
     tokenizer_pads=(None, None), tokenizer_kinds=("clip", "t5"),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     params=(11.9e9, 4.88e9, 83.8e6),
+    # measured per block at the published width: python3 -m bench.flow_memory --families flux1
+    memory=Memory(lora_per_rank=(5.370e6, 1.659e5), activations_256=(4.555e10, 4.561e8),
+                  checkpointed_256=1.672e9, context_tokens=512),
     prompt_encoder="trainers.flux_model:flux_prompt_encoder",
     preview_pipeline="trainers.flux_model:flux_pipeline",
     predict="trainers.flux_model:flux_prediction", denoiser="transformer",

@@ -3,7 +3,7 @@ transformer of double- and single-stream blocks (4B: 5 + 20, 3072 wide) on three
 layers of Qwen3 (4B: Qwen3-4B, 9B: Qwen3-8B), no guidance embedding; Flux.2's 32-channel VAE,
 whose latents are patched 2x2 into 128 channels and batch-norm normalised before the
 transformer (trainers/flux2_model.py)."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 
 # black-forest-labs/FLUX.2-klein-4B's scheduler
 SCHEDULER = {
@@ -37,6 +37,9 @@ FAMILY = register(Family(
     # Klein 4B's transformer (tests/test_flux2.py builds it on the meta device), Qwen3-4B,
     # Flux.2's VAE
     params=(3.88e9, 4.02e9, 84.0e6),
+    # measured per block at the published width: python3 -m bench.flow_memory --families flux2_klein
+    memory=Memory(lora_per_rank=(1.505e6, 0), activations_256=(1.960e10, 0),
+                  checkpointed_256=1.445e9, context_tokens=512),
     prompt_encoder="trainers.flux2_model:flux2_prompt_encoder",
     preview_pipeline="trainers.flux2_model:flux2_pipeline",
     predict="trainers.flux2_model:flux2_prediction", denoiser="transformer",

@@ -2,7 +2,7 @@
 (3072 wide, 24 heads of 128) on Qwen2.5-VL-7B's last hidden states, with a 3-D (video-shaped)
 VAE of 16 channels whose latents are normalised per channel and patched 2x2 into tokens
 (trainers/qwenimage_model.py)."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 
 # Qwen/Qwen-Image's scheduler
 SCHEDULER = {
@@ -38,6 +38,9 @@ FAMILY = register(Family(
     # the transformer, Qwen2.5-VL-7B (text and vision) and the VAE at their published shapes
     # (tests/test_qwenimage.py builds them on the meta device)
     params=(20.43e9, 8.29e9, 126.9e6),
+    # measured per block at the published width: python3 -m bench.flow_memory --families qwen_image
+    memory=Memory(lora_per_rank=(6.636e6, 0), activations_256=(5.812e10, 0),
+                  checkpointed_256=1.173e9),
     prompt_encoder="trainers.qwenimage_model:qwenimage_prompt_encoder",
     preview_pipeline="trainers.qwenimage_model:qwenimage_pipeline",
     predict="trainers.qwenimage_model:qwenimage_prediction", denoiser="transformer",

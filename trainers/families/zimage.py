@@ -1,7 +1,7 @@
 """Z-Image (Tongyi-MAI Z-Image-Turbo / Z-Image): a single-stream flow-matching transformer
 (S3-DiT, 30 layers 3840 wide, with noise and caption refiners) on Qwen3-4B's hidden states,
 Flux's 16-channel VAE; latents patched 2x2 into tokens."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
 
 # Tongyi-MAI/Z-Image-Turbo's scheduler
 SCHEDULER = {
@@ -31,6 +31,9 @@ FAMILY = register(Family(
     tokenizer_pads=(None,), tokenizer_kinds=("qwen",),
     safety_checker=False, shipped_sampler="FlowMatchEuler", resolution=1024,
     params=(6.15e9, 4.02e9, 83.8e6),
+    # measured per block at the published width: python3 -m bench.flow_memory --families zimage
+    memory=Memory(lora_per_rank=(2.189e6, 0), activations_256=(2.421e10, 0),
+                  checkpointed_256=9.560e8),
     prompt_encoder="trainers.zimage_model:zimage_prompt_encoder",
     preview_pipeline="trainers.zimage_model:zimage_pipeline",
     predict="trainers.zimage_model:zimage_prediction", denoiser="transformer",
