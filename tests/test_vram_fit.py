@@ -44,15 +44,22 @@ def test_settings_that_fit_are_left_alone(data_paths):
 
 def test_flow_models_are_fitted_in_bf16_and_unmeasured_families_say_so(data_paths):
     import json
-    folder = data_paths.stable_diffusion / "zimage"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    for name, pipeline in (("zimage", "ZImagePipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        folder = data_paths.stable_diffusion / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     cfg = LoraConfig(model="zimage", output_name="x", train_data_dir="d", resolution=512,
                      network_train_unet_only=True).validate()
     fitted, said = fit(cfg, data_paths, card_for("24 GB"))
-    assert fitted.mixed_precision == "bf16" and fitted.fp8_base
-    with pytest.raises(FitError, match="Z-Image's activations are scaled from SD 1.x's"):
-        fit(cfg, data_paths, card_for("12 GB"))  # even with all but one block swapped
+    assert fitted.mixed_precision == "bf16" and fitted.gradient_checkpointing
+    assert not fitted.fp8_base and "scaled" not in said  # Z-Image's costs are measured
+    with pytest.raises(FitError) as refused:
+        fit(cfg, data_paths, card_for("8 GB"))  # even with all but one block swapped
+    assert "block swap" in str(refused.value) and "scaled" not in str(refused.value)
+    sdxl = LoraConfig(model="sdxl", output_name="x", train_data_dir="d", resolution=1024,
+                      network_train_unet_only=True).validate()
+    with pytest.raises(FitError, match="SDXL's activations are scaled from SD 1.x's"):
+        fit(sdxl, data_paths, card_for("12 GB"))
 
 
 def test_a_lora_that_fits_only_with_block_swap_swaps_the_fewest_blocks_and_says_so(data_paths):
