@@ -201,8 +201,11 @@ def test_run_history_use_this_checkpoint_compare_and_continuing(family_paths, pi
     ctx = RecordingContext(family_paths)
     dreambooth.run(db_config(pictures, "zimage", max_train_steps=3), ctx)
     assert any("Resuming at step 2" in e.text for e in ctx.of(Status)) and len(ctx.losses) == 1
+    # saved in fp32, the file itself is loaded to continue; it still names its base model
+    assert any("Loading model flowdb.safetensors" in e.text for e in ctx.of(Status))
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata()["danlu.steps"] == "3"
+        assert handle.metadata()["danlu.base_model"] == DEMOS["zimage"]
 
 
 def test_extract_lora_refuses_a_flow_model_by_name(family_paths):

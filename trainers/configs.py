@@ -624,6 +624,13 @@ class KohyaTrainingConfig(NamesFiles):
     overwrite: bool = option(False, "Start over even if a file of this name exists; otherwise "
                              "training continues from it.", label="Start over")
 
+    def text_outputs_cached(self, trains_text_encoder: bool) -> bool:
+        """Whether each caption is encoded once (a frozen text encoder and fixed captions; a
+        token trained by pivotal tuning goes through the encoder at every step)."""
+        varying = self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate
+        return bool(self.cache_text_encoder_outputs and not varying and not trains_text_encoder
+                    and not getattr(self, "pivotal_tuning", False))
+
     def kohya_problems(self) -> list[str]:
         problems = check_limits(self)
         if not self.model.strip():

@@ -213,21 +213,13 @@ def rates(cfg: KohyaTrainingConfig, base_lrs: list[float], steps: int):
                           reference_lr=cfg.learning_rate)
 
 
-def text_outputs_cached(cfg: KohyaTrainingConfig, trains_text_encoder: bool) -> bool:
-    """Whether each caption is encoded once (a frozen text encoder and fixed captions; a
-    token trained by pivotal tuning goes through the encoder at every step)."""
-    varying = cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate
-    return bool(cfg.cache_text_encoder_outputs and not varying and not trains_text_encoder
-                and not getattr(cfg, "pivotal_tuning", False))
-
-
 def offloader(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool):
     """What leaves the device during the steps (trainers/offload.py): the VAE (latents are
     always cached), the text encoders when their outputs are."""
     from trainers.offload import Offloader, leaving_device
     return Offloader(model, leaving_device(
         latents_cached=True, trains_text_encoder=trains_text_encoder,
-        text_outputs_cached=text_outputs_cached(cfg, trains_text_encoder)))
+        text_outputs_cached=cfg.text_outputs_cached(trains_text_encoder)))
 
 
 def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder: bool,
@@ -238,7 +230,7 @@ def encoder_for(cfg: KohyaTrainingConfig, model: BaseModel, trains_text_encoder:
                              chunking="kohya")
     if trains_text_encoder:
         return encoder, encoder.encode
-    cached = text_outputs_cached(cfg, trains_text_encoder)
+    cached = cfg.text_outputs_cached(trains_text_encoder)
     memo: dict[str, object] = {}
 
     def encode(texts: list[str]):

@@ -28,6 +28,8 @@ IN_FLIGHT = 2
 # latent tokens of a 256 px image in a flow transformer (8x VAE, 2x2 patches); for a U-Net only
 # the ratio matters, which is the pixels'
 IMAGE_TOKENS_256 = 256
+# the part of the peak the parked text encoders / VAE add when they come back between steps
+BETWEEN_STEPS = "text encoders / VAE between steps"
 # a fused backward pass keeps only the gradients of the layers being finished: the largest
 # tensors of SD 1.x's U-Net are about 2 % of it
 FUSED_GRADIENTS = 0.02
@@ -77,8 +79,12 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     frozen = cfg.frozen_dtype()
     half = 2 if frozen in ("bf16", "fp16", "fp8") else 4
     # fp8: the denoiser's Linear / conv weights (nearly all of it) in 1 byte, the rest in bf16
-    weights = unet * (1 if frozen == "fp8" else half) + text * half \
-        + vae * (2 if frozen in ("bf16", "fp8") else 4)
+    vae_bytes = vae * (2 if frozen in ("bf16", "fp8") else 4)
+    weights = unet * (1 if frozen == "fp8" else half) + text * half + vae_bytes
+    # what the steps never read waits off the device (trainers/offload.py) and comes back for
+    # caching, a caption not seen yet and previews, while no activations are held
+    away = {"vae": vae_bytes, "text_encoder": text * half}
+    off_device = sum(away[name] for name in set(off_device_components(cfg)) & set(away))
     trainable = cfg.trainable_parameters(unet, text, memory.lora_per_rank)
     optimizer = OPTIMIZER_BYTES.get(getattr(cfg, "optimizer_type", "AdamW"), 8)
     resolution = getattr(cfg, "resolution", None) or max(getattr(cfg, "width", 512), getattr(cfg, "height", 512))
@@ -106,8 +112,10 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     if swapped:  # the swapped blocks' frozen weights wait in CPU memory, but those in flight
         blocks = swappable_count(cfg, family)
         weights -= unet * (1 if frozen == "fp8" else half) * parked_share(swapped, blocks)
-    parts = {"weights": weights, "gradients": gradients, "optimizer": trainable * optimizer,
-             "activations": activations}
+    parts = {"weights": weights - off_device, "gradients": gradients,
+             "optimizer": trainable * optimizer, "activations": activations}
+    if off_device:
+        parts[BETWEEN_STEPS] = max(0.0, off_device - gradients - activations)
     if getattr(cfg, "use_ema", False):
         parts["EMA"] = unet * 4
     return Estimate(parts)
@@ -136,6 +144,18 @@ def _scaled(unet: float):
     return families.Memory(lora_per_rank=(sd1.lora_per_rank[0] * scale, sd1.lora_per_rank[1]),
                            activations_256=(sd1.activations_256[0] * scale,
                                             sd1.activations_256[1]))
+
+
+def off_device_components(cfg) -> list[str]:
+    """The components a job's steps never read (trainers/offload.py parks them): for LoRA,
+    DreamBooth and fine-tuning the VAE (latents are cached) and the text encoders when their
+    outputs are cached; the embedding methods keep everything."""
+    if not hasattr(cfg, "text_outputs_cached"):
+        return []
+    trains = not cfg.network_train_unet_only if hasattr(cfg, "network_train_unet_only") \
+        else bool(getattr(cfg, "train_text_encoder", False))
+    return ["vae"] + (["text_encoder", "text_encoder_2"] if cfg.text_outputs_cached(trains)
+                      else [])
 
 
 def _text_in_backward(cfg) -> bool:

@@ -174,7 +174,7 @@ class _QuietContext:
 def measure(method: str, cfg, paths) -> dict:
     """Run one step of `method` with `cfg` and report its memory (bytes) beside the estimate."""
     from trainers import catalog
-    from trainers.memory_estimate import estimate_for
+    from trainers.memory_estimate import BETWEEN_STEPS, estimate_for, off_device_components
     from trainers.models import load_model
     from trainers.registry import runner
     if method not in KOHYA_METHODS:
@@ -195,9 +195,14 @@ def measure(method: str, cfg, paths) -> dict:
     resident = sum(sum(parts.values()) for parts in weights.values())
     if swap:  # what the device holds: the blocks not swapped and those in flight
         resident -= swap["parked"] - swap["in_flight"]
-    measured = {"weights": resident,
+    # the parked text encoders / VAE (trainers/offload.py; on a CPU nothing moves, the report
+    # says what a GPU would hold) come back between steps, when no activations are held
+    parked = sum(sum(weights.get(name, {}).values()) for name in off_device_components(cfg))
+    measured = {"weights": resident - parked,
                 "gradients": probe.gradients, "optimizer": probe.optimizer_state,
                 "activations": probe.activations}
+    if parked:
+        measured[BETWEEN_STEPS] = max(0, parked - probe.gradients - probe.activations)
     return {"method": method, "model": cfg.model,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "weights": weights, "block_swap": swap, "trainable_parameters": probe.trainable,
