@@ -243,6 +243,10 @@ class _Writer:
     def write(self, outputs: list[_Output]) -> None:
         if not outputs:
             return
+        if any(hasattr(c, "caption_batch") for c in self.captioners):  # a slow model: say so
+            names = outputs[0].path.name + (f" .. {outputs[-1].path.name}" if len(outputs) > 1
+                                            else "")
+            self.ctx.emit(ev.Status(f"Captioning {len(outputs)} image(s): {names}"))
         generated = self.generated([o.image for o in outputs])
         for output, parts in zip(outputs, generated):
             main, natural = caption_texts(parts, self.cfg.caption_layout)

@@ -184,6 +184,8 @@ def test_interrupt_then_resume_keeps_what_is_on_disk(data_dir):
     assert len(written(dest)) == 3 and all(p.with_suffix(".txt").is_file()
                                            for p in written(dest))
     assert [e.path for e in ctx.of(ev.Preview)] == [str(p) for p in written(dest)[1:]]
+    assert [e.text for e in ctx.of(ev.Status) if e.text.startswith("Captioning")] == [
+        "Captioning 1 image(s): 00001-0-img1.png", "Captioning 1 image(s): 00002-0-img2.png"]
     assert "Kept 1 images already captioned" in second.text()
 
     third = run(config("out-resume", "qwen3_vl"), Ctx(data_dir))
