@@ -1,10 +1,10 @@
 """run(cfg, ctx): read every file of the source folder, write the processed images and captions.
 
-For each source file (sorted by name; `.txt` captions and hidden files are not sources), in
-A1111's order: split pieces (if split and oversized), a focal-point crop (if focal_crop and the
-shape differs from the output's), an auto-sized crop (if multicrop), the original (if
-keep_original_size); when none of these produced anything, the centre crop-and-resize to
-width x height. Every output is saved as `{index:05}-{subindex}-{stem}.png` (index = position
+For each source file (sorted by name; `.txt` / `.caption` captions and hidden files are not
+sources), in A1111's order: split pieces (if split and oversized), a focal-point crop (if
+focal_crop and the shape differs from the output's), an auto-sized crop (if multicrop), the
+original (if keep_original_size); when none of these produced anything, the centre
+crop-and-resize to width x height. Every output is saved as `{index:05}-{subindex}-{stem}.png` (index = position
 of the file in the source listing) with `<same name>.txt` when its caption is not empty, and,
 with flip, followed by its mirror image with its own caption. caption_layout orders tags and
 natural captions in the .txt, or puts the natural ones in `<same name>.caption`.
@@ -80,7 +80,8 @@ class _NoContext:
 def list_sources(folder: Path) -> list[Path]:
     """Regular files of the folder (not recursive), by name; captions and hidden files left out."""
     files = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_EXT]
+             if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() not in (CAPTION_EXT, NATURAL_EXT)]
     return sorted(files, key=lambda p: (p.name.lower(), p.name))
 
 

@@ -164,6 +164,10 @@ def test_combined_tags_and_caption_one_file_or_two(data_dir):
         path = data_dir / "out-separate" / name
         assert path.with_suffix(".txt").read_text() == "solo"
         assert path.with_suffix(".caption").read_text() == caption
+    # that folder as a source: its caption files are not sources (nor reported as skipped)
+    again = run(PreprocessConfig(source="out-separate", destination="out-again", width=64,
+                                 height=64), Ctx(data_dir))
+    assert again.total == 3 and not again.skipped
 
 
 def test_interrupt_then_resume_keeps_what_is_on_disk(data_dir):
