@@ -67,7 +67,7 @@ LORA_GROUPS = [("Dataset", KOHYA_DATA, True),
                 False)]
 
 
-FULL_MEMORY = ["fused_backward_pass", "full_bf16"]  # DreamBooth and fine-tuning
+FULL_MEMORY = ["fused_backward_pass", "full_bf16", "full_fp16"]  # DreamBooth and fine-tuning
 DREAMBOOTH_GROUPS = [("Instance and class images",
                       ["train_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
                        "num_class_images", "prior_loss_weight", "reg_data_dir"], True),

@@ -942,6 +942,13 @@ class FullModelConfig(FlowMatchingFields, KohyaTrainingConfig):
                              "step is taken in fp32 and rounded back stochastically, so small "
                              "updates are not lost. Needs mixed precision bf16.",
                              label="Full bf16 (stochastic rounding)")
+    full_fp16: bool = option(False, "Keep the whole model in fp16 while it trains (kohya's "
+                             "full_fp16), for cards without bf16 (a T4): half the memory of fp32 "
+                             "weights and gradients; the loss is scaled so small gradients do not "
+                             "vanish (steps whose gradients overflow are skipped and said), each "
+                             "step is taken in fp32 and rounded back stochastically. Needs mixed "
+                             "precision fp16.", label="Full fp16 (loss scaling, stochastic "
+                                                      "rounding)")
 
     def full_model_problems(self) -> list[str]:
         problems = self.kohya_problems()
@@ -952,6 +959,12 @@ class FullModelConfig(FlowMatchingFields, KohyaTrainingConfig):
                 self.mixed_precision, self.on_nan)]
         if self.full_bf16 and self.mixed_precision != "bf16":
             problems.append("full_bf16: needs mixed precision bf16 (the whole model computes in "
+                            f"it), got {self.mixed_precision!r}")
+        if self.full_fp16 and self.full_bf16:
+            problems.append("full_fp16: the whole model is kept in fp16 or in bf16 (full_bf16), "
+                            "not both; untick one")
+        elif self.full_fp16 and self.mixed_precision != "fp16":
+            problems.append("full_fp16: needs mixed precision fp16 (the whole model computes in "
                             f"it), got {self.mixed_precision!r}")
         return problems
 

@@ -13,7 +13,7 @@ import torch
 from core import events as ev
 from core.config import ConfigError
 from core.paths import PathError
-from trainers import distributed, kohya_data, resident
+from trainers import distributed, kohya_data, models, resident
 from trainers.configs import KohyaTrainingConfig
 from trainers.loop import LoopOptions, TrainingError
 from trainers.lr_schedulers import schedule_rates
@@ -52,8 +52,7 @@ def check_paths(cfg: KohyaTrainingConfig, paths) -> None:
         paths.resolve(cfg.log_directory, "log_directory")
     except PathError as error:
         problems.append(str(error))
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        problems.append("mixed_precision: fp16 needs a CUDA GPU; choose bf16 (works on CPUs) or no")
+    problems += models.precision_problems(cfg.mixed_precision)
     if cfg.attention == "xformers":
         problems += _xformers_problems()
     if problems:
@@ -320,6 +319,7 @@ def loop_options(cfg: KohyaTrainingConfig, model: BaseModel, batches, steps: int
         save_every=save_every, preview_every=preview_every, log_directory=cfg.log_directory,
         csv_name="loss.csv", min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
         autocast=AUTOCAST[cfg.mixed_precision], optimizer_name=cfg.optimizer_type,
+        keep_loss_scale=getattr(cfg, "full_fp16", False),
         preview_at_start=cfg.sample_at_first, keep_last=cfg.save_last_n, on_nan=cfg.on_nan,
         clip_mode="norm" if cfg.max_grad_norm > 0 else "disabled",
         clip_value=lambda step: cfg.max_grad_norm,

@@ -25,6 +25,7 @@ from trainers import distributed, grad_check, seeds
 from trainers.formats.optim_sidecar import load_optim, recover_pair, save_optim, saving_pair
 from trainers.formats.save_check import SaveRefusedError
 from trainers.last_good import LastGood
+from trainers.loss_scaling import LossScaler
 from trainers.conditioning import unet_inputs
 from trainers.run_folder import RunFolder
 from trainers.sampling import PreviewSettings, render
@@ -66,6 +67,8 @@ class LoopOptions:
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
     autocast: torch.dtype | None = None  # bf16 on CPU, fp16/bf16 on CUDA
+    # full_fp16: the loss scale goes into the .optim sidecar, so a resumed run goes on with it
+    keep_loss_scale: bool = False
     optimizer_name: str = "AdamW"
     preview_at_start: bool = False  # a step-0 baseline before training (kohya's sample_at_first)
     keep_last: int = 0  # keep only the newest N periodic copies; 0 keeps all
@@ -248,8 +251,9 @@ class _Training:
         # diffusers' unet.device / unet.dtype walk every sub-module: look them up once per run
         self.device, self.dtype = self.unet.device, self.unet.dtype
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-        self.scaler = (torch.amp.GradScaler(self.device.type)
-                       if opts.autocast == torch.float16 else None)
+        self.scaler = (LossScaler(self.device.type) if opts.autocast == torch.float16 else None)
+        if self.scaler is not None and self.saved_loss_scale:
+            self.scaler.load_state_dict(self.saved_loss_scale)
         self.autocast = (torch.autocast(device_type=self.device.type, dtype=opts.autocast)
                          if opts.autocast is not None else contextlib.nullcontext())
         # data-parallel: DDP averages the gradients of the trainable parameters during backward
@@ -302,6 +306,7 @@ class _Training:
         state, reason = (load_optim(plan.final_path, plan.checksum()) if plan.resume_optimizer
                          else (None, "starting over"))
         sidecar_step = ((state or {}).get("danlu") or {}).get("step")
+        self.saved_loss_scale = None
         if state is not None and sidecar_step is not None and sidecar_step != start:
             state, reason = None, (f"{plan.final_path.name}.optim is of step {sidecar_step}, the "
                                    f"file of step {start}")
@@ -317,6 +322,7 @@ class _Training:
                                 f"does not fit this network ({error}); delete the .optim file "
                                 "to continue with a fresh optimizer") from None
         ctx.emit(ev.Status(f"Resuming at step {start} with the saved optimizer state"))
+        self.saved_loss_scale = (state.get("danlu") or {}).get("loss_scale")
         saved_threads = (state.get("danlu") or {}).get("threads")
         if saved_threads not in (None, torch.get_num_threads()) and self.unet.device.type == "cpu":
             # torch's CPU reductions split their sums by thread (trainers/reproducible_blas.py)
@@ -451,8 +457,14 @@ class _Training:
         self.last_good.keep(self.step)
         crash_points.reached("step")
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(plan.optimizer)  # skips the step when gradients overflowed
             scaler.update()
+            if scaler.get_scale() < scale:
+                self.ctx.emit(ev.Status(
+                    f"Step {self.step + 1}: the fp16 gradients overflowed at loss scale "
+                    f"{scale:g}; the scaler skipped this update (the weights were not changed) "
+                    f"and lowered the scale to {scaler.get_scale():g}"))
         else:
             plan.optimizer.step()
         plan.optimizer.zero_grad(set_to_none=True)
@@ -535,6 +547,8 @@ class _Training:
                      "param_shapes": _param_shapes(plan.optimizer)}
             if plan.sidecar_extra is not None:
                 extra.update(plan.sidecar_extra())
+            if opts.keep_loss_scale and self.scaler is not None:
+                extra["loss_scale"] = self.scaler.state_dict()
             save_optim(plan.final_path, plan.checksum(), opts.optimizer_name,
                        plan.optimizer.state_dict(), extra=extra)
         self.saved_step = step

@@ -103,7 +103,8 @@ def estimate(cfg, family: str | None = None) -> Estimate:
     if getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16"):
         activations *= HALF_ACTIVATIONS
     gradients = trainable * 4
-    if getattr(cfg, "full_bf16", False):  # what trains is stored in bf16, its gradients too
+    if getattr(cfg, "full_bf16", False) or getattr(cfg, "full_fp16", False):
+        # what trains is stored in bf16 / fp16, its gradients too
         weights -= (unet + (text if cfg.train_text_encoder else 0)) * 2
         gradients /= 2
     if getattr(cfg, "fused_backward_pass", False):

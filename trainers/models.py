@@ -156,6 +156,14 @@ def training_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def precision_problems(mixed_precision: str) -> list[str]:
+    """Compute precisions this machine cannot train in: fp16 is for CUDA GPUs."""
+    import torch
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        return ["mixed_precision: fp16 needs a CUDA GPU; choose bf16 (works on CPUs) or no"]
+    return []
+
+
 def _file_metadata(path: Path) -> dict:
     if path.suffix.lower() != ".safetensors":
         return {}

@@ -1,12 +1,15 @@
-"""full_bf16 (kohya's, OneTrainer's "bf16 stochastic rounding"): the trained weights are stored
-in bf16, and each optimizer step is taken in fp32 on one parameter at a time, then rounded
-back into bf16 stochastically: up or down with the odds of the remainder, so that an update
-smaller than half a bf16 step (8 bits of mantissa: 1e-4 against a weight of 1 is) still moves
-the weight on average instead of being rounded away every time.
+"""full_bf16 / full_fp16 (kohya's; OneTrainer's "stochastic rounding"): the trained weights are
+stored in bf16 or fp16, and each optimizer step is taken in fp32 on one parameter at a time,
+then rounded back stochastically: up or down with the odds of the remainder, so that an update
+smaller than half a step of the stored format (bf16 has 8 bits of mantissa, fp16 11: 1e-4
+against a weight of 1 is under half a step of either) still moves the weight on average
+instead of being rounded away every time. Chosen over Kahan-compensated updates because it
+needs no second copy of the weights (the compensation buffer would cost as much as the
+half-precision weights save back), and bf16 already used it.
 
 The rounding noise is counter-based (the run's seed, the parameter's step count and its
 number), so an interrupted run repeats exactly; the optimizer state stays fp32 (torch would
-cast it to the bf16 of the parameters when a saved state is loaded, so loading goes through
+cast it to the dtype of the parameters when a saved state is loaded, so loading goes through
 fp32 stand-ins)."""
 from __future__ import annotations
 
@@ -16,17 +19,39 @@ from trainers.seeds import derive_seed
 
 
 def round_into_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
-    """Write fp32 `source` into bf16 `target`, each value rounded up or down at random in
-    proportion to how near it is: random low 16 bits are added to the fp32 bit pattern and
-    then cut off (what is left is exactly a bf16 value)."""
+    """Write fp32 `source` into bf16 or fp16 `target`, each value rounded up or down at random
+    in proportion to how near it is."""
+    if target.dtype == torch.float16:
+        _round_into_fp16_(target, source, generator)
+        return
+    # bf16 is fp32 cut short: random low 16 bits are added to the fp32 bit pattern and then cut
+    # off (what is left is exactly a bf16 value)
     noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, generator=generator,
                           device=source.device)
     bits = noise.add_(source.contiguous().view(torch.int32))
     target.copy_(bits.bitwise_and_(-65536).view(torch.float32))
 
 
+def _round_into_fp16_(target: torch.Tensor, source: torch.Tensor,
+                      generator: torch.Generator) -> None:
+    """fp16 has its own exponent range (subnormals below 6.1e-5, largest 65504), so no bit
+    trick: the fp16 neighbours below and above each value are found with nextafter, and the
+    upper one is taken with the odds of the distance from the lower one."""
+    source = source.float()
+    near = source.to(torch.float16)
+    above = near.float() > source
+    step_down = torch.nextafter(near, torch.full_like(near, -float("inf")))
+    step_up = torch.nextafter(near, torch.full_like(near, float("inf")))
+    low = torch.where(above, step_down, near)
+    high = torch.where(above, near, step_up)
+    gap = high.float() - low.float()
+    odds = torch.where(gap > 0, (source - low.float()) / gap, torch.zeros_like(source))
+    draw = torch.rand(source.shape, generator=generator, device=source.device)
+    target.copy_(torch.where(draw < odds, high, low))
+
+
 class StochasticRounding:
-    """Installed on an optimizer of bf16 parameters: its step (and load_state_dict) go through
+    """Installed on an optimizer of bf16 or fp16 parameters: its step (and load_state_dict) go through
     here. `step_one` is also what a fused backward pass calls per parameter."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, seed: int):

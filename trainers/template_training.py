@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core import events as ev
+from core.config import ConfigError
 from core.images import describe_skipped
-from trainers import distributed, seeds
+from trainers import distributed, models, seeds
 from trainers.captions import make_prompt, read_template
 from trainers.configs import TemplateTrainingConfig
 from trainers.data import Dataset, DatasetError, load_dataset
@@ -57,6 +58,8 @@ def prepare(cfg: TemplateTrainingConfig, ctx,
     cfg.validate()
     paths = ctx.paths
     check_before_queueing(cfg, paths)
+    if problems := models.precision_problems(cfg.mixed_precision):
+        raise ConfigError(problems)
     template_lines = read_template(paths.templates, cfg.template)
     ctx.emit(ev.Status(f"Loading model {cfg.model}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first

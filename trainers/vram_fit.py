@@ -86,6 +86,10 @@ def _steps(cfg, card: Card, flow: bool) -> list[tuple[dict, str]]:
     if whole:
         steps.append(({"full_bf16": True}, "full bf16: the trained weights and gradients in "
                                            "bf16, each step rounded stochastically"))
+    elif hasattr(cfg, "full_fp16") and half == "fp16":  # a card without bf16 (a T4)
+        steps.append(({"full_fp16": True}, "full fp16: the trained weights and gradients in "
+                                           "fp16 with loss scaling, each step rounded "
+                                           "stochastically"))
     if hasattr(cfg, "fp8_base"):
         steps.append(({"fp8_base": True}, "fp8 base weights: the denoiser's weights in 8 bits"))
     steps.append(({"train_batch_size": 1}, "batch size 1"))

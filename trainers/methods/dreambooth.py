@@ -157,9 +157,10 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
     """Train the U-Net (and the text encoder when asked) and save single files; DreamBooth and
     native fine-tuning share it."""
     unet, text_encoder = model.unet, model.text_encoder
-    if cfg.full_bf16:  # what trains, in bf16 (the frozen parts stay as the cache has them)
+    if cfg.full_bf16 or cfg.full_fp16:  # what trains, in half precision (the frozen parts
+        # stay as the cache has them)
         for module in [unet] + (model.text_encoders if cfg.train_text_encoder else []):
-            module.to(torch.bfloat16)
+            module.to(torch.bfloat16 if cfg.full_bf16 else torch.float16)
     unet.requires_grad_(True)
     groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:  # SDXL: both encoders, as kohya's sdxl_train
@@ -170,7 +171,8 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
                                   if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate)
-    rounding = StochasticRounding(optimizer, cfg.seed) if cfg.full_bf16 else None
+    rounding = (StochasticRounding(optimizer, cfg.seed) if cfg.full_bf16 or cfg.full_fp16
+                else None)
     fused = None
     if cfg.fused_backward_pass:
         if distributed.processes(ctx) > 1:
