@@ -4,8 +4,9 @@
 
 It trains the built-in demo models on whatever device the engine picks (the first CUDA GPU when
 there is one) — LoRA in fp32 / fp16 / bf16 mixed precision, fp8 base weights, block swap and
-offloaded text encoders, the flow families' demos, textual inversion, and DreamBooth (also with
-full_bf16 and the fused backward pass, and of Chroma's whole transformer) —
+offloaded text encoders, the flow families' demos, textual inversion (also on fp8 base weights),
+and DreamBooth (also with full_bf16 and the fused backward pass, with full_fp16 on CUDA, and of
+Chroma's whole transformer) —
 and prints, per case, the device, seconds per step after the first, the peak GPU memory, the
 last loss and whether the saved file loads. `--sd15` adds a LoRA on a random SD1.5-shaped model
 at 512 px (the real model's sizes, ~4 GB of weights built from configs), whose peak memory is
@@ -114,6 +115,18 @@ def cases(steps: int, work: Path, sd15: bool) -> list[tuple[str, callable]]:
         model="tiny-demo", embedding="gpucheck", create_missing=True, init_text="dog",
         data_root=str(plain), width=64, height=64, steps=steps, save_every=0, preview_every=0,
         template="subject_filewords.txt", learn_rate="0.005", seed=3)))
+    found.append(("textual inversion tiny fp8 base", "textual_inversion", TextualInversionConfig(
+        model="tiny-demo", embedding="gpucheck-fp8", create_missing=True, init_text="dog",
+        data_root=str(plain), width=64, height=64, steps=steps, save_every=0, preview_every=0,
+        template="subject_filewords.txt", learn_rate="0.005", seed=3, mixed_precision="bf16",
+        fp8_base=True)))
+    if torch.cuda.is_available():  # fp16 compute: CUDA only
+        found.append(("dreambooth tiny full_fp16 (loss scaling)", "dreambooth", DreamBoothConfig(
+            model="tiny-demo", output_name="check-db-fp16", train_data_dir=str(kohya),
+            resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
+            instance_prompt="a photo of zxq dog", max_train_steps=steps, learning_rate=1e-5,
+            sample_at_first=False, save_precision="fp16", mixed_precision="fp16", seed=3,
+            full_fp16=True)))
     found.append(("dreambooth tiny bf16", "dreambooth", DreamBoothConfig(
         model="tiny-demo", output_name="check-db", train_data_dir=str(kohya), resolution=64,
         min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,

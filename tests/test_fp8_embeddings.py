@@ -147,6 +147,16 @@ def test_fp8_base_without_mixed_precision_is_refused_by_name(config):
                                  **{k: v for k, v in names.items() if k in fields}).validate()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a CUDA GPU")
+def test_fp16_without_a_gpu_is_refused_with_the_lora_wording(data_paths, photo_dataset):
+    from trainers.methods.textual_inversion import run
+    make_embedding(data_paths)
+    with pytest.raises(ConfigError, match=r"mixed_precision: fp16 needs a CUDA GPU; choose bf16 "
+                                          r"\(works on CPUs\) or no"):
+        run(ti_config(photo_dataset, mixed_precision="fp16", fp8_base=True),
+            RecordingContext(data_paths))
+
+
 def test_the_estimate_counts_one_byte_per_fp8_weight():
     from trainers.configs import TextualInversionConfig
     from trainers.memory_estimate import estimate
