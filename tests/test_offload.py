@@ -28,11 +28,11 @@ def test_what_leaves_the_device():
 
 def test_the_config_decides_whether_text_outputs_are_cached():
     from trainers.configs import LoraConfig
-    assert kt.text_outputs_cached(LoraConfig(cache_text_encoder_outputs=True), False)
-    assert not kt.text_outputs_cached(LoraConfig(cache_text_encoder_outputs=True), True)
-    assert not kt.text_outputs_cached(LoraConfig(cache_text_encoder_outputs=True,
-                                                 shuffle_caption=True), False)
-    assert not kt.text_outputs_cached(LoraConfig(), False)
+    assert LoraConfig(cache_text_encoder_outputs=True).text_outputs_cached(False)
+    assert not LoraConfig(cache_text_encoder_outputs=True).text_outputs_cached(True)
+    assert not LoraConfig(cache_text_encoder_outputs=True,
+                          shuffle_caption=True).text_outputs_cached(False)
+    assert not LoraConfig().text_outputs_cached(False)
 
 
 class _Watch:
