@@ -141,25 +141,21 @@ COMMON = dict(resolution=1024, network_dim=16, network_alpha=16, mixed_precision
 
 def table() -> str:
     """The estimate, with the measured Memory records, for settings other trainers document."""
-    from trainers import families
     from trainers.configs import LoraConfig
-    from trainers.memory_estimate import estimate
+    from trainers.memory_estimate import BETWEEN_STEPS, estimate
     rows = ["| family (published model) | settings over: LoRA r16, 1024 px, bf16, fp8 base, "
-            "gradient checkpointing, AdamW8bit, text outputs cached, batch 1 | Danlu's estimate "
-            "(weights / activations) | the same without the text encoders and VAE (off the "
-            "device during the steps once their outputs are cached, trainers/offload.py) | "
-            "documented elsewhere |", "|---|---|---|---|---|"]
+            "gradient checkpointing, AdamW8bit, text outputs cached, batch 1 | Danlu's estimate | "
+            "weights on the device during the steps / activations / text encoders and VAE "
+            "coming back between steps | documented elsewhere |", "|---|---|---|---|---|"]
+    gb = 1024 ** 3
     for family, changes, documented in DOCUMENTED:
         cfg = LoraConfig(model="x", output_name="x", train_data_dir="x", **{**COMMON, **changes})
         parts = estimate(cfg, family).parts
-        gb = 1024 ** 3
-        _, text, vae = families.get(family).params
-        offloaded = text * 2 + vae * 2  # bf16
         settings = ", ".join(f"{k} {v}" for k, v in changes.items()) or "—"
         rows.append(f"| {family} ({shape_name(family)}) | {settings} | "
-                    f"**{sum(parts.values()) / gb:.1f} GB** ({parts['weights'] / gb:.1f} / "
-                    f"{parts['activations'] / gb:.1f}) | "
-                    f"{(sum(parts.values()) - offloaded) / gb:.1f} GB | {documented} |")
+                    f"**{sum(parts.values()) / gb:.1f} GB** | {parts['weights'] / gb:.1f} / "
+                    f"{parts['activations'] / gb:.1f} / {parts.get(BETWEEN_STEPS, 0) / gb:.1f} GB "
+                    f"| {documented} |")
     return "\n".join(rows)
 
 

@@ -58,11 +58,14 @@ def test_fp16_keeps_the_vae_in_fp32_and_an_unknown_precision_is_refused(data_pat
 
 
 def test_the_estimate_counts_half_precision_frozen_weights():
-    from trainers.configs import LoraConfig
+    from trainers.configs import LoraConfig, TextualInversionConfig
     full = estimate(LoraConfig(mixed_precision="no"), "sdxl").parts["weights"]
     half = estimate(LoraConfig(mixed_precision="bf16"), "sdxl").parts["weights"]
     assert half == pytest.approx(full / 2)
-    fp16 = estimate(LoraConfig(mixed_precision="fp16"), "sdxl").parts["weights"]
+    # textual inversion keeps the VAE on the device (a LoRA parks it once latents are cached)
+    full, half, fp16 = (estimate(TextualInversionConfig(model="sdxl", mixed_precision=precision),
+                                 "sdxl").parts["weights"] for precision in ("no", "bf16", "fp16"))
+    assert half == pytest.approx(full / 2)
     assert half < fp16 < full  # the VAE stays fp32 under fp16
 
 

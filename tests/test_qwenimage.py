@@ -383,5 +383,6 @@ def test_qwen_image_shape_gives_the_family_params_and_musubis_lora_names():
     cfg = LoraConfig(model="qwen-image", train_data_dir="x", resolution=1024, network_dim=16,
                      mixed_precision="bf16", gradient_checkpointing=True)
     report = estimate(cfg, "qwen_image")
-    assert report.parts["weights"] == pytest.approx(2 * (20.43e9 + 8.29e9) + 2 * 126.9e6)
+    # the VAE waits off the device: the latents are cached
+    assert report.parts["weights"] == pytest.approx(2 * (20.43e9 + 8.29e9))
     assert report.total > 48e9  # bf16 weights alone: a 24 GB card needs fp8 and offloading
