@@ -163,3 +163,67 @@ def test_a_lora_trains_on_a_transformer_file(tmp_path):
     state, metadata = load_lora(saved)
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in state)
     assert metadata.get("ss_sd_model_name") == "flux-ft"  # kohya writes the stem
+
+
+def _fp8(tensor: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI-style scaled fp8: the weight divided by its scale (per tensor or per row) so its
+    largest value sits at fp8's top, stored as float8_e4m3fn."""
+    top = torch.finfo(torch.float8_e4m3fn).max
+    peak = tensor.abs().amax(dim=tuple(range(1, tensor.dim()))) if per_row else tensor.abs().max()
+    scale = (peak / top).clamp(min=1e-12)
+    shaped = scale.reshape(-1, *[1] * (tensor.dim() - 1)) if per_row else scale
+    return (tensor / shaped).to(torch.float8_e4m3fn), scale.to(torch.float32)
+
+
+@pytest.mark.parametrize("style", ["legacy", "comfy_quant", "plain"])
+def test_an_fp8_transformer_file_loads_as_its_dequantized_weights(tmp_path, style):
+    """ComfyUI's fp8 files: the legacy `*_fp8_scaled` (scale_weight + the scaled_fp8 marker),
+    the newer layout (weight_scale + a comfy_quant JSON tensor, per-row scales here) and plain
+    fp8 weights without a scale."""
+    import json
+
+    from safetensors.torch import load_file
+    paths = Paths(tmp_path / "data").ensure()
+    path, transformer = _demo_transformer_file(paths, "flux1", "flux-fp8.safetensors", COMFY)
+    state, expected = load_file(str(path)), {}
+    for key in [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2]:
+        stem = key[: -len(".weight")]
+        if style == "plain":
+            state[key] = state[key].to(torch.float8_e4m3fn)
+            expected[key] = state[key].float()
+            continue
+        state[key], scale = _fp8(state[key], per_row=style == "comfy_quant")
+        if style == "legacy":
+            state[stem + ".scale_weight"] = scale
+            state[stem + ".scale_input"] = torch.ones(())
+        else:
+            state[stem + ".weight_scale"] = scale
+            state[stem + ".comfy_quant"] = torch.tensor(
+                list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+        expected[key] = state[key].float() * (scale.reshape(-1, 1) if scale.dim() else scale)
+    if style == "legacy":
+        state[COMFY + "scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    save_file(state, str(path))
+    assert families.guess_family(paths, path.name) == "flux1"
+    model = load_model(paths, path.name)
+    loaded = layouts.FLUX.to_original(dict(model.unet.state_dict()))
+    assert expected and all(torch.equal(loaded[k[len(COMFY):]], v) for k, v in expected.items())
+    original = layouts.FLUX.to_original(transformer.state_dict())
+    for key in expected:  # fp8 keeps about two significant digits
+        error = (loaded[key[len(COMFY):]] - original[key[len(COMFY):]]).norm()
+        assert error <= 0.08 * original[key[len(COMFY):]].norm(), key
+
+
+def test_a_layer_quantized_in_another_format_is_refused_by_name(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    paths = Paths(tmp_path / "data").ensure()
+    path, _ = _demo_transformer_file(paths, "zimage", "z-nvfp4.safetensors")
+    state = load_file(str(path))
+    key = next(k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2)
+    state[key[: -len(".weight")] + ".comfy_quant"] = torch.tensor(
+        list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    save_file(state, str(path))
+    with pytest.raises(ModelError, match=f"z-nvfp4.safetensors: {key}: quantized as 'nvfp4'"):
+        load_model(paths, path.name)

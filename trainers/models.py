@@ -387,7 +387,11 @@ def _transformer_file_pipeline(paths: Paths, path: Path, family: str, reuse: dic
         folder = companion_folder(paths, path, family)
     except TransformerFileError as error:
         raise ModelError(str(error)) from error
-    transformer = load_transformer(path, family, folder)
+    from trainers.formats.quantized_weights import QuantizedFileError
+    try:
+        transformer = load_transformer(path, family, folder)
+    except QuantizedFileError as error:
+        raise ModelError(f"model: {path.name}: {error}") from error
     return _pretrained(family, folder, local_files_only=True, transformer=transformer, **reuse)
 
 

@@ -36,8 +36,10 @@ def _expected_shapes(folder: Path) -> dict[str, tuple]:
 def _file_shapes(path: Path, family) -> dict[str, tuple]:
     """The file's tensors as the diffusers transformer names them (from its header alone)."""
     import torch
+    from trainers.formats.quantized_weights import without_sidecars
     layout = family.hook("transformer_file")
-    header = {k: torch.empty(s, device="meta") for k, s in safetensors_shapes(path).items()}
+    header = {k: torch.empty(s, device="meta")
+              for k, s in without_sidecars(safetensors_shapes(path)).items()}
     return {k: tuple(v.shape) for k, v in layout.to_diffusers(header).items()}
 
 
@@ -98,11 +100,13 @@ def companion_folder(paths, path: Path, family_name: str) -> Path:
 
 def load_transformer(path: Path, family_name: str, folder: Path):
     """The family's diffusers transformer holding the file's weights (in fp32, as a diffusers
-    folder loads; the frozen-precision step halves it later)."""
+    folder loads; the frozen-precision step halves it later). fp8 files, scaled or not, are
+    read back to full precision (trainers/formats/quantized_weights.py)."""
     import torch
     from safetensors.torch import load_file
+    from trainers.formats.quantized_weights import dequantized
     family = families.get(family_name)
-    state = family.hook("transformer_file").to_diffusers(load_file(str(path)))
+    state = family.hook("transformer_file").to_diffusers(dequantized(load_file(str(path))))
     cls = _transformer_class(folder)
     from accelerate import init_empty_weights
     with init_empty_weights():  # parameters on the meta device, buffers (positions) real
