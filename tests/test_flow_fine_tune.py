@@ -229,6 +229,7 @@ def test_extract_lora_refuses_a_flow_model_by_name(family_paths):
     ({"debiased_estimation_loss": True}, "debiased_estimation_loss: applies to the noise"),
     ({"resolution": 72}, "resolution: Chroma needs a multiple of 16"),
     ({"mixed_precision": "fp16"}, "mixed_precision: Chroma is a bf16 model"),
+    ({"mixed_precision": "fp16", "full_fp16": True}, "full_fp16: Chroma is a bf16 model"),
 ])
 def test_what_does_not_apply_to_a_flow_model_is_refused_by_name(family_paths, pictures,
                                                                 changes, words):

@@ -975,6 +975,9 @@ class FullModelConfig(FlowMatchingFields, KohyaTrainingConfig):
         if family.prediction == "flow" and self.train_text_encoder:
             problems.append(f"train_text_encoder: {family.label} full fine-tuning trains the "
                             "transformer only; untick it")
+        if family.prediction == "flow" and self.full_fp16:
+            problems.append(f"full_fp16: {family.label} is a bf16 model whose activations "
+                            "overflow fp16; use full_bf16")
         return problems + self.flow_family_problems(family)
 
     def trainable_parameters(self, unet: float, text: float,
