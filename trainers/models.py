@@ -211,7 +211,8 @@ def load_model(paths: Paths, name: str, exclusive: bool = False,
             return _cache.pop(key) if exclusive else entry
         reuse = entry.components if isinstance(entry, _Parts) and frozen_dtype == "fp32" else {}
         model = _load(paths, name, kind, location, reuse=reuse)
-        store_frozen_in(model, frozen_dtype)
+        store_frozen_in(model, frozen_dtype)  # on the CPU: the GPU never holds an fp32 copy
+        _to_training_device(model)
         model.cache_key = key
         _cache.clear()
         if not exclusive:
@@ -220,6 +221,15 @@ def load_model(paths: Paths, name: str, exclusive: bool = False,
 
 
 HALF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _to_training_device(model: BaseModel) -> None:
+    """The model's modules onto the GPU (when there is one), once they are in the precision the
+    run stores them in: a Flux.1 transformer is 48 GB in fp32 and 12 GB in fp8."""
+    device = training_device()
+    for module in (model.unet, model.vae, *model.text_encoders):
+        if module is not None:
+            module.to(device)
 
 
 def store_frozen_in(model: BaseModel, dtype: str) -> None:
@@ -363,7 +373,6 @@ def _load(paths: Paths, name: str, kind: str, location, reuse: dict | None = Non
         refused = explain_refusal(error, Path(location) if kind in ("demo", "folder") else None)
         raise ModelError(f"model: could not load {name!r}: "
                          f"{refused or f'{type(error).__name__}: {error}'}") from error
-    pipe.to(training_device())
     scheduler_config = dict(pipe.scheduler.config)
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
