@@ -73,6 +73,12 @@ def test_full_bf16_dreambooth_trains_bf16_weights_and_resumes_exactly(data_paths
         seen.append(param.dtype)
         original(self, param, group)
     monkeypatch.setattr(StochasticRounding, "step_one", spy)
+    loads, real_load = [], dreambooth.load_model
+
+    def load(*args, **kwargs):
+        loads.append(kwargs.get("frozen_dtype"))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(dreambooth, "load_model", load)
     cfg = db_config(_instance(tmp_path), max_train_steps=4, mixed_precision="bf16",
                     full_bf16=True, optimizer_type="AdamW", save_precision="fp16",
                     save_every_n_steps=2, **({"fused_backward_pass": True, "max_grad_norm": 0.0}
@@ -85,6 +91,7 @@ def test_full_bf16_dreambooth_trains_bf16_weights_and_resumes_exactly(data_paths
     whole, _, _ = repeat_with_interruption(dreambooth.run, cfg, data_paths,
                                            load=lambda p: _unet(data_paths), reset=reset)
     assert seen and set(seen) == {torch.bfloat16}
+    assert loads and set(loads) == {"bf16"}  # loaded in bf16: the GPU never holds it in fp32
     assert np.all(np.isfinite(whole.losses))
     from trainers.models import load_model
     base = load_model(data_paths, "tiny-demo").unet.state_dict()

@@ -188,6 +188,7 @@ def single_file_config(paths: Paths, path: Path, family: str | None = None) -> P
 class _Parts:
     """What a job that changed some weights gave back: the modules it left as loaded."""
     components: dict[str, Any]
+    frozen_dtype: str = "fp32"  # what they are stored in; reused only by a load of the same
 
 
 _cache_lock = threading.Lock()
@@ -209,7 +210,8 @@ def load_model(paths: Paths, name: str, exclusive: bool = False,
         entry = _cache.get(key)
         if isinstance(entry, BaseModel) and entry.frozen_dtype == frozen_dtype:
             return _cache.pop(key) if exclusive else entry
-        reuse = entry.components if isinstance(entry, _Parts) and frozen_dtype == "fp32" else {}
+        reuse = entry.components if isinstance(entry, _Parts) \
+            and entry.frozen_dtype == frozen_dtype else {}
         model = _load(paths, name, kind, location, reuse=reuse)
         store_frozen_in(model, frozen_dtype)  # on the CPU: the GPU never holds an fp32 copy
         _to_training_device(model)
@@ -308,7 +310,7 @@ def give_back(model: BaseModel, changed: set[str]) -> None:
     with _cache_lock:
         if model.cache_key is None or _cache:
             return
-        _cache[model.cache_key] = _Parts(parts)
+        _cache[model.cache_key] = _Parts(parts, model.frozen_dtype)
 
 
 def _quiet_libraries() -> None:

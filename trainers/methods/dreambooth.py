@@ -74,7 +74,7 @@ def load_for_training(cfg, ctx, path: Path):
     name = cfg.model if from_base or not resuming else path.name
     ctx.emit(ev.Status(f"Loading model {name}"))
     with distributed.main_first(ctx):  # the main process builds a missing model first
-        model = load_model(ctx.paths, name, exclusive=True)
+        model = load_model(ctx.paths, name, exclusive=True, frozen_dtype=whole_model_dtype(cfg))
     try:
         check_family(cfg, model)
     except ConfigError:
@@ -102,6 +102,12 @@ def check_family(cfg, model) -> None:
     problems = cfg.family_problems(model.spec)
     if problems:
         raise ConfigError(problems)
+
+
+def whole_model_dtype(cfg) -> str:
+    """full_bf16 / full_fp16 keep the whole model in half precision, so it is loaded that way
+    (the GPU never holds it in fp32); otherwise fp32 (the U-Net's master weights)."""
+    return "bf16" if cfg.full_bf16 else "fp16" if cfg.full_fp16 else "fp32"
 
 
 def needs_master_weights(cfg) -> bool:
@@ -157,8 +163,8 @@ def train_full_model(cfg, ctx, model, batches, path: Path, start: int, base_conf
     """Train the U-Net (and the text encoder when asked) and save single files; DreamBooth and
     native fine-tuning share it."""
     unet, text_encoder = model.unet, model.text_encoder
-    if cfg.full_bf16 or cfg.full_fp16:  # what trains, in half precision (the frozen parts
-        # stay as the cache has them)
+    if cfg.full_bf16 or cfg.full_fp16:  # what trains, in half precision, as loaded (a
+        # continued file's sidecar weights are put back in it)
         for module in [unet] + (model.text_encoders if cfg.train_text_encoder else []):
             module.to(torch.bfloat16 if cfg.full_bf16 else torch.float16)
     unet.requires_grad_(True)
