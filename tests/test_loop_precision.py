@@ -19,13 +19,14 @@ def test_autocast_runs_train_and_save(data_paths, photo_dataset, monkeypatch, dt
         opts.autocast = dtype
         return opts
     monkeypatch.setattr(template_training, "loop_options", with_autocast)
-    real = torch.amp.GradScaler
+    from trainers import loop
+    real = loop.LossScaler  # torch's GradScaler, also unscaling fp16 gradients
 
     class Recording(real):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             scalers.append(self)
-    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    monkeypatch.setattr(loop, "LossScaler", Recording)
     path = make_embedding(data_paths)
     before = load_embedding(path).vectors.clone()
     ctx = RecordingContext(data_paths)
