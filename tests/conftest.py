@@ -150,6 +150,12 @@ def repeat_with_interruption(run, cfg, paths, *, load, reset, stop_after: int = 
 
 
 @pytest.fixture
+def pictures(tmp_path):
+    """kohya_photos under the test's folder (a module may define its own)."""
+    return kohya_photos(tmp_path / "train")
+
+
+@pytest.fixture
 def data_paths(tmp_path, tiny_model_dir):
     """A data folder whose tiny-demo model is the session's prebuilt one."""
     import shutil

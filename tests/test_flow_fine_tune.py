@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core.config import ConfigError
-from tests.conftest import RecordingContext, kohya_photos, photo, repeat_with_interruption
+from tests.conftest import RecordingContext, photo, repeat_with_interruption
 from tests.test_textual_inversion import module_digest
 from trainers import families
 from trainers.configs import DreamBoothConfig, FineTuneConfig
@@ -24,11 +24,6 @@ from trainers.models import load_model
 DEMOS = {"zimage": "tiny-demo-zimage", "chroma": "tiny-demo-chroma",
          "flux2_klein": "tiny-demo-flux2", "flux1": "tiny-demo-flux",
          "qwen_image": "tiny-demo-qwenimage"}
-
-
-@pytest.fixture
-def pictures(tmp_path):
-    return kohya_photos(tmp_path / "train")
 
 
 def db_config(folder, family="chroma", **changes):

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 from core.events import Preview
-from tests.conftest import RecordingContext, kohya_photos
+from tests.conftest import RecordingContext
 from trainers.models import load_model
 
 SDXL = "tiny-demo-sdxl"
 KOHYA = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
-
-
-@pytest.fixture
-def pictures(tmp_path):
-    """A kohya repeats folder with a square, a wide and a tall photo."""
-    return kohya_photos(tmp_path / "train")
 
 
 def sdxl_pipeline(folder):

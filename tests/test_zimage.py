@@ -10,9 +10,9 @@ import torch
 
 from core.config import ConfigError
 from core.events import Preview
-from tests.conftest import RecordingContext, kohya_photos, repeat_with_interruption
+from tests.conftest import RecordingContext, repeat_with_interruption
+from tests.flow_family_checks import danlu_network, family_pipeline, flow_lora_config
 from tests.test_textual_inversion import module_digest
-from trainers.configs import LoraConfig
 from trainers.formats.lora import load_lora
 from trainers.methods.lora import run
 from trainers.models import load_model
@@ -20,25 +20,11 @@ from trainers.models import load_model
 ZIMAGE = "tiny-demo-zimage"
 
 
-@pytest.fixture
-def pictures(tmp_path):
-    return kohya_photos(tmp_path / "train")
-
-
 def lora_config(folder, model=ZIMAGE, **changes):
-    base = dict(model=model, output_name="zlora", train_data_dir=str(folder), resolution=64,
-                min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, network_dim=4,
-                network_alpha=2.0, max_train_steps=4, save_every_n_epochs=0, learning_rate=5e-3,
-                seed=3, save_precision="fp32", network_train_unet_only=True)
-    base.update(changes)
-    return LoraConfig(**base).validate()
+    return flow_lora_config(folder, model, **{"output_name": "zlora", **changes})
 
 
-def zimage_pipeline(folder):
-    from diffusers import ZImagePipeline
-    pipe = ZImagePipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+zimage_pipeline = family_pipeline
 
 
 def image(pipe, prompt="zxq cat"):
@@ -47,17 +33,8 @@ def image(pipe, prompt="zxq cat"):
 
 
 def with_network(pipe, path, strength=1.0):
-    """The pipeline with the LoRA file applied by Danlu's own network (the trained modules)."""
-    from trainers.checkpoint_apply import spec_from_state
-    from trainers.lora_network import LoraNetwork
     from trainers.zimage_lora import ZIMAGE_LAYOUT
-    state, _ = load_lora(path)
-    spec = spec_from_state(state)  # as Compare reads the file
-    assert (spec.rank, spec.alpha, spec.train_unet, spec.train_text_encoder) == (4, 2.0, True, False)
-    network = LoraNetwork(pipe.transformer, None, spec, layout=ZIMAGE_LAYOUT)
-    network.load_kohya_state_dict(state)
-    network.set_strength(strength)
-    return network
+    return danlu_network(pipe, path, ZIMAGE_LAYOUT, strength)
 
 
 def test_zimage_demo_is_a_zimage_model_and_encodes_captions_as_its_pipeline(family_paths):
