@@ -1,10 +1,11 @@
-"""What a LoRA step of each flow-matching family costs at its published width, measured on the
-CPU without the full model (#20 item 6): the family's demo folder with its transformer replaced
-by the published shape cut to one block of each kind, then to two of one kind, each run through
-`--memory-report`'s one measured step (trainers/memory_report.py) at 256 px with the text
-encoder's outputs cached. The differences give each kind of block's activations; the published
-block counts sum them to the real depth. The trained parameters per rank are counted exactly on
-the published shape built on the meta device.
+"""What a LoRA step of each flow-matching family (and SDXL) costs at its published width,
+measured on the CPU without the full model (#20 item 6): the family's demo folder with its
+transformer replaced by the published shape cut to one block of each kind, then to two of one
+kind, each run through `--memory-report`'s one measured step (trainers/memory_report.py) at
+256 px with the text encoder's outputs cached. The differences give each kind of block's
+activations; the published block counts sum them to the real depth. SDXL's U-Net runs whole at
+its published shape. The trained parameters per rank are counted exactly on the published
+shape built on the meta device.
 
     python3 -m bench.flow_memory [--families flux1,zimage] [--json out.json]
     python3 -m bench.flow_memory --table
@@ -30,24 +31,32 @@ def lora_parameters_per_rank(family: str) -> float:
     the family's layout adds (in + out) per rank (q / k / v train as their own Linears)."""
     from trainers import families
     from trainers.published_shapes import shape
-    transformer = shape(family).build("meta")
+    from torch import nn
+    denoiser = shape(family).build("meta")
     layout = families.get(family).hook("lora_layout")
-    targets = layout.denoiser_targets(transformer, conv=False)
-    return float(sum(m.in_features + m.out_features
-                     for m in (transformer.get_submodule(t.path) for t in targets)))
+    modules = [denoiser.get_submodule(t.path) for t in layout.denoiser_targets(denoiser, conv=False)]
+    return float(sum(m.in_features + m.out_features if isinstance(m, nn.Linear)
+                     else m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
+                     for m in modules))
 
 
 def _write_model(demo: Path, target: Path, published, blocks: dict) -> None:
     """The demo folder with the published transformer cut to `blocks`, taking the demo text
     encoder's (narrow) outputs: the text-side input widths are the only change in shape."""
     import torch
-    shutil.copytree(demo, target, ignore=shutil.ignore_patterns("transformer"))
+    folder = "transformer" if (demo / "transformer").is_dir() else "unet"
+    shutil.copytree(demo, target, ignore=shutil.ignore_patterns(folder))
     torch.manual_seed(0)
-    widths = {name: json.loads((demo / "transformer" / "config.json").read_text())[name]
-              for name in (published.context,) + published.extra_widths}
-    transformer = published.with_changes(**blocks, **widths).build("cpu")
-    transformer.save_pretrained(target / "transformer", safe_serialization=True)
-    del transformer
+    demo_config = json.loads((demo / folder / "config.json").read_text())
+    widths = {name: demo_config[name] for name in (published.context,) + published.extra_widths}
+    if "addition_time_embed_dim" in published.config:  # SDXL: 6 size ids + the pooled text
+        pooled = widths["projection_class_embeddings_input_dim"] \
+            - 6 * demo_config["addition_time_embed_dim"]
+        widths["projection_class_embeddings_input_dim"] = \
+            6 * published.config["addition_time_embed_dim"] + pooled
+    denoiser = published.with_changes(**blocks, **widths).build("cpu")
+    denoiser.save_pretrained(target / folder, safe_serialization=True)
+    del denoiser
 
 
 def _config(model: str, images: Path, **changes):
@@ -117,7 +126,8 @@ def measure_family(family: str, root: Path, published=None, report=print) -> dic
         return {"base": values["base"], "per_block": per_block, "activations_256": total}
     plain, checkpointed = summed(found[False]), summed(found[True])
     checkpointed["held"] = checkpointed["activations_256"]
-    checkpointed["activations_256"] += max(plain["per_block"].values())
+    # a transformer's one recomputed block; a U-Net, measured whole, reports what it holds
+    checkpointed["activations_256"] += max(plain["per_block"].values(), default=0)
     return {**plain, "checkpointed": checkpointed}
 
 

@@ -44,10 +44,11 @@ def test_settings_that_fit_are_left_alone(data_paths):
 
 def test_flow_models_are_fitted_in_bf16_and_unmeasured_families_say_so(data_paths):
     import json
-    for name, pipeline in (("zimage", "ZImagePipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+    for name, pipeline in (("zimage", "ZImagePipeline"), ("sd2", "StableDiffusionPipeline")):
         folder = data_paths.stable_diffusion / name
-        folder.mkdir()
+        (folder / "unet").mkdir(parents=True)
         (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+        (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024}))
     cfg = LoraConfig(model="zimage", output_name="x", train_data_dir="d", resolution=512,
                      network_train_unet_only=True).validate()
     fitted, said = fit(cfg, data_paths, card_for("24 GB"))
@@ -56,10 +57,10 @@ def test_flow_models_are_fitted_in_bf16_and_unmeasured_families_say_so(data_path
     with pytest.raises(FitError) as refused:
         fit(cfg, data_paths, card_for("8 GB"))  # even with all but one block swapped
     assert "block swap" in str(refused.value) and "scaled" not in str(refused.value)
-    sdxl = LoraConfig(model="sdxl", output_name="x", train_data_dir="d", resolution=1024,
-                      network_train_unet_only=True).validate()
-    with pytest.raises(FitError, match="SDXL's activations are scaled from SD 1.x's"):
-        fit(sdxl, data_paths, card_for("8 GB"))
+    sd2 = LoraConfig(model="sd2", output_name="x", train_data_dir="d", resolution=2048,
+                     train_batch_size=4, network_train_unet_only=True).validate()
+    with pytest.raises(FitError, match="SD 2.x's activations are scaled from SD 1.x's"):
+        fit(sd2, data_paths, card_for("8 GB"))
 
 
 def test_a_lora_that_fits_only_with_block_swap_swaps_the_fewest_blocks_and_says_so(data_paths):

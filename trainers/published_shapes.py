@@ -1,10 +1,12 @@
-"""The published transformer configs of the flow-matching families (diffusers' class and its
-arguments), so that real shapes can be built on the meta device without the weights: parameter
-counts, LoRA key lists, and the per-block memory measurement (bench/flow_memory.py). Torch-free
+"""The published denoiser configs (diffusers' class and its arguments) of the flow-matching
+families and of SDXL, so that real shapes can be built on the meta device without the weights:
+parameter counts, LoRA key lists, and the memory measurement (bench/flow_memory.py). Torch-free
 until `build` is called."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -12,7 +14,8 @@ class PublishedShape:
     model: str  # the published model this is ("black-forest-labs/FLUX.1-dev")
     transformer_class: str  # diffusers' class
     config: dict  # its config.json's arguments
-    blocks: tuple[str, ...]  # the config's block-count arguments, one per kind of block
+    blocks: tuple[str, ...]  # the config's block-count arguments, one per kind of block (none:
+    # a U-Net, measured whole)
     context: str  # the argument that is the text encoder's output width
     extra_widths: tuple[str, ...] = field(default=())  # other text-side input widths (pooled)
 
@@ -30,6 +33,13 @@ class PublishedShape:
         import torch
         with torch.device(device):
             return getattr(diffusers, self.transformer_class)(**self.config)
+
+
+def _shipped(family: str) -> dict:
+    """The U-Net config of the single-file skeleton Danlu ships for the family."""
+    config = json.loads((Path(__file__).parent / "model_configs" / family / "unet" /
+                         "config.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 SHAPES = {
@@ -59,6 +69,9 @@ SHAPES = {
              n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
              axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512]),
         ("n_layers", "n_refiner_layers"), "cap_feat_dim"),
+    "sdxl": PublishedShape(
+        "stabilityai/stable-diffusion-xl-base-1.0", "UNet2DConditionModel", _shipped("sdxl"),
+        (), "cross_attention_dim", ("projection_class_embeddings_input_dim",)),
     "qwen_image": PublishedShape(
         "Qwen/Qwen-Image", "QwenImageTransformer2DModel",
         dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,

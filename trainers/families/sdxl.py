@@ -1,6 +1,7 @@
 """SDXL (base and refiner): a U-Net on two text encoders (CLIP ViT-L and OpenCLIP bigG, 2048-wide
 context side by side) with size / crop conditioning (`text_time`)."""
-from trainers.families import Demo, Family, register
+from trainers.families import Demo, Family, Memory, register
+from trainers.families.sd1 import MB
 
 # the demo's scheduler (stabilityai/stable-diffusion-xl-base-1.0's Euler, epsilon)
 SCHEDULER = {
@@ -32,6 +33,10 @@ FAMILY = register(Family(
     embedding_halves=("clip_l", "clip_g"), safety_checker=False, shipped_sampler="Euler",
     checkpoint_layout="sdxl", kohya_flags={"sdxl": True},
     resolution=1024, params=(2567.5e6, 817.8e6, 83.7e6), hypernetwork_sizes=(2048, 640, 1280),
+    # the U-Net measured whole at its published shape (python3 -m bench.flow_memory --families
+    # sdxl); the text encoders' part is still SD 1.x's (CLIP-L's alone)
+    memory=Memory(lora_per_rank=(2.660e6, 165888), activations_256=(8.510e9, 435 * MB),
+                  checkpointed_256=1.678e8),
     prompt_encoder="trainers.conditioning:sdxl_prompt_encoder",
     preview_pipeline="trainers.sampling:sdxl_pipeline",
     demo=Demo("tiny-demo-sdxl", "built-in SDXL demo, random weights",
