@@ -13,7 +13,7 @@ import torch
 
 from core.events import Preview
 from tests.conftest import RecordingContext
-from tests.test_sdxl import KOHYA, SDXL, lora_config, pictures  # noqa: F401  (fixture)
+from tests.test_sdxl import KOHYA, SDXL, lora_config
 from trainers.flow_options import NoiseWeighting
 from trainers.loop import TrainingError
 from trainers.models import load_model
