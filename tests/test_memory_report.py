@@ -132,3 +132,16 @@ def test_block_swap_is_reported_as_the_weights_the_device_keeps(data_paths, tmp_
     assert swapped["weights"] == plain["weights"]  # nothing else changed
     assert swapped["estimate"]["weights"] < plain["estimate"]["weights"]
     assert _within(swapped) < 0.15, (swapped["measured"], swapped["estimate"])
+
+
+def test_a_full_bf16_dreambooth_step_reports_the_bf16_weights_it_held(data_paths, tmp_path):
+    from tests.test_dreambooth import db_config
+    from tests.test_full_bf16 import _instance
+    report = measure("dreambooth", db_config(_instance(tmp_path), mixed_precision="bf16",
+                                             full_bf16=True), data_paths)
+    assert set(report["weights"]["unet"]) == {"bfloat16"}
+    assert set(report["weights"]["text_encoder"]) <= {"bfloat16", "int64"}
+    (tmp_path / "b").mkdir()
+    plain = measure("dreambooth", db_config(_instance(tmp_path / "b")), data_paths)
+    assert set(plain["weights"]["unet"]) == {"float32"}
+    assert report["measured"]["weights"] < 0.6 * plain["measured"]["weights"]

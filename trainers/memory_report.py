@@ -187,7 +187,11 @@ def measure(method: str, cfg, paths) -> dict:
         step_cfg = _one_step(cfg, paths)
         with probe.watching():
             runner(method)(step_cfg, _QuietContext(sandbox))
-        frozen = cfg.frozen_dtype() if method == "lora" else "fp32"
+        if method == "lora":
+            frozen = cfg.frozen_dtype()
+        else:  # as the run loaded it: full_bf16 / full_fp16 hold the whole model in half
+            from trainers.methods.dreambooth import whole_model_dtype
+            frozen = whole_model_dtype(cfg)
         model = load_model(sandbox, cfg.model, frozen_dtype=frozen)
         weights = weight_bytes(model)
         swap = swapped_bytes(model.unet, getattr(cfg, "blocks_to_swap", 0))
